@@ -1,0 +1,118 @@
+"""Plain data that crosses the tuner/runner line.
+
+This module must stay free of torch and Optuna: the tuner imports it to validate space files
+and to read results, and the runner child process imports it to build them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+# Metric name -> (unit, better direction). The names are stored exactly so (DESIGN.md).
+METRICS: dict[str, tuple[str, str]] = {
+    "throughput_tok_s": ("tok/s", "maximize"),
+    "request_throughput_rps": ("req/s", "maximize"),
+    "ttft_p50_ms": ("ms", "minimize"),
+    "ttft_p90_ms": ("ms", "minimize"),
+    "ttft_p99_ms": ("ms", "minimize"),
+    "tpot_p50_ms": ("ms", "minimize"),
+    "tpot_p90_ms": ("ms", "minimize"),
+    "tpot_p99_ms": ("ms", "minimize"),
+    "latency_p50_ms": ("ms", "minimize"),
+    "latency_p90_ms": ("ms", "minimize"),
+    "latency_p99_ms": ("ms", "minimize"),
+    "peak_memory_mib": ("MiB", "minimize"),
+    "torch_peak_allocated_mib": ("MiB", "minimize"),
+    "torch_peak_reserved_mib": ("MiB", "minimize"),
+    "mean_power_w": ("W", "minimize"),
+    "energy_j_per_tok": ("J/tok", "minimize"),
+    "mbu": ("ratio", "maximize"),
+    "mfu": ("ratio", "maximize"),
+    "kl_divergence": ("nats", "minimize"),
+    "top1_agreement": ("ratio", "maximize"),
+    "perplexity": ("", "minimize"),
+    "goodput_rps": ("req/s", "maximize"),
+    "prefix_hit_rate": ("ratio", "maximize"),
+    "measured_requests": ("requests", "maximize"),
+    "setup_s": ("s", "minimize"),
+    # training runner
+    "train_tokens_s": ("tok/s", "maximize"),
+    "train_step_ms": ("ms", "minimize"),
+    "train_step_p50_ms": ("ms", "minimize"),
+    "train_step_p90_ms": ("ms", "minimize"),
+    "train_peak_memory_mib": ("MiB", "minimize"),
+    "train_mfu": ("ratio", "maximize"),
+    "train_loss": ("nats", "minimize"),
+}
+# Every p99 latency carries an order-statistic confidence interval.
+for _base in ("ttft", "tpot", "latency"):
+    for _side in ("low", "high"):
+        METRICS[f"{_base}_p99_ms_ci_{_side}"] = ("ms", "minimize")
+
+Direction = Literal["maximize", "minimize"]
+TrialStatus = Literal["ok", "infeasible"]
+
+
+class InfeasibleConfig(Exception):
+    """A deterministic, config-caused failure: the knobs cannot run on this device.
+
+    Raised by a runner; the tuner records the trial as COMPLETE but infeasible with this
+    message as the reason, so samplers learn to avoid the region instead of retrying it.
+    """
+
+
+@dataclass
+class TrialConfig:
+    """Everything a runner needs for one trial; JSON-serialisable."""
+
+    runner: str
+    model: dict[str, Any]
+    device: str
+    workload: dict[str, Any]
+    knobs: dict[str, Any]
+    seed: int = 0
+    artifact_dir: str = ""
+    trial_number: int = -1
+    study: str = ""
+    slo: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrialConfig:
+        return cls(**data)
+
+
+@dataclass
+class TrialResult:
+    """What a runner hands back: metrics with contract names plus evidence.
+
+    `metrics` holds only what was measured; a metric the device cannot measure is absent and
+    its reason sits in `unavailable` (never a made-up 0).
+    """
+
+    status: TrialStatus
+    metrics: dict[str, float] = field(default_factory=dict)
+    reason: str = ""
+    environment: dict[str, Any] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)
+    artifacts: dict[str, str] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True, default=_json_default)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrialResult:
+        return cls(**data)
+
+
+def _json_default(value: Any) -> Any:
+    # numpy scalars and paths show up in results; store them as plain numbers/strings.
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)

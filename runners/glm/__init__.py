@@ -1,0 +1,1 @@
+"""The reference GLM stack on transformers' GLM classes."""

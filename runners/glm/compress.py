@@ -1,0 +1,121 @@
+"""Compression knobs on a built model: magnitude sparsity, then torchao quantisation.
+
+Whatever the device cannot run raises `InfeasibleConfig` with the reason; nothing is faked.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from runners.contract import InfeasibleConfig
+
+
+def linear_layers(model: nn.Module, include_lm_head: bool) -> list[tuple[str, nn.Linear]]:
+    """The decoder's Linear layers; the output projection only when asked."""
+    head = model.get_output_embeddings()
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and (include_lm_head or m is not head)]
+
+
+@torch.no_grad()
+def prune_unstructured(weight: torch.Tensor, ratio: float) -> None:
+    """Zero the `ratio` fraction of entries with the smallest magnitude, in place."""
+    count = int(round(ratio * weight.numel()))
+    if count == 0:
+        return
+    threshold = weight.abs().flatten().float().kthvalue(count).values
+    weight.masked_fill_(weight.abs() <= threshold.to(weight.dtype), 0)
+
+
+@torch.no_grad()
+def prune_2_4(weight: torch.Tensor) -> None:
+    """Keep the 2 largest-magnitude entries of every 4 along the input dimension, in place."""
+    out_features, in_features = weight.shape
+    groups = weight.view(out_features, in_features // 4, 4)
+    drop = groups.abs().argsort(dim=-1)[..., :2]
+    groups.scatter_(-1, drop, 0)
+
+
+def apply_sparsity(model: nn.Module, knobs: dict[str, Any], device: str) -> dict[str, float]:
+    ratio = float(knobs.get("sparsity", 0.0))
+    kind = knobs.get("sparsity_kind", "unstructured")
+    if not 0.0 <= ratio < 1.0:
+        raise InfeasibleConfig(f"sparsity must be in [0, 1), got {ratio}")
+    if ratio == 0.0:
+        return {"sparsity_measured": 0.0}
+    layers = linear_layers(model, include_lm_head=False)
+    if kind == "unstructured":
+        for _, layer in layers:
+            prune_unstructured(layer.weight, ratio)
+    else:
+        _apply_2_4(layers, ratio, device)
+    zeros = sum(int((layer.weight == 0).sum()) for _, layer in layers if layer.weight.layout == torch.strided)
+    total = sum(layer.weight.numel() for _, layer in layers if layer.weight.layout == torch.strided)
+    return {"sparsity_measured": zeros / total if total else 0.5}
+
+
+def _apply_2_4(layers: list[tuple[str, nn.Linear]], ratio: float, device: str) -> None:
+    if abs(ratio - 0.5) > 1e-9:
+        raise InfeasibleConfig(f"sparsity_kind=2:4 prunes exactly 50% of weights; set sparsity 0.5, not {ratio}")
+    if not device.startswith("cuda"):
+        raise InfeasibleConfig("sparsity_kind=2:4 needs CUDA semi-structured kernels (cuSPARSELt/CUTLASS); not on CPU")
+    for name, layer in layers:
+        if layer.in_features % 64 or layer.out_features % 64:
+            raise InfeasibleConfig(f"2:4 kernels need dims that are multiples of 64; {name} is "
+                                   f"{layer.out_features}x{layer.in_features}")
+        prune_2_4(layer.weight)
+    try:
+        from torch.sparse import to_sparse_semi_structured
+        for _, layer in layers:
+            layer.weight = nn.Parameter(to_sparse_semi_structured(layer.weight), requires_grad=False)
+    except (RuntimeError, NotImplementedError) as exc:
+        raise InfeasibleConfig(f"2:4 semi-structured sparsity is not supported here: {exc}") from None
+
+
+def quant_config(knobs: dict[str, Any], device: str) -> Any | None:
+    """The torchao config for the quant knobs, or None for 16 bits (no quantisation)."""
+    bits = int(knobs.get("quant_bits", 16))
+    scheme = knobs.get("quant_scheme", "weight_only")
+    if bits == 16:
+        return None
+    try:
+        from torchao.quantization import (
+            Float8DynamicActivationFloat8WeightConfig,
+            Int4WeightOnlyConfig,
+            Int8DynamicActivationInt8WeightConfig,
+            Int8WeightOnlyConfig,
+            PerRow,
+        )
+    except ImportError as exc:
+        raise InfeasibleConfig(f"quant_bits={bits} needs torchao ({exc})") from None
+    if bits == 8 and scheme == "fp8":
+        if not device.startswith("cuda"):
+            raise InfeasibleConfig("quant_scheme=fp8 needs a CUDA GPU with fp8 tensor cores (SM 8.9+)")
+        return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    if bits == 8:
+        return Int8DynamicActivationInt8WeightConfig() if scheme == "dynamic_activation" else Int8WeightOnlyConfig()
+    if scheme != "weight_only":
+        raise InfeasibleConfig(f"quant_bits=4 exists only as weight_only here, not {scheme}")
+    if not device.startswith("cuda"):
+        # torchao's CPU int4 path needs the `mslk` kernel package, absent from our images.
+        raise InfeasibleConfig("quant_bits=4 (int4 weight-only) needs CUDA tinygemm kernels; not on CPU")
+    return Int4WeightOnlyConfig(group_size=int(knobs.get("quant_group_size", 128)),
+                                int4_packing_format="tile_packed_to_4d")
+
+
+def apply_quantization(model: nn.Module, knobs: dict[str, Any], device: str) -> None:
+    config = quant_config(knobs, device)
+    if config is None:
+        return
+    from torchao.quantization import quantize_
+
+    targets = {id(m) for _, m in linear_layers(model, bool(knobs.get("quantize_lm_head", False)))}
+    try:
+        quantize_(model, config, filter_fn=lambda module, _fqn: id(module) in targets)
+    except (RuntimeError, NotImplementedError, ImportError, AssertionError, ValueError) as exc:
+        raise InfeasibleConfig(
+            f"quant_bits={knobs.get('quant_bits')} ({knobs.get('quant_scheme')}) cannot run on {device}: "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None

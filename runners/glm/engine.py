@@ -1,0 +1,109 @@
+"""Batched greedy generation on transformers' GLM with a chosen KV-cache policy.
+
+A manual prefill + decode loop (rather than `generate`) so that every step's completion time
+is known: that is where TTFT and TPOT come from.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from transformers import DynamicCache, QuantizedCache, StaticCache
+
+from runners.contract import InfeasibleConfig
+from runners.scheduler import Clock
+from runners.workload import Request
+
+PromptFn = Callable[[Request], list[int]]
+
+
+def make_cache(policy: str, model: torch.nn.Module, device: str, max_len: int, kv_bits: int) -> Any:
+    """A fresh KV cache of `policy` (dynamic | static | offloaded | quantized)."""
+    config = model.config
+    if policy == "dynamic":
+        return DynamicCache(config=config)
+    if policy == "static":
+        return StaticCache(config=config, max_cache_len=max_len)
+    if policy == "offloaded":
+        if not device.startswith("cuda"):
+            raise InfeasibleConfig("kv_cache=offloaded moves GPU KV to CPU memory: needs a CUDA device")
+        return DynamicCache(config=config, offloading=True)
+    if policy == "quantized":
+        return _quantized_cache(config, kv_bits)
+    raise InfeasibleConfig(f"unknown kv_cache policy {policy!r}")
+
+
+def _quantized_cache(config: Any, kv_bits: int) -> Any:
+    try:
+        import optimum.quanto  # noqa: F401 - the quanto backend of QuantizedCache
+    except ImportError:
+        raise InfeasibleConfig("kv_cache=quantized needs the optimum-quanto package") from None
+    if kv_bits not in (2, 4):
+        raise InfeasibleConfig(f"kv_cache=quantized with the quanto backend supports kv_bits 2 or 4, not {kv_bits}")
+    head_dim = getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
+    # Quantise every token (no full-precision residual window), grouped along head_dim.
+    return QuantizedCache(backend="quanto", config=config, nbits=kv_bits,
+                          q_group_size=min(64, head_dim), residual_length=0)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+class HFEngine:
+    """Runs a batch of requests to completion; one call per batch."""
+
+    def __init__(self, model: torch.nn.Module, device: str, kv_cache: str, kv_bits: int,
+                 prompt_fn: PromptFn) -> None:
+        self.model = model
+        self.device = device
+        self.kv_cache = kv_cache
+        self.kv_bits = kv_bits
+        self.prompt_fn = prompt_fn
+        self.pad_id = int(model.config.pad_token_id or 0)
+        self.steps_run = 0  # decode steps (prefill included), for the roofline
+        self.tokens_in_flight = 0  # sum over steps of live requests' context lengths (KV read)
+
+    def run_batch(self, requests: Sequence[Request], clock: Clock) -> list[float]:
+        prompts = [self.prompt_fn(r) for r in requests]
+        new_tokens = max(r.output_tokens for r in requests)
+        times = []
+        for _ in self.decode(prompts, new_tokens):
+            _sync(self.device)  # the token exists only once the device is done
+            times.append(clock.now())
+        prompt_len = max(len(p) for p in prompts)
+        self.steps_run += new_tokens
+        self.tokens_in_flight += len(prompts) * (prompt_len * new_tokens + new_tokens * (new_tokens - 1) // 2)
+        return times
+
+    @torch.inference_mode()
+    def decode(self, prompts: list[list[int]], new_tokens: int) -> Iterator[torch.Tensor]:
+        """Greedy generation; yields each step's tokens, [B, 1], prefill's first."""
+        input_ids, mask = self._left_pad(prompts)  # [B, S]
+        batch, prompt_len = input_ids.shape
+        cache = make_cache(self.kv_cache, self.model, self.device, prompt_len + new_tokens, self.kv_bits)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding shifts positions
+        logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                            past_key_values=cache, use_cache=True).logits[:, -1]
+        token = logits.argmax(-1, keepdim=True)
+        yield token
+        next_pos = positions[:, -1:] + 1
+        for _ in range(new_tokens - 1):
+            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+            logits = self.model(input_ids=token, attention_mask=mask, position_ids=next_pos,
+                                past_key_values=cache, use_cache=True).logits[:, -1]
+            token = logits.argmax(-1, keepdim=True)
+            next_pos = next_pos + 1
+            yield token
+
+    def _left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+            mask[row, width - len(prompt):] = 1
+        return ids.to(self.device), mask.to(self.device)
+

@@ -1,0 +1,100 @@
+"""The knobs each runner understands, with their defaults; free of torch.
+
+The tuner validates space files against this table, so a typo in a knob name is a usage error
+(exit 2) before any study exists. A runner resolves a trial's knobs with `resolve_knobs`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Knob:
+    name: str
+    default: Any
+    kind: type | tuple[type, ...]
+    choices: tuple[Any, ...] | None = None
+    help: str = ""
+
+    def check(self, value: Any) -> str | None:
+        """Return why `value` is not acceptable, or None."""
+        if self.choices is not None:
+            if value not in self.choices:
+                return f"must be one of {list(self.choices)}, got {value!r}"
+            return None
+        if isinstance(value, bool) and bool not in _as_tuple(self.kind):
+            return f"must be {_kind_name(self.kind)}, got {value!r}"
+        if not isinstance(value, self.kind):
+            return f"must be {_kind_name(self.kind)}, got {value!r}"
+        return None
+
+
+def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    return " or ".join(k.__name__ for k in _as_tuple(kind))
+
+
+_NUMBER = (int, float)
+
+INFER_KNOBS: dict[str, Knob] = {
+    k.name: k
+    for k in [
+        Knob("batch_size", 8, int, help="most requests in one batch"),
+        Knob("batch_timeout_ms", 10.0, _NUMBER, help="longest wait of the oldest queued request"),
+        Knob("scheduler", "dynamic", str, ("dynamic", "continuous")),
+        Knob("quant_bits", 16, int, (16, 8, 4)),
+        Knob(
+            "quant_scheme",
+            "weight_only",
+            str,
+            ("weight_only", "dynamic_activation", "fp8"),
+            help="8-bit: int8 weight-only or int8 dynamic activation; fp8 dyn act + weight",
+        ),
+        Knob("quant_group_size", 128, int, (32, 64, 128, 256), help="int4 group size"),
+        Knob("quantize_lm_head", False, bool, help="also quantise the output projection"),
+        Knob("sparsity", 0.0, _NUMBER, help="fraction of linear weights set to zero"),
+        Knob("sparsity_kind", "unstructured", str, ("unstructured", "2:4")),
+        Knob("kv_cache", "dynamic", str, ("dynamic", "static", "offloaded", "quantized")),
+        Knob("kv_bits", 4, int, (2, 4, 8)),
+        Knob("prefix_cache", "off", str, ("off", "lru", "lfu")),
+        Knob("prefix_cache_mib", 256, _NUMBER),
+        Knob("dtype", None, (str, type(None)), (None, "float32", "float16", "bfloat16")),
+        Knob("compile", False, bool),
+        Knob("attn_implementation", "sdpa", str, ("sdpa", "eager", "flash_attention_2")),
+        Knob("memory_limit_mib", 0, _NUMBER, help="cap the runner's memory; 0 = no cap"),
+    ]
+}
+
+TRAIN_KNOBS: dict[str, Knob] = {
+    k.name: k
+    for k in [
+        Knob("micro_batch_size", 1, int),
+        Knob("grad_accum_steps", 1, int),
+        Knob("seq_len", 128, int),
+        Knob("grad_checkpointing", "off", (str, bool, int)),
+        Knob("amp_dtype", "float32", str, ("float32", "bfloat16", "float16")),
+        Knob("fused_optimizer", False, bool),
+        Knob("optimizer", "adamw", str, ("adamw", "adamw_8bit", "adamw_cpu_offload")),
+        Knob("compile", False, bool),
+        Knob("dtype", None, (str, type(None)), (None, "float32", "float16", "bfloat16")),
+        Knob("memory_limit_mib", 0, _NUMBER, help="cap the runner's memory; 0 = no cap"),
+    ]
+}
+
+RUNNER_KNOBS: dict[str, dict[str, Knob]] = {"glm-infer": INFER_KNOBS, "glm-train": TRAIN_KNOBS}
+
+
+def resolve_knobs(runner: str, given: dict[str, Any]) -> dict[str, Any]:
+    """Defaults of `runner` overlaid with `given`; unknown names raise KeyError."""
+    table = RUNNER_KNOBS[runner]
+    unknown = sorted(set(given) - set(table))
+    if unknown:
+        raise KeyError(f"unknown knob(s) for runner {runner}: {unknown}")
+    resolved = {name: knob.default for name, knob in table.items()}
+    resolved.update(given)
+    return resolved

@@ -1,0 +1,106 @@
+"""Latency statistics: percentiles with distribution-free confidence intervals; torch-free."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+from scipy import stats as sps
+
+from runners.scheduler import RequestTiming
+
+PERCENTILES = (50, 90, 99)
+
+
+@dataclass(frozen=True)
+class QuantileCI:
+    """A sample quantile and its order-statistic interval; bounds None when the data cannot
+    bound it (too few samples for that side at this confidence)."""
+
+    value: float
+    low: float | None
+    high: float | None
+
+
+def quantile_ci(samples: Sequence[float], q: float, confidence: float = 0.95) -> QuantileCI:
+    """Sample quantile (linear interpolation) with a distribution-free CI from order statistics.
+
+    For sorted samples x_(1..n), P(x_(l) <= true quantile < x_(u)) = B(u-1) - B(l-1) with
+    B the Binomial(n, q) CDF; choose the tightest symmetric ranks reaching `confidence`.
+    """
+    x = np.sort(np.asarray(samples, dtype=float))
+    n = x.size
+    if n == 0:
+        raise ValueError("no samples")
+    value = float(np.quantile(x, q))
+    alpha = 1.0 - confidence
+    # Lower rank: the largest l with P(Bin <= l-1) <= alpha/2; upper: smallest u with
+    # P(Bin <= u-1) >= 1 - alpha/2.
+    lower_rank = int(sps.binom.ppf(alpha / 2, n, q))  # count below -> 1-based rank l
+    upper_rank = int(sps.binom.ppf(1 - alpha / 2, n, q)) + 1
+    low = float(x[lower_rank - 1]) if lower_rank >= 1 and sps.binom.cdf(lower_rank - 1, n, q) <= alpha / 2 else None
+    high = float(x[upper_rank - 1]) if upper_rank <= n else None
+    return QuantileCI(value, low, high)
+
+
+def latency_metrics(name: str, samples_ms: Sequence[float], confidence: float = 0.95
+                    ) -> tuple[dict[str, float], dict[str, str]]:
+    """`{name}_p50_ms`, p90, p99 and p99's CI bounds; unavailable bounds with their reason."""
+    metrics: dict[str, float] = {}
+    unavailable: dict[str, str] = {}
+    if len(samples_ms) == 0:
+        for p in PERCENTILES:
+            unavailable[f"{name}_p{p}_ms"] = "no samples"
+        return metrics, unavailable
+    for p in PERCENTILES:
+        ci = quantile_ci(samples_ms, p / 100, confidence)
+        metrics[f"{name}_p{p}_ms"] = ci.value
+        if p == 99:
+            for side, bound in (("low", ci.low), ("high", ci.high)):
+                key = f"{name}_p99_ms_ci_{side}"
+                if bound is None:
+                    unavailable[key] = (f"{len(samples_ms)} samples cannot bound p99 at "
+                                        f"{confidence:.0%} on this side; measure more requests")
+                else:
+                    metrics[key] = bound
+    return metrics, unavailable
+
+
+def serving_metrics(timings: Sequence[RequestTiming], slo: dict[str, float] | None = None
+                    ) -> tuple[dict[str, float], dict[str, str]]:
+    """Contract metrics from per-request timings of the measured window."""
+    if not timings:
+        raise ValueError("no measured requests")
+    arrival = np.array([t.arrival_s for t in timings])
+    first = np.array([t.first_token_s for t in timings])
+    finish = np.array([t.finish_s for t in timings])
+    out_tokens = np.array([t.output_tokens for t in timings])
+    ttft_ms = (first - arrival) * 1e3
+    latency_ms = (finish - arrival) * 1e3
+    multi = out_tokens > 1  # TPOT needs at least two tokens
+    tpot_ms = (finish[multi] - first[multi]) / (out_tokens[multi] - 1) * 1e3
+    window_s = float(finish.max() - arrival.min())
+    metrics: dict[str, float] = {
+        "throughput_tok_s": float(out_tokens.sum()) / window_s,
+        "request_throughput_rps": len(timings) / window_s,
+        "measured_requests": float(len(timings)),
+    }
+    unavailable: dict[str, str] = {}
+    for name, samples in (("ttft", ttft_ms), ("tpot", tpot_ms), ("latency", latency_ms)):
+        m, u = latency_metrics(name, samples)
+        metrics.update(m)
+        unavailable.update(u)
+    if slo:
+        ok = np.ones(len(timings), dtype=bool)
+        if "ttft_ms" in slo:
+            ok &= ttft_ms <= slo["ttft_ms"]
+        if "latency_ms" in slo:
+            ok &= latency_ms <= slo["latency_ms"]
+        if "tpot_ms" in slo:
+            tpot_all = np.where(multi, (finish - first) / np.maximum(out_tokens - 1, 1) * 1e3, 0.0)
+            ok &= tpot_all <= slo["tpot_ms"]
+        metrics["goodput_rps"] = float(ok.sum()) / window_s
+    else:
+        unavailable["goodput_rps"] = "no `slo` section in the space file"
+    return metrics, unavailable
