@@ -78,8 +78,7 @@ class GlmInferRunner(Runner):
         metrics["kl_divergence"] = quality.kl_divergence
         metrics["top1_agreement"] = quality.top1_agreement
         unavailable["perplexity"] = "needs real weights and a text file"
-        info["decode_steps"] = engine.steps_run
-        info["kv_tokens_read"] = engine.tokens_in_flight
+        info["engine_counters"] = engine.counters()
         metrics["setup_s"] = setup_s
 
         artifacts = self._write_artifacts(config, outcome)

@@ -35,6 +35,14 @@ class RealClock:
 
 
 class Engine(Protocol):
+    """What a scheduler drives. `device` names where it runs; `counters()` returns cumulative
+    work done so far — `decode_steps`, `tokens` (generated), `bytes_read` (weights + KV read
+    from device memory) and `flops` — from which the serving layer derives MBU and MFU."""
+
+    device: str
+
+    def counters(self) -> dict[str, float]: ...
+
     def run_batch(self, requests: Sequence[Request], clock: Clock) -> list[float]:
         """Run one batch to completion; return the clock time after each generated step.
 

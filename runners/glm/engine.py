@@ -12,6 +12,7 @@ import torch
 from transformers import DynamicCache, QuantizedCache, StaticCache
 
 from runners.contract import InfeasibleConfig
+from runners.glm.model import model_info
 from runners.scheduler import Clock
 from runners.workload import Request
 
@@ -63,8 +64,14 @@ class HFEngine:
         self.kv_bits = kv_bits
         self.prompt_fn = prompt_fn
         self.pad_id = int(model.config.pad_token_id or 0)
-        self.steps_run = 0  # decode steps (prefill included), for the roofline
-        self.tokens_in_flight = 0  # sum over steps of live requests' context lengths (KV read)
+        info = model_info(model)
+        self._weight_bytes_per_step = info.decode_weight_bytes
+        self._kv_bytes_per_token = info.kv_bytes_per_token
+        self._flops_per_token = 2 * (info.params - model.get_input_embeddings().weight.numel())
+        self._counts = {"decode_steps": 0.0, "tokens": 0.0, "bytes_read": 0.0, "flops": 0.0}
+
+    def counters(self) -> dict[str, float]:
+        return dict(self._counts)
 
     def run_batch(self, requests: Sequence[Request], clock: Clock) -> list[float]:
         prompts = [self.prompt_fn(r) for r in requests]
@@ -73,10 +80,18 @@ class HFEngine:
         for _ in self.decode(prompts, new_tokens):
             _sync(self.device)  # the token exists only once the device is done
             times.append(clock.now())
-        prompt_len = max(len(p) for p in prompts)
-        self.steps_run += new_tokens
-        self.tokens_in_flight += len(prompts) * (prompt_len * new_tokens + new_tokens * (new_tokens - 1) // 2)
+        self._count(len(prompts), max(len(p) for p in prompts), new_tokens)
         return times
+
+    def _count(self, batch: int, prompt_len: int, new_tokens: int) -> None:
+        # Every step reads all non-embedding weights once and the KV of every live position;
+        # matmul FLOPs are 2 * params per token processed (prefill tokens included).
+        kv_positions = batch * (prompt_len * new_tokens + new_tokens * (new_tokens - 1) // 2)
+        c = self._counts
+        c["decode_steps"] += new_tokens
+        c["tokens"] += batch * new_tokens
+        c["bytes_read"] += new_tokens * self._weight_bytes_per_step + kv_positions * self._kv_bytes_per_token
+        c["flops"] += self._flops_per_token * batch * (prompt_len + new_tokens - 1)
 
     @torch.inference_mode()
     def decode(self, prompts: list[list[int]], new_tokens: int) -> Iterator[torch.Tensor]:

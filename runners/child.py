@@ -1,0 +1,121 @@
+"""Entry point of the process that runs trials: `python -m runners.child`.
+
+One-shot:  python -m runners.child CONFIG.json RESULT.json
+Persistent: python -m runners.child --serve   (JSON lines on stdin: {"config": PATH,
+"result": PATH}; answers one line per job on stdout), so a warm process can keep models
+between trials.
+
+A result file is written only for a trial that ran or was infeasible; any other exception
+exits non-zero with the traceback on stderr, which the tuner records as a FAIL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+from runners import load_runner
+from runners.contract import InfeasibleConfig, TrialConfig, TrialResult
+
+OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory")
+
+
+def _watch_parent() -> None:
+    """Exit when the tuner that started us dies (kill -9 gives it no chance to clean up)."""
+    parent = os.getppid()
+
+    def loop() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent:
+                os._exit(3)
+
+    threading.Thread(target=loop, name="parent-watch", daemon=True).start()
+
+
+def _apply_memory_limit(config: TrialConfig) -> None:
+    """The `memory_limit_mib` knob: a hard cap, so a config that needs more is an OOM."""
+    limit_mib = float(config.knobs.get("memory_limit_mib", 0) or 0)
+    if limit_mib <= 0:
+        return
+    if config.device.startswith("cuda") or config.device == "auto":
+        import torch
+
+        if torch.cuda.is_available():
+            index = torch.device(config.device if config.device.startswith("cuda:") else "cuda:0").index or 0
+            total = torch.cuda.get_device_properties(index).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, limit_mib * 2**20 / total), index)
+            return
+    import resource
+
+    import psutil
+
+    # Address space already mapped (libraries, torch) plus the allowed growth.
+    cap = psutil.Process().memory_info().vms + int(limit_mib * 2**20)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, resource.RLIM_INFINITY))
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if type(exc).__name__ == "OutOfMemoryError" or isinstance(exc, MemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in OOM_MARKERS)
+
+
+def run_one(config_path: Path, result_path: Path) -> None:
+    config = TrialConfig.from_dict(json.loads(config_path.read_text()))
+    runner = load_runner(config.runner)
+    _apply_memory_limit(config)
+    try:
+        result = runner.run(config)
+    except InfeasibleConfig as exc:
+        result = TrialResult("infeasible", reason=str(exc))
+    except Exception as exc:
+        if not _is_oom(exc):
+            raise
+        result = TrialResult("infeasible", reason=f"out of memory: {str(exc).splitlines()[0][:300]}")
+        _release_cuda_memory()
+    tmp = result_path.with_suffix(".tmp")
+    tmp.write_text(result.to_json())
+    tmp.replace(result_path)  # atomic: the tuner never reads half a result
+
+
+def _release_cuda_memory() -> None:
+    if "torch" in sys.modules:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def serve_forever() -> None:
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        job = json.loads(line)
+        run_one(Path(job["config"]), Path(job["result"]))
+        print(json.dumps({"done": job["result"]}), flush=True)
+
+
+def main(argv: list[str]) -> int:
+    _watch_parent()
+    try:
+        if argv == ["--serve"]:
+            serve_forever()
+        elif len(argv) == 2:
+            run_one(Path(argv[0]), Path(argv[1]))
+        else:
+            print("usage: python -m runners.child CONFIG.json RESULT.json | --serve", file=sys.stderr)
+            return 2
+    except Exception:
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
