@@ -93,12 +93,18 @@ def _release_cuda_memory() -> None:
 
 
 def serve_forever() -> None:
+    # The protocol gets a private copy of stdout; fd 1 then points at stderr, so whatever a
+    # runner or a native library prints cannot corrupt the replies.
+    protocol = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     for line in sys.stdin:
         if not line.strip():
             continue
         job = json.loads(line)
         run_one(Path(job["config"]), Path(job["result"]))
-        print(json.dumps({"done": job["result"]}), flush=True)
+        protocol.write(json.dumps({"done": job["result"]}) + "\n")
+        protocol.flush()
 
 
 def main(argv: list[str]) -> int:

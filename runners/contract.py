@@ -47,10 +47,11 @@ METRICS: dict[str, tuple[str, str]] = {
     "train_mfu": ("ratio", "maximize"),
     "train_loss": ("nats", "minimize"),
 }
-# Every p99 latency carries an order-statistic confidence interval.
+# Every latency percentile carries an order-statistic confidence interval.
 for _base in ("ttft", "tpot", "latency"):
-    for _side in ("low", "high"):
-        METRICS[f"{_base}_p99_ms_ci_{_side}"] = ("ms", "minimize")
+    for _p in (50, 90, 99):
+        for _side in ("low", "high"):
+            METRICS[f"{_base}_p{_p}_ms_ci_{_side}"] = ("ms", "minimize")
 
 Direction = Literal["maximize", "minimize"]
 TrialStatus = Literal["ok", "infeasible"]

@@ -76,7 +76,14 @@ TRAIN_KNOBS: dict[str, Knob] = {
         Knob("micro_batch_size", 1, int),
         Knob("grad_accum_steps", 1, int),
         Knob("seq_len", 128, int),
-        Knob("grad_checkpointing", "off", (str, bool, int)),
+        Knob(
+            "grad_checkpointing",
+            "off",
+            str,
+            ("off", "on", "every_2", "every_4", "offload"),
+            help="recompute activations: every layer (on), every N-th layer, or keep them but "
+            "offload the saved activations to host memory (CUDA only)",
+        ),
         Knob("amp_dtype", "float32", str, ("float32", "bfloat16", "float16")),
         Knob("fused_optimizer", False, bool),
         Knob("optimizer", "adamw", str, ("adamw", "adamw_8bit", "adamw_cpu_offload")),

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 from runners.workload import Request
 
@@ -72,23 +73,34 @@ def batch_is_ready(queue: Sequence[Request], now: float, batch_size: int, timeou
     return len(queue) >= batch_size or now - queue[0].arrival_s >= timeout_s - 1e-12
 
 
+StopRule = Callable[[Sequence[RequestTiming]], bool]
+
+
+def _split_closed_loop(requests: Sequence[Request], clock: Clock, concurrency: int | None
+                       ) -> tuple[list[Request], list[Request]]:
+    """(pending, unsent): closed loop sends `concurrency` requests now and the rest one per
+    finished request; open loop has every request pending at its own arrival time."""
+    pending = list(requests)
+    if concurrency is None:
+        return pending, []
+    start = clock.now()
+    for req in pending[:concurrency]:
+        req.arrival_s = start
+    return pending[:concurrency], pending[concurrency:]
+
+
 def run_dynamic(requests: Sequence[Request], engine: Engine, clock: Clock, batch_size: int,
-                timeout_s: float, concurrency: int | None = None) -> list[RequestTiming]:
+                timeout_s: float, concurrency: int | None = None, stop: StopRule | None = None
+                ) -> list[RequestTiming]:
     """Serve `requests` with the dynamic batcher; return one timing per request.
 
     Open loop: each request arrives at its `arrival_s` (relative to the clock's start).
     Closed loop (`concurrency` given): that many requests are in flight; a new one is sent the
     moment one finishes, so arrival times are set as the run goes.
+    `stop(timings)`, asked after every batch, ends the window early: no request is issued after
+    it says True, and those already waiting are still served (LoadGen's rule).
     """
-    pending = list(requests)
-    if concurrency is not None:
-        start = clock.now()
-        for req in pending[:concurrency]:
-            req.arrival_s = start
-        unsent = pending[concurrency:]
-        pending = pending[:concurrency]
-    else:
-        unsent = []
+    pending, unsent = _split_closed_loop(requests, clock, concurrency)
     queue: list[Request] = []
     timings: list[RequestTiming] = []
     batch_index = 0
@@ -110,6 +122,8 @@ def run_dynamic(requests: Sequence[Request], engine: Engine, clock: Clock, batch
                     pending.append(nxt)
             pending.sort(key=lambda r: r.arrival_s)
             batch_index += 1
+            if stop is not None and stop(timings):
+                _stop_issuing(pending, unsent, clock.now())
             continue
         wake = math.inf
         if pending:
@@ -118,3 +132,127 @@ def run_dynamic(requests: Sequence[Request], engine: Engine, clock: Clock, batch
             wake = min(wake, queue[0].arrival_s + timeout_s)
         clock.sleep_until(wake)
     return timings
+
+
+def _stop_issuing(pending: list[Request], unsent: list[Request], now: float) -> None:
+    """Drop every request not yet issued at `now`; arrived ones stay to be served."""
+    pending[:] = [r for r in pending if r.arrival_s <= now]
+    unsent.clear()
+
+
+class IterationEngine(Protocol):
+    """An engine whose running batch changes between decode steps (continuous batching).
+
+    Each call returns once its work is done on the device (synchronised), so the clock read
+    right after it is the time the tokens exist.
+    """
+
+    device: str
+
+    def counters(self) -> dict[str, float]: ...
+
+    def join(self, requests: Sequence[Request]) -> None:
+        """Prefill `requests` and add them to the running batch; each then has its first token."""
+        ...
+
+    def step(self) -> None:
+        """One decode step: every running sequence gains one token."""
+        ...
+
+    def leave(self, rids: Sequence[int]) -> None:
+        """Drop these finished sequences from the running batch."""
+        ...
+
+
+@dataclass
+class StepRecord:
+    """One iteration of the continuous scheduler: a prefill of joining requests or a decode
+    step of the running batch (`rids`), ending at `t_s`."""
+
+    t_s: float
+    kind: str  # "join" | "decode"
+    rids: tuple[int, ...]
+
+
+@dataclass
+class _Running:
+    request: Request
+    start_s: float
+    first_token_s: float
+    join_index: int
+    batch_size: int
+    produced: int = 1
+
+
+def admission_due(queue: Sequence[Request], now: float, free_slots: int, wait_s: float) -> bool:
+    """Queued requests join once they fill the free slots or the oldest waited `wait_s`."""
+    if not queue or free_slots <= 0:
+        return False
+    return len(queue) >= free_slots or now - queue[0].arrival_s >= wait_s - 1e-12
+
+
+def run_continuous(requests: Sequence[Request], engine: IterationEngine, clock: Clock,
+                   max_batch: int, admission_wait_s: float, concurrency: int | None = None,
+                   stop: StopRule | None = None, steps: list[StepRecord] | None = None
+                   ) -> list[RequestTiming]:
+    """Serve `requests` with iteration-level batching; return one timing per request.
+
+    Between decode steps, queued requests join the running batch (at most `max_batch`
+    sequences) when `admission_due`; a finished sequence leaves at once, freeing its slot.
+    An idle engine waits for arrivals like the dynamic batcher. Loops and `stop` as in
+    `run_dynamic`; `steps`, when given, receives every iteration's composition.
+    """
+    pending, unsent = _split_closed_loop(requests, clock, concurrency)
+    queue: list[Request] = []
+    running: dict[int, _Running] = {}
+    timings: list[RequestTiming] = []
+    joins = 0
+    while pending or queue or running:
+        now = clock.now()
+        while pending and pending[0].arrival_s <= now:
+            queue.append(pending.pop(0))
+        free = max_batch - len(running)
+        if admission_due(queue, now, free, admission_wait_s):
+            batch, queue = queue[:free], queue[free:]
+            start_s = clock.now()
+            engine.join(batch)
+            t = clock.now()
+            for req in batch:
+                running[req.rid] = _Running(req, start_s, t, joins, len(running) + len(batch))
+            joins += 1
+            _record(steps, t, "join", batch)
+        elif running:
+            engine.step()
+            t = clock.now()
+            for state in running.values():
+                state.produced += 1
+            _record(steps, t, "decode", [s.request for s in running.values()])
+        else:
+            wake = pending[0].arrival_s if pending else math.inf
+            if queue:
+                wake = min(wake, queue[0].arrival_s + admission_wait_s)
+            clock.sleep_until(wake)
+            continue
+        done = [s for s in running.values() if s.produced >= s.request.output_tokens]
+        if not done:
+            continue
+        engine.leave([s.request.rid for s in done])
+        for state in done:
+            del running[state.request.rid]
+            req = state.request
+            timings.append(RequestTiming(req.rid, req.arrival_s, state.start_s, state.first_token_s, t,
+                                         req.prompt_tokens, req.output_tokens, state.join_index,
+                                         state.batch_size))
+            if unsent:  # closed loop: the finished client sends its next request
+                nxt = unsent.pop(0)
+                nxt.arrival_s = t
+                pending.append(nxt)
+        pending.sort(key=lambda r: r.arrival_s)
+        if stop is not None and stop(timings):
+            _stop_issuing(pending, unsent, clock.now())
+    return timings
+
+
+def _record(steps: list[StepRecord] | None, t: float, kind: str, requests: Sequence[Request]) -> None:
+    if steps is not None:
+        steps.append(StepRecord(t, kind, tuple(r.rid for r in requests)))

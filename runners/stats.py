@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from scipy import stats as sps
@@ -46,7 +46,7 @@ def quantile_ci(samples: Sequence[float], q: float, confidence: float = 0.95) ->
 
 def latency_metrics(name: str, samples_ms: Sequence[float], confidence: float = 0.95
                     ) -> tuple[dict[str, float], dict[str, str]]:
-    """`{name}_p50_ms`, p90, p99 and p99's CI bounds; unavailable bounds with their reason."""
+    """`{name}_p50_ms`, p90, p99, each with its CI bounds; unavailable bounds with their reason."""
     metrics: dict[str, float] = {}
     unavailable: dict[str, str] = {}
     if len(samples_ms) == 0:
@@ -56,15 +56,43 @@ def latency_metrics(name: str, samples_ms: Sequence[float], confidence: float = 
     for p in PERCENTILES:
         ci = quantile_ci(samples_ms, p / 100, confidence)
         metrics[f"{name}_p{p}_ms"] = ci.value
-        if p == 99:
-            for side, bound in (("low", ci.low), ("high", ci.high)):
-                key = f"{name}_p99_ms_ci_{side}"
-                if bound is None:
-                    unavailable[key] = (f"{len(samples_ms)} samples cannot bound p99 at "
-                                        f"{confidence:.0%} on this side; measure more requests")
-                else:
-                    metrics[key] = bound
+        for side, bound in (("low", ci.low), ("high", ci.high)):
+            key = f"{name}_p{p}_ms_ci_{side}"
+            if bound is None:
+                unavailable[key] = (f"{len(samples_ms)} samples cannot bound p{p} at "
+                                    f"{confidence:.0%} on this side; measure more requests")
+            else:
+                metrics[key] = bound
     return metrics, unavailable
+
+
+def min_samples_for_ci(q: float, confidence: float = 0.95) -> int:
+    """Fewest samples whose largest order statistic bounds quantile `q` from above:
+    1 - q**n >= 1 - alpha/2 (n = 367 for p99 at 95 %)."""
+    alpha = 1.0 - confidence
+    return int(np.ceil(np.log(alpha / 2) / np.log(q)))
+
+
+def ci_relative_width(samples: Sequence[float], q: float, confidence: float = 0.95) -> float:
+    """(high - low) / value of the quantile's CI; inf while a bound does not exist yet."""
+    if len(samples) == 0:
+        return float("inf")
+    ci = quantile_ci(samples, q, confidence)
+    if ci.low is None or ci.high is None or ci.value <= 0:
+        return float("inf")
+    return (ci.high - ci.low) / ci.value
+
+
+def request_latencies_ms(timings: Sequence[RequestTiming]) -> dict[str, np.ndarray]:
+    """Per-request ttft, tpot (requests of 2+ tokens) and end-to-end latency in ms."""
+    arrival = np.array([t.arrival_s for t in timings])
+    first = np.array([t.first_token_s for t in timings])
+    finish = np.array([t.finish_s for t in timings])
+    out_tokens = np.array([t.output_tokens for t in timings])
+    multi = out_tokens > 1  # TPOT needs at least two tokens
+    return {"ttft": (first - arrival) * 1e3,
+            "tpot": (finish[multi] - first[multi]) / (out_tokens[multi] - 1) * 1e3,
+            "latency": (finish - arrival) * 1e3}
 
 
 def serving_metrics(timings: Sequence[RequestTiming], slo: dict[str, float] | None = None

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import csv
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -59,15 +62,49 @@ def arrival_times(kind: str, n: int, rate_rps: float, rng: np.random.Generator,
     return np.concatenate([[0.0], np.cumsum(gaps)])
 
 
+def load_trace(path: str | Path) -> np.ndarray:
+    """A request trace as an [n, 3] array of (timestamp_s, prompt_tokens, output_tokens),
+    sorted by time. CSV with a header row, or JSON Lines; other columns are ignored."""
+    path = Path(path)
+    if path.suffix in (".jsonl", ".ndjson"):
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    else:
+        with path.open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    if not rows:
+        raise ValueError(f"trace {path} has no requests")
+    columns = ("timestamp_s", "prompt_tokens", "output_tokens")
+    missing = [c for c in columns if c not in rows[0]]
+    if missing:
+        raise ValueError(f"trace {path} lacks column(s) {missing}")
+    table = np.array([[float(row[c]) for c in columns] for row in rows])
+    return table[np.argsort(table[:, 0], kind="stable")]
+
+
+def replay_trace(table: np.ndarray, count: int) -> np.ndarray:
+    """`count` rows of the trace with times from 0; a trace shorter than `count` repeats,
+    each repeat starting one mean gap after the previous one ended (a window extension can
+    need more requests than the trace holds)."""
+    times = table[:, 0] - table[0, 0]
+    span = times[-1] + (times[-1] / (len(times) - 1) if len(times) > 1 else 1.0)
+    reps = -(-count // len(table))
+    out = np.concatenate([np.column_stack([times + k * span, table[:, 1:]]) for k in range(reps)])
+    return out[:count]
+
+
 def make_requests(workload: dict[str, Any], count: int, seed: int, first_rid: int = 0) -> list[Request]:
     """`count` requests described by the space file's workload section."""
     rng = np.random.default_rng(seed)
-    prompts = sample_lengths(workload.get("prompt_tokens", 32), count, rng)
-    outputs = sample_lengths(workload.get("output_tokens", 16), count, rng)
     kind = workload.get("arrival", "poisson")
+    if kind == "trace":
+        rows = replay_trace(load_trace(workload["trace"]), count)
+        arrivals, prompts, outputs = rows[:, 0], rows[:, 1].astype(np.int64), rows[:, 2].astype(np.int64)
+    else:
+        prompts = sample_lengths(workload.get("prompt_tokens", 32), count, rng)
+        outputs = sample_lengths(workload.get("output_tokens", 16), count, rng)
     if kind == "closed":
         arrivals = np.full(count, np.nan)
-    else:
+    elif kind != "trace":
         arrivals = arrival_times(kind, count, float(workload.get("rate_rps", 8.0)), rng,
                                  float(workload.get("burstiness", 1.0)))
     groups = int(workload.get("shared_prefix_groups", 0))

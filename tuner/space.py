@@ -108,6 +108,7 @@ class Space:
     search: SearchSpec
     slo: dict[str, float] = field(default_factory=dict)
     description: str = ""
+    raw: dict[str, Any] = field(default_factory=dict)  # the file's data with overrides applied
 
     def distributions(self) -> dict[str, optuna.distributions.BaseDistribution]:
         return {name: to_distribution(p) for name, p in self.params.items()}
@@ -191,17 +192,24 @@ def read_yaml(path: Path) -> dict[str, Any]:
 def load_space(name_or_path: str, overrides: dict[str, Any] | None = None) -> Space:
     """Read, validate and apply CLI overrides (`study`, `device`, `trials`, ...)."""
     path = resolve_space_path(name_or_path)
-    data = read_yaml(path)
-    space = validate(data, source=str(path), default_study=path.stem)
-    for key, value in (overrides or {}).items():
+    data = apply_overrides(read_yaml(path), overrides or {})
+    return validate(data, source=str(path), default_study=path.stem)
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """CLI flags over the file: `study` and `device` at the top, the rest under `search`."""
+    data = dict(data)
+    search = dict(data.get("search") or {}) if isinstance(data.get("search") or {}, dict) else data["search"]
+    for key, value in overrides.items():
         if value is None:
             continue
         if key in ("study", "device"):
-            setattr(space, key, value)
-        else:
-            setattr(space.search, key, value)
-    _check_search(space.search, str(path))
-    return space
+            data[key] = value
+        elif isinstance(search, dict):
+            search[key] = value
+    if search:
+        data["search"] = search
+    return data
 
 
 # ---------------------------------------------------------------- validation
@@ -231,7 +239,7 @@ def validate(data: dict[str, Any], source: str, default_study: str) -> Space:
                 raise SpaceError(source, f"params.{name}", "the grid sampler needs a `step` on floats")
     description = _get(data, "description", str, source, "", "")
     return Space(source, study, runner, model, device, workload, params, fixed, objectives,
-                 constraints, search, slo, description)
+                 constraints, search, slo, description, raw=data)
 
 
 def _no_unknown(data: dict[str, Any], allowed: set[str], source: str, prefix: str) -> None:

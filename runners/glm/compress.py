@@ -40,6 +40,8 @@ def prune_2_4(weight: torch.Tensor) -> None:
 
 
 def apply_sparsity(model: nn.Module, knobs: dict[str, Any], device: str) -> dict[str, float]:
+    """Prune the decoder's Linear weights; 2:4 also converts them to the semi-structured layout
+    (cuSPARSELt/CUTLASS), unless fp8 quantisation follows and packs them itself."""
     ratio = float(knobs.get("sparsity", 0.0))
     kind = knobs.get("sparsity_kind", "unstructured")
     if not 0.0 <= ratio < 1.0:
@@ -50,33 +52,53 @@ def apply_sparsity(model: nn.Module, knobs: dict[str, Any], device: str) -> dict
     if kind == "unstructured":
         for _, layer in layers:
             prune_unstructured(layer.weight, ratio)
-    else:
-        _apply_2_4(layers, ratio, device)
-    zeros = sum(int((layer.weight == 0).sum()) for _, layer in layers if layer.weight.layout == torch.strided)
-    total = sum(layer.weight.numel() for _, layer in layers if layer.weight.layout == torch.strided)
-    return {"sparsity_measured": zeros / total if total else 0.5}
+        zeros = sum(int((layer.weight == 0).sum()) for _, layer in layers)
+        return {"sparsity_measured": zeros / sum(layer.weight.numel() for _, layer in layers)}
+    _check_2_4(layers, ratio, device, knobs)
+    for _, layer in layers:
+        prune_2_4(layer.weight)
+    zeros = sum(int((layer.weight == 0).sum()) for _, layer in layers)
+    measured = zeros / sum(layer.weight.numel() for _, layer in layers)
+    if not _fp8_follows(knobs):
+        _to_semi_structured(layers)
+    return {"sparsity_measured": measured}
 
 
-def _apply_2_4(layers: list[tuple[str, nn.Linear]], ratio: float, device: str) -> None:
+def _fp8_follows(knobs: dict[str, Any]) -> bool:
+    return int(knobs.get("quant_bits", 16)) == 8 and knobs.get("quant_scheme") == "fp8"
+
+
+def _check_2_4(layers: list[tuple[str, nn.Linear]], ratio: float, device: str, knobs: dict[str, Any]) -> None:
     if abs(ratio - 0.5) > 1e-9:
         raise InfeasibleConfig(f"sparsity_kind=2:4 prunes exactly 50% of weights; set sparsity 0.5, not {ratio}")
     if not device.startswith("cuda"):
         raise InfeasibleConfig("sparsity_kind=2:4 needs CUDA semi-structured kernels (cuSPARSELt/CUTLASS); not on CPU")
+    if int(knobs.get("quant_bits", 16)) != 16 and not _fp8_follows(knobs):
+        raise InfeasibleConfig("2:4 sparsity combines only with fp8 here (torchao's CUTLASS fp8 2:4 kernel, SM90); "
+                               f"no kernel path for quant_bits={knobs.get('quant_bits')} "
+                               f"{knobs.get('quant_scheme')} + 2:4")
     for name, layer in layers:
         if layer.in_features % 64 or layer.out_features % 64:
             raise InfeasibleConfig(f"2:4 kernels need dims that are multiples of 64; {name} is "
                                    f"{layer.out_features}x{layer.in_features}")
-        prune_2_4(layer.weight)
+
+
+def _to_semi_structured(layers: list[tuple[str, nn.Linear]]) -> None:
     try:
         from torch.sparse import to_sparse_semi_structured
         for _, layer in layers:
-            layer.weight = nn.Parameter(to_sparse_semi_structured(layer.weight), requires_grad=False)
+            layer.weight = nn.Parameter(to_sparse_semi_structured(layer.weight.detach()), requires_grad=False)
     except (RuntimeError, NotImplementedError) as exc:
         raise InfeasibleConfig(f"2:4 semi-structured sparsity is not supported here: {exc}") from None
 
 
 def quant_config(knobs: dict[str, Any], device: str) -> Any | None:
-    """The torchao config for the quant knobs, or None for 16 bits (no quantisation)."""
+    """The torchao config for the quant knobs, or None for 16 bits (no quantisation).
+
+    `set_inductor_config=False`: torchao would otherwise flip global Inductor flags as a side
+    effect, so one trial's compile settings would leak into the next in a warm process; the
+    fast engine sets the flags it wants itself.
+    """
     bits = int(knobs.get("quant_bits", 16))
     scheme = knobs.get("quant_scheme", "weight_only")
     if bits == 16:
@@ -92,18 +114,34 @@ def quant_config(knobs: dict[str, Any], device: str) -> Any | None:
     except ImportError as exc:
         raise InfeasibleConfig(f"quant_bits={bits} needs torchao ({exc})") from None
     if bits == 8 and scheme == "fp8":
-        if not device.startswith("cuda"):
-            raise InfeasibleConfig("quant_scheme=fp8 needs a CUDA GPU with fp8 tensor cores (SM 8.9+)")
-        return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+        return _fp8_config(knobs, device, Float8DynamicActivationFloat8WeightConfig, PerRow)
     if bits == 8:
-        return Int8DynamicActivationInt8WeightConfig() if scheme == "dynamic_activation" else Int8WeightOnlyConfig()
+        if scheme == "dynamic_activation":
+            return Int8DynamicActivationInt8WeightConfig(set_inductor_config=False)
+        return Int8WeightOnlyConfig(set_inductor_config=False)
     if scheme != "weight_only":
         raise InfeasibleConfig(f"quant_bits=4 exists only as weight_only here, not {scheme}")
     if not device.startswith("cuda"):
         # torchao's CPU int4 path needs the `mslk` kernel package, absent from our images.
         raise InfeasibleConfig("quant_bits=4 (int4 weight-only) needs CUDA tinygemm kernels; not on CPU")
     return Int4WeightOnlyConfig(group_size=int(knobs.get("quant_group_size", 128)),
-                                int4_packing_format="tile_packed_to_4d")
+                                int4_packing_format="tile_packed_to_4d", set_inductor_config=False)
+
+
+def _fp8_config(knobs: dict[str, Any], device: str, config_cls: Any, per_row: Any) -> Any:
+    import torch
+
+    if not device.startswith("cuda"):
+        raise InfeasibleConfig("quant_scheme=fp8 needs a CUDA GPU with fp8 tensor cores (SM 8.9+)")
+    if torch.cuda.get_device_capability(device) < (8, 9):
+        raise InfeasibleConfig("quant_scheme=fp8 needs fp8 tensor cores (SM 8.9+)")
+    if knobs.get("sparsity_kind") == "2:4" and float(knobs.get("sparsity", 0.0)) > 0:
+        from torchao.quantization.quantize_.workflows.float8.float8_packing_format import Float8PackingFormat
+
+        # Weights already pruned 2:4; torchao packs them for its CUTLASS fp8 sparse GEMM (SM90).
+        return config_cls(granularity=per_row(), packing_format=Float8PackingFormat.SPARSE_2D_DATA_2D_METADATA,
+                          set_inductor_config=False)
+    return config_cls(granularity=per_row(), set_inductor_config=False)
 
 
 def apply_quantization(model: nn.Module, knobs: dict[str, Any], device: str) -> None:

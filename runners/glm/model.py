@@ -45,11 +45,24 @@ def make_config(model_spec: dict[str, Any]) -> Any:
     return config_cls(**shape, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
+def checkpoint_arch(model_spec: dict[str, Any]) -> str:
+    """`glm` or `glm4` for a local checkpoint: the spec's `arch`, else its config's model_type."""
+    if model_spec.get("arch"):
+        return str(model_spec["arch"])
+    from transformers import AutoConfig
+
+    model_type = AutoConfig.from_pretrained(model_spec["path"], local_files_only=True).model_type
+    if model_type not in ARCHS:
+        raise ValueError(f"{model_spec['path']}: model_type {model_type!r} is not a GLM ({sorted(ARCHS)})")
+    return model_type
+
+
 def build_model(model_spec: dict[str, Any], dtype: torch.dtype, device: str, seed: int,
                 attn_implementation: str = "sdpa") -> torch.nn.Module:
     """Random init directly on `device` in `dtype` (seeded), or a local checkpoint."""
     if "path" in model_spec:
-        arch_cls = GlmForCausalLM if model_spec.get("arch", "glm") == "glm" else Glm4ForCausalLM
+        # A local checkpoint directory only: run time never reaches the hub.
+        arch_cls = ARCHS[checkpoint_arch(model_spec)][1]
         model = arch_cls.from_pretrained(
             model_spec["path"], dtype=dtype, device_map=device, local_files_only=True,
             attn_implementation=attn_implementation)
@@ -63,14 +76,29 @@ def build_model(model_spec: dict[str, Any], dtype: torch.dtype, device: str, see
     return model.eval()
 
 
+def stored_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor really occupies: torchao quantised tensors and 2:4 semi-structured
+    tensors are wrapper subclasses whose `element_size()` describes the logical (dense) dtype,
+    so count their inner tensors (packed data, scales, zero points, sparsity metadata)."""
+    flatten = getattr(type(tensor), "__tensor_flatten__", None)
+    if flatten is not None and type(tensor) not in (torch.Tensor, torch.nn.Parameter):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(stored_bytes(getattr(tensor, name)) for name in names if getattr(tensor, name) is not None)
+    if tensor.layout != torch.strided:  # other sparse layouts: values + indices
+        return sum(stored_bytes(t) for t in (tensor.values(), tensor.indices()))
+    return tensor.numel() * tensor.element_size()
+
+
 def model_info(model: torch.nn.Module) -> ModelInfo:
+    """Sizes from the stored tensors; works on transformers' GLM and on `FastGlm`."""
     cfg = model.config
     params = sum(p.numel() for p in model.parameters())
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    weight_bytes = sum(stored_bytes(p) for p in model.parameters())
     embed = model.get_input_embeddings().weight
-    embed_bytes = embed.numel() * embed.element_size()
-    dtype_bytes = next(model.parameters()).element_size()
-    head_dim = getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads)
+    # The KV cache is kept in the activation dtype, whatever the weights were quantised to.
+    dtype_bytes = embed.element_size()
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * dtype_bytes
-    return ModelInfo(params, weight_bytes, weight_bytes - embed_bytes, kv_per_token,
+    # Decode reads every weight but the embedding table (only B rows of it are gathered).
+    return ModelInfo(params, weight_bytes, weight_bytes - stored_bytes(embed), kv_per_token,
                      cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size)

@@ -1,0 +1,222 @@
+"""Decode speed of the reference GLM stack against the memory-bandwidth roofline.
+
+    python -m benchmarks.decode_roofline [--preset glm-4-9b] [--configs bf16,int8,...] [--json OUT]
+
+For each config: build the model (random weights, seeded), compress it, compile and capture the
+decode step (time reported apart, as compile_s), prefill a 128-token prompt, then time decode
+steps with CUDA events. Prints ms/step, tok/s and MBU = bytes per step / time / measured copy
+bandwidth, where bytes per step = stored weight bytes read by decode (all but the embedding;
+torchao/2:4 tensors counted by their real storage) + the live KV of every row.
+Ratios against bf16 come from the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from runners.contract import InfeasibleConfig
+from runners.glm.compress import apply_quantization, apply_sparsity
+from runners.glm.engine import HFEngine
+from runners.glm.fast_engine import FastEngine
+from runners.glm.fast_model import FastGlm
+from runners.glm.model import build_model, model_info
+
+PROMPT_TOKENS = 128
+
+# name -> (knobs, engine): "fast" = static KV + compiled layer + CUDA graphs; "hf" = transformers' eager loop.
+CONFIGS: dict[str, tuple[dict[str, Any], str]] = {
+    "bf16": ({}, "fast"),
+    "int8": ({"quant_bits": 8}, "fast"),
+    "int8+head": ({"quant_bits": 8, "quantize_lm_head": True}, "fast"),
+    "int4": ({"quant_bits": 4}, "fast"),
+    "int4+head": ({"quant_bits": 4, "quantize_lm_head": True}, "fast"),
+    "int8dyn": ({"quant_bits": 8, "quant_scheme": "dynamic_activation"}, "fast"),
+    "fp8": ({"quant_bits": 8, "quant_scheme": "fp8"}, "fast"),
+    "2:4": ({"sparsity": 0.5, "sparsity_kind": "2:4"}, "fast"),
+    "fp8+2:4": ({"quant_bits": 8, "quant_scheme": "fp8", "sparsity": 0.5, "sparsity_kind": "2:4"}, "fast"),
+    "hf-dynamic": ({"kv_cache": "dynamic"}, "hf"),
+    "hf-offloaded": ({"kv_cache": "offloaded"}, "hf"),
+    "hf-quantized4": ({"kv_cache": "quantized", "kv_bits": 4}, "hf"),
+}
+
+
+@dataclass
+class Row:
+    config: str
+    batch: int
+    ms_per_step: float = float("nan")
+    tok_s: float = float("nan")
+    bytes_per_step: float = float("nan")
+    mbu: float = float("nan")
+    compile_s: float = float("nan")
+    speedup_vs_bf16: float = float("nan")
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def copy_bandwidth(device: str) -> tuple[float, str]:
+    """Bytes/s of a large device-to-device copy (read + written), from runners.ceilings if present."""
+    try:
+        from runners.ceilings import get_ceilings
+
+        return get_ceilings(device).copy_bytes_per_s, "runners.ceilings"
+    except ImportError:
+        pass
+    src = torch.empty(2**30, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * src.numel() * 20 / (start.elapsed_time(end) / 1e3), "inline copy"
+
+
+def build(preset: str, knobs: dict[str, Any], kind: str, device: str) -> torch.nn.Module:
+    model = build_model({"preset": preset}, torch.bfloat16, device, seed=0)
+    if kind == "fast":
+        model = FastGlm(model)
+    apply_sparsity(model, knobs, device)
+    apply_quantization(model, knobs, device)
+    return model
+
+
+def time_fast(engine: FastEngine, batch: int, steps: int, repeats: int) -> tuple[float, float]:
+    """Median ms per replayed decode step, and the compile+capture seconds of its bucket."""
+    new_tokens = 8 + steps * repeats  # 128 + 104 fits the 256-slot length bucket
+    compile_s = engine.prepare(batch, PROMPT_TOKENS + new_tokens, batches=[batch])
+    prompts = [[3 + (7 * r + i) % 1000 for i in range(PROMPT_TOKENS)] for r in range(batch)]
+    slot = engine.start(prompts, new_tokens)
+    for _ in range(8):
+        engine.step(slot)
+    per_step = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            engine.step(slot)
+        end.record()
+        torch.cuda.synchronize()
+        per_step.append(start.elapsed_time(end) / steps)
+    return statistics.median(per_step), compile_s
+
+
+def time_hf(engine: HFEngine, batch: int, steps: int) -> float:
+    """Median ms between decode steps of transformers' eager loop (host-synchronised per step)."""
+    prompts = [[3 + (7 * r + i) % 1000 for i in range(PROMPT_TOKENS)] for r in range(batch)]
+    stamps = []
+    for _ in engine.decode(prompts, steps + 1):
+        torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+    gaps = [b - a for a, b in zip(stamps[1:], stamps[2:], strict=False)]  # skip prefill
+    return statistics.median(gaps) * 1e3
+
+
+def measure(name: str, batch: int, preset: str, device: str, bandwidth: float, steps: int,
+            repeats: int) -> Row:
+    knobs, kind = CONFIGS[name]
+    row = Row(name, batch)
+    try:
+        model = build(preset, knobs, kind, device)
+    except InfeasibleConfig as exc:
+        row.note = f"infeasible: {exc}"
+        return row
+    info = model_info(model)
+    try:
+        if kind == "fast":
+            engine = FastEngine(model, device, compile_step=True)
+            row.ms_per_step, row.compile_s = time_fast(engine, batch, steps, repeats)
+            if engine.compile_error:
+                row.note = f"compile failed, eager graph: {engine.compile_error}"
+            live = PROMPT_TOKENS + 8 + steps * repeats // 2
+        else:
+            engine = HFEngine(model, device, knobs["kv_cache"], int(knobs.get("kv_bits", 4)), lambda r: [])
+            row.ms_per_step = time_hf(engine, batch, steps=16)
+            live = PROMPT_TOKENS + 8
+    except InfeasibleConfig as exc:
+        row.note = f"infeasible: {exc}"
+        return row
+    except Exception as exc:  # noqa: BLE001 - a config that breaks is a finding, not a crash
+        row.note = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        return row
+    finally:
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    row.bytes_per_step = info.decode_weight_bytes + batch * live * info.kv_bytes_per_token
+    row.tok_s = batch * 1e3 / row.ms_per_step
+    row.mbu = row.bytes_per_step / (row.ms_per_step / 1e3) / bandwidth
+    row.extra = {"decode_weight_bytes": info.decode_weight_bytes, "kv_bytes_per_token": info.kv_bytes_per_token,
+                 "live_kv_tokens_per_row": live}
+    return row
+
+
+def versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"torch": torch.__version__, "device": torch.cuda.get_device_name(0),
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    for pkg in ("transformers", "torchao", "optimum-quanto"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "absent"
+    return out
+
+
+def print_table(rows: list[Row], bandwidth: float) -> None:
+    print(f"\ncopy bandwidth {bandwidth / 1e12:.2f} TB/s (read + written)")
+    print(f"{'config':<14}{'batch':>6}{'ms/step':>10}{'tok/s':>10}{'GB/step':>9}{'MBU':>7}"
+          f"{'vs bf16':>9}{'compile s':>11}  note")
+    for r in rows:
+        print(f"{r.config:<14}{r.batch:>6}{r.ms_per_step:>10.2f}{r.tok_s:>10.0f}{r.bytes_per_step / 1e9:>9.2f}"
+              f"{r.mbu:>7.2f}{r.speedup_vs_bf16:>9.2f}{r.compile_s:>11.1f}  {r.note}")
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="glm-4-9b")
+    parser.add_argument("--configs", default="bf16:1,bf16:32,int8:1,int4:1,int4+head:1")
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--budget-s", type=float, default=1e9, help="start no new config after this")
+    parser.add_argument("--json", default="")
+    args = parser.parse_args(argv)
+    device = "cuda:0"
+    bandwidth, source = copy_bandwidth(device)
+    meta = {**versions(), "copy_bytes_per_s": bandwidth, "bandwidth_source": source, "preset": args.preset}
+    print(json.dumps(meta), flush=True)
+    rows: list[Row] = []
+    t0 = time.perf_counter()
+    for item in args.configs.split(","):
+        name, _, batch = item.partition(":")
+        if time.perf_counter() - t0 > args.budget_s:
+            rows.append(Row(name, int(batch), note="skipped: time budget"))
+            continue
+        row = measure(name, int(batch), args.preset, device, bandwidth, args.steps, args.repeats)
+        base = next((r for r in rows if r.config == "bf16" and r.batch == row.batch), None)
+        if base is not None:
+            row.speedup_vs_bf16 = base.ms_per_step / row.ms_per_step
+        rows.append(row)
+        print(json.dumps(asdict(row)), flush=True)
+    print_table(rows, bandwidth)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"meta": meta, "rows": [asdict(r) for r in rows]}, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

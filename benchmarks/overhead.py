@@ -1,0 +1,112 @@
+"""The harness's own cost: one config, decoded bare vs with trackers vs with trackers + sampler.
+
+- bare: `HFEngine.decode` with one synchronisation at the end (no per-step timestamps);
+- trackers: `HFEngine.run_batch` (a device sync + clock read after every step: TTFT/TPOT);
+- sampler: trackers inside `ResourceSampler` (NVML + RSS every 25 ms, allocator peaks).
+Variants are interleaved round by round (order rotated) so drift hits all alike; the figure is
+the ratio of median decode throughputs. Usage:
+
+    python -m benchmarks.overhead --preset glm-1b --batch 16 --rounds 8 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from runners.base import resolve_device
+from runners.glm.engine import HFEngine
+from runners.glm.model import build_model, resolve_dtype
+from runners.infer import PromptBank
+from runners.monitor import ResourceSampler
+from runners.scheduler import RealClock
+from runners.workload import Request
+
+
+def build_engine(preset: str, device: str, seed: int = 0) -> HFEngine:
+    spec = {"preset": preset}
+    model = build_model(spec, resolve_dtype(spec, {}, device), device, seed)
+    return HFEngine(model, device, "dynamic", 4, PromptBank(model.config.vocab_size, seed, 0))
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def variants(engine: HFEngine, requests: list[Request]) -> dict[str, Callable[[], float]]:
+    """name -> a function that decodes the batch once and returns its wall seconds."""
+    prompts = [engine.prompt_fn(r) for r in requests]
+    new_tokens = requests[0].output_tokens
+    device = engine.device
+
+    def bare() -> float:
+        t0 = time.perf_counter()
+        for _ in engine.decode(prompts, new_tokens):
+            pass
+        _sync(device)
+        return time.perf_counter() - t0
+
+    def trackers() -> float:
+        t0 = time.perf_counter()
+        engine.run_batch(requests, RealClock())
+        return time.perf_counter() - t0
+
+    def sampler() -> float:
+        with ResourceSampler(device):
+            return trackers()
+
+    return {"bare": bare, "trackers": trackers, "sampler": sampler}
+
+
+def measure(engine: HFEngine, batch: int, prompt_tokens: int, output_tokens: int, rounds: int
+            ) -> dict[str, Any]:
+    requests = [Request(i, 0.0, prompt_tokens, output_tokens) for i in range(batch)]
+    runs = variants(engine, requests)
+    names = list(runs)
+    for name in names:  # warm-up: allocator, kernels, NVML init
+        runs[name]()
+    tok_s: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            tok_s[name].append(batch * output_tokens / runs[name]())
+    median = {name: statistics.median(v) for name, v in tok_s.items()}
+    return {
+        "tok_s": tok_s,
+        "median_tok_s": median,
+        "overhead_trackers": 1 - median["trackers"] / median["bare"],
+        "overhead_sampler": 1 - median["sampler"] / median["trackers"],
+        "overhead_total": 1 - median["sampler"] / median["bare"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="glm-tiny")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--output-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--json", default="")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    engine = build_engine(args.preset, device)
+    result = {"preset": args.preset, "device": device, "batch": args.batch,
+              "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens,
+              **measure(engine, args.batch, args.prompt_tokens, args.output_tokens, args.rounds)}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as handle:
+            handle.write(text)
+
+
+if __name__ == "__main__":
+    main()

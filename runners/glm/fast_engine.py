@@ -1,0 +1,333 @@
+"""The fast decode path: static KV buffers, one compiled layer graph, CUDA-graph replay per step.
+
+Design (numbers and reasoning in benchmarks/NOTES-issue3.md):
+- Shapes are bucketed: batch padded to a power of two, cache length to a power of two
+  (>= 256). Each (batch, length) bucket owns its KV buffers and one captured CUDA graph of the
+  whole decode step (embedding, 40 layers, final norm, lm_head, greedy argmax, position
+  update), so a step is one `graph.replay()` with no host round-trip.
+- `torch.compile(layer_forward, fullgraph=True)`: the layer is a pure function of tensors,
+  so one compiled graph per bucket serves every layer (compile time does not grow with
+  depth, unlike compiling the unrolled model). CUDA graphs are captured by hand around it,
+  which is what `mode="reduce-overhead"` would do, but once per bucket, up front.
+- Compile and capture run in `prepare()` (set-up), never inside a measured window; their
+  time is reported as `compile_s`.
+- Prefill runs eagerly (its shape varies with the prompt) and writes the same buffers.
+- Optional prefix cache: KV of shared prompt prefixes kept across requests (L1 device, L2
+  host memory, LRU/LFU under a byte budget), so a hit skips those prefill tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from runners.contract import InfeasibleConfig
+from runners.glm.fast_model import FastGlm, LayerFn, attention_bias, layer_forward
+from runners.glm.model import model_info
+from runners.glm.prefix_cache import TieredPrefixCache
+from runners.scheduler import Clock
+from runners.workload import Request
+
+PromptFn = Callable[[Request], list[int]]
+PrefixLenFn = Callable[[Request], int]
+MIN_LENGTH_BUCKET = 256
+PREFIX_L2_FACTOR = 4  # host-memory tier holds this many times the device budget
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+    """The smallest power of two >= max(n, minimum)."""
+    n = max(int(n), minimum)
+    return 1 << (n - 1).bit_length()
+
+
+@dataclass
+class DecodeSlot:
+    """Static buffers of one (batch, length) bucket, and its captured step."""
+
+    batch: int
+    length: int
+    k: list[torch.Tensor]  # per layer [B, Hkv, L, D]
+    v: list[torch.Tensor]
+    tok: torch.Tensor  # [B, 1] next input token
+    rope_pos: torch.Tensor  # [B, 1] its rotary position (left padding shifts it)
+    slot: torch.Tensor  # [1] cache slot it is written to (same for the whole batch)
+    pad_len: torch.Tensor  # [B] left-padding width of each row
+    logits: torch.Tensor  # [B, V] logits of the last step
+    graph: Any = None  # torch.cuda.CUDAGraph once captured
+
+
+def _configure_inductor() -> None:
+    """Settings for the compiled layer, set explicitly so no earlier trial's leak changes them."""
+    import torch._dynamo
+    import torch._inductor.config as inductor
+
+    # Batch-1 matmuls become fused reductions tuned for bandwidth (and int8 dequant fuses in);
+    # without this, M=1 goes to a generic GEMM and int8 weights are materialised as bf16.
+    inductor.coordinate_descent_tuning = True
+    inductor.coordinate_descent_check_all_directions = True
+    inductor.triton.unique_kernel_names = True
+    inductor.fx_graph_cache = True
+    # One recompile per (batch, length) bucket is expected; keep them all.
+    torch._dynamo.config.cache_size_limit = 256
+    if hasattr(torch._dynamo.config, "recompile_limit"):
+        torch._dynamo.config.recompile_limit = 256
+
+
+class FastEngine:
+    """Engine protocol (`device`, `run_batch`, `counters`) over `FastGlm` with a static KV cache."""
+
+    def __init__(self, model: FastGlm, device: str, compile_step: bool) -> None:
+        self.model = model
+        self.device = device
+        self.use_graphs = device.startswith("cuda")
+        self.compiled = bool(compile_step and self.use_graphs)
+        if compile_step and not self.use_graphs:
+            raise InfeasibleConfig("compile=true captures the decode step in CUDA graphs; this device has "
+                                   "none (on CPU the static-cache engine runs eager with compile=false)")
+        self.compile_error = ""
+        self._layer_fn: LayerFn = layer_forward
+        if self.compiled:
+            _configure_inductor()
+            self._layer_fn = torch.compile(layer_forward, fullgraph=True, dynamic=False)
+        self._slots: dict[tuple[int, int], DecodeSlot] = {}
+        self._graph_pool: Any = None
+        self.compile_s = 0.0
+        self.pad_id = int(model.config.pad_token_id or 0)
+        info = model_info(model)
+        self._weight_bytes_per_step = info.decode_weight_bytes
+        self._kv_bytes_per_token = info.kv_bytes_per_token
+        self._flops_per_token = 2 * (info.params - model.get_input_embeddings().weight.numel())
+        self.begin_trial(lambda r: [], None, "off", 0)
+
+    # --- per trial --------------------------------------------------------------------------
+    def begin_trial(self, prompt_fn: PromptFn, prefix_len_fn: PrefixLenFn | None, prefix_policy: str,
+                    prefix_budget_mib: float) -> None:
+        """Fresh counters and an empty prefix cache; the compiled graphs are kept."""
+        self.prompt_fn = prompt_fn
+        self.prefix_len_fn = prefix_len_fn
+        self._counts = {"decode_steps": 0.0, "tokens": 0.0, "bytes_read": 0.0, "flops": 0.0}
+        self.prefix_cache: TieredPrefixCache[torch.Tensor] | None = None
+        if prefix_policy != "off":
+            l1 = int(float(prefix_budget_mib) * 2**20)
+            self.prefix_cache = TieredPrefixCache(
+                l1, PREFIX_L2_FACTOR * l1, prefix_policy,
+                to_l1=lambda t: t.to(self.device, non_blocking=True),
+                to_l2=lambda t: t.to("cpu"))
+
+    def counters(self) -> dict[str, float]:
+        return dict(self._counts)
+
+    # --- buckets, compile, capture -----------------------------------------------------------
+    def prepare(self, max_batch: int, max_len: int, batches: Sequence[int] | None = None) -> float:
+        """Compile and capture every batch bucket up to `max_batch` at `max_len`; returns seconds."""
+        start = time.perf_counter()
+        sizes = batches or [1 << i for i in range(bucket(max_batch).bit_length())]
+        for size in sizes:
+            self._slot_for(size, max_len)
+        return time.perf_counter() - start
+
+    def _slot_for(self, batch: int, length: int) -> DecodeSlot:
+        key = (bucket(batch), bucket(length, MIN_LENGTH_BUCKET))
+        slot = self._slots.get(key)
+        if slot is None:
+            t0 = time.perf_counter()
+            slot = self._allocate(*key)
+            if self.use_graphs:
+                self._capture(slot)
+            self._slots[key] = slot
+            self.compile_s += time.perf_counter() - t0
+        return slot
+
+    @torch.inference_mode(False)  # normal tensors: updated both inside and outside inference mode
+    def _allocate(self, batch: int, length: int) -> DecodeSlot:
+        cfg, dims, dev = self.model.config, self.model.dims, self.model.device
+        shape = (batch, dims.num_kv_heads, length, dims.head_dim)
+        # Zeros, not empty: masked slots are multiplied by zero weights, and garbage NaN would survive.
+        ks = [torch.zeros(shape, dtype=self.model.dtype, device=dev) for _ in range(cfg.num_hidden_layers)]
+        vs = [torch.zeros(shape, dtype=self.model.dtype, device=dev) for _ in range(cfg.num_hidden_layers)]
+        zeros = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+        logits = torch.zeros(batch, cfg.vocab_size, dtype=self.model.dtype, device=dev)
+        return DecodeSlot(batch, length, ks, vs, zeros.clone(), zeros.clone(),
+                          torch.zeros(1, dtype=torch.long, device=dev), zeros[:, 0].clone(), logits)
+
+    @torch.inference_mode()
+    def _decode_step(self, s: DecodeSlot) -> None:
+        """One greedy step on the bucket's buffers; every update stays on the device."""
+        bias = attention_bias(s.slot, s.pad_len, s.length, self.model.dtype)
+        h = self.model.run_layers(s.tok, s.rope_pos, s.slot, bias, s.k, s.v, s.length, self._layer_fn)
+        logits = self.model.lm_head(h[:, -1])  # [B, V]
+        s.logits.copy_(logits)
+        s.tok.copy_(logits.argmax(-1, keepdim=True))
+        s.rope_pos.add_(1)
+        s.slot.add_(1)
+
+    def _capture(self, s: DecodeSlot) -> None:
+        # Warm up on a side stream first (compiles, autotunes, allocates), as CUDA graph
+        # capture requires; the garbage written to the buffers is overwritten by each prefill.
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        try:
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._decode_step(s)
+        except Exception as exc:  # noqa: BLE001 - compile failed: report it and run eager
+            if not self.compiled:
+                raise
+            self.compile_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            self.compiled = False
+            self._layer_fn = layer_forward
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._decode_step(s)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            self._decode_step(s)
+        self._graph_pool = graph.pool()
+        s.graph = graph
+
+    def step(self, s: DecodeSlot) -> None:
+        if s.graph is not None:
+            s.graph.replay()
+        else:
+            self._decode_step(s)
+
+    # --- serving -----------------------------------------------------------------------------
+    def run_batch(self, requests: Sequence[Request], clock: Clock) -> list[float]:
+        prompts = [self.prompt_fn(r) for r in requests]
+        prefix_lens = [self.prefix_len_fn(r) if self.prefix_len_fn else 0 for r in requests]
+        new_tokens = max(r.output_tokens for r in requests)
+        times = []
+        for _ in self.decode(prompts, new_tokens, prefix_lens):
+            if self.use_graphs:
+                torch.cuda.synchronize(self.device)  # the token exists only once the device is done
+            times.append(clock.now())
+        self._count(len(prompts), max(len(p) for p in prompts), new_tokens)
+        return times
+
+    def _count(self, batch: int, prompt_len: int, new_tokens: int) -> None:
+        kv_positions = batch * (prompt_len * new_tokens + new_tokens * (new_tokens - 1) // 2)
+        c = self._counts
+        c["decode_steps"] += new_tokens
+        c["tokens"] += batch * new_tokens
+        c["bytes_read"] += new_tokens * self._weight_bytes_per_step + kv_positions * self._kv_bytes_per_token
+        c["flops"] += self._flops_per_token * batch * (prompt_len + new_tokens - 1)
+
+    def decode(self, prompts: list[list[int]], new_tokens: int,
+               prefix_lens: Sequence[int] | None = None) -> Any:
+        """Greedy generation; yields each step's tokens [B, 1] (prefill's first)."""
+        s = self.start(prompts, new_tokens, prefix_lens)
+        rows = len(prompts)
+        yield s.tok[:rows].clone()
+        for _ in range(new_tokens - 1):
+            self.step(s)
+            yield s.tok[:rows].clone()
+
+    @torch.inference_mode()
+    def start(self, prompts: list[list[int]], new_tokens: int,
+              prefix_lens: Sequence[int] | None = None) -> DecodeSlot:
+        """Pick the bucket, prefill the prompts into it; its `tok` then holds the first token."""
+        width = max(len(p) for p in prompts)
+        s = self._slot_for(len(prompts), width + new_tokens)
+        ids, pad = self._left_pad(prompts, s.batch)
+        start = self._reuse_prefixes(s, prompts, pad, prefix_lens) if self.prefix_cache else 0
+        self.prefill(s, ids, pad, start)
+        if self.prefix_cache:
+            self._store_prefixes(s, prompts, pad, prefix_lens)
+        return s
+
+    def _left_pad(self, prompts: list[list[int]], batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, W] ids and [B] pad widths; rows past the real prompts are filler (one pad token)."""
+        width = max(len(p) for p in prompts)
+        ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
+        pad = torch.full((batch,), width - 1, dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+            pad[row] = width - len(prompt)
+        return ids.to(self.model.device), pad.to(self.model.device)
+
+    @torch.inference_mode()
+    def prefill(self, s: DecodeSlot, ids: torch.Tensor, pad: torch.Tensor, start: int = 0,
+                all_logits: bool = False) -> torch.Tensor:
+        """Run slots [start, W) of the left-padded prompts eagerly; slots < start are already cached.
+
+        Returns the logits of the last position, [B, V] (every computed position if `all_logits`).
+        """
+        width = ids.shape[1]
+        positions = torch.arange(width, device=ids.device)
+        rope_pos = (positions[None] - pad[:, None]).clamp(min=0)  # [B, W]
+        slots = positions[start:]
+        bias = attention_bias(slots, pad, width, self.model.dtype)
+        h = self.model.run_layers(ids[:, start:], rope_pos[:, start:], slots, bias, s.k, s.v, width)
+        logits = self.model.lm_head(h if all_logits else h[:, -1])
+        last = logits[:, -1] if all_logits else logits
+        s.tok.copy_(last.argmax(-1, keepdim=True))
+        s.logits.copy_(last)
+        s.rope_pos.copy_(rope_pos[:, -1:] + 1)
+        s.slot.fill_(width)
+        s.pad_len.copy_(pad)
+        return logits
+
+    # --- prefix cache ------------------------------------------------------------------------
+    def _reuse_prefixes(self, s: DecodeSlot, prompts: list[list[int]], pad: torch.Tensor,
+                        prefix_lens: Sequence[int] | None) -> int:
+        """Copy cached prefix KV into the rows; returns the first slot prefill must compute.
+
+        One batched prefill starts at the same slot for every row, so it can skip only what
+        every row has cached: a miss in the batch limits what the hits save.
+        """
+        assert self.prefix_cache is not None
+        width = max(len(p) for p in prompts)
+        pads = pad.tolist()
+        covered = []
+        for row, prompt in enumerate(prompts):
+            length = (prefix_lens or [0] * len(prompts))[row]
+            hit = self.prefix_cache.lookup(tuple(prompt[:length])) if length > 0 else None
+            if hit is not None:
+                self._write_prefix(s, row, pads[row], hit)
+            covered.append(pads[row] + (length if hit is not None else 0))
+        start = min(min(covered), width - 1)  # the last prompt token always runs: its logits
+        self.prefix_cache.stats.tokens_reused += sum(max(0, start - p) for p in pads[:len(prompts)])
+        return start
+
+    def _write_prefix(self, s: DecodeSlot, row: int, pad: int, kv: torch.Tensor) -> None:
+        # kv: [layers, 2, Hkv, P, D]
+        length = kv.shape[3]
+        for layer in range(len(s.k)):
+            s.k[layer][row, :, pad:pad + length] = kv[layer, 0]
+            s.v[layer][row, :, pad:pad + length] = kv[layer, 1]
+
+    def _store_prefixes(self, s: DecodeSlot, prompts: list[list[int]], pad: torch.Tensor,
+                        prefix_lens: Sequence[int] | None) -> None:
+        assert self.prefix_cache is not None
+        pads = pad.tolist()
+        for row, prompt in enumerate(prompts):
+            length = (prefix_lens or [0] * len(prompts))[row]
+            key = tuple(prompt[:length])
+            if length <= 0 or key in self.prefix_cache.l1:
+                continue
+            p = pads[row]
+            kv = torch.stack([torch.stack([k[row, :, p:p + length], v[row, :, p:p + length]])
+                              for k, v in zip(s.k, s.v)])
+            self.prefix_cache.insert(key, kv, kv.numel() * kv.element_size())
+
+    # --- quality through this engine's cache path --------------------------------------------
+    @torch.inference_mode()
+    def teacher_forced_log_probs(self, ids: torch.Tensor, prefill_tokens: int) -> torch.Tensor:
+        """Log-probs [N, T, V] (float32): first `prefill_tokens` prefilled, the rest decoded
+        one token at a time through the same step (graph) that serving uses."""
+        rows, total = ids.shape
+        s = self._slot_for(rows, total)
+        filler = torch.full((s.batch - rows, prefill_tokens), self.pad_id, dtype=torch.long, device=ids.device)
+        head = torch.cat([ids[:, :prefill_tokens], filler])
+        pad = torch.zeros(s.batch, dtype=torch.long, device=ids.device)
+        pad[rows:] = prefill_tokens - 1
+        outputs = [self.prefill(s, head, pad, all_logits=True)[:rows].float()]
+        for t in range(prefill_tokens, total):
+            s.tok[:rows, 0] = ids[:, t]
+            self.step(s)
+            outputs.append(s.logits[:rows, None].to(torch.float32, copy=True))  # the buffer is reused
+        return torch.log_softmax(torch.cat(outputs, dim=1), dim=-1)

@@ -1,0 +1,207 @@
+"""A compact PyTorch-native GLM decoder over a preallocated (static) KV cache.
+
+Why not transformers' modeling on the hot path: measured on an H200 (TECH.md), its compiled
+static-cache decode spends ~2.8 ms of a 7 ms batch-1 step on things other than weight traffic
+(separate q/k/v launches, per-step mask construction, attention over the whole cache). This
+module keeps the same weights and the same arithmetic (transformers' RMSNorm, its interleaved
+partial-rotary `apply_rotary_pos_emb`, fp32 softmax) but
+
+- fuses q/k/v into one Linear (one launch, one weight stream),
+- writes K/V straight into caller-owned buffers at given slots (no Cache object),
+- is a pure function per layer of tensors only, so *one* compiled graph serves all layers
+  (compile time does not grow with depth) and the whole step can be captured in a CUDA graph.
+
+Verified token-identical (greedy) and logit-close to `GlmForCausalLM` in tests/test_glm_stack.py.
+Compression (torchao quantisation, sparsity) is applied to this module's Linear layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.glm.modeling_glm import apply_rotary_pos_emb
+
+# A layer's tensors in a fixed order; None where the architecture has no such tensor.
+LayerTensors = tuple[Any, ...]
+LayerFn = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Dims:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    eps: float
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' GlmRMSNorm, op for op (fp32 statistics, weight applied in the input dtype)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def grouped_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      bias: torch.Tensor, attend_len: int) -> torch.Tensor:
+    """GQA without repeating K/V: each KV head's group of query heads shares one matmul.
+
+    q: [B, Hq, S, D]; k_cache/v_cache: [B, Hkv, L, D]; bias: [B, 1, 1, S, attend_len] additive.
+    Returns [B, Hq, S, D]. Only the first `attend_len` cache slots are read.
+    """
+    batch, heads, seq, head_dim = q.shape
+    kv_heads = k_cache.shape[1]
+    k = k_cache[:, :, :attend_len]
+    v = v_cache[:, :, :attend_len]
+    qg = q.reshape(batch, kv_heads, (heads // kv_heads) * seq, head_dim)  # [B, Hkv, G*S, D]
+    scores = torch.matmul(qg, k.transpose(-1, -2)) * head_dim**-0.5  # [B, Hkv, G*S, L]
+    scores = scores.view(batch, kv_heads, heads // kv_heads, seq, attend_len) + bias
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    out = torch.matmul(probs.view(batch, kv_heads, -1, attend_len), v)  # [B, Hkv, G*S, D]
+    return out.view(batch, heads, seq, head_dim)
+
+
+def layer_forward(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
+                  bias: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  weights: LayerTensors, dims: Dims, attend_len: int) -> torch.Tensor:
+    """One GLM decoder layer; writes this step's K/V into the caches at `slots`.
+
+    h: [B, S, H]; cos/sin: [B, S, rotary]; slots: [S] cache positions of the S new tokens.
+    """
+    (w_in, w_qkv, b_qkv, w_o, w_post_attn_out, w_post_attn, w_gate_up, w_down, w_post_mlp) = weights
+    batch, seq, _ = h.shape
+    d, hq, hkv = dims.head_dim, dims.num_heads, dims.num_kv_heads
+    qkv = F.linear(rms_norm(h, w_in, dims.eps), w_qkv, b_qkv)
+    q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+    q = q.view(batch, seq, hq, d).transpose(1, 2)  # [B, Hq, S, D]
+    k = k.view(batch, seq, hkv, d).transpose(1, 2)  # [B, Hkv, S, D]
+    v = v.view(batch, seq, hkv, d).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    # Index assignment (index_put_) is what Inductor re-inplaces into the cache buffer;
+    # an out-of-place update would copy the whole cache every step.
+    k_cache[:, :, slots] = k
+    v_cache[:, :, slots] = v
+    attn = grouped_attention(q, k_cache, v_cache, bias, attend_len)
+    attn_out = F.linear(attn.transpose(1, 2).reshape(batch, seq, hq * d), w_o)
+    if w_post_attn_out is not None:  # GLM-4-0414 post-norm
+        attn_out = rms_norm(attn_out, w_post_attn_out, dims.eps)
+    h = h + attn_out
+    gate, up = F.linear(rms_norm(h, w_post_attn, dims.eps), w_gate_up).chunk(2, dim=-1)
+    mlp_out = F.linear(up * F.silu(gate), w_down)
+    if w_post_mlp is not None:
+        mlp_out = rms_norm(mlp_out, w_post_mlp, dims.eps)
+    return h + mlp_out
+
+
+class FastLayer(nn.Module):
+    """The tensors of one decoder layer, q/k/v fused."""
+
+    def __init__(self, hf_layer: nn.Module) -> None:
+        super().__init__()
+        attn = hf_layer.self_attn
+        self.input_norm = hf_layer.input_layernorm.weight
+        self.qkv_proj = _fused_linear([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.o_proj = attn.o_proj
+        self.post_attention_norm = hf_layer.post_attention_layernorm.weight
+        self.gate_up_proj = hf_layer.mlp.gate_up_proj
+        self.down_proj = hf_layer.mlp.down_proj
+        post_attn = getattr(hf_layer, "post_self_attn_layernorm", None)
+        post_mlp = getattr(hf_layer, "post_mlp_layernorm", None)
+        self.post_self_attn_norm = post_attn.weight if post_attn is not None else None
+        self.post_mlp_norm = post_mlp.weight if post_mlp is not None else None
+
+    def tensors(self) -> LayerTensors:
+        # Read at call time: quantisation swaps a Linear's weight for a tensor subclass.
+        return (self.input_norm, self.qkv_proj.weight, self.qkv_proj.bias, self.o_proj.weight,
+                self.post_self_attn_norm, self.post_attention_norm, self.gate_up_proj.weight,
+                self.down_proj.weight, self.post_mlp_norm)
+
+
+def _fused_linear(parts: list[nn.Linear]) -> nn.Linear:
+    weight = torch.cat([p.weight.detach() for p in parts], dim=0)
+    has_bias = parts[0].bias is not None
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if has_bias:
+        fused.bias = nn.Parameter(torch.cat([p.bias.detach() for p in parts]), requires_grad=False)
+    return fused
+
+
+class FastGlm(nn.Module):
+    """GLM / GLM-4-0414 decode module sharing (not copying) transformers' weights, q/k/v fused.
+
+    Building it takes the q/k/v projections out of `hf_model`'s layers (to avoid holding two
+    copies of them); the transformers model must not be used afterwards.
+    """
+
+    def __init__(self, hf_model: nn.Module) -> None:
+        super().__init__()
+        cfg = hf_model.config
+        self.config = cfg
+        base = hf_model.model
+        self.embed_tokens = base.embed_tokens
+        self.layers = nn.ModuleList()
+        for hf_layer in base.layers:
+            self.layers.append(FastLayer(hf_layer))
+            for name in ("q_proj", "k_proj", "v_proj"):
+                setattr(hf_layer.self_attn, name, None)  # free the unfused copies
+        self.final_norm = base.norm.weight
+        self.lm_head = hf_model.lm_head
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.dims = Dims(cfg.num_attention_heads, cfg.num_key_value_heads, head_dim, float(cfg.rms_norm_eps))
+        self._rotary = base.rotary_emb
+        self.cos_table, self.sin_table = self._rope_table(int(cfg.max_position_embeddings))
+        self.requires_grad_(False)
+
+    @torch.no_grad()
+    def _rope_table(self, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # transformers' own rotary module, evaluated once for every position: [P, rotary].
+        weight = self.final_norm
+        ids = torch.arange(positions, device=weight.device)[None]
+        cos, sin = self._rotary(weight[None, None], ids)
+        return cos[0].to(weight.dtype), sin[0].to(weight.dtype)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    @property
+    def device(self) -> torch.device:
+        return self.final_norm.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.final_norm.dtype
+
+    def run_layers(self, tokens: torch.Tensor, rope_pos: torch.Tensor, slots: torch.Tensor,
+                   bias: torch.Tensor, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
+                   attend_len: int, layer_fn: LayerFn = layer_forward) -> torch.Tensor:
+        """Hidden states after the final norm, [B, S, H]; fills the caches at `slots`.
+
+        tokens/rope_pos: [B, S]; bias: [B, 1, 1, S, attend_len] (0 or a large negative).
+        """
+        h = self.embed_tokens(tokens)
+        cos, sin = self.cos_table[rope_pos], self.sin_table[rope_pos]
+        for layer, k_cache, v_cache in zip(self.layers, k_caches, v_caches):
+            h = layer_fn(h, cos, sin, slots, bias, k_cache, v_cache, layer.tensors(), self.dims, attend_len)
+        return rms_norm(h, self.final_norm, self.dims.eps)
+
+
+def attention_bias(query_slots: torch.Tensor, pad_len: torch.Tensor, attend_len: int,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask [B, 1, 1, S, attend_len]: causal, left padding hidden.
+
+    A padded query row may still see its own slot, so no softmax row is empty (an all-masked row
+    would give NaN K/V at pad slots, and NaN times a zero weight is still NaN later).
+    """
+    keys = torch.arange(attend_len, device=query_slots.device)  # [L]
+    q = query_slots[None, :, None]  # [1, S, 1]
+    visible = (keys <= q) & ((keys >= pad_len[:, None, None]) | (keys == q))  # [B, S, L]
+    bias = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+    bias = bias.masked_fill(~visible, torch.finfo(dtype).min)
+    return bias[:, None, None]

@@ -1,0 +1,1 @@
+"""Bundled search-space files (YAML), found by name: `autoglm-tune --space batch_quant`."""

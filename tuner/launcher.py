@@ -1,0 +1,174 @@
+"""Run one trial in a child process and classify what happened.
+
+ok          the runner measured the config
+infeasible  a deterministic, config-caused failure (OOM, a knob this device cannot run)
+fail        infrastructure: the child crashed, hung past its timeout, or wrote no result
+
+The child is `python -m runners.child`; the tuner never imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Literal
+
+from runners.contract import TrialConfig, TrialResult
+
+STDERR_TAIL_CHARS = 4000
+
+
+@dataclass
+class LaunchOutcome:
+    state: Literal["ok", "infeasible", "fail"]
+    result: TrialResult | None
+    reason: str = ""
+    stderr_tail: str = ""
+    wall_s: float = 0.0
+
+
+def _tail(path: Path, start: int = 0) -> str:
+    try:
+        with path.open("rb") as handle:
+            handle.seek(max(start, path.stat().st_size - STDERR_TAIL_CHARS))
+            return handle.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def _read_result(result_path: Path) -> TrialResult | None:
+    if not result_path.exists():
+        return None
+    return TrialResult.from_dict(json.loads(result_path.read_text()))
+
+
+def _classify(result: TrialResult | None, returncode: int | None, stderr: str, wall_s: float) -> LaunchOutcome:
+    if result is not None:
+        state = "ok" if result.status == "ok" else "infeasible"
+        return LaunchOutcome(state, result, result.reason, stderr, wall_s)
+    if returncode is not None and returncode < 0:
+        name = signal.Signals(-returncode).name
+        hint = " (the kernel's OOM killer sends SIGKILL)" if name == "SIGKILL" else ""
+        reason = f"runner killed by {name}{hint}"
+    else:
+        last = [line for line in stderr.strip().splitlines() if line.strip()]
+        reason = f"runner crashed (exit {returncode}): {last[-1] if last else 'no output'}"
+    return LaunchOutcome("fail", None, reason, stderr, wall_s)
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # The child must import this checkout's packages even when the CLI runs from elsewhere.
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+class ProcessLauncher:
+    """A fresh child process per trial: the cleanest measurement (memory starts from zero)."""
+
+    def __init__(self, timeout_s: float, python: str = sys.executable) -> None:
+        self.timeout_s = timeout_s
+        self.python = python
+
+    def run(self, config: TrialConfig, workdir: Path) -> LaunchOutcome:
+        workdir.mkdir(parents=True, exist_ok=True)
+        config_path, result_path, stderr_path = (workdir / "config.json", workdir / "result.json",
+                                                 workdir / "stderr.log")
+        config_path.write_text(config.to_json())
+        result_path.unlink(missing_ok=True)
+        start = time.perf_counter()
+        with stderr_path.open("wb") as stderr:
+            proc = subprocess.Popen(
+                [self.python, "-m", "runners.child", str(config_path), str(result_path)],
+                stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr, env=_child_env(),
+                start_new_session=True)  # own process group: a timeout kills its helpers too
+            try:
+                returncode = proc.wait(timeout=self.timeout_s)
+            except subprocess.TimeoutExpired:
+                _kill_group(proc)
+                return LaunchOutcome("fail", None, f"runner hung: no result after {self.timeout_s:.0f} s",
+                                     _tail(stderr_path), time.perf_counter() - start)
+        wall_s = time.perf_counter() - start
+        return _classify(_read_result(result_path), returncode, _tail(stderr_path), wall_s)
+
+    def close(self) -> None:
+        """Nothing stays running between trials."""
+
+
+class WarmLauncher:
+    """One long-lived child (`runners.child --serve`) that keeps built models between trials.
+
+    Restarted after a crash, a hang or an out-of-memory trial, so one bad config cannot
+    poison the measurements of the next.
+    """
+
+    def __init__(self, timeout_s: float, stderr_path: Path, python: str = sys.executable) -> None:
+        self.timeout_s = timeout_s
+        self.python = python
+        self.stderr_path = stderr_path
+        self._proc: subprocess.Popen | None = None
+        self._stderr: IO[bytes] | None = None
+
+    def _start(self) -> subprocess.Popen:
+        if self._proc is None or self._proc.poll() is not None:
+            self.stderr_path.parent.mkdir(parents=True, exist_ok=True)
+            self._stderr = self.stderr_path.open("ab")
+            self._proc = subprocess.Popen(
+                [self.python, "-m", "runners.child", "--serve"], stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=self._stderr, env=_child_env(), start_new_session=True)
+        return self._proc
+
+    def run(self, config: TrialConfig, workdir: Path) -> LaunchOutcome:
+        if float(config.knobs.get("memory_limit_mib", 0) or 0) > 0:
+            # A memory cap is applied to the whole process and cannot be lifted again.
+            return ProcessLauncher(self.timeout_s, self.python).run(config, workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        config_path, result_path = workdir / "config.json", workdir / "result.json"
+        config_path.write_text(config.to_json())
+        result_path.unlink(missing_ok=True)
+        proc = self._start()
+        offset = self.stderr_path.stat().st_size
+        start = time.perf_counter()
+        proc.stdin.write((json.dumps({"config": str(config_path), "result": str(result_path)}) + "\n").encode())
+        proc.stdin.flush()
+        ready, _, _ = select.select([proc.stdout], [], [], self.timeout_s)
+        line = proc.stdout.readline() if ready else b""
+        wall_s = time.perf_counter() - start
+        if not ready:
+            self.close()
+            return LaunchOutcome("fail", None, f"runner hung: no result after {self.timeout_s:.0f} s",
+                                 _tail(self.stderr_path, offset), wall_s)
+        if not line:  # the child died mid-trial
+            returncode = proc.wait()
+            self._proc = None
+            return _classify(None, returncode, _tail(self.stderr_path, offset), wall_s)
+        outcome = _classify(_read_result(result_path), None, _tail(self.stderr_path, offset), wall_s)
+        if outcome.state == "infeasible" and outcome.reason.startswith("out of memory"):
+            self.close()
+        return outcome
+
+    def close(self) -> None:
+        if self._proc is not None:
+            if self._proc.poll() is None:
+                _kill_group(self._proc)
+            self._proc = None
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None

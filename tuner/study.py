@@ -1,0 +1,293 @@
+"""Run (or resume) an Optuna study over a validated space.
+
+The loop is ask -> launch the runner in a child process -> tell, so every outcome becomes
+data: measured trials are COMPLETE, config failures COMPLETE-but-infeasible, crashes and hangs
+FAIL. The trial budget is the study's total; a re-run does only what is missing.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import psutil
+from optuna.trial import TrialState
+
+from runners.contract import TrialConfig
+from runners.knobs import RUNNER_KNOBS
+from tuner.errors import UsageError
+from tuner.launcher import LaunchOutcome, ProcessLauncher, WarmLauncher
+from tuner.progress import Progress
+from tuner.space import Space, grid_values, validate
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+# set_metric_names is stable in practice; its "experimental" warning would only add noise.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+@dataclass
+class RunOptions:
+    storage_url: str
+    out_dir: Path
+    quiet: bool = False
+    warm: bool = False
+    worker: dict[str, Any] = field(default_factory=dict)  # e.g. {"gpu": "1"} for issue-8 workers
+
+
+@dataclass
+class RunSummary:
+    study: str
+    ran: int
+    counted: int
+    budget: int
+    feasible_pareto: int
+    timed_out: bool
+
+
+# ---------------------------------------------------------------- samplers and studies
+
+
+def make_sampler(space: Space) -> optuna.samplers.BaseSampler:
+    search = space.search
+    seed = search.seed
+    startup = search.n_startup_trials or min(10, max(2, search.trials // 3))
+    name = search.sampler
+    if name in ("auto", "tpe"):
+        # Multivariate TPE models the knobs jointly (batch size and quant bits interact).
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True,
+                                          constant_liar=True)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(50, search.trials // 4)))
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    grid = {n: grid_values(p) for n, p in space.params.items()}
+    return optuna.samplers.GridSampler(grid, seed=seed)
+
+
+def open_study(space: Space, storage: optuna.storages.BaseStorage) -> optuna.Study:
+    directions = [o.direction for o in space.objectives]
+    study = optuna.create_study(study_name=space.study, storage=storage, directions=directions,
+                                sampler=make_sampler(space), load_if_exists=True)
+    stored = [d.name.lower() for d in study.directions]
+    if stored != directions:
+        raise UsageError(f"study {space.study!r} already exists with directions {stored}; "
+                         f"the space asks {directions} (use another --study name)")
+    stored_metrics = study.metric_names
+    names = [o.metric for o in space.objectives]
+    if stored_metrics and stored_metrics != names:
+        raise UsageError(f"study {space.study!r} already exists with objectives {stored_metrics}; "
+                         f"the space asks {names} (use another --study name)")
+    if not stored_metrics:
+        study.set_metric_names(names)
+        study.set_user_attr("space", space.raw)
+        study.set_user_attr("space_source", space.source)
+        study.set_user_attr("runner", space.runner)
+        study.set_user_attr("constraints", [_constraint_dict(c) for c in space.constraints])
+    return study
+
+
+def space_from_study(study: optuna.Study) -> Space:
+    """The space a study was created with (for workers joining it)."""
+    raw = study.user_attrs.get("space")
+    if not raw:
+        raise UsageError(f"study {study.study_name!r} was not created by autoglm-tune (no stored space)")
+    return validate(raw, source=f"study {study.study_name}", default_study=study.study_name)
+
+
+def _constraint_dict(c: Any) -> dict[str, Any]:
+    return {k: v for k, v in (("metric", c.metric), ("max", c.max), ("min", c.min)) if v is not None}
+
+
+# ---------------------------------------------------------------- budget, baseline, recovery
+
+
+def owner_identity() -> dict[str, Any]:
+    proc = psutil.Process()
+    return {"host": socket.gethostname(), "pid": os.getpid(), "pid_started": proc.create_time()}
+
+
+def _owner_alive(owner: dict[str, Any]) -> bool:
+    try:
+        proc = psutil.Process(int(owner["pid"]))
+        return abs(proc.create_time() - float(owner["pid_started"])) < 1.0
+    except (psutil.NoSuchProcess, KeyError, ValueError, TypeError):
+        return False
+
+
+def counted_trials(study: optuna.Study) -> int:
+    """Trials that used budget: finished ones (not interrupted) plus those running now."""
+    count = 0
+    for t in study.get_trials(deepcopy=False):
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING):
+            count += 1
+        elif t.state == TrialState.FAIL and not t.user_attrs.get("interrupted"):
+            count += 1
+    return count
+
+
+def recover_stale_trials(study: optuna.Study, progress: Progress) -> int:
+    """Trials left RUNNING by a dead process on this host become FAIL and are queued again.
+
+    Journal and SQLite storages have no heartbeat, so the owner host/pid recorded at start
+    tells a dead owner from a live worker.
+    """
+    host = socket.gethostname()
+    recovered = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = t.user_attrs.get("owner") or {}
+        if owner.get("host") != host or _owner_alive(owner):
+            continue
+        storage = study._storage
+        storage.set_trial_user_attr(t._trial_id, "interrupted", True)
+        storage.set_trial_user_attr(t._trial_id, "fail_reason", f"owner process {owner.get('pid')} died mid-trial")
+        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        _requeue(study, t)
+        recovered += 1
+    if recovered:
+        progress.say(f"recovered {recovered} trial(s) left running by a dead process; queued again")
+    return recovered
+
+
+def _requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    attrs = {"retry_of": trial.number}
+    if trial.user_attrs.get("baseline"):
+        attrs["baseline"] = True
+    study.enqueue_trial(trial.params, user_attrs=attrs)
+
+
+def ensure_baseline(study: optuna.Study, space: Space) -> None:
+    """Enqueue the unmodified default configuration once, as the study's first trial."""
+    if not space.search.baseline or not space.params:
+        return
+    if any(t.user_attrs.get("baseline") for t in study.get_trials(deepcopy=False)):
+        return
+    study.enqueue_trial(space.baseline_params(), user_attrs={"baseline": True})
+
+
+# ---------------------------------------------------------------- one trial
+
+
+def trial_config(space: Space, params: dict[str, Any], number: int, artifact_dir: Path) -> TrialConfig:
+    knobs = {**space.fixed, **params}
+    defaults = {k: v.default for k, v in RUNNER_KNOBS[space.runner].items()}
+    return TrialConfig(runner=space.runner, model=dict(space.model), device=space.device,
+                       workload=dict(space.workload), knobs={**defaults, **knobs}, seed=space.search.seed,
+                       artifact_dir=str(artifact_dir.resolve()), trial_number=number, study=space.study,
+                       slo=dict(space.slo))
+
+
+def _worst(direction: str) -> float:
+    return -math.inf if direction == "maximize" else math.inf
+
+
+def tell_outcome(study: optuna.Study, trial: optuna.Trial, space: Space, outcome: LaunchOutcome) -> str:
+    """Record everything about the trial, then tell Optuna. Returns a one-line detail."""
+    trial.set_user_attr("outcome", outcome.state)
+    trial.set_user_attr("wall_s", outcome.wall_s)
+    if outcome.state == "fail":
+        trial.set_user_attr("fail_reason", outcome.reason)
+        trial.set_user_attr("stderr_tail", outcome.stderr_tail)
+        study.tell(trial, state=TrialState.FAIL)
+        return outcome.reason
+    result = outcome.result
+    for key in ("metrics", "unavailable", "environment", "artifacts", "info"):
+        trial.set_user_attr(key, getattr(result, key))
+    reason = outcome.reason
+    values: list[float] = []
+    for objective in space.objectives:
+        value = result.metrics.get(objective.metric) if result.status == "ok" else None
+        if result.status == "ok" and value is None:
+            why = result.unavailable.get(objective.metric, "not reported")
+            reason = reason or f"objective {objective.metric} not measured: {why}"
+        values.append(_worst(objective.direction) if value is None else float(value))
+    runnable = result.status == "ok" and not reason
+    trial.set_constraint("runnable", 0.0 if runnable else 1.0)
+    for c in space.constraints:
+        value = result.metrics.get(c.metric)
+        if runnable and value is None:
+            reason = f"constraint metric {c.metric} not measured: {result.unavailable.get(c.metric, 'not reported')}"
+        violation = c.violation(float(value)) if value is not None else 1.0
+        trial.set_constraint(f"{c.metric}{'<=' + str(c.max) if c.max is not None else ''}"
+                             f"{'>=' + str(c.min) if c.min is not None else ''}", violation)
+    if not runnable:
+        values = [_worst(o.direction) for o in space.objectives]
+        trial.set_user_attr("infeasible_reason", reason)
+    study.tell(trial, values)
+    return reason
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def run_study(space: Space, storage: optuna.storages.BaseStorage, options: RunOptions) -> RunSummary:
+    progress = Progress(space.search.trials, options.quiet)
+    study = open_study(space, storage)
+    recover_stale_trials(study, progress)
+    ensure_baseline(study, space)
+    budget = space.search.trials
+    counted = counted_trials(study)
+    progress.say(f"study {space.study}: {counted}/{budget} trials done; runner {space.runner} on "
+                 f"{space.device}; storage {options.storage_url}; artifacts {options.out_dir}")
+    launcher = (WarmLauncher(space.search.trial_timeout_s, options.out_dir / "runner-stderr.log")
+                if options.warm else ProcessLauncher(space.search.trial_timeout_s))
+    deadline = time.monotonic() + space.search.timeout_min * 60 if space.search.timeout_min else math.inf
+    ran, timed_out = 0, False
+    try:
+        while counted_trials(study) < budget:
+            if time.monotonic() >= deadline:
+                timed_out = True
+                progress.say(f"time budget of {space.search.timeout_min} min reached; stopping")
+                break
+            _one_trial(study, space, options, launcher, progress, budget)
+            ran += 1
+    finally:
+        launcher.close()
+    pareto = _pareto_size(study)
+    progress.say(f"done: {counted_trials(study)}/{budget} trials, {pareto} on the feasible Pareto front. "
+                 f"Report: autoglm-tune report --study {space.study} --storage {options.storage_url}")
+    return RunSummary(space.study, ran, counted_trials(study), budget, pareto, timed_out)
+
+
+def _pareto_size(study: optuna.Study) -> int:
+    try:
+        return len(study.best_trials)
+    except ValueError:
+        return 0
+
+
+def _one_trial(study: optuna.Study, space: Space, options: RunOptions, launcher: Any,
+               progress: Progress, budget: int) -> None:
+    trial = study.ask(space.distributions())
+    trial.set_user_attr("owner", {**owner_identity(), **options.worker})
+    artifact_dir = options.out_dir / f"trial_{trial.number:05d}"
+    config = trial_config(space, trial.params, trial.number, artifact_dir)
+    trial.set_user_attr("config", _plain(config))
+    trial.set_user_attr("artifact_dir", config.artifact_dir)
+    try:
+        outcome = launcher.run(config, artifact_dir)
+    except KeyboardInterrupt:
+        launcher.close()
+        trial.set_user_attr("interrupted", True)
+        trial.set_user_attr("fail_reason", "interrupted by the user")
+        study.tell(trial, state=TrialState.FAIL)
+        _requeue(study, study.trials[trial.number])
+        raise
+    detail = tell_outcome(study, trial, space, outcome)
+    frozen = study.trials[trial.number]
+    progress.trial_done(study, frozen, counted_trials(study), outcome.state, detail,
+                        [o.metric for o in space.objectives], outcome.wall_s)
+
+
+def _plain(config: TrialConfig) -> dict[str, Any]:
+    import dataclasses
+
+    return dataclasses.asdict(config)
