@@ -3,28 +3,48 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from runners.artifacts import request_rows, write_rows
 from runners.base import Runner, resolve_device
-from runners.contract import TrialConfig, TrialResult
+from runners.contract import InfeasibleConfig, TrialConfig, TrialResult
 from runners.environment import describe
 from runners.glm.compress import apply_quantization, apply_sparsity
 from runners.glm.engine import HFEngine
-from runners.glm.model import build_model, model_info, resolve_dtype
-from runners.glm.quality import eval_batch, fidelity, log_probs
+from runners.glm.fast_engine import FastEngine
+from runners.glm.fast_model import FastGlm
+from runners.glm.model import build_model, model_config, model_info, resolve_dtype
+from runners.glm.model_cache import MODELS, REFERENCES, model_key
+from runners.glm.quality import Fidelity, eval_batch, fidelity, log_probs
 from runners.knobs import resolve_knobs
+from runners.scheduler import Engine
 from runners.serving import ServeOutcome, serve
-from runners.workload import Request
+from runners.workload import Request, make_requests
 
 DEFAULT_WORKLOAD: dict[str, Any] = {
     "arrival": "poisson", "rate_rps": 8.0, "requests": 64, "warmup_requests": 4,
     "prompt_tokens": 32, "output_tokens": 16, "eval_sequences": 4, "eval_tokens": 64,
 }
+
+
+def eval_set(config: TrialConfig, workload: dict[str, Any], device: str) -> torch.Tensor:
+    """The fixed, seeded evaluation token ids of this trial, [sequences, tokens]."""
+    vocab = int(model_config(config.model).vocab_size)
+    return eval_batch(vocab, int(workload["eval_sequences"]), int(workload["eval_tokens"]), config.seed, device)
+
+
+def reference_key(config: TrialConfig, dtype: Any, device: str, eval_ids: torch.Tensor) -> str:
+    """The reference log-probs depend on the model, its dtype and the evaluation set only."""
+    return json.dumps({"model": config.model, "dtype": str(dtype), "device": device, "seed": config.seed,
+                       "eval": list(eval_ids.shape)}, sort_keys=True, default=str)
 
 
 class PromptBank:
@@ -47,6 +67,44 @@ class PromptBank:
         return prefix + self._tokens(request.rid, request.prompt_tokens - shared)
 
 
+def prefix_length(shared_prefix_tokens: int) -> Callable[[Request], int]:
+    """How many leading prompt tokens of a request are its group's shared prefix."""
+    def length(request: Request) -> int:
+        if request.prefix_group < 0:
+            return 0
+        return min(shared_prefix_tokens, request.prompt_tokens)
+    return length
+
+
+def engine_kind(knobs: dict[str, Any], device: str) -> str:
+    """`fast` (static KV, CUDA-graph decode; compiled with compile=true) or `hf` (transformers'
+    eager loop with its dynamic / offloaded / quantized caches).
+
+    kv_cache=static always takes the fast path: it is faster on every device measured
+    (NOTES-issue3.md). The growing, offloaded and quantized caches exist only as transformers
+    Cache objects, which the fast path does not use, so they run eagerly.
+    """
+    if knobs["kv_cache"] == "static":
+        return "fast"
+    if knobs["compile"]:
+        raise InfeasibleConfig(f"compile=true compiles the static-KV decode step into CUDA graphs; "
+                               f"kv_cache={knobs['kv_cache']} runs in transformers' eager loop (use kv_cache=static)")
+    if knobs["prefix_cache"] != "off":
+        raise InfeasibleConfig("prefix_cache reuses KV in the static-KV fast engine; "
+                               f"kv_cache={knobs['kv_cache']} has none (use kv_cache=static)")
+    return "hf"
+
+
+@dataclass
+class BuiltModel:
+    """A compressed model ready to serve, as kept in the process-wide model cache."""
+
+    model: Any
+    info: dict[str, Any]
+    fast_engine: FastEngine | None = None
+    quality: dict[str, Fidelity] = field(default_factory=dict)  # per KV policy
+
+
 class GlmInferRunner(Runner):
     name = "glm-infer"
 
@@ -56,34 +114,108 @@ class GlmInferRunner(Runner):
         workload = {**DEFAULT_WORKLOAD, **config.workload}
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.model, knobs, device)
-        model = build_model(config.model, dtype, device, config.seed, knobs["attn_implementation"])
-        info: dict[str, Any] = {"model_before": dataclasses.asdict(model_info(model)),
+        kind = engine_kind(knobs, device)
+        eval_ids = eval_set(config, workload, device)
+        key = model_key(config.model, str(dtype), device, config.seed, knobs, kind)
+        built = MODELS.get(key)
+        reused = built is not None
+        if built is None:
+            MODELS.clear()  # free the previous model before building the next one
+            built = self._build(config, knobs, dtype, device, kind, eval_ids)
+            MODELS.put(key, built)
+        info: dict[str, Any] = {**built.info, "model_reused": reused, "engine": kind,
                                 "dtype": str(dtype).removeprefix("torch."), "device": device}
 
-        eval_ids = eval_batch(model.config.vocab_size, int(workload["eval_sequences"]),
-                              int(workload["eval_tokens"]), config.seed, device)
-        reference = log_probs(model, eval_ids)
-        info.update(apply_sparsity(model, knobs, device))
-        apply_quantization(model, knobs, device)
-        quality = fidelity(reference, log_probs(model, eval_ids))
-        del reference
-        info["model_after"] = dataclasses.asdict(model_info(model))
-
-        prompts = PromptBank(model.config.vocab_size, config.seed, int(workload.get("shared_prefix_tokens", 0)))
-        engine = HFEngine(model, device, knobs["kv_cache"], int(knobs["kv_bits"]), prompts)
-        setup_s = info["setup_s"] = time.perf_counter() - t_setup  # build + compress + quality
+        engine = self._engine(built, knobs, device, kind, workload, config.seed)
+        self._prepare(engine, knobs, workload, config.seed, eval_ids)
+        quality = self._quality(built, engine, knobs, config, workload, dtype, eval_ids)
+        if isinstance(engine, FastEngine):
+            info.update(compile_s=engine.compile_s, compiled=engine.compiled, compile_error=engine.compile_error,
+                        buckets=sorted(engine.buckets()))
+        setup_s = info["setup_s"] = time.perf_counter() - t_setup  # build + compress + compile + quality
         outcome = serve(engine, device, workload, knobs, config.seed, config.slo)
 
         metrics, unavailable = outcome.metrics, outcome.unavailable
         metrics["kl_divergence"] = quality.kl_divergence
         metrics["top1_agreement"] = quality.top1_agreement
         unavailable["perplexity"] = "needs real weights and a text file"
+        self._prefix_metrics(engine, metrics, unavailable, info)
         info["engine_counters"] = engine.counters()
+        info["serving"] = outcome.info
         metrics["setup_s"] = setup_s
 
         artifacts = self._write_artifacts(config, outcome)
         return TrialResult("ok", metrics, environment=describe(device), unavailable=unavailable,
                            artifacts=artifacts, info=info)
+
+    @staticmethod
+    def _build(config: TrialConfig, knobs: dict[str, Any], dtype: Any, device: str, kind: str,
+               eval_ids: Any) -> BuiltModel:
+        """Build, take the reference (if not cached), convert for the fast path, compress."""
+        model = build_model(config.model, dtype, device, config.seed, knobs["attn_implementation"])
+        ref_key = reference_key(config, dtype, device, eval_ids)
+        if REFERENCES.get(ref_key) is None:
+            REFERENCES.put(ref_key, log_probs(model, eval_ids).cpu())
+        info: dict[str, Any] = {"model_before": dataclasses.asdict(model_info(model))}
+        if kind == "fast":
+            model = FastGlm(model)
+        info.update(apply_sparsity(model, knobs, device))
+        apply_quantization(model, knobs, device)
+        info["model_after"] = dataclasses.asdict(model_info(model))
+        fast = FastEngine(model, device, bool(knobs["compile"])) if kind == "fast" else None
+        return BuiltModel(model, info, fast)
+
+    @staticmethod
+    def _engine(built: BuiltModel, knobs: dict[str, Any], device: str, kind: str,
+                workload: dict[str, Any], seed: int) -> Engine:
+        shared = int(workload.get("shared_prefix_tokens", 0))
+        prompts = PromptBank(built.model.config.vocab_size, seed, shared)
+        if built.fast_engine is not None:
+            built.fast_engine.begin_trial(prompts, prefix_length(shared), knobs["prefix_cache"],
+                                          float(knobs["prefix_cache_mib"]))
+            return built.fast_engine
+        return HFEngine(built.model, device, knobs["kv_cache"], int(knobs["kv_bits"]), prompts)
+
+    @staticmethod
+    def _prepare(engine: Engine, knobs: dict[str, Any], workload: dict[str, Any], seed: int,
+                 eval_ids: Any) -> None:
+        """Compile/capture every bucket the trial can hit, before any measured window."""
+        if not isinstance(engine, FastEngine):
+            return
+        count = int(workload.get("warmup_requests", 0)) + max(
+            int(workload["requests"]), int(workload.get("max_requests") or 0))
+        requests = make_requests(workload, count, seed)
+        longest = max(r.prompt_tokens for r in requests) + max(r.output_tokens for r in requests)
+        engine.prepare(min(int(knobs["batch_size"]), count), longest)
+        engine.prepare(eval_ids.shape[0], eval_ids.shape[1], batches=[eval_ids.shape[0]])
+
+    @staticmethod
+    def _quality(built: BuiltModel, engine: Engine, knobs: dict[str, Any], config: TrialConfig,
+                 workload: dict[str, Any], dtype: Any, eval_ids: Any) -> Fidelity:
+        """KL / top-1 of this stack (weights and KV path) vs the unoptimised reference."""
+        kv_key = f"{knobs['kv_cache']}:{knobs['kv_bits'] if knobs['kv_cache'] == 'quantized' else ''}"
+        if kv_key not in built.quality:
+            reference = REFERENCES.get(reference_key(config, dtype, str(eval_ids.device), eval_ids))
+            if reference is None:  # evicted: the model is already compressed, so rebuild it once
+                plain = build_model(config.model, dtype, str(eval_ids.device), config.seed,
+                                    knobs["attn_implementation"])
+                reference = log_probs(plain, eval_ids).cpu()
+                del plain
+            prefill = max(1, eval_ids.shape[1] // 2)
+            candidate = engine.teacher_forced_log_probs(eval_ids, prefill)  # type: ignore[attr-defined]
+            built.quality[kv_key] = fidelity(reference, candidate.cpu())
+        return built.quality[kv_key]
+
+    @staticmethod
+    def _prefix_metrics(engine: Engine, metrics: dict[str, float], unavailable: dict[str, str],
+                        info: dict[str, Any]) -> None:
+        cache = getattr(engine, "prefix_cache", None)
+        if cache is None:
+            unavailable["prefix_hit_rate"] = "prefix_cache is off"
+            return
+        metrics["prefix_hit_rate"] = cache.stats.hit_rate
+        info["prefix_cache"] = {**dataclasses.asdict(cache.stats), "l1_bytes": cache.l1.used_bytes,
+                                "l2_bytes": cache.l2.used_bytes}
 
     @staticmethod
     def _write_artifacts(config: TrialConfig, outcome: ServeOutcome) -> dict[str, str]:

@@ -8,9 +8,14 @@ timeline can be written to the trial artifact as is.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -26,10 +31,13 @@ class ResourceSampler:
     `nvml`: an NVML module to use instead of `pynvml` (tests inject a fake one); passing one also
     samples NVML on a CPU `device`, for those tests. `use_nvml=False` turns NVML off (overhead
     benchmarks). `nvml_index` picks the NVML device where no CUDA device names it.
+    `out_of_process` (default: on CUDA with the real pynvml) samples from a child process
+    (`python -m runners.nvml`) instead of a thread, so the measured process pays nothing.
     """
 
     def __init__(self, device: str, interval_s: float = 0.025, nvml: Any | None = None,
-                 use_nvml: bool = True, nvml_index: int | None = None) -> None:
+                 use_nvml: bool = True, nvml_index: int | None = None,
+                 out_of_process: bool | None = None) -> None:
         self.device = device
         self.interval_s = interval_s
         self.samples: list[dict[str, Any]] = []
@@ -40,18 +48,28 @@ class ResourceSampler:
         self._nvml_index = nvml_index
         self._reader: NvmlReader | None = None
         self._nvml_reason = ""
+        self._nvml_ok = False  # NVML rows were sampled (in this process or the child)
+        self._field_reasons: dict[str, str] = {}
+        self._notes: dict[str, str] = {}
         self._process = psutil.Process()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="resource-sampler", daemon=True)
         self._t0 = 0.0
+        if out_of_process is None:
+            out_of_process = self._use_nvml and self.cuda and nvml is None
+        self._child: _ChildSampler | None = _ChildSampler(interval_s) if out_of_process else None
 
     def __enter__(self) -> ResourceSampler:
-        self._open_nvml()
         if self.cuda:
             import torch
 
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+        if self._child is not None:
+            index, uuid = self._nvml_target()
+            self._child.start(index, uuid)
+            return self
+        self._open_nvml()
         self._t0 = time.perf_counter()
         self._sample()
         self._thread.start()
@@ -62,10 +80,18 @@ class ResourceSampler:
             import torch
 
             torch.cuda.synchronize(self.device)  # the window's work is done before the last row
+        if self._child is not None:
+            self.samples = self._child.stop()
+            self._nvml_reason = self._child.error
+            self._nvml_ok = not self._child.error
+            self._field_reasons, self._notes = self._child.unavailable, self._child.notes
+            return
         self._stop.set()
         self._thread.join()
         self._sample()
         if self._reader is not None:
+            self._nvml_ok = True
+            self._field_reasons, self._notes = self._reader.unavailable, self._reader.notes
             try:
                 self._reader.nvml.nvmlShutdown()
             except Exception:  # noqa: BLE001 - shutting down is best effort
@@ -128,19 +154,19 @@ class ResourceSampler:
         else:
             for name in ("torch_peak_allocated_mib", "torch_peak_reserved_mib"):
                 unavailable[name] = "the torch CUDA allocator exists only on CUDA devices"
-        if self._reader is not None:
-            nvml_metrics, nvml_missing, info = summarize(self.samples, tokens, self._reader.unavailable)
+        if self._nvml_ok:
+            nvml_metrics, nvml_missing, info = summarize(self.samples, tokens, self._field_reasons)
             metrics.update(nvml_metrics)
             unavailable.update(nvml_missing)
             self.info.update(info)
-            self.info["nvml_unavailable_fields"] = dict(self._reader.unavailable)
-            self.info.update({f"nvml_note_{k}": v for k, v in self._reader.notes.items()})
+            self.info["nvml_unavailable_fields"] = dict(self._field_reasons)
+            self.info.update({f"nvml_note_{k}": v for k, v in self._notes.items()})
         else:
             for name in ("mean_power_w", "energy_j_per_tok"):
                 unavailable[name] = self._nvml_reason
             if self.cuda:
                 unavailable["peak_memory_mib"] = self._nvml_reason
-        if not self.cuda and self._reader is None:
+        if not self.cuda and not self._nvml_ok:
             # DESIGN.md: on CPU the memory figure is the process RSS peak.
             metrics["peak_memory_mib"] = max(s["rss_mib"] for s in self.samples)
         if "peak_memory_mib" in metrics and "torch_peak_reserved_mib" in metrics:
@@ -152,3 +178,62 @@ class ResourceSampler:
             gaps = [b["t_s"] - a["t_s"] for a, b in zip(self.samples, self.samples[1:], strict=False)]
             self.info["sample_interval_median_s"] = sorted(gaps)[len(gaps) // 2]
         return metrics, unavailable
+
+
+class _ChildSampler:
+    """Runs `python -m runners.nvml` for the window; rows come back through a file."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self.error = ""
+        self.unavailable: dict[str, str] = {}
+        self.notes: dict[str, str] = {}
+        self._proc: subprocess.Popen[str] | None = None
+        self._dir = tempfile.TemporaryDirectory(prefix="autoglm-nvml-")
+        self._rows = Path(self._dir.name) / "rows.jsonl"
+
+    def start(self, index: int | None, uuid: str | None) -> None:
+        root = str(Path(__file__).resolve().parent.parent)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+        cmd = [sys.executable, "-m", "runners.nvml", "--rows", str(self._rows), "--pid", str(os.getpid()),
+               "--interval", str(self.interval_s)]
+        cmd += ["--uuid", uuid] if uuid else ["--index", str(index or 0)]
+        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, env=env)
+        # The window opens once the child samples: its first row is the window's start.
+        if self._proc.stdout is None or self._proc.stdout.readline().strip() != "ready":
+            self.error = f"NVML sampler process failed to start: {self._stderr()}"
+
+    def stop(self) -> list[dict[str, Any]]:
+        proc = self._proc
+        if proc is None:
+            return []
+        try:
+            if proc.stdin is not None:
+                proc.stdin.write("stop\n")
+                proc.stdin.close()
+            proc.wait(timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            proc.kill()
+            self.error = self.error or "NVML sampler process did not stop"
+        rows = []
+        for line in self._rows.read_text().splitlines() if self._rows.exists() else []:
+            record = json.loads(line)
+            if "t_s" in record:
+                rows.append(record)
+            else:
+                self.unavailable, self.notes = record["unavailable"], record["notes"]
+                self.error = self.error or record["error"]
+        self._dir.cleanup()
+        if not rows and not self.error:
+            self.error = f"NVML sampler process wrote no rows: {self._stderr()}"
+        return rows
+
+    def _stderr(self) -> str:
+        if self._proc is None or self._proc.stderr is None:
+            return ""
+        try:
+            self._proc.wait(timeout=5)
+            return self._proc.stderr.read()[-500:]
+        except subprocess.TimeoutExpired:
+            return "(no exit)"

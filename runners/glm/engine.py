@@ -6,7 +6,8 @@ is known: that is where TTFT and TPOT come from.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from transformers import DynamicCache, QuantizedCache, StaticCache
@@ -112,6 +113,22 @@ class HFEngine:
             token = logits.argmax(-1, keepdim=True)
             next_pos = next_pos + 1
             yield token
+
+    @torch.inference_mode()
+    def teacher_forced_log_probs(self, ids: torch.Tensor, prefill_tokens: int) -> torch.Tensor:
+        """Log-probs [N, T, V] (float32) through this engine's KV-cache policy: the first
+        `prefill_tokens` prefilled into the cache, the rest fed one token at a time, so a lossy
+        cache (quantized, offloaded) shows in the comparison."""
+        rows, total = ids.shape
+        cache = make_cache(self.kv_cache, self.model, self.device, total, self.kv_bits)
+        out = self.model(input_ids=ids[:, :prefill_tokens], past_key_values=cache, use_cache=True)
+        outputs = [out.logits.float()]
+        for t in range(prefill_tokens, total):
+            position = torch.full((rows, 1), t, dtype=torch.long, device=ids.device)
+            out = self.model(input_ids=ids[:, t:t + 1], position_ids=position, past_key_values=cache,
+                             use_cache=True)
+            outputs.append(out.logits.float())
+        return torch.log_softmax(torch.cat(outputs, dim=1), dim=-1)
 
     def _left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(p) for p in prompts)

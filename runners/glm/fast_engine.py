@@ -19,8 +19,9 @@ Design (numbers and reasoning in benchmarks/NOTES-issue3.md):
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -128,6 +129,10 @@ class FastEngine:
         for size in sizes:
             self._slot_for(size, max_len)
         return time.perf_counter() - start
+
+    def buckets(self) -> list[tuple[int, int]]:
+        """(batch, length) buckets compiled and captured so far."""
+        return list(self._slots)
 
     def _slot_for(self, batch: int, length: int) -> DecodeSlot:
         key = (bucket(batch), bucket(length, MIN_LENGTH_BUCKET))
@@ -311,7 +316,7 @@ class FastEngine:
                 continue
             p = pads[row]
             kv = torch.stack([torch.stack([k[row, :, p:p + length], v[row, :, p:p + length]])
-                              for k, v in zip(s.k, s.v)])
+                              for k, v in zip(s.k, s.v, strict=True)])
             self.prefix_cache.insert(key, kv, kv.numel() * kv.element_size())
 
     # --- quality through this engine's cache path --------------------------------------------

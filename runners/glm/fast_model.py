@@ -17,8 +17,9 @@ Compression (torchao quantisation, sparsity) is applied to this module's Linear 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -187,7 +188,7 @@ class FastGlm(nn.Module):
         """
         h = self.embed_tokens(tokens)
         cos, sin = self.cos_table[rope_pos], self.sin_table[rope_pos]
-        for layer, k_cache, v_cache in zip(self.layers, k_caches, v_caches):
+        for layer, k_cache, v_cache in zip(self.layers, k_caches, v_caches, strict=True):
             h = layer_fn(h, cos, sin, slots, bias, k_cache, v_cache, layer.tensors(), self.dims, attend_len)
         return rms_norm(h, self.final_norm, self.dims.eps)
 

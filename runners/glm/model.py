@@ -57,6 +57,14 @@ def checkpoint_arch(model_spec: dict[str, Any]) -> str:
     return model_type
 
 
+def model_config(model_spec: dict[str, Any]) -> Any:
+    """The transformers config of a preset or a local checkpoint (no weights loaded)."""
+    if "path" in model_spec:
+        config_cls = ARCHS[checkpoint_arch(model_spec)][0]
+        return config_cls.from_pretrained(model_spec["path"], local_files_only=True)
+    return make_config(model_spec)
+
+
 def build_model(model_spec: dict[str, Any], dtype: torch.dtype, device: str, seed: int,
                 attn_implementation: str = "sdpa") -> torch.nn.Module:
     """Random init directly on `device` in `dtype` (seeded), or a local checkpoint."""

@@ -7,8 +7,9 @@ request sequences; the engine injects how a value moves between tiers (GPU <-> C
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generic, Hashable, TypeVar
+from typing import Any, Generic, TypeVar
 
 V = TypeVar("V")
 POLICIES = ("lru", "lfu")
