@@ -93,6 +93,34 @@ def build(preset: str, knobs: dict[str, Any], kind: str, device: str) -> torch.n
     return model
 
 
+def profile_steps(engine: FastEngine, slot: Any, steps: int = 5, top: int = 12) -> dict[str, Any]:
+    """Kernel time per decode step by kernel name (CUPTI sees the kernels inside graph replays)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step(slot)
+        torch.cuda.synchronize()
+    totals: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.device_type.name == "CUDA":
+            entry = totals.setdefault(event.name[:90], [0.0, 0])
+            entry[0] += event.device_time_total / steps / 1e3  # ms per step
+            entry[1] += 1 / steps
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])
+    kernel_ms = sum(v[0] for v in totals.values())
+    kernels = sum(v[1] for v in totals.values())
+    print(f"  profile: {kernels:.0f} kernels/step, {kernel_ms:.3f} ms kernel time/step")
+    for name, (ms, count) in ranked[:top]:
+        print(f"    {ms:7.3f} ms {count:5.0f}x  {name}")
+    return {"kernels_per_step": kernels, "kernel_ms_per_step": kernel_ms,
+            "top": [(n, round(v[0], 4), v[1]) for n, v in ranked[:top]]}
+
+
+PROFILE: set[str] = set()  # "config:batch" items to profile after timing
+PROFILE_NAME = [""]  # the config being measured
+
+
 def time_fast(engine: FastEngine, batch: int, steps: int, repeats: int) -> tuple[float, float]:
     """Median ms per replayed decode step, and the compile+capture seconds of its bucket."""
     new_tokens = 8 + steps * repeats  # 128 + 104 fits the 256-slot length bucket
@@ -110,6 +138,8 @@ def time_fast(engine: FastEngine, batch: int, steps: int, repeats: int) -> tuple
         end.record()
         torch.cuda.synchronize()
         per_step.append(start.elapsed_time(end) / steps)
+    if f"{PROFILE_NAME[0]}:{batch}" in PROFILE:
+        profile_steps(engine, slot)
     return statistics.median(per_step), compile_s
 
 
@@ -127,6 +157,7 @@ def time_hf(engine: HFEngine, batch: int, steps: int) -> float:
 def measure(name: str, batch: int, preset: str, device: str, bandwidth: float, steps: int,
             repeats: int) -> Row:
     knobs, kind = CONFIGS[name]
+    PROFILE_NAME[0] = name
     row = Row(name, batch)
     try:
         model = build(preset, knobs, kind, device)
@@ -193,7 +224,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--budget-s", type=float, default=1e9, help="start no new config after this")
     parser.add_argument("--json", default="")
+    parser.add_argument("--profile", default="", help="config:batch items to profile, comma-separated")
     args = parser.parse_args(argv)
+    PROFILE.update(p for p in args.profile.split(",") if p)
     device = "cuda:0"
     bandwidth, source = copy_bandwidth(device)
     meta = {**versions(), "copy_bytes_per_s": bandwidth, "bandwidth_source": source, "preset": args.preset}
@@ -201,7 +234,7 @@ def main(argv: list[str]) -> int:
     rows: list[Row] = []
     t0 = time.perf_counter()
     for item in args.configs.split(","):
-        name, _, batch = item.partition(":")
+        name, _, batch = item.rpartition(":")
         if time.perf_counter() - t0 > args.budget_s:
             rows.append(Row(name, int(batch), note="skipped: time budget"))
             continue

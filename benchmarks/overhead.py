@@ -1,8 +1,10 @@
 """The harness's own cost: one config, decoded bare vs with trackers vs with trackers + sampler.
 
 - bare: `HFEngine.decode` with one synchronisation at the end (no per-step timestamps);
-- trackers: `HFEngine.run_batch` (a device sync + clock read after every step: TTFT/TPOT);
-- sampler: trackers inside `ResourceSampler` (NVML + RSS every 25 ms, allocator peaks).
+- sync_trackers: `HFEngine.run_batch` (a device sync + clock read after every step);
+- event_trackers: `StepTimer` (a CUDA event per step, one sync at the end);
+- +thread_sampler / +process_sampler: event trackers inside `ResourceSampler` (NVML + RSS
+  every 25 ms, allocator peaks), sampling from a thread or from a child process.
 Variants are interleaved round by round (order rotated) so drift hits all alike; the figure is
 the ratio of median decode throughputs. Usage:
 
@@ -24,7 +26,7 @@ from runners.base import resolve_device
 from runners.glm.engine import HFEngine
 from runners.glm.model import build_model, resolve_dtype
 from runners.infer import PromptBank
-from runners.monitor import ResourceSampler
+from runners.monitor import ResourceSampler, StepTimer
 from runners.scheduler import RealClock
 from runners.workload import Request
 
@@ -53,16 +55,30 @@ def variants(engine: HFEngine, requests: list[Request]) -> dict[str, Callable[[]
         _sync(device)
         return time.perf_counter() - t0
 
-    def trackers() -> float:
+    def sync_trackers() -> float:  # HFEngine.run_batch: a device sync after every step
         t0 = time.perf_counter()
         engine.run_batch(requests, RealClock())
         return time.perf_counter() - t0
 
-    def sampler() -> float:
-        with ResourceSampler(device):
-            return trackers()
+    def event_trackers() -> float:  # per-step CUDA events, one sync at the end
+        t0 = time.perf_counter()
+        timer = StepTimer(device, RealClock()).start()
+        for _ in engine.decode(prompts, new_tokens):
+            timer.mark()
+        timer.times()
+        return time.perf_counter() - t0
 
-    return {"bare": bare, "trackers": trackers, "sampler": sampler}
+    def with_sampler(out_of_process: bool) -> Callable[[], float]:
+        def run() -> float:
+            with ResourceSampler(device, out_of_process=out_of_process) as sampler:
+                seconds = event_trackers()
+            assert len(sampler.samples) >= 2
+            return seconds
+        return run
+
+    return {"bare": bare, "sync_trackers": sync_trackers, "event_trackers": event_trackers,
+            "event_trackers+thread_sampler": with_sampler(False),
+            "event_trackers+process_sampler": with_sampler(True)}
 
 
 def measure(engine: HFEngine, batch: int, prompt_tokens: int, output_tokens: int, rounds: int
@@ -77,13 +93,11 @@ def measure(engine: HFEngine, batch: int, prompt_tokens: int, output_tokens: int
         for name in names[r % len(names):] + names[:r % len(names)]:
             tok_s[name].append(batch * output_tokens / runs[name]())
     median = {name: statistics.median(v) for name, v in tok_s.items()}
-    return {
-        "tok_s": tok_s,
-        "median_tok_s": median,
-        "overhead_trackers": 1 - median["trackers"] / median["bare"],
-        "overhead_sampler": 1 - median["sampler"] / median["trackers"],
-        "overhead_total": 1 - median["sampler"] / median["bare"],
-    }
+    # Paired per round (same drift), then the median over rounds: robust to a slow round.
+    overhead = {name: 1 - statistics.median(a / b for a, b in zip(tok_s[name], tok_s["bare"], strict=True))
+                for name in names if name != "bare"}
+    return {"tok_s": tok_s, "median_tok_s": median, "overhead_vs_bare": overhead,
+            "round_cv_bare": statistics.stdev(tok_s["bare"]) / statistics.mean(tok_s["bare"])}
 
 
 def main() -> None:

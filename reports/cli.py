@@ -1,4 +1,4 @@
-"""`autoglm-tune report`: trials.csv, pareto.csv and a self-contained report.html."""
+"""`autoglm-tune report`: trials/pareto as CSV and Parquet, and a self-contained report.html."""
 
 from __future__ import annotations
 
@@ -7,14 +7,15 @@ from pathlib import Path
 
 import optuna
 
-from reports.frames import pareto_frame, trials_frame
+from reports.frames import pareto_frame, trials_frame, write_table
 from tuner.errors import UsageError
 
 
 def parser() -> argparse.ArgumentParser:
     from tuner.cli import _Parser
 
-    p = _Parser(prog="autoglm-tune report", description="Write trials.csv, pareto.csv and report.html.")
+    p = _Parser(prog="autoglm-tune report",
+                description="Write trials.csv/.parquet, pareto.csv/.parquet and report.html.")
     p.add_argument("--study", required=True)
     p.add_argument("--storage", default=None, help="default: runs/optuna.journal")
     p.add_argument("--out", help="output folder (default runs/<study>/report)")
@@ -32,18 +33,23 @@ def load_study(name: str, storage_url: str | None) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=storage)
 
 
+def write_all(study: optuna.Study, out: Path) -> list[Path]:
+    """Every report file for one study; the same frames and figures the dashboard shows."""
+    from reports.html import write_report
+
+    out.mkdir(parents=True, exist_ok=True)
+    trials, pareto = trials_frame(study), pareto_frame(study)
+    written = [write_table(frame, out / f"{name}.{suffix}")
+               for name, frame in (("trials", trials), ("pareto", pareto)) for suffix in ("csv", "parquet")]
+    write_report(study, trials, pareto, out / "report.html")
+    return [*written, out / "report.html"]
+
+
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     study = load_study(args.study, args.storage)
     out = Path(args.out) if args.out else Path("runs") / args.study / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    trials = trials_frame(study)
-    pareto = pareto_frame(study)
-    trials.to_csv(out / "trials.csv", index=False)
-    pareto.to_csv(out / "pareto.csv", index=False)
-    from reports.html import write_report
-
-    write_report(study, trials, pareto, out / "report.html")
-    print(f"wrote {out / 'trials.csv'}, {out / 'pareto.csv'}, {out / 'report.html'} "
-          f"({len(trials)} trials, {len(pareto)} on the feasible Pareto front)")
+    written = write_all(study, out)
+    trials = len(study.get_trials(deepcopy=False))
+    print(f"wrote {', '.join(str(p) for p in written)} ({trials} trials)")
     return 0

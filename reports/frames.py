@@ -1,7 +1,15 @@
-"""Study -> pandas frames with the contract's metric names as columns."""
+"""Study -> pandas frames with the contract's metric names as columns.
+
+Everything here reads: the Optuna storage (trials, user attrs, constraints) and the per-trial
+artifact files the trial recorded. Nothing is ever written back to a study.
+"""
 
 from __future__ import annotations
 
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -10,44 +18,234 @@ from optuna.trial import FrozenTrial, TrialState
 
 from runners.contract import METRICS
 
+# Pareto-chart categories, in drawing order (the front last, so it is on top).
+INFEASIBLE, DOMINATED, PARETO = "infeasible", "feasible dominated", "feasible Pareto"
+
+# Columns every trials frame has, even for an empty study, so callers can rely on them.
+BASE_COLUMNS = ["number", "state", "outcome", "category", "feasible", "pareto", "baseline", "reason",
+                "duration_s", "wall_s", "datetime_start", "retry_of", "device_name", "host", "gpu",
+                "artifact_dir"]
+
+
+@dataclass(frozen=True)
+class Objective:
+    metric: str
+    direction: str  # maximize | minimize
+
+    @property
+    def arrow(self) -> str:
+        return "↑" if self.direction == "maximize" else "↓"
+
+
+def objectives(study: optuna.Study) -> list[Objective]:
+    names = study.metric_names or [f"objective_{i}" for i in range(len(study.directions))]
+    return [Objective(n, d.name.lower()) for n, d in zip(names, study.directions, strict=True)]
+
+
+# ---------------------------------------------------------------- one trial
+
 
 def _feasible(trial: FrozenTrial) -> bool:
-    constraints = trial.system_attrs.get("constraints") or [
-        v for k, v in trial.system_attrs.items() if k.startswith("constraints:")]
-    return trial.state == TrialState.COMPLETE and all(c <= 0 for c in constraints)
+    return trial.state == TrialState.COMPLETE and all(v <= 0 for v in trial.constraints.values())
 
 
-def trial_row(trial: FrozenTrial) -> dict[str, Any]:
+def reason(trial: FrozenTrial) -> str:
+    """Why a trial is not a feasible measurement: the recorded reason, else the violated bounds."""
     attrs = trial.user_attrs
+    explicit = attrs.get("infeasible_reason") or attrs.get("fail_reason")
+    if explicit:
+        return str(explicit)
+    violated = [f"{name} (violated by {value:.3g})" for name, value in trial.constraints.items() if value > 0]
+    return ("constraint " + ", ".join(violated)) if violated else ""
+
+
+def _category(trial: FrozenTrial, pareto: bool) -> str:
+    if trial.state != TrialState.COMPLETE:
+        return trial.state.name.lower()  # running | fail | waiting | pruned
+    if not _feasible(trial):
+        return INFEASIBLE
+    return PARETO if pareto else DOMINATED
+
+
+def trial_row(trial: FrozenTrial, pareto_numbers: frozenset[int] = frozenset()) -> dict[str, Any]:
+    attrs = trial.user_attrs
+    owner = attrs.get("owner") or {}
+    env = attrs.get("environment") or {}
+    pareto = trial.number in pareto_numbers
     row: dict[str, Any] = {
         "number": trial.number,
         "state": trial.state.name,
         "outcome": attrs.get("outcome", ""),
+        "category": _category(trial, pareto),
         "feasible": _feasible(trial),
+        "pareto": pareto,
         "baseline": bool(attrs.get("baseline", False)),
-        "reason": attrs.get("infeasible_reason") or attrs.get("fail_reason") or "",
+        "reason": reason(trial),
         "duration_s": trial.duration.total_seconds() if trial.duration else None,
+        "wall_s": attrs.get("wall_s"),
+        "datetime_start": trial.datetime_start.isoformat(timespec="seconds") if trial.datetime_start else None,
+        "retry_of": attrs.get("retry_of"),
+        "device_name": env.get("device_name"),
+        "host": owner.get("host"),
+        "gpu": None if owner.get("gpu") is None else str(owner.get("gpu")),
+        "artifact_dir": attrs.get("artifact_dir"),
     }
     row.update({f"param_{k}": v for k, v in trial.params.items()})
     metrics = attrs.get("metrics") or {}
     row.update({name: metrics[name] for name in METRICS if name in metrics})
-    env = attrs.get("environment") or {}
-    row["device_name"] = env.get("device_name")
-    row["host"] = (attrs.get("owner") or {}).get("host")
-    row["artifact_dir"] = attrs.get("artifact_dir")
     return row
+
+
+# ---------------------------------------------------------------- whole study
+
+
+def pareto_numbers(study: optuna.Study) -> frozenset[int]:
+    """Trial numbers of the feasible Pareto set over all objectives (`study.best_trials`)."""
+    try:
+        return frozenset(t.number for t in study.best_trials)
+    except (ValueError, RuntimeError):  # single-objective study without a completed trial
+        return frozenset()
 
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
     """One row per trial: state, feasibility, params (`param_*`), metrics, provenance."""
-    rows = [trial_row(t) for t in study.get_trials(deepcopy=False)]
-    return pd.DataFrame(rows)
+    front = pareto_numbers(study)
+    rows = [trial_row(t, front) for t in study.get_trials(deepcopy=False)]
+    frame = pd.DataFrame(rows)
+    for column in BASE_COLUMNS:
+        if column not in frame:
+            frame[column] = pd.Series(dtype=object)
+    return frame
 
 
 def pareto_frame(study: optuna.Study) -> pd.DataFrame:
     """The feasible Pareto set (`study.best_trials`), same columns as `trials_frame`."""
+    frame = trials_frame(study)
+    return frame[frame["pareto"].astype(bool)].reset_index(drop=True)
+
+
+def metric_columns(frame: pd.DataFrame) -> list[str]:
+    return [c for c in frame.columns if c in METRICS]
+
+
+def param_columns(frame: pd.DataFrame) -> list[str]:
+    return [c for c in frame.columns if c.startswith("param_")]
+
+
+def best_per_objective(frame: pd.DataFrame, objs: list[Objective]) -> pd.DataFrame:
+    """Best feasible value per objective, its trial, and the baseline's value for comparison."""
+    feasible = frame[frame["feasible"].astype(bool)] if len(frame) else frame
+    baseline = feasible[feasible["baseline"].astype(bool)] if len(feasible) else feasible
+    rows = []
+    for o in objs:
+        values = feasible[o.metric].dropna() if o.metric in feasible else pd.Series(dtype=float)
+        if values.empty:
+            rows.append({"objective": o.metric, "direction": o.direction, "best": None, "trial": None,
+                         "baseline": None, "best_vs_baseline": None})
+            continue
+        index = values.idxmax() if o.direction == "maximize" else values.idxmin()
+        base = baseline[o.metric].dropna() if o.metric in baseline else pd.Series(dtype=float)
+        base_value = float(base.iloc[0]) if not base.empty else None
+        best = float(values[index])
+        rows.append({"objective": o.metric, "direction": o.direction, "best": best,
+                     "trial": int(frame.loc[index, "number"]), "baseline": base_value,
+                     "best_vs_baseline": best / base_value if base_value else None})
+    return pd.DataFrame(rows, columns=["objective", "direction", "best", "trial", "baseline", "best_vs_baseline"])
+
+
+def _distinct(trials: list[FrozenTrial], section: str, keys: tuple[str, ...]) -> list[dict[str, Any]]:
+    seen: list[dict[str, Any]] = []
+    for t in trials:
+        record = {k: (t.user_attrs.get(section) or {}).get(k) for k in keys}
+        if any(v is not None for v in record.values()) and record not in seen:
+            seen.append(record)
+    return seen
+
+
+def study_summary(study: optuna.Study) -> dict[str, Any]:
+    """What a reviewer reads first: what was searched, where it ran, how it went."""
+    trials = study.get_trials(deepcopy=False)
+    states = pd.Series([t.state.name for t in trials], dtype=object).value_counts().to_dict()
+    outcomes = pd.Series([t.user_attrs.get("outcome", "") for t in trials], dtype=object)
+    return {
+        "study": study.study_name,
+        "runner": study.user_attrs.get("runner"),
+        "space_source": study.user_attrs.get("space_source"),
+        "space": study.user_attrs.get("space"),
+        "constraints": study.user_attrs.get("constraints") or [],
+        "objectives": [{"metric": o.metric, "direction": o.direction} for o in objectives(study)],
+        "trials": len(trials),
+        "states": {str(k): int(v) for k, v in states.items()},
+        "outcomes": {str(k): int(v) for k, v in outcomes[outcomes != ""].value_counts().items()},
+        "devices": _distinct(trials, "environment", ("device_name", "driver", "device")),
+        "versions": _distinct(trials, "environment", ("torch", "transformers", "torchao", "python")),
+        "workers": _distinct(trials, "owner", ("host", "gpu")),
+    }
+
+
+# ---------------------------------------------------------------- artifacts
+
+
+def artifact_path(attrs: dict[str, Any], name: str) -> Path | None:
+    """Where a trial's artifact lies: the path it recorded, else `<artifact_dir>/<name>.csv`."""
+    recorded = (attrs.get("artifacts") or {}).get(name)
+    candidates = [Path(recorded)] if recorded else []
+    if attrs.get("artifact_dir"):
+        candidates += [Path(attrs["artifact_dir"]) / f"{name}.csv", Path(attrs["artifact_dir"]) / f"{name}.parquet"]
+    return next((p for p in candidates if p.is_file()), None)
+
+
+def load_artifact(attrs: dict[str, Any], name: str) -> pd.DataFrame | None:
+    """A trial's per-request samples (`requests`) or resource timeline (`timeline`), if recorded."""
+    path = artifact_path(attrs, name)
+    if path is None:
+        return None
     try:
-        best = study.best_trials
-    except ValueError:
-        best = []
-    return pd.DataFrame([trial_row(t) for t in best], columns=trials_frame(study).columns)
+        return read_table(path)
+    except (OSError, ValueError, pd.errors.EmptyDataError):
+        return None
+
+
+def stacked_artifact(study: optuna.Study, numbers: list[int], name: str) -> pd.DataFrame:
+    """The same artifact of several trials, one frame with a `trial` column (for overlays)."""
+    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+    parts = []
+    for number in numbers:
+        frame = load_artifact(by_number[number].user_attrs, name) if number in by_number else None
+        if frame is not None and len(frame):
+            parts.append(frame.assign(trial=f"#{number}"))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+# ---------------------------------------------------------------- CSV / Parquet
+
+
+def _arrow_safe(frame: pd.DataFrame) -> pd.DataFrame:
+    """Parquet needs one type per column; params of mixed choices (False, "on") become text."""
+    out = frame.copy()
+    for column in out.select_dtypes(include="object").columns:
+        kinds = {type(v) for v in out[column] if v is not None and not (isinstance(v, float) and math.isnan(v))}
+        if len(kinds) > 1:
+            out[column] = out[column].map(lambda v: v if v is None else str(v))
+    return out
+
+
+def write_table(frame: pd.DataFrame, path: Path) -> Path:
+    """Write a frame as CSV or Parquet, chosen by the file suffix."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        _arrow_safe(frame).to_parquet(path, index=False)
+    else:
+        frame.to_csv(path, index=False)
+    return path
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    path = Path(path)
+    return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+
+
+def to_parquet_bytes(frame: pd.DataFrame) -> bytes:
+    buffer = io.BytesIO()
+    _arrow_safe(frame).to_parquet(buffer, index=False)
+    return buffer.getvalue()

@@ -55,16 +55,17 @@ class PromptBank:
         self.seed = seed
         self.shared_prefix_tokens = shared_prefix_tokens
 
-    def _tokens(self, key: int, count: int) -> list[int]:
-        rng = np.random.default_rng([self.seed, key])
+    def _tokens(self, stream: int, key: int, count: int) -> list[int]:
+        # Separate seed streams for per-request tokens (0) and group prefixes (1).
+        rng = np.random.default_rng([self.seed, stream, key])
         return rng.integers(3, self.vocab_size, size=count).tolist()
 
     def __call__(self, request: Request) -> list[int]:
         if request.prefix_group < 0 or self.shared_prefix_tokens == 0:
-            return self._tokens(request.rid, request.prompt_tokens)
+            return self._tokens(0, request.rid, request.prompt_tokens)
         shared = min(self.shared_prefix_tokens, request.prompt_tokens)
-        prefix = self._tokens(-1 - request.prefix_group, shared)
-        return prefix + self._tokens(request.rid, request.prompt_tokens - shared)
+        prefix = self._tokens(1, request.prefix_group, shared)
+        return prefix + self._tokens(0, request.rid, request.prompt_tokens - shared)
 
 
 def prefix_length(shared_prefix_tokens: int) -> Callable[[Request], int]:
@@ -139,7 +140,7 @@ class GlmInferRunner(Runner):
         metrics["kl_divergence"] = quality.kl_divergence
         metrics["top1_agreement"] = quality.top1_agreement
         unavailable["perplexity"] = "needs real weights and a text file"
-        self._prefix_metrics(engine, metrics, unavailable, info)
+        self._prefix_metrics(engine, outcome, metrics, unavailable, info)
         info["engine_counters"] = engine.counters()
         info["serving"] = outcome.info
         metrics["setup_s"] = setup_s
@@ -207,15 +208,22 @@ class GlmInferRunner(Runner):
         return built.quality[kv_key]
 
     @staticmethod
-    def _prefix_metrics(engine: Engine, metrics: dict[str, float], unavailable: dict[str, str],
-                        info: dict[str, Any]) -> None:
+    def _prefix_metrics(engine: Engine, outcome: ServeOutcome, metrics: dict[str, float],
+                        unavailable: dict[str, str], info: dict[str, Any]) -> None:
+        """`prefix_hit_rate` over the measured window (warm-up lookups excluded)."""
         cache = getattr(engine, "prefix_cache", None)
         if cache is None:
             unavailable["prefix_hit_rate"] = "prefix_cache is off"
             return
-        metrics["prefix_hit_rate"] = cache.stats.hit_rate
-        info["prefix_cache"] = {**dataclasses.asdict(cache.stats), "l1_bytes": cache.l1.used_bytes,
-                                "l2_bytes": cache.l2.used_bytes}
+        work = outcome.info.get("engine_work", {})
+        lookups = work.get("prefix_lookups", 0.0)
+        if lookups:
+            metrics["prefix_hit_rate"] = work["prefix_hits"] / lookups
+        else:
+            unavailable["prefix_hit_rate"] = "no request in the window has a shared prefix"
+        info["prefix_cache"] = {**dataclasses.asdict(cache.stats), "window_lookups": lookups,
+                                "window_tokens_reused": work.get("prefix_tokens_reused", 0.0),
+                                "l1_bytes": cache.l1.used_bytes, "l2_bytes": cache.l2.used_bytes}
 
     @staticmethod
     def _write_artifacts(config: TrialConfig, outcome: ServeOutcome) -> dict[str, str]:

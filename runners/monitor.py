@@ -237,3 +237,52 @@ class _ChildSampler:
             return self._proc.stderr.read()[-500:]
         except subprocess.TimeoutExpired:
             return "(no exit)"
+
+
+class StepTimer:
+    """Per-step completion times on `clock` without a host sync per step.
+
+    On CUDA each `mark()` records an event on the current stream (a few µs, no wait); `times()`
+    synchronises once and maps the events onto the clock through a reference event taken by
+    `start()`. A sync per step would stall the host's kernel launches behind the device and
+    cost a launch-bound decode loop ~2 % (measured on an H200, glm-1b, batch 16). On CPU the
+    clock is read directly.
+    """
+
+    def __init__(self, device: str, clock: Any) -> None:
+        self.device = device
+        self.clock = clock
+        self.cuda = device.startswith("cuda")
+        self._events: list[Any] = []
+        self._cpu_times: list[float] = []
+        self._ref: Any = None
+        self._t_ref = 0.0
+
+    def start(self) -> StepTimer:
+        self._events, self._cpu_times = [], []
+        if self.cuda:
+            import torch
+
+            self._ref = torch.cuda.Event(enable_timing=True)
+            self._ref.record()
+            self._ref.synchronize()
+            self._t_ref = self.clock.now()
+        return self
+
+    def mark(self) -> None:
+        if self.cuda:
+            import torch
+
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self._events.append(event)
+        else:
+            self._cpu_times.append(self.clock.now())
+
+    def times(self) -> list[float]:
+        if not self.cuda:
+            return list(self._cpu_times)
+        if not self._events:
+            return []
+        self._events[-1].synchronize()
+        return [self._t_ref + self._ref.elapsed_time(e) / 1e3 for e in self._events]

@@ -217,8 +217,9 @@ def run_continuous(requests: Sequence[Request], engine: IterationEngine, clock: 
             start_s = clock.now()
             engine.join(batch)
             t = clock.now()
+            size = len(running) + len(batch)
             for req in batch:
-                running[req.rid] = _Running(req, start_s, t, joins, len(running) + len(batch))
+                running[req.rid] = _Running(req, start_s, t, joins, size)
             joins += 1
             _record(steps, t, "join", batch)
         elif running:

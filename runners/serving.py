@@ -8,6 +8,7 @@ until `max_duration_s`) while the p99 confidence interval is wider than
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 from collections.abc import Sequence
@@ -85,6 +86,8 @@ def serve(engine: Engine, device: str, workload: dict[str, Any], knobs: dict[str
             req.arrival_s = 0.0
         run.serve(requests[:warmup], None, None)
     before = _counters(run.engine)
+    # Garbage of model build and warm-up is collected now, not as a pause inside the window.
+    gc.collect()
     with ResourceSampler(device, sample_interval_s, nvml=nvml, use_nvml=sample_resources) as sampler:
         t0 = time.perf_counter()
         rule.started_at = t0

@@ -68,7 +68,7 @@ def latency_metrics(name: str, samples_ms: Sequence[float], confidence: float = 
 
 def min_samples_for_ci(q: float, confidence: float = 0.95) -> int:
     """Fewest samples whose largest order statistic bounds quantile `q` from above:
-    1 - q**n >= 1 - alpha/2 (n = 367 for p99 at 95 %)."""
+    1 - q**n >= 1 - alpha/2 (n = 368 for p99 at 95 %)."""
     alpha = 1.0 - confidence
     return int(np.ceil(np.log(alpha / 2) / np.log(q)))
 

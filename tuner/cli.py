@@ -8,15 +8,25 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING
 
 from tuner.errors import UsageError
 from tuner.space import SpaceError
 
+if TYPE_CHECKING:
+    from optuna.storages import BaseStorage
+
+    from tuner.space import Space
+    from tuner.study import RunSummary
+
 # name -> (module, function); each function takes argv and returns an exit code.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "report": ("reports.cli", "main"),
+    "regress": ("tuner.regress", "main"),
+    "dashboard": ("reports.dashboard", "main"),
+    "worker": ("tuner.cli", "worker_main"),
 }
 
 
@@ -38,38 +48,137 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto | cpu | cuda | cuda:K")
     p.add_argument("--out", help="artifact folder (default runs/<study>/)")
     p.add_argument("--seed", type=int, help="sampler and workload seed")
+    _worker_flags(p)
+    return p
+
+
+def worker_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="autoglm-tune worker",
+                description="Join a study by name and run its trials until its total budget is used.")
+    p.add_argument("--study", required=True, help="the study's name")
+    p.add_argument("--storage", default=None,
+                   help="the study's storage: postgresql://... across hosts, or the journal file on one host")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:K (default: the study's)")
+    p.add_argument("--out", help="artifact folder (default runs/<study>/)")
+    _worker_flags(p)
+    return p
+
+
+def _worker_flags(p: argparse.ArgumentParser) -> None:
+    """Flags a study run and `worker` share."""
+    p.add_argument("--gpus", help="one worker process per GPU of this host, e.g. 0,1,2,3 "
+                                  "(each pinned with CUDA_VISIBLE_DEVICES, device cuda:0 inside)")
+    p.add_argument("--heartbeat-s", type=int, default=None,
+                   help="PostgreSQL: seconds between worker heartbeats; a trial silent for 4 beats is "
+                        "failed and retried by another worker (default 30)")
     p.add_argument("--warm", action="store_true",
                    help="keep one runner process between trials (reuses built models)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
-    return p
 
 
 def run_main(argv: list[str]) -> int:
     from tuner.space import load_space
-    from tuner.storage import DEFAULT_STORAGE, open_storage, storage_kind
+    from tuner.storage import DEFAULT_STORAGE, check_parallel, open_storage, storage_kind
 
     args = run_parser().parse_args(argv)
+    gpus = _gpus(args)
     overrides = {"study": args.study, "device": args.device, "trials": args.trials,
                  "timeout_min": args.timeout_min, "seed": args.seed}
     space = load_space(args.space, overrides)  # validated before anything is created
     storage_url = args.storage or DEFAULT_STORAGE
     storage_kind(storage_url)
+    check_parallel(storage_url, len(gpus) if gpus else 1)
     out_dir = Path(args.out) if args.out else Path("runs") / space.study
+
+    from tuner.study import RunOptions, open_study, run_study
+
+    storage = open_storage(storage_url, args.heartbeat_s)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if gpus:
+        open_study(space, storage)  # created (or its budget updated) once, before the workers join
+        return _fan_out(space, storage, storage_url, out_dir, args, gpus)
+    summary = run_study(space, storage, RunOptions(storage_url, out_dir, args.quiet, args.warm))
+    return _exit_code(summary)
+
+
+def worker_main(argv: list[str]) -> int:
+    from tuner.storage import DEFAULT_STORAGE, check_parallel, open_existing_storage
+
+    args = worker_parser().parse_args(argv)
+    gpus = _gpus(args)
+    storage_url = args.storage or DEFAULT_STORAGE
+    check_parallel(storage_url, 2)  # a worker is one of several by definition
+    storage = open_existing_storage(storage_url, args.heartbeat_s)
+    space = _joined_space(args.study, storage, storage_url, args.device)
+    out_dir = Path(args.out) if args.out else Path("runs") / space.study
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if gpus:
+        return _fan_out(space, storage, storage_url, out_dir, args, gpus)
 
     from tuner.study import RunOptions, run_study
 
-    storage = open_storage(storage_url)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    summary = run_study(space, storage, RunOptions(storage_url, out_dir, args.quiet, args.warm))
+    options = RunOptions(storage_url, out_dir, args.quiet, args.warm, join=True)
+    return _exit_code(run_study(space, storage, options))
+
+
+def _gpus(args: argparse.Namespace) -> list[str] | None:
+    from tuner.workers import parse_gpus
+
+    if args.gpus is None:
+        return None
+    if args.device is not None:
+        raise UsageError(f"--device {args.device} with --gpus {args.gpus}: each GPU worker runs on cuda:0 "
+                         f"of its own pinned GPU; give one of the two")
+    return parse_gpus(args.gpus)
+
+
+def _joined_space(study_name: str, storage: BaseStorage, storage_url: str, device: str | None) -> Space:
+    import optuna
+
+    from tuner.study import space_from_study
+
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        raise UsageError(f"--study {study_name}: no such study in {storage_url} (start it with "
+                         f"autoglm-tune --space FILE --storage {storage_url})") from None
+    return space_from_study(study, {"device": device})
+
+
+def _fan_out(space: Space, storage: BaseStorage, storage_url: str, out_dir: Path, args: argparse.Namespace,
+             gpus: list[str]) -> int:
+    """One forked worker per GPU on this host, all joining the (existing) study by name."""
+    from tuner.space import apply_overrides, validate
+    from tuner.storage import close_storage, open_storage
+    from tuner.study import RunOptions, run_study
+    from tuner.workers import run_on_gpus
+
+    pinned = validate(apply_overrides(space.raw, {"device": "cuda:0"}), space.source, space.study)
+    close_storage(storage)  # forked workers must not share this process's database connections
+
+    def work(gpu: str) -> int:
+        options = RunOptions(storage_url, out_dir, args.quiet, args.warm, worker={"gpu": gpu}, join=True)
+        return _guarded(lambda: _exit_code(run_study(pinned, open_storage(storage_url, args.heartbeat_s),
+                                                     options)))
+
+    return run_on_gpus(gpus, work)
+
+
+def _exit_code(summary: RunSummary) -> int:
     return 0 if summary.counted >= summary.budget or summary.timed_out else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        return _guarded(lambda: _subcommand(argv[0])(argv[1:]))
+    return _guarded(lambda: run_main(argv))
+
+
+def _guarded(command: Callable[[], int]) -> int:
+    """Usage errors become exit 2 with one line; Ctrl-C becomes 130 (in each worker too)."""
     try:
-        if argv and argv[0] in SUBCOMMANDS:
-            return _subcommand(argv[0])(argv[1:])
-        return run_main(argv)
+        return command()
     except (SpaceError, UsageError) as exc:
         print(f"autoglm-tune: error: {exc}", file=sys.stderr)
         return 2

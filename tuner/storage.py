@@ -1,16 +1,30 @@
-"""Storage URLs: an Optuna journal file by default, SQLite or PostgreSQL on request."""
+"""Storage URLs: an Optuna journal file by default, SQLite or PostgreSQL on request.
+
+Which storage for how many workers (see docs/distributed.md):
+- journal file (default): safe for several processes on one host; a dead worker's trial is
+  recovered through the owner host/pid recorded on the trial.
+- SQLite: one worker only (parallel writers corrupt the trial bookkeeping).
+- PostgreSQL: many hosts; the only backend with heartbeats, so a worker that dies anywhere has
+  its trial failed and retried by `RetryHeartbeatStaleTrialCallback`.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import optuna
-from optuna.storages import JournalStorage, RDBStorage
+from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
 from tuner.errors import UsageError
 
 DEFAULT_STORAGE = "runs/optuna.journal"
+# A worker records a heartbeat every DEFAULT_HEARTBEAT_S; silent for GRACE_BEATS beats, its
+# trial is failed and retried. Several beats of grace so a busy database is not a dead worker.
+DEFAULT_HEARTBEAT_S = 30
+GRACE_BEATS = 4
+# A config that kills its worker each time is retried this often, then left as FAIL.
+MAX_RETRY = 2
 
 
 def storage_kind(url: str) -> str:
@@ -30,27 +44,59 @@ def journal_path(url: str) -> Path:
     return Path(url.removeprefix("journal://"))
 
 
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a sqlite:/// URL; None for an in-memory database."""
+    path = url.removeprefix("sqlite:///")
+    return None if path in ("", ":memory:") else Path(path)
+
+
+def check_parallel(url: str, workers: int) -> None:
+    """Refuse SQLite for more than one worker, before anything is created."""
+    if workers > 1 and storage_kind(url) == "sqlite":
+        raise UsageError(f"--storage {url}: SQLite is not safe for {workers} parallel workers (two workers can "
+                         f"claim one trial); use the default journal file on one host, or postgresql:// "
+                         f"across hosts")
+
+
 def open_storage(url: str, heartbeat_s: int | None = None) -> optuna.storages.BaseStorage:
-    """Open (creating files/tables as needed) the storage behind `url`."""
+    """Open (creating files/tables as needed) the storage behind `url`.
+
+    `heartbeat_s` applies to PostgreSQL only (the default is DEFAULT_HEARTBEAT_S there): Optuna's
+    heartbeat is what lets workers on other hosts detect a dead one.
+    """
     kind = storage_kind(url)
     if kind == "journal":
         path = journal_path(url)
         path.parent.mkdir(parents=True, exist_ok=True)
         # The open-lock works on any POSIX filesystem, symlink locks not on all network mounts.
         return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
-    kwargs = {}
-    if kind == "postgresql" and heartbeat_s:
-        from optuna.storages import RetryHeartbeatStaleTrialCallback
+    if kind == "sqlite":
+        return RDBStorage(url)
+    beat = heartbeat_s or DEFAULT_HEARTBEAT_S
+    # pool_pre_ping: a worker idles for a whole trial; the server may have dropped its connection.
+    return RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, heartbeat_interval=beat,
+                      grace_period=GRACE_BEATS * beat,
+                      heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
 
-        kwargs = {"heartbeat_interval": heartbeat_s, "grace_period": 4 * heartbeat_s,
-                  "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=2)}
-    return RDBStorage(url, **kwargs)
 
-
-def open_existing_storage(url: str) -> optuna.storages.BaseStorage:
-    """For readers: refuse to create a journal file that does not exist."""
+def open_existing_storage(url: str, heartbeat_s: int | None = None) -> optuna.storages.BaseStorage:
+    """For readers and joining workers: refuse to create a journal/SQLite file that does not exist."""
     if storage_kind(url) == "journal" and not journal_path(url).exists():
         raise UsageError(f"--storage {url}: no such journal file (run a study first)")
-    if storage_kind(url) == "sqlite" and not Path(url.removeprefix("sqlite:///")).exists():
+    path = sqlite_path(url) if storage_kind(url) == "sqlite" else None
+    if path is not None and not path.exists():
         raise UsageError(f"--storage {url}: no such SQLite file")
-    return open_storage(url)
+    return open_storage(url, heartbeat_s)
+
+
+def heartbeat_interval(storage: optuna.storages.BaseStorage) -> int | None:
+    """Seconds between heartbeats, or None where the storage has none (journal, SQLite)."""
+    getter = getattr(storage, "get_heartbeat_interval", None)
+    return getter() if getter is not None else None
+
+
+def close_storage(storage: optuna.storages.BaseStorage) -> None:
+    """Drop pooled database connections (before forking workers: a child must not share them)."""
+    if isinstance(storage, RDBStorage):
+        storage.remove_session()
+        storage.engine.dispose()

@@ -7,6 +7,7 @@ FAIL. The trial budget is the study's total; a re-run does only what is missing.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import socket
@@ -25,11 +26,18 @@ from runners.knobs import RUNNER_KNOBS
 from tuner.errors import UsageError
 from tuner.launcher import LaunchOutcome, ProcessLauncher, WarmLauncher
 from tuner.progress import Progress
-from tuner.space import Space, grid_values, validate
+from tuner.space import Space, apply_overrides, grid_values, validate
+from tuner.storage import heartbeat_interval
+from tuner.workers import ClaimLock, Heartbeat, worker_identity
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 # set_metric_names is stable in practice; its "experimental" warning would only add noise.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+# Optuna warns when `ask` meets a heartbeat storage outside `optimize`; this loop runs the same
+# protocol itself (fail_stale_trials before ask, a heartbeat thread while the trial runs).
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+# Seconds between looks at other workers' running trials once the budget is all claimed.
+WAIT_POLL_S = 1.0
 
 
 @dataclass
@@ -38,7 +46,8 @@ class RunOptions:
     out_dir: Path
     quiet: bool = False
     warm: bool = False
-    worker: dict[str, Any] = field(default_factory=dict)  # e.g. {"gpu": "1"} for issue-8 workers
+    worker: dict[str, Any] = field(default_factory=dict)  # merged into each trial's `owner`
+    join: bool = False  # a worker joining by name: keep the study's stored space as it is
 
 
 @dataclass
@@ -54,9 +63,11 @@ class RunSummary:
 # ---------------------------------------------------------------- samplers and studies
 
 
-def make_sampler(space: Space) -> optuna.samplers.BaseSampler:
+def make_sampler(space: Space, salt: str = "") -> optuna.samplers.BaseSampler:
+    """The space's sampler; `salt` (a worker's identity) gives each parallel worker its own seed,
+    else workers seeded alike would propose the very same configs."""
     search = space.search
-    seed = search.seed
+    seed = search.seed if not salt else _salted_seed(search.seed, salt)
     startup = search.n_startup_trials or min(10, max(2, search.trials // 3))
     name = search.sampler
     if name in ("auto", "tpe"):
@@ -73,10 +84,16 @@ def make_sampler(space: Space) -> optuna.samplers.BaseSampler:
     return optuna.samplers.GridSampler(grid, seed=seed)
 
 
-def open_study(space: Space, storage: optuna.storages.BaseStorage) -> optuna.Study:
+def _salted_seed(seed: int, salt: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{salt}".encode()).digest()[:4], "big")
+
+
+def open_study(space: Space, storage: optuna.storages.BaseStorage, store_space: bool = True,
+               sampler_salt: str = "") -> optuna.Study:
+    """Create or load the study; `store_space` records this space (budget included) for workers."""
     directions = [o.direction for o in space.objectives]
     study = optuna.create_study(study_name=space.study, storage=storage, directions=directions,
-                                sampler=make_sampler(space), load_if_exists=True)
+                                sampler=make_sampler(space, sampler_salt), load_if_exists=True)
     stored = [d.name.lower() for d in study.directions]
     if stored != directions:
         raise UsageError(f"study {space.study!r} already exists with directions {stored}; "
@@ -88,19 +105,23 @@ def open_study(space: Space, storage: optuna.storages.BaseStorage) -> optuna.Stu
                          f"the space asks {names} (use another --study name)")
     if not stored_metrics:
         study.set_metric_names(names)
-        study.set_user_attr("space", space.raw)
-        study.set_user_attr("space_source", space.source)
         study.set_user_attr("runner", space.runner)
         study.set_user_attr("constraints", [_constraint_dict(c) for c in space.constraints])
+    if store_space and (not stored_metrics or study.user_attrs.get("space") != space.raw):
+        # The latest `--space` command defines the study (a re-run may raise --trials); workers
+        # joining by name read it from here.
+        study.set_user_attr("space", space.raw)
+        study.set_user_attr("space_source", space.source)
     return study
 
 
-def space_from_study(study: optuna.Study) -> Space:
-    """The space a study was created with (for workers joining it)."""
+def space_from_study(study: optuna.Study, overrides: dict[str, Any] | None = None) -> Space:
+    """The space a study was last run with (for workers joining it), with e.g. `device` overridden."""
     raw = study.user_attrs.get("space")
     if not raw:
         raise UsageError(f"study {study.study_name!r} was not created by autoglm-tune (no stored space)")
-    return validate(raw, source=f"study {study.study_name}", default_study=study.study_name)
+    return validate(apply_overrides(raw, overrides or {}), source=f"study {study.study_name}",
+                    default_study=study.study_name)
 
 
 def _constraint_dict(c: Any) -> dict[str, Any]:
@@ -124,21 +145,34 @@ def _owner_alive(owner: dict[str, Any]) -> bool:
 
 
 def counted_trials(study: optuna.Study) -> int:
-    """Trials that used budget: finished ones (not interrupted) plus those running now."""
+    """Trials that used budget: those running now, finished ones, and runner failures.
+
+    A FAIL counts only when the runner itself failed (crash, hang: the tuner recorded an
+    `outcome`). A trial whose worker died or was interrupted does not: it is queued again
+    (by `_requeue`, or by Optuna's RetryHeartbeatStaleTrialCallback, whose copy lists it in
+    `retry_history`), and the copy is what counts once a worker claims it.
+    """
+    trials = study.get_trials(deepcopy=False)
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
     count = 0
-    for t in study.get_trials(deepcopy=False):
+    for t in trials:
         if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING):
             count += 1
-        elif t.state == TrialState.FAIL and not t.user_attrs.get("interrupted"):
+        elif t.state == TrialState.FAIL and _runner_failed(t) and t.number not in retried:
             count += 1
     return count
+
+
+def _runner_failed(trial: optuna.trial.FrozenTrial) -> bool:
+    return "outcome" in trial.user_attrs and not trial.user_attrs.get("interrupted")
 
 
 def recover_stale_trials(study: optuna.Study, progress: Progress) -> int:
     """Trials left RUNNING by a dead process on this host become FAIL and are queued again.
 
     Journal and SQLite storages have no heartbeat, so the owner host/pid recorded at start
-    tells a dead owner from a live worker.
+    tells a dead owner from a live worker. Called under the claim lock, so two workers never
+    recover (and queue) the same trial twice.
     """
     host = socket.gethostname()
     recovered = 0
@@ -147,14 +181,28 @@ def recover_stale_trials(study: optuna.Study, progress: Progress) -> int:
         if owner.get("host") != host or _owner_alive(owner):
             continue
         storage = study._storage
-        storage.set_trial_user_attr(t._trial_id, "interrupted", True)
-        storage.set_trial_user_attr(t._trial_id, "fail_reason", f"owner process {owner.get('pid')} died mid-trial")
-        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        try:
+            storage.set_trial_user_attr(t._trial_id, "interrupted", True)
+            storage.set_trial_user_attr(t._trial_id, "fail_reason",
+                                        f"owner process {owner.get('pid')} died mid-trial")
+            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # finished meanwhile (a worker not taking the lock, e.g. an older version)
         _requeue(study, t)
         recovered += 1
     if recovered:
         progress.say(f"recovered {recovered} trial(s) left running by a dead process; queued again")
     return recovered
+
+
+def recover_dead_workers(study: optuna.Study, storage: optuna.storages.BaseStorage, progress: Progress) -> None:
+    """Fail and re-queue trials whose worker died: by heartbeat where the storage has one."""
+    if heartbeat_interval(storage):
+        # Optuna's own: fails trials silent past the grace period, then runs the storage's
+        # RetryHeartbeatStaleTrialCallback, which queues a WAITING copy.
+        optuna.storages.fail_stale_trials(study)
+    else:
+        recover_stale_trials(study, progress)
 
 
 def _requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -229,25 +277,42 @@ def tell_outcome(study: optuna.Study, trial: optuna.Trial, space: Space, outcome
 
 
 def run_study(space: Space, storage: optuna.storages.BaseStorage, options: RunOptions) -> RunSummary:
+    """Claim and run trials until the study's total budget is used; one of possibly many workers."""
     progress = Progress(space.search.trials, options.quiet)
-    study = open_study(space, storage)
-    recover_stale_trials(study, progress)
-    ensure_baseline(study, space)
+    # A joining worker runs beside others: its own sampler seed (the workload seed stays the study's).
+    salt = f"{socket.gethostname()}:{os.getpid()}" if options.join else ""
+    study = open_study(space, storage, store_space=not options.join, sampler_salt=salt)
+    claims = ClaimLock(options.storage_url, storage, space.study)
+    with claims:
+        recover_dead_workers(study, storage, progress)
+        ensure_baseline(study, space)
     budget = space.search.trials
-    counted = counted_trials(study)
-    progress.say(f"study {space.study}: {counted}/{budget} trials done; runner {space.runner} on "
+    progress.say(f"study {space.study}: {counted_trials(study)}/{budget} trials done; runner {space.runner} on "
                  f"{space.device}; storage {options.storage_url}; artifacts {options.out_dir}")
     launcher = (WarmLauncher(space.search.trial_timeout_s, options.out_dir / "runner-stderr.log")
                 if options.warm else ProcessLauncher(space.search.trial_timeout_s))
     deadline = time.monotonic() + space.search.timeout_min * 60 if space.search.timeout_min else math.inf
-    ran, timed_out = 0, False
+    ran, timed_out, waiting = 0, False, False
     try:
-        while counted_trials(study) < budget:
+        while True:
             if time.monotonic() >= deadline:
                 timed_out = True
                 progress.say(f"time budget of {space.search.timeout_min} min reached; stopping")
                 break
-            _one_trial(study, space, options, launcher, progress, budget)
+            trial = claim_trial(study, storage, space, options, claims, progress)
+            if trial is None:
+                # All budget is claimed. Stay while other workers run trials: if one of them
+                # dies, its trial is handed back and someone must run it again.
+                others = _live_running(study, storage)
+                if not others:
+                    break
+                if not waiting:
+                    progress.say(f"budget claimed; waiting for {len(others)} trial(s) running on other workers")
+                waiting = True
+                time.sleep(WAIT_POLL_S)
+                continue
+            waiting = False
+            _one_trial(study, storage, trial, space, options, launcher, progress, budget)
             ran += 1
     finally:
         launcher.close()
@@ -257,6 +322,44 @@ def run_study(space: Space, storage: optuna.storages.BaseStorage, options: RunOp
     return RunSummary(space.study, ran, counted_trials(study), budget, pareto, timed_out)
 
 
+def claim_trial(study: optuna.Study, storage: optuna.storages.BaseStorage, space: Space,
+                options: RunOptions, claims: ClaimLock, progress: Progress) -> optuna.Trial | None:
+    """Under the claim lock: recover dead workers' trials, count, and ask if budget is left.
+
+    The new trial is RUNNING (and, on heartbeat storages, has its first heartbeat) before the
+    lock is released, so the next worker's count includes it: the budget is exact.
+    """
+    with claims:
+        recover_dead_workers(study, storage, progress)
+        if counted_trials(study) >= space.search.trials:
+            return None
+        trial = study.ask(space.distributions())  # pops a queued retry first, if any
+        if heartbeat_interval(storage):
+            storage.record_heartbeat(trial._trial_id)
+        trial.set_user_attr("owner", {**owner_identity(), **worker_identity(space.device), **options.worker})
+        history = storage.get_trial_system_attrs(trial._trial_id).get("retry_history")
+        if history:  # a RetryHeartbeatStaleTrialCallback copy: name the trial it re-runs
+            trial.set_user_attr("retry_of", history[-1])
+    return trial
+
+
+def _live_running(study: optuna.Study, storage: optuna.storages.BaseStorage) -> list[optuna.trial.FrozenTrial]:
+    """Other workers' RUNNING trials that will either finish or be recovered by a claim.
+
+    With heartbeats, every trial a worker of ours owns; without, only those of live processes
+    on this host (a dead owner's trial is recovered at the next claim; another host's cannot be
+    judged without a heartbeat).
+    """
+    beats = bool(heartbeat_interval(storage))
+    host = socket.gethostname()
+    live = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = t.user_attrs.get("owner")
+        if owner and (beats or (owner.get("host") == host and _owner_alive(owner))):
+            live.append(t)
+    return live
+
+
 def _pareto_size(study: optuna.Study) -> int:
     try:
         return len(study.best_trials)
@@ -264,16 +367,15 @@ def _pareto_size(study: optuna.Study) -> int:
         return 0
 
 
-def _one_trial(study: optuna.Study, space: Space, options: RunOptions, launcher: Any,
-               progress: Progress, budget: int) -> None:
-    trial = study.ask(space.distributions())
-    trial.set_user_attr("owner", {**owner_identity(), **options.worker})
+def _one_trial(study: optuna.Study, storage: optuna.storages.BaseStorage, trial: optuna.Trial, space: Space,
+               options: RunOptions, launcher: Any, progress: Progress, budget: int) -> None:
     artifact_dir = options.out_dir / f"trial_{trial.number:05d}"
     config = trial_config(space, trial.params, trial.number, artifact_dir)
     trial.set_user_attr("config", _plain(config))
     trial.set_user_attr("artifact_dir", config.artifact_dir)
     try:
-        outcome = launcher.run(config, artifact_dir)
+        with Heartbeat(storage, trial._trial_id):
+            outcome = launcher.run(config, artifact_dir)
     except KeyboardInterrupt:
         launcher.close()
         trial.set_user_attr("interrupted", True)
@@ -281,7 +383,13 @@ def _one_trial(study: optuna.Study, space: Space, options: RunOptions, launcher:
         study.tell(trial, state=TrialState.FAIL)
         _requeue(study, study.trials[trial.number])
         raise
-    detail = tell_outcome(study, trial, space, outcome)
+    try:
+        detail = tell_outcome(study, trial, space, outcome)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        # This worker was silent past the grace period (suspended, network cut): another worker
+        # failed the trial and queued a retry, which will produce the result instead.
+        progress.say(f"trial {trial.number} was failed as stale by another worker; its result is dropped")
+        return
     frozen = study.trials[trial.number]
     progress.trial_done(study, frozen, counted_trials(study), outcome.state, detail,
                         [o.metric for o in space.objectives], outcome.wall_s)

@@ -119,7 +119,12 @@ class FastEngine:
                 to_l2=lambda t: t.to("cpu"))
 
     def counters(self) -> dict[str, float]:
-        return dict(self._counts)
+        counts = dict(self._counts)
+        if self.prefix_cache is not None:  # serving takes the window's delta of these too
+            stats = self.prefix_cache.stats
+            counts.update(prefix_lookups=float(stats.lookups), prefix_hits=float(stats.hits_l1 + stats.hits_l2),
+                          prefix_tokens_reused=float(stats.tokens_reused))
+        return counts
 
     # --- buckets, compile, capture -----------------------------------------------------------
     def prepare(self, max_batch: int, max_len: int, batches: Sequence[int] | None = None) -> float:

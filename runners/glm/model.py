@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from transformers import Glm4Config, Glm4ForCausalLM, GlmConfig, GlmForCausalLM
 
+from runners.contract import InfeasibleConfig
 from runners.presets import PRESETS
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -65,9 +66,21 @@ def model_config(model_spec: dict[str, Any]) -> Any:
     return make_config(model_spec)
 
 
+def check_attn_implementation(name: str, device: str) -> None:
+    """flash_attention_2 needs the flash-attn package and a CUDA GPU; say so instead of crashing."""
+    if name != "flash_attention_2":
+        return
+    from transformers.utils import is_flash_attn_2_available
+
+    if not device.startswith("cuda") or not is_flash_attn_2_available():
+        raise InfeasibleConfig("attn_implementation=flash_attention_2 needs a CUDA GPU and the flash-attn "
+                               "package, which this environment lacks")
+
+
 def build_model(model_spec: dict[str, Any], dtype: torch.dtype, device: str, seed: int,
                 attn_implementation: str = "sdpa") -> torch.nn.Module:
     """Random init directly on `device` in `dtype` (seeded), or a local checkpoint."""
+    check_attn_implementation(attn_implementation, device)
     if "path" in model_spec:
         # A local checkpoint directory only: run time never reaches the hub.
         arch_cls = ARCHS[checkpoint_arch(model_spec)][1]

@@ -1,0 +1,45 @@
+"""`autoglm-tune dashboard [--storage URL] [--port P]`: the Streamlit app on 127.0.0.1."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+from tuner.errors import UsageError
+
+# app.py sits at the repository root, next to the reports package (an editable install).
+APP = Path(__file__).resolve().parent.parent / "app.py"
+
+
+def parser() -> argparse.ArgumentParser:
+    from tuner.cli import _Parser
+
+    p = _Parser(prog="autoglm-tune dashboard", description="Start the Streamlit dashboard on 127.0.0.1.")
+    p.add_argument("--storage", default=None, help="default: $AUTOGLM_TUNE_STORAGE, else runs/optuna.journal")
+    p.add_argument("--port", type=int, default=8501)
+    return p
+
+
+def command(storage_url: str, port: int) -> list[str]:
+    return [sys.executable, "-m", "streamlit", "run", str(APP), "--server.address", "127.0.0.1",
+            "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
+            "--", "--storage", storage_url]
+
+
+def main(argv: list[str]) -> int:
+    import os
+
+    from tuner.storage import DEFAULT_STORAGE, open_existing_storage
+
+    args = parser().parse_args(argv)
+    url = args.storage or os.environ.get("AUTOGLM_TUNE_STORAGE") or DEFAULT_STORAGE
+    open_existing_storage(url)  # a missing journal is a usage error here, not a blank page
+    if not APP.is_file():
+        raise UsageError(f"dashboard: {APP} not found (run from a source checkout: pip install -e .)")
+    print(f"dashboard for {url} on http://127.0.0.1:{args.port} (Ctrl-C stops it)", flush=True)
+    try:
+        return subprocess.call(command(url, args.port))
+    except KeyboardInterrupt:
+        return 0

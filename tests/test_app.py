@@ -1,0 +1,95 @@
+"""app.py under Streamlit's AppTest, on studies made by the real GLM runner on CPU:
+populated, running, empty and failed studies render without exception; picking a study and a
+trial shows that trial's metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from tests.dashboard_study import build
+from tuner.storage import open_storage
+
+APP = str(Path(__file__).resolve().parent.parent / "app.py")
+
+
+@pytest.fixture(scope="module")
+def journal(tmp_path_factory) -> str:
+    return build(tmp_path_factory.getbasetemp() / "dashboard_studies")
+
+
+@pytest.fixture
+def app(journal, monkeypatch) -> AppTest:
+    monkeypatch.setenv("AUTOGLM_TUNE_STORAGE", journal)
+    return AppTest.from_file(APP, default_timeout=60)
+
+
+def _pick_study(at: AppTest, name: str) -> AppTest:
+    at.run()
+    assert not at.exception, at.exception
+    at.selectbox(key="study").select(name).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def _text(at: AppTest) -> str:
+    parts = [e.value for kind in ("info", "error", "warning", "markdown", "caption", "subheader", "title")
+             for e in getattr(at, kind)]
+    return "\n".join(str(p) for p in parts)
+
+
+def test_populated_study_pick_trial_shows_its_metrics(app, journal):
+    at = _pick_study(app, "populated")
+    study = optuna.load_study(study_name="populated", storage=open_storage(journal))
+    assert "Study populated" in _text(at)
+    assert any(m.label.startswith("best throughput_tok_s") for m in at.metric)
+    # An infeasible (int8, KL above the bound) trial: picking it shows its own numbers and why.
+    infeasible = next(t for t in study.trials if any(v > 0 for v in t.constraints.values()))
+    at.selectbox(key="trial").select(infeasible.number).run()
+    assert not at.exception, at.exception
+    assert f"Trial #{infeasible.number}" in _text(at)
+    shown = {m.label: m.value for m in at.metric}
+    for metric in ("throughput_tok_s", "latency_p99_ms", "peak_memory_mib", "kl_divergence"):
+        assert shown[metric] == f"{infeasible.user_attrs['metrics'][metric]:.4g}", metric
+    assert any("kl_divergence" in w.value and "violated" in w.value for w in at.warning)
+    # The drill-down table lists every measured metric with its unit and CI.
+    tables = [df.value for df in at.dataframe]
+    assert any("metric" in t.columns and "ttft_p99_ms" in set(t["metric"]) for t in tables)
+
+
+def test_running_study_shows_progress_and_the_running_trial(app):
+    at = _pick_study(app, "running")
+    assert any("running now" in i.value for i in at.info)
+    at.selectbox(key="trial").select(4).run()
+    assert not at.exception, at.exception
+    assert any("Running on" in i.value for i in at.info)
+    at.button[0].click().run()  # Refresh
+    assert not at.exception, at.exception
+
+
+def test_empty_and_failed_studies_say_so(app):
+    at = _pick_study(app, "empty")
+    assert any("no trials yet" in i.value for i in at.info)
+    at.selectbox(key="study").select("failed").run()
+    assert not at.exception, at.exception
+    assert any("No trial has completed" in e.value and "runner hung" in e.value for e in at.error)
+    at.selectbox(key="trial").select(1).run()
+    assert not at.exception, at.exception
+    assert any(e.value.startswith("Failed: runner hung") for e in at.error)
+
+
+def test_compare_two_studies(app):
+    at = _pick_study(app, "populated")
+    at.selectbox(key="other_study").select("running").run()
+    assert not at.exception, at.exception
+    assert "**running**" in _text(at)
+
+
+def test_missing_storage_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("AUTOGLM_TUNE_STORAGE", str(tmp_path / "nope.journal"))
+    at = AppTest.from_file(APP, default_timeout=30).run()
+    assert not at.exception
+    assert any("no such journal file" in e.value for e in at.error)

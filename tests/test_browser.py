@@ -1,0 +1,106 @@
+"""The dashboard in a real browser: Debian's chromium driven by playwright against
+`streamlit run app.py` on 127.0.0.1. Loads a study made by the real runner, checks that the
+Pareto chart and the trial table render, clicks a Pareto point and sees that trial drilled
+into, and saves a screenshot (set DASHBOARD_SCREENSHOT=path to also copy it, e.g. to
+docs/dashboard.png)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.dashboard_study import build
+
+CHROMIUM = "/usr/bin/chromium"
+APP = Path(__file__).resolve().parent.parent / "app.py"
+# No background networking: this machine's closed network refuses Chromium's calls home.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic",
+                 "--no-first-run", "--disable-component-update", "--disable-sync"]
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+if not Path(CHROMIUM).exists():
+    pytest.skip(f"{CHROMIUM} is absent (apt-get install chromium)", allow_module_level=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"streamlit exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"streamlit did not answer on {url} in {timeout_s} s")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    journal = build(tmp_path_factory.getbasetemp() / "dashboard_studies")
+    port = _free_port()
+    log = (tmp_path_factory.mktemp("streamlit") / "server.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(APP), "--server.headless", "true",
+         "--server.address", "127.0.0.1", "--server.port", str(port), "--server.fileWatcherType", "none",
+         "--browser.gatherUsageStats", "false", "--", "--storage", journal],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, proc)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        log.close()
+
+
+# The Pareto trace's first point: its trial number and its pixel centre on the page.
+FIRST_PARETO_POINT = """() => {
+  const gd = [...document.querySelectorAll('.js-plotly-plot')].find(g => g.data.some(t => t.name.startsWith('feasible Pareto')));
+  const index = gd.data.findIndex(t => t.name.startsWith('feasible Pareto'));
+  const point = gd.querySelectorAll('.scatterlayer .trace')[index].querySelector('path.point');
+  const box = point.getBoundingClientRect();
+  return {trial: gd.data[index].customdata[0], x: box.x + box.width / 2, y: box.y + box.height / 2};
+}"""
+
+
+def test_dashboard_in_chromium(server, tmp_path):
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1500, "height": 1100})
+        page.goto(f"{server}/?study=populated", wait_until="domcontentloaded")
+        page.get_by_text("Study populated").first.wait_for(timeout=90_000)
+        page.locator(".js-plotly-plot .scatterlayer path.point").first.wait_for(timeout=60_000)
+        page.locator('[data-testid="stDataFrame"]').first.wait_for(timeout=30_000)
+        assert page.get_by_text("4 of 4 trials").count() == 1  # the table holds every trial
+
+        target = page.evaluate(FIRST_PARETO_POINT)
+        page.mouse.click(target["x"], target["y"])
+        page.get_by_text("1 of 4 trials").wait_for(timeout=30_000)  # the table follows the chart
+        page.wait_for_timeout(1500)  # let the rerun settle before the picture
+        page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=False)
+
+        page.get_by_role("tab", name="Trial detail").click()
+        page.get_by_text(f"Trial #{target['trial']}", exact=True).wait_for(timeout=30_000)
+        page.get_by_text("throughput_tok_s").first.wait_for()
+        page.screenshot(path=str(tmp_path / "trial_detail.png"), full_page=True)
+        browser.close()
+    assert (tmp_path / "dashboard.png").stat().st_size > 20_000
+    if os.environ.get("DASHBOARD_SCREENSHOT"):
+        shutil.copyfile(tmp_path / "dashboard.png", os.environ["DASHBOARD_SCREENSHOT"])
