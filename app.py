@@ -144,7 +144,8 @@ def worker_filter(frame: pd.DataFrame) -> pd.DataFrame:
         values = sorted(str(v) for v in frame[column].dropna().unique())
         if len(values) > 1:
             keep = st.sidebar.multiselect(label, values, default=values, key=f"filter_{column}")
-            frame = frame[frame[column].astype(str).isin(keep)]
+            if set(keep) != set(values):  # trials that recorded no worker stay until one is deselected
+                frame = frame[frame[column].astype(str).isin(keep)]
     return frame
 
 
@@ -166,10 +167,17 @@ def study_header(info: dict[str, Any], frame: pd.DataFrame, objs: list[fr.Object
     best = fr.best_per_objective(frame, objs)
     tiles = st.columns(max(1, len(best)))
     for tile, row in zip(tiles, best.itertuples(), strict=False):
-        delta = None if row.best_vs_baseline is None or pd.isna(row.best_vs_baseline) else f"{row.best_vs_baseline:.2f}× baseline"
+        ratio = row.best_vs_baseline
         label = f"best {row.objective} ({'↑' if row.direction == 'maximize' else '↓'})"
         trial = "" if row.trial is None or pd.isna(row.trial) else f" · trial #{int(row.trial)}"
-        tile.metric(label + trial, fmt(row.best), delta=delta, delta_color="off")
+        if ratio is None or pd.isna(ratio):
+            tile.metric(label + trial, fmt(row.best), delta="no baseline measured", delta_color="off", delta_arrow="off")
+        elif abs(ratio - 1) < 5e-4:
+            tile.metric(label + trial, fmt(row.best), delta="the baseline is best", delta_color="off", delta_arrow="off")
+        else:
+            # Green means better: a lower latency/memory than the baseline is a negative delta.
+            tile.metric(label + trial, fmt(row.best), delta=f"{(ratio - 1) * 100:+.1f}% vs baseline",
+                        delta_color="normal" if row.direction == "maximize" else "inverse")
 
 
 def study_state_message(info: dict[str, Any], frame: pd.DataFrame) -> bool:
@@ -192,7 +200,7 @@ def study_state_message(info: dict[str, Any], frame: pd.DataFrame) -> bool:
 # ---------------------------------------------------------------- Pareto and table
 
 
-def pareto_axes(objs: list[fr.Objective], frame: pd.DataFrame) -> list[str]:
+def pareto_axes(objs: list[fr.Objective], frame: pd.DataFrame, name: str) -> list[str]:
     names = [o.metric for o in objs]
     choices = names + [m for m in fr.metric_columns(frame) if m not in names]
     if len(choices) < 2:
@@ -201,8 +209,9 @@ def pareto_axes(objs: list[fr.Objective], frame: pd.DataFrame) -> list[str]:
     if three:
         return names
     left, right = st.columns(2)
-    x = left.selectbox("x axis", choices, index=0, key="pareto_x")
-    y = right.selectbox("y axis", choices, index=1, key="pareto_y")
+    # Keys per study: another study's metrics are other options, and stale picks must not leak.
+    x = left.selectbox("x axis", choices, index=0, key=f"pareto_x_{name}")
+    y = right.selectbox("y axis", choices, index=1, key=f"pareto_y_{name}")
     return [x, y]
 
 
@@ -219,9 +228,9 @@ def selected_on_chart(event: Any) -> list[int]:
     return sorted(set(numbers))
 
 
-def pareto_panel(frame: pd.DataFrame, objs: list[fr.Objective]) -> list[int]:
+def pareto_panel(frame: pd.DataFrame, objs: list[fr.Objective], name: str) -> list[int]:
     directions = {o.metric: o.direction for o in objs}
-    axes = pareto_axes(objs, frame)
+    axes = pareto_axes(objs, frame, name)
     event = draw(figs.pareto_figure, frame, axes, directions, key="pareto", on_select="rerun",
                  selection_mode=("points", "box", "lasso"))
     if len(objs) == 3 and len(axes) == 2:
@@ -231,9 +240,10 @@ def pareto_panel(frame: pd.DataFrame, objs: list[fr.Objective]) -> list[int]:
 
 
 def table_filters(frame: pd.DataFrame, chart_pick: list[int]) -> pd.DataFrame:
-    cols = st.columns([2, 2, 3, 2])
+    cols = st.columns([4, 2, 4, 1.2])
     categories = sorted(frame["category"].dropna().unique())
-    keep = cols[0].multiselect("Class", categories, default=categories, key="filter_class")
+    # A new set of classes (another study, a first infeasible trial) starts from "all shown".
+    keep = cols[0].multiselect("Class", categories, default=categories, key=f"filter_class_{'|'.join(categories)}")
     only_chart = cols[1].toggle("Only chart selection", value=bool(chart_pick), disabled=not chart_pick,
                                 key=f"only_chart_{bool(chart_pick)}")
     query = cols[2].text_input("Filter (pandas query)", key="table_query",
@@ -262,9 +272,11 @@ def trial_table(frame: pd.DataFrame, objs: list[fr.Objective], chart_pick: list[
     shown = table_filters(frame, chart_pick)
     view = shown[table_columns(shown, objs)].reset_index(drop=True)
     view.insert(1, "on_chart", view["number"].isin(chart_pick))
-    event = st.dataframe(view, key="trial_table", on_select="rerun", selection_mode="multi-row",
+    event = st.dataframe(fr.arrow_safe(view), key="trial_table", on_select="rerun", selection_mode="multi-row",
                          hide_index=True, width="stretch",
-                         column_config={"on_chart": st.column_config.CheckboxColumn("selected", width="small")})
+                         column_config={"on_chart": st.column_config.CheckboxColumn("selected", width="small"),
+                                        **{m: st.column_config.NumberColumn(m, format="%.4g")
+                                           for m in fr.metric_columns(view)}})
     rows = list(event["selection"]["rows"]) if event else []
     left, right = st.columns(2)
     left.download_button("Download CSV", shown.to_csv(index=False).encode(), f"{name}_trials.csv", "text/csv")
@@ -311,11 +323,18 @@ def metric_table(metrics: dict[str, float], unavailable: dict[str, str]) -> pd.D
     return pd.DataFrame(rows)
 
 
+def with_unit(name: str, value: float) -> str:
+    unit = METRICS.get(name, ("", ""))[0]
+    if unit == "ratio":  # MBU, MFU, top-1 agreement read best as percentages
+        return f"{value * 100:.3g} %"
+    return f"{fmt(value)} {unit}".strip()
+
+
 def metric_tiles(metrics: dict[str, float], names: list[str]) -> None:
     present = [n for n in names if n in metrics]
     for start in range(0, len(present), 4):
         for col, n in zip(st.columns(4), present[start:start + 4], strict=False):
-            col.metric(n, fmt(float(metrics[n])), help=METRICS.get(n, ("", ""))[0] or None)
+            col.metric(n, with_unit(n, float(metrics[n])))
 
 
 def outcome_banner(data: dict[str, Any], row: pd.Series) -> None:
@@ -424,7 +443,7 @@ def diagnostics(url: str, name: str, objs: list[fr.Objective]) -> None:
     for col, o in zip(st.columns(len(objs)), objs, strict=True):
         with col:
             show(*study_figure(url, name, "importance", o.metric), key=f"importance_{o.metric}")
-    metric = st.selectbox("Colour parallel coordinates by", [o.metric for o in objs], key="parallel_metric")
+    metric = st.selectbox("Colour parallel coordinates by", [o.metric for o in objs], key=f"parallel_metric_{name}")
     show(*study_figure(url, name, "parallel", metric), key="parallel")
 
 
@@ -456,7 +475,7 @@ def main() -> None:
     has_results = study_state_message(info, frame)
     tabs = st.tabs(["Pareto & trials", "Trial detail", "Compare trials", "Compare studies", "Search diagnostics", "Space"])
     with tabs[0]:
-        chart_pick = pareto_panel(frame, objs) if has_results else []
+        chart_pick = pareto_panel(frame, objs, name) if has_results else []
         table_pick = trial_table(frame, objs, chart_pick, name) if len(frame) else []
     remember_pick(table_pick or chart_pick, list(frame["number"]))
     with tabs[1]:

@@ -39,6 +39,7 @@ CONFIGS: dict[str, tuple[dict[str, Any], str]] = {
     "int8+head": ({"quant_bits": 8, "quantize_lm_head": True}, "fast"),
     "int4": ({"quant_bits": 4}, "fast"),
     "int4+head": ({"quant_bits": 4, "quantize_lm_head": True}, "fast"),
+    "int4+head-g256": ({"quant_bits": 4, "quantize_lm_head": True, "quant_group_size": 256}, "fast"),
     "int8dyn": ({"quant_bits": 8, "quant_scheme": "dynamic_activation"}, "fast"),
     "fp8": ({"quant_bits": 8, "quant_scheme": "fp8"}, "fast"),
     "2:4": ({"sparsity": 0.5, "sparsity_kind": "2:4"}, "fast"),

@@ -25,6 +25,7 @@ def parser() -> argparse.ArgumentParser:
 def command(storage_url: str, port: int) -> list[str]:
     return [sys.executable, "-m", "streamlit", "run", str(APP), "--server.address", "127.0.0.1",
             "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
+            "--client.toolbarMode", "viewer",
             "--", "--storage", storage_url]
 
 

@@ -30,8 +30,8 @@ CATEGORY_STYLE: dict[str, dict[str, object]] = {
     DOMINATED: {"color": "#4c78a8", "symbol": "circle", "size": 9, "opacity": 0.75},
     PARETO: {"color": "#e45756", "symbol": "diamond", "size": 13, "opacity": 1.0},
 }
-BASELINE_STYLE: dict[str, object] = {"color": "rgba(0,0,0,0)", "symbol": "star-open", "size": 22,
-                                     "line": {"color": "#222222", "width": 2}}
+# An open symbol draws its outline in `color`: a dark ring around whatever class the baseline has.
+BASELINE_STYLE: dict[str, object] = {"color": "#222222", "symbol": "star-open", "size": 22, "line": {"width": 2}}
 LATENCY_COLUMNS = {"ttft_ms": "TTFT", "tpot_ms": "TPOT", "latency_ms": "end-to-end"}
 # Timeline columns grouped by unit suffix, so memory, power and utilisation get their own axes.
 TIMELINE_GROUPS = {"_mib": "memory (MiB)", "_w": "power (W)", "_pct": "utilisation (%)",
@@ -128,8 +128,8 @@ def pareto_figure(frame: pd.DataFrame, axes: Sequence[str], directions: dict[str
     else:
         fig.update_layout(xaxis_title=titles["xaxis"], yaxis_title=titles["yaxis"])
     fig.update_layout(title={"text": title, "subtitle": {"text": note}} if note else title,
-                      legend={"orientation": "h", "y": -0.18}, clickmode="event+select",
-                      margin={"t": 70 if note else 50})
+                      legend={"orientation": "h", "y": -0.2}, clickmode="event+select",
+                      margin={"t": 70 if note else 50}, height=480)
     return fig
 
 
@@ -201,7 +201,8 @@ def _target(study: optuna.Study, metric: str) -> int:
     return names.index(metric)
 
 
-MIN_IMPORTANCE_TRIALS = 4
+# PED-ANOVA contrasts the top trials with the rest: with fewer than this the ranking is noise.
+MIN_IMPORTANCE_TRIALS = 8
 
 
 def importance_figure(study: optuna.Study, metric: str) -> go.Figure:
@@ -222,7 +223,7 @@ def importance_figure(study: optuna.Study, metric: str) -> go.Figure:
         raise NoFigure(f"importances for {metric} cannot be estimated yet: {exc}") from exc
     if not fig.data or not len(fig.data[0].x or []):
         raise NoFigure(f"importances for {metric}: no parameter varied across the measured trials")
-    fig.update_layout(title=f"Parameter importances for {metric}")
+    fig.update_layout(title=f"Importances: {metric}")
     return fig
 
 

@@ -220,7 +220,7 @@ def stacked_artifact(study: optuna.Study, numbers: list[int], name: str) -> pd.D
 # ---------------------------------------------------------------- CSV / Parquet
 
 
-def _arrow_safe(frame: pd.DataFrame) -> pd.DataFrame:
+def arrow_safe(frame: pd.DataFrame) -> pd.DataFrame:
     """Parquet needs one type per column; params of mixed choices (False, "on") become text."""
     out = frame.copy()
     for column in out.select_dtypes(include="object").columns:
@@ -234,7 +234,7 @@ def write_table(frame: pd.DataFrame, path: Path) -> Path:
     """Write a frame as CSV or Parquet, chosen by the file suffix."""
     path = Path(path)
     if path.suffix == ".parquet":
-        _arrow_safe(frame).to_parquet(path, index=False)
+        arrow_safe(frame).to_parquet(path, index=False)
     else:
         frame.to_csv(path, index=False)
     return path
@@ -247,5 +247,5 @@ def read_table(path: Path) -> pd.DataFrame:
 
 def to_parquet_bytes(frame: pd.DataFrame) -> bytes:
     buffer = io.BytesIO()
-    _arrow_safe(frame).to_parquet(buffer, index=False)
+    arrow_safe(frame).to_parquet(buffer, index=False)
     return buffer.getvalue()

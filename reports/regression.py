@@ -266,12 +266,15 @@ def accepted_values(history: pd.DataFrame, config: str, metric: str, rule: Rule,
     return [float(v) for v in rows["now"].dropna().tail(rule.history_window)]
 
 
-def previous_flags(history: pd.DataFrame, config: str, metric: str) -> list[bool]:
-    """Flags of earlier nights, one per night (a night's last row counts)."""
+def previous_flags(history: pd.DataFrame, config: str, metric: str, since: str = "") -> list[bool]:
+    """Flags of earlier nights since the reference was accepted, one per night; a night whose
+    numbers were accepted (`--update-baseline`) counts as unflagged."""
     rows = _series(history, config, metric)
     if rows.empty:
         return []
-    return [bool(v) for v in rows.groupby("night", sort=True)["flagged"].last()]
+    rows = rows[rows["night"].astype(str) >= since]
+    live = rows["flagged"] & ~rows["accepted"]
+    return [bool(v) for v in live.groupby(rows["night"], sort=True).last()]
 
 
 # ---------------------------------------------------------------- outputs
@@ -327,8 +330,11 @@ def junit_xml(checks: pd.DataFrame, suite: str = "autoglm-tune regress") -> str:
                            errors="0", skipped="0")
         for r in rows.itertuples(index=False):
             case = ET.SubElement(ts, "testcase", classname=f"regress.{config}", name=str(r.metric), time="0")
-            detail = (f"reference {_fmt(r.reference)}, now {_fmt(r.now)} (repeats {r.repeats}), "
-                      f"ratio {_fmt(r.ratio, '.3f')}, p {_fmt(r.p_value, '.3g')}, z {_fmt(r.z, '.2f')}: {r.reason}")
+            if r.metric == MEASURED:
+                detail = f"{_fmt(r.now)} of {_fmt(r.reference)} repeats measured. {r.reason}"
+            else:
+                detail = (f"reference {_fmt(r.reference)}, now {_fmt(r.now)} (repeats {r.repeats}), ratio "
+                          f"{_fmt(r.ratio, '.3f')}, p {_fmt(r.p_value, '.3g')}, z {_fmt(r.z, '.2f')}: {r.reason}")
             if r.verdict == "regression":
                 ET.SubElement(case, "failure", message=f"{r.metric} regressed: {r.reason}",
                               type="PerformanceRegression").text = detail
@@ -353,7 +359,8 @@ def history_figure(history: pd.DataFrame, config: str | None = None) -> go.Figur
     frame = frame.sort_values("night")
     fig = px.line(frame, x="night", y="ratio", color="config", facet_row="metric", markers=True,
                   hover_data=["now", "reference", "verdict", "p_value", "z"],
-                  title="Nightly re-measurements: median ÷ reference", height=max(300, 220 * frame["metric"].nunique()))
+                  title="Nightly re-measurements: median ÷ reference",
+                  height=max(300, 220 * frame["metric"].nunique()))
     flagged = frame[frame["verdict"].isin(("regression", "suspect"))]
     metrics = list(dict.fromkeys(frame["metric"]))
     for row, metric in enumerate(metrics):

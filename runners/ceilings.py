@@ -137,6 +137,9 @@ def _best_time(device: str, fn: Callable[[], Any], warmup: int = 3, repeats: int
     CUDA events time the device alone, so launch latency of the host does not count."""
     import torch
 
+    if not device.startswith("cuda"):
+        warmup, repeats = 1, 5  # a CPU figure in a second or two; it varies more than that anyway
+
     for _ in range(warmup):
         fn()
     if device.startswith("cuda"):

@@ -109,6 +109,11 @@ def _check_plan(plan: TrainPlan, device: str) -> None:
     if plan.optimizer == "adamw_cpu_offload" and not cuda:
         raise InfeasibleConfig("optimizer=adamw_cpu_offload (torchao CPUOffloadOptimizer) supports "
                                "only CUDA/XPU devices")
+    if plan.offload_activations and plan.compile:
+        # Measured (torch 2.13): save_on_cpu restores saved tensors contiguous, and the compiled
+        # backward asserts the original strides ("expected ... stride 32==1"): it cannot run.
+        raise InfeasibleConfig("grad_checkpointing=offload with compile: torch.compile's backward rejects "
+                               "the re-laid-out tensors that save_on_cpu hands back")
     if plan.amp_dtype is torch.float16 and plan.weight_dtype is not torch.float32:
         raise InfeasibleConfig("amp_dtype=float16 needs float32 master weights: GradScaler refuses "
                                f"to unscale {plan.weight_dtype} gradients")

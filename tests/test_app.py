@@ -53,7 +53,7 @@ def test_populated_study_pick_trial_shows_its_metrics(app, journal):
     assert f"Trial #{infeasible.number}" in _text(at)
     shown = {m.label: m.value for m in at.metric}
     for metric in ("throughput_tok_s", "latency_p99_ms", "peak_memory_mib", "kl_divergence"):
-        assert shown[metric] == f"{infeasible.user_attrs['metrics'][metric]:.4g}", metric
+        assert shown[metric].split()[0] == f"{infeasible.user_attrs['metrics'][metric]:.4g}", metric
     assert any("kl_divergence" in w.value and "violated" in w.value for w in at.warning)
     # The drill-down table lists every measured metric with its unit and CI.
     tables = [df.value for df in at.dataframe]
@@ -79,6 +79,8 @@ def test_empty_and_failed_studies_say_so(app):
     at.selectbox(key="trial").select(1).run()
     assert not at.exception, at.exception
     assert any(e.value.startswith("Failed: runner hung") for e in at.error)
+    at.selectbox(key="study").select("populated").run()  # filters from the other study do not leak
+    assert any(c.value == "4 of 4 trials" for c in at.caption)
 
 
 def test_compare_two_studies(app):
@@ -86,6 +88,38 @@ def test_compare_two_studies(app):
     at.selectbox(key="other_study").select("running").run()
     assert not at.exception, at.exception
     assert "**running**" in _text(at)
+
+
+def test_worker_filter_3d_and_unmeasured_trials(monkeypatch, tmp_path):
+    """Synthetic trials (two hosts, an out-of-memory trial with no values, a crash): the host
+    filter narrows the table, 3-D renders, and both failure kinds show their reason."""
+    from tests.test_reports import synthetic_study
+
+    synthetic_study(tmp_path, 3)
+    monkeypatch.setenv("AUTOGLM_TUNE_STORAGE", f"sqlite:///{tmp_path}/r.db")
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    at.sidebar.multiselect(key="filter_host").set_value(["h0"]).run()
+    assert not at.exception, at.exception
+    assert any(c.value == "5 of 5 trials" for c in at.caption)
+    at.sidebar.multiselect(key="filter_host").set_value(["h0", "h1"]).run()
+    at.toggle(key="pareto_3d").set_value(True).run()
+    assert not at.exception, at.exception
+    at.selectbox(key="trial").select(9).run()
+    assert any(w.value.startswith("Infeasible: out of memory") for w in at.warning)
+    at.selectbox(key="trial").select(10).run()
+    assert not at.exception, at.exception
+    assert any(e.value == "Failed: runner hung" for e in at.error)
+    assert any("boom" in c.value for c in at.code)
+
+
+def test_dashboard_command(tmp_path, capsys):
+    from reports.dashboard import command
+    from tuner.cli import main
+
+    assert main(["dashboard", "--storage", str(tmp_path / "nope.journal")]) == 2  # no blank page
+    assert "no such journal file" in capsys.readouterr().err
+    argv = command("runs/optuna.journal", 8600)
+    assert argv[-2:] == ["--storage", "runs/optuna.journal"] and "127.0.0.1" in argv and argv[4].endswith("app.py")
 
 
 def test_missing_storage_is_a_clear_error(monkeypatch, tmp_path):

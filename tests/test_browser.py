@@ -58,6 +58,7 @@ def server(tmp_path_factory):
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", str(APP), "--server.headless", "true",
          "--server.address", "127.0.0.1", "--server.port", str(port), "--server.fileWatcherType", "none",
+         "--client.toolbarMode", "viewer",
          "--browser.gatherUsageStats", "false", "--", "--storage", journal],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -83,7 +84,7 @@ FIRST_PARETO_POINT = """() => {
 def test_dashboard_in_chromium(server, tmp_path):
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1500, "height": 1100})
+        page = browser.new_page(viewport={"width": 1440, "height": 1500})
         page.goto(f"{server}/?study=populated", wait_until="domcontentloaded")
         page.get_by_text("Study populated").first.wait_for(timeout=90_000)
         page.locator(".js-plotly-plot .scatterlayer path.point").first.wait_for(timeout=60_000)

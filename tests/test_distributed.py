@@ -29,7 +29,7 @@ from tuner.storage import open_storage
 from tuner.study import RunOptions, claim_trial, ensure_baseline, open_study
 from tuner.workers import ClaimLock, parse_gpus, physical_gpu
 
-TRIAL_LINE = re.compile(r"^(?:\S+ )?\[\d+/\d+\] trial (\d+) ", re.MULTILINE)
+TRIAL_LINE = re.compile(r"^(?:gpu \S+: )?\[\d+/\d+\] trial (\d+) ", re.MULTILINE)
 
 
 # ---------------------------------------------------------------- helpers (shared with test_postgres)
@@ -235,12 +235,15 @@ def test_journal_claims_are_atomic(in_tmp, fault_registered):
     check_claims_are_atomic(str(in_tmp / "race.journal"), in_tmp, space)
 
 
-def test_gpus_fans_out_one_pinned_worker_per_gpu(in_tmp, fault_registered):
+def test_gpus_fans_out_one_pinned_worker_per_gpu(in_tmp, fault_registered, capfd):
     """`--gpus 0,1` on this host: two forked workers, CUDA_VISIBLE_DEVICES pinned, device cuda:0
     inside, one global budget, each trial's owner names its GPU. (The fault runner ignores the
     device, so this runs on CPU; tests below check real GPUs.)"""
     space = write_space(in_tmp / "fan.yaml", "fan", trials=6, sleep_s=0.5)
-    assert main(["--space", str(space), "--gpus", "0,1", "--quiet"]) == 0
+    assert main(["--space", str(space), "--gpus", "0,1"]) == 0
+    progress = capfd.readouterr().out
+    assert sorted(int(n) for n in TRIAL_LINE.findall(progress)) == list(range(6))  # each reported once
+    assert "gpu 0: [" in progress and "gpu 1: [" in progress  # whose line is whose
     trials = load(str(in_tmp / "runs" / "optuna.journal"), "fan").get_trials()
     assert len(trials) == 6 and all(t.state == TrialState.COMPLETE for t in trials)
     owners = [t.user_attrs["owner"] for t in trials]

@@ -218,8 +218,7 @@ def test_gpu_compiled_graph_path_equals_generate():
 
 
 @gpu
-@pytest.mark.parametrize("knobs", [{"quant_bits": 8}, {"quant_bits": 4}, {"quant_bits": 8, "quant_scheme": "fp8"},
-                                   {"quant_bits": 8, "quant_scheme": "dynamic_activation"}])
+@pytest.mark.parametrize("knobs", [{"quant_bits": 8}, {"quant_bits": 4}, {"quant_bits": 8, "quant_scheme": "fp8"}])
 def test_gpu_quantised_fast_path_runs(knobs):
     model = FastGlm(_cuda_tiny())
     apply_quantization(model, knobs, "cuda:0")
@@ -233,3 +232,17 @@ def test_gpu_quantised_fast_path_runs(knobs):
 def test_gpu_kv_policies_run(kv_cache):
     result = GlmInferRunner().run(TrialConfig("glm-infer", TINY, "cuda", WORKLOAD, {"kv_cache": kv_cache}))
     assert result.status == "ok" and result.metrics["throughput_tok_s"] > 0
+
+
+@gpu
+def test_gpu_int8_dynamic_activation_runs_or_is_infeasible_at_batch_1():
+    # Last in the file: a failed CUDA graph capture can leave the process's CUDA RNG unusable.
+    model = FastGlm(_cuda_tiny())
+    apply_quantization(model, {"quant_bits": 8, "quant_scheme": "dynamic_activation"}, "cuda:0")
+    try:
+        engine = FastEngine(model, "cuda:0", compile_step=True)
+        tokens = torch.cat(list(engine.decode([[5, 6, 7, 8]], 6)), dim=1)
+    except InfeasibleConfig as exc:
+        assert "batch bucket 1" in str(exc)
+        return
+    assert tokens.shape == (1, 6)

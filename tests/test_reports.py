@@ -41,27 +41,32 @@ def _trial(number: int, tmp_path, n_objectives: int, **kw) -> optuna.trial.Froze
                         constraints={"kl_divergence<=0.015": metrics["kl_divergence"] - 0.015}, **kw)
 
 
-@pytest.fixture(params=[2, 3], ids=["2obj", "3obj"])
-def study(request, tmp_path):
-    n = request.param
+def synthetic_study(tmp_path, n: int) -> optuna.Study:
+    """9 measured trials on two hosts, one unrunnable (±inf values), one FAIL; in SQLite."""
     s = optuna.create_study(study_name=f"r{n}", storage=f"sqlite:///{tmp_path}/r.db",
                             directions=[d for _, d in OBJECTIVES[:n]])
     s.set_metric_names([m for m, _ in OBJECTIVES[:n]])
-    s.add_trials([_trial(i, tmp_path, n) for i in range(7)])
+    s.add_trials([_trial(i, tmp_path, n) for i in range(9)])
     # An unrunnable config: objectives at their worst (±inf), a reason, no metrics.
     s.add_trial(create_trial(state=TrialState.COMPLETE, values=[-float("inf"), *[float("inf")] * (n - 1)],
                              params={"batch_size": 32, "kv_cache": "static", "compile": False},
                              distributions=DISTRIBUTIONS, constraints={"runnable": 1.0},
                              user_attrs={"outcome": "infeasible", "infeasible_reason": "out of memory: 20 MiB cap"}))
-    s.add_trial(create_trial(state=TrialState.FAIL, user_attrs={"outcome": "fail", "fail_reason": "runner hung"}))
+    s.add_trial(create_trial(state=TrialState.FAIL, user_attrs={"outcome": "fail", "fail_reason": "runner hung",
+                                                                 "stderr_tail": "Traceback: boom"}))
     return s
+
+
+@pytest.fixture(params=[2, 3], ids=["2obj", "3obj"])
+def study(request, tmp_path):
+    return synthetic_study(tmp_path, request.param)
 
 
 def test_frames_round_trip_csv_and_parquet(study, tmp_path):
     trials = fr.trials_frame(study)
-    assert set(fr.BASE_COLUMNS) <= set(trials.columns) and len(trials) == 9
+    assert set(fr.BASE_COLUMNS) <= set(trials.columns) and len(trials) == 11
     assert trials["pareto"].sum() == len(study.best_trials) > 0
-    assert trials.loc[7, "reason"].startswith("out of memory") and trials.loc[8, "reason"] == "runner hung"
+    assert trials.loc[9, "reason"].startswith("out of memory") and trials.loc[10, "reason"] == "runner hung"
     assert "violated" in trials.loc[trials["kl_divergence"] > 0.015, "reason"].iloc[0]
     for suffix in ("csv", "parquet"):
         back = fr.read_table(fr.write_table(trials, tmp_path / f"trials.{suffix}"))
@@ -95,7 +100,7 @@ def test_figures_build_for_two_and_three_objectives(study):
     legend = " ".join(t.name for t in fig.data)
     assert all(k in legend for k in ("feasible Pareto", "infeasible", "baseline"))
     plotted = {n for t in fig.data for n in t.customdata}
-    assert 7 not in plotted and "out of memory" in fig.layout.title.subtitle.text  # said, not drawn at inf
+    assert 9 not in plotted and "out of memory" in fig.layout.title.subtitle.text  # said, not drawn at inf
     assert figs.hypervolume_figure(study).data
     for o in objs:
         assert figs.importance_figure(study, o.metric).data

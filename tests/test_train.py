@@ -85,7 +85,7 @@ def child_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
 
 
 def _run_children(tmp: Path) -> dict[str, dict]:
-    workload = {"train_steps": 1, "warmup_steps": 1}
+    workload = {"train_steps": 1, "warmup_steps": 0}  # one step reaches the peak
     # 64 MiB of growth cannot hold this batch's activations: the allocator must fail.
     oom = _config({"micro_batch_size": 8, "seq_len": 512, "memory_limit_mib": 64}, workload, _MEMORY_MODEL)
     oom_proc, oom_res = _spawn(tmp, "oom", oom)
@@ -255,6 +255,19 @@ def test_compile_knob_wraps_the_model() -> None:
 def test_impossible_combinations_are_infeasible(knobs: dict, why: str) -> None:
     with pytest.raises(InfeasibleConfig, match=why):
         GlmTrainRunner().run(_config(knobs))
+
+
+def test_plan_checks_on_a_cuda_device() -> None:
+    # Pure logic (no GPU touched): what stays infeasible even where CUDA is present.
+    def plan(knobs: dict) -> object:
+        return make_plan(resolve_knobs("glm-train", knobs), TINY, "cuda:0")
+
+    assert plan({"grad_checkpointing": "offload"}).offload_activations
+    assert plan({"optimizer": "adamw_cpu_offload"}).optimizer == "adamw_cpu_offload"
+    with pytest.raises(InfeasibleConfig, match="save_on_cpu"):
+        plan({"grad_checkpointing": "offload", "compile": True})
+    with pytest.raises(InfeasibleConfig, match="CPUOffloadOptimizer"):
+        plan({"optimizer": "adamw_cpu_offload", "amp_dtype": "float16"})
 
 
 # ---------------------------------------------------------------- data files

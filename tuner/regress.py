@@ -109,6 +109,11 @@ def _read(path: Path) -> dict[str, Any]:
     return read_yaml(path)  # safe YAML, duplicate keys refused
 
 
+def _iso(moment: datetime) -> str:
+    """UTC ISO seconds; a naive datetime (Optuna stores local time) is taken as local."""
+    return moment.astimezone(timezone.utc).isoformat(timespec="seconds")
+
+
 def _no_unknown(data: dict[str, Any], allowed: set[str], src: str, prefix: str) -> None:
     for key in data:
         if key not in allowed:
@@ -184,8 +189,12 @@ def _entry(raw: Any, i: int, src: str, base_dir: Path) -> Entry:
     config = (_full_config(raw["config"], src, f"{where}.config") if "config" in raw
               else _space_config(raw, src, where, base_dir))
     reference, ref_repeats = _reference(_typed(raw, "reference", dict, src, where + ".", {}), src, where)
+    accepted = raw.get("accepted_at")
+    if isinstance(accepted, datetime):  # YAML reads an unquoted timestamp as a datetime
+        accepted = _iso(accepted)
+    accepted = _typed({"accepted_at": accepted}, "accepted_at", str, src, where + ".", "")
     return Entry(name, config, bool(_typed(raw, "control", bool, src, where + ".", False)), reference,
-                 ref_repeats, str(_typed(raw, "accepted_at", str, src, where + ".", "")))
+                 ref_repeats, accepted)
 
 
 def _full_config(raw: Any, src: str, where: str) -> TrialConfig:
@@ -317,9 +326,8 @@ def load_measurements(folder: Path, baseline: Baseline) -> pd.DataFrame:
     path = folder / "measurements.csv"
     if not path.exists():
         raise UsageError(f"--from {folder}: no measurements.csv there (the --out folder of a regress run)")
-    frame = pd.read_csv(path, keep_default_na=False, na_values=[""])
-    frame["metric"] = frame["metric"].fillna("")
-    frame["reason"] = frame["reason"].fillna("")
+    text = {"config": str, "state": str, "reason": str, "metric": str}  # a config named "1" stays a name
+    frame = pd.read_csv(path, dtype=text, keep_default_na=False, na_values={"value": [""]})
     missing = [e.name for e in baseline.entries if e.name not in set(frame["config"])]
     if missing:
         raise UsageError(f"--from {folder}: no measurements of config(s) {', '.join(missing)}")
@@ -368,14 +376,16 @@ def _metric_row(entry: Entry, watch: rr.Watch, values: list[float], ok: pd.DataF
     else:
         hist = rr.accepted_values(history, entry.name, watch.metric, rule, since=entry.accepted_at)
         judgement = rr.judge(values, reference, entry.ref_repeats.get(watch.metric, []), hist, watch, rule)
-    judgement = rr.apply_consecutive(judgement, rr.previous_flags(history, entry.name, watch.metric), rule)
+    judgement = rr.apply_consecutive(judgement, rr.previous_flags(history, entry.name, watch.metric,
+                                                                    entry.accepted_at), rule)
     return rr.judgement_row(entry.name, watch, reference, values, judgement)
 
 
 # ---------------------------------------------------------------- accepting (--update-baseline)
 
 
-def updated_baseline(baseline: Baseline, checks: pd.DataFrame, measured: pd.DataFrame, night: str) -> tuple[dict, list[str]]:
+def updated_baseline(baseline: Baseline, checks: pd.DataFrame, measured: pd.DataFrame,
+                     night: str) -> tuple[dict[str, Any], list[str]]:
     """The baseline file's data with tonight's medians and repeats as references.
 
     A config that did not measure on every repeat keeps its old reference (returned by name).
@@ -429,7 +439,8 @@ def init_baseline(study_name: str, storage_url: str | None, top: int) -> dict[st
     control = next((t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("baseline") and _usable(t)), None)
     if not chosen and control is None:
         raise UsageError(f"study {study_name!r} has no feasible measured trial to take a baseline from")
-    metrics: dict[str, Any] = {n: {"direction": d, "tolerance": default_tolerance(n)} for n, d in zip(names, directions, strict=True)}
+    metrics: dict[str, Any] = {n: {"direction": d, "tolerance": default_tolerance(n)}
+                               for n, d in zip(names, directions, strict=True)}
     for c in study.user_attrs.get("constraints", []):
         metrics.setdefault(c["metric"], {}).update({k: c[k] for k in ("max", "min") if k in c})
     watched = list(metrics)
@@ -452,7 +463,7 @@ def _usable(trial: Any) -> bool:
 def _init_entry(name: str, trial: Any, study: str, watched: list[str], control: bool = False) -> dict[str, Any]:
     config = {k: v for k, v in trial.user_attrs["config"].items() if k not in MEASUREMENT_FIELDS}
     metrics = trial.user_attrs["metrics"]
-    done = trial.datetime_complete.astimezone(timezone.utc).isoformat(timespec="seconds") if trial.datetime_complete else ""
+    done = _iso(trial.datetime_complete) if trial.datetime_complete else ""
     entry: dict[str, Any] = {"name": name}
     if control:
         entry["control"] = True
@@ -476,7 +487,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default runs/regress); with --init: the baseline file to write")
     p.add_argument("--history", help="history file, .csv or .parquet (default OUT/history.csv)")
     p.add_argument("--update-baseline", action="store_true", help="accept tonight's numbers as the new references")
-    p.add_argument("--from", dest="from_dir", help="judge a previous run's measurements (its --out) instead of measuring")
+    p.add_argument("--from", dest="from_dir",
+                   help="judge a previous run's measurements (its --out folder) instead of measuring")
     p.add_argument("--consecutive", type=int, help="flagged nights in a row before a regression (overrides the file)")
     p.add_argument("--warm", action="store_true", help="one runner process for all repeats (as the tuner's --warm)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -514,7 +526,7 @@ def main(argv: list[str]) -> int:
 
 def _check(baseline: Baseline, args: argparse.Namespace, repeats: int, out: Path,
            measured: pd.DataFrame | None) -> int:
-    night = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    night = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
     out.mkdir(parents=True, exist_ok=True)
     if measured is None:
         measured = measure(baseline, repeats, args.device, out, args.warm, args.quiet)
@@ -537,7 +549,8 @@ def _check(baseline: Baseline, args: argparse.Namespace, repeats: int, out: Path
 def _report(baseline: Baseline, checks: pd.DataFrame, out: Path, history_path: Path, repeats: int,
             kept: list[str], updated: bool, quiet: bool) -> int:
     regressions = checks[checks["verdict"] == "regression"]
-    header = {"baseline": str(baseline.path), "night (UTC)": checks["night"].iloc[0], "device": checks["device"].iloc[0],
+    header = {"baseline": str(baseline.path), "night (UTC)": checks["night"].iloc[0],
+              "device": checks["device"].iloc[0],
               "repeats": repeats, "rule": _rule_text(baseline.rule), "history": str(history_path)}
     header.update(_control_drift(baseline, checks))
     if updated:

@@ -53,9 +53,8 @@ def sqlite_path(url: str) -> Path | None:
 def check_parallel(url: str, workers: int) -> None:
     """Refuse SQLite for more than one worker, before anything is created."""
     if workers > 1 and storage_kind(url) == "sqlite":
-        raise UsageError(f"--storage {url}: SQLite is not safe for {workers} parallel workers (two workers can "
-                         f"claim one trial); use the default journal file on one host, or postgresql:// "
-                         f"across hosts")
+        raise UsageError(f"--storage {url}: SQLite is not safe for parallel workers (two workers can claim "
+                         f"one trial); use the default journal file on one host, or postgresql:// across hosts")
 
 
 def open_storage(url: str, heartbeat_s: int | None = None) -> optuna.storages.BaseStorage:

@@ -11,6 +11,7 @@ import hashlib
 import math
 import os
 import socket
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from tuner.launcher import LaunchOutcome, ProcessLauncher, WarmLauncher
 from tuner.progress import Progress
 from tuner.space import Space, apply_overrides, grid_values, validate
 from tuner.storage import heartbeat_interval
-from tuner.workers import ClaimLock, Heartbeat, worker_identity
+from tuner.workers import ClaimLock, Heartbeat, PrefixedStream, worker_identity
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 # set_metric_names is stable in practice; its "experimental" warning would only add noise.
@@ -278,7 +279,9 @@ def tell_outcome(study: optuna.Study, trial: optuna.Trial, space: Space, outcome
 
 def run_study(space: Space, storage: optuna.storages.BaseStorage, options: RunOptions) -> RunSummary:
     """Claim and run trials until the study's total budget is used; one of possibly many workers."""
-    progress = Progress(space.search.trials, options.quiet)
+    gpu = options.worker.get("gpu")
+    progress = Progress(space.search.trials, options.quiet,
+                        PrefixedStream(sys.stdout, f"gpu {gpu}: ") if gpu is not None else None)
     # A joining worker runs beside others: its own sampler seed (the workload seed stays the study's).
     salt = f"{socket.gethostname()}:{os.getpid()}" if options.join else ""
     study = open_study(space, storage, store_space=not options.join, sampler_salt=salt)

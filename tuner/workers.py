@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TextIO
 
 import optuna
 from optuna.storages import JournalStorage, RDBStorage
@@ -171,6 +171,26 @@ def worker_identity(device: str) -> dict[str, Any]:
     """What a trial records about where it ran, beside the owner host/pid (filterable)."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     return {"device": device, "gpu": physical_gpu(device, visible), "cuda_visible_devices": visible}
+
+
+class PrefixedStream:
+    """Prefixes each line, so the progress of several GPU workers in one terminal stays readable."""
+
+    def __init__(self, stream: TextIO, prefix: str) -> None:
+        self._stream = stream
+        self._prefix = prefix
+        self._line_start = True
+
+    def write(self, text: str) -> int:
+        out = []
+        for piece in text.splitlines(keepends=True):
+            out.append((self._prefix if self._line_start else "") + piece)
+            self._line_start = piece.endswith("\n")
+        self._stream.write("".join(out))
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
 
 
 def run_on_gpus(gpus: list[str], work: Callable[[str], int]) -> int:

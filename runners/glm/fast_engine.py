@@ -146,7 +146,7 @@ class FastEngine:
             t0 = time.perf_counter()
             slot = self._allocate(*key)
             if self.use_graphs:
-                self._capture(slot)
+                self._capture_or_refuse(slot)
             self._slots[key] = slot
             self.compile_s += time.perf_counter() - t0
         return slot
@@ -173,6 +173,18 @@ class FastEngine:
         s.tok.copy_(logits.argmax(-1, keepdim=True))
         s.rope_pos.add_(1)
         s.slot.add_(1)
+
+    def _capture_or_refuse(self, s: DecodeSlot) -> None:
+        """A decode step that cannot run or be captured for these knobs is a config fact
+        (e.g. a kernel that rejects batch-1 shapes): report it as infeasible, with the reason."""
+        try:
+            self._capture(s)
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, NotImplementedError, AssertionError, ValueError) as exc:
+            text = str(exc).splitlines()[0][:300] if str(exc) else ""
+            raise InfeasibleConfig(f"decode step for batch bucket {s.batch} cannot run/capture on "
+                                   f"{self.device}: {type(exc).__name__}: {text}") from exc
 
     def _capture(self, s: DecodeSlot) -> None:
         # Warm up on a side stream first (compiles, autotunes, allocates), as CUDA graph

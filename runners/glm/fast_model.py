@@ -75,7 +75,11 @@ def layer_forward(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: 
     (w_in, w_qkv, b_qkv, w_o, w_post_attn_out, w_post_attn, w_gate_up, w_down, w_post_mlp) = weights
     batch, seq, _ = h.shape
     d, hq, hkv = dims.head_dim, dims.num_heads, dims.num_kv_heads
-    qkv = F.linear(rms_norm(h, w_in, dims.eps), w_qkv, b_qkv)
+    # Bias added apart: addmm goes to a cuBLAS GEMM (3.1 TB/s measured at batch 1), a plain mm
+    # becomes Inductor's bandwidth-tuned fused reduction (3.6-4.3 TB/s).
+    qkv = F.linear(rms_norm(h, w_in, dims.eps), w_qkv)
+    if b_qkv is not None:
+        qkv = qkv + b_qkv
     q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
     q = q.view(batch, seq, hq, d).transpose(1, 2)  # [B, Hq, S, D]
     k = k.view(batch, seq, hkv, d).transpose(1, 2)  # [B, Hkv, S, D]
