@@ -180,6 +180,20 @@ def study_header(info: dict[str, Any], frame: pd.DataFrame, objs: list[fr.Object
                         delta_color="normal" if row.direction == "maximize" else "inverse")
 
 
+def fingerprint(frame: pd.DataFrame) -> list[tuple[int, str]]:
+    return [(int(n), str(s)) for n, s in zip(frame["number"], frame["state"], strict=True)]
+
+
+@st.fragment(run_every=TTL_S)
+def live_watch(url: str, name: str, shown: list[tuple[int, str]]) -> None:
+    """While trials run, poll the storage (uncached) and rerun the page when one finishes."""
+    now = [(t.number, t.state.name) for t in study(url, name).get_trials(deepcopy=False)]
+    if now != shown:
+        st.cache_data.clear()
+        st.rerun()
+    st.caption(f"live: checking for finished trials every {TTL_S} s")
+
+
 def study_state_message(info: dict[str, Any], frame: pd.DataFrame) -> bool:
     """Say plainly when there is nothing to review yet. Returns True if the study has results."""
     states = info["states"]
@@ -187,7 +201,7 @@ def study_state_message(info: dict[str, Any], frame: pd.DataFrame) -> bool:
         st.info("This study has no trials yet. Start it (or a worker) and press Refresh.")
         return False
     if states.get("RUNNING"):
-        st.info(f"{states['RUNNING']} trial(s) running now; results reload every {TTL_S} s, or press Refresh.")
+        st.info(f"{states['RUNNING']} trial(s) running now; the page reloads when one finishes (or press Refresh).")
     if not states.get("COMPLETE"):
         failed = frame[frame["state"] == "FAIL"]
         if len(failed):
@@ -356,7 +370,7 @@ def trial_detail(url: str, name: str, frame: pd.DataFrame, objs: list[fr.Objecti
         st.info("No trial matches the filters.")
         return
     if st.session_state.get("trial") not in labels:
-        st.session_state["trial"] = next(iter(frame.loc[frame["pareto"].astype(bool), "number"]), next(iter(labels)))
+        st.session_state["trial"] = int(next(iter(frame.loc[frame["pareto"].astype(bool), "number"]), next(iter(labels))))
     number = st.selectbox("Trial", list(labels), format_func=labels.get, key="trial")
     data = trial_attrs(url, name, int(number))
     row = frame[frame["number"] == number].iloc[0]
@@ -401,7 +415,7 @@ def compare_trials(url: str, name: str, frame: pd.DataFrame, objs: list[fr.Objec
     labels = trial_label(frame)
     # Keep the picks that survive the filters; with none left, start from the Pareto set.
     current = [n for n in st.session_state.get("compare", []) if n in labels]
-    pareto = list(frame.loc[frame["pareto"].astype(bool), "number"])
+    pareto = [int(n) for n in frame.loc[frame["pareto"].astype(bool), "number"]]
     st.session_state["compare"] = current or (pareto + [n for n in labels if n not in pareto])[:max(2, min(3, len(pareto)))]
     numbers = st.multiselect("Trials to compare", list(labels), format_func=labels.get, key="compare")
     if len(numbers) < 2:
@@ -473,6 +487,8 @@ def main() -> None:
     objs = fr.objectives(study(url, name))
     study_header(info, frame, objs)
     has_results = study_state_message(info, frame)
+    if info["states"].get("RUNNING"):
+        live_watch(url, name, fingerprint(trials(url, name)))
     tabs = st.tabs(["Pareto & trials", "Trial detail", "Compare trials", "Compare studies", "Search diagnostics", "Space"])
     with tabs[0]:
         chart_pick = pareto_panel(frame, objs, name) if has_results else []

@@ -70,7 +70,11 @@ def run_tuner(args: argparse.Namespace, out: Path) -> None:
     cmd = [sys.executable, "-m", "tuner", "--space", str(space_file), "--trials", str(args.trials),
            "--device", args.device, "--out", str(out / "study"), "--storage", str(journal)]
     print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, cwd=ROOT, check=False)
+    try:
+        subprocess.run(cmd, cwd=ROOT, check=False, timeout=args.tuner_timeout_s)
+    except subprocess.TimeoutExpired:
+        # The finished trials' results are on disk; a resumed run would redo only the rest.
+        print(f"tuner stopped after {args.tuner_timeout_s} s; summarising the finished trials", flush=True)
     report = [sys.executable, "-m", "tuner", "report", "--study", args.study, "--storage", str(journal),
               "--out", str(out / "report")]
     print("+", " ".join(report), flush=True)
@@ -155,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--train-steps", type=int, default=6)
     p.add_argument("--memory-cap-mib", type=float, default=60000)
+    p.add_argument("--tuner-timeout-s", type=float, default=None, help="kill the study after this long")
     p.add_argument("--direct", action="store_true", help="measure DIRECT_CONFIGS without the tuner")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)

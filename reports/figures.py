@@ -22,7 +22,7 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 
-from reports.frames import DOMINATED, INFEASIBLE, PARETO, Objective, objectives, param_columns
+from reports.frames import DOMINATED, INFEASIBLE, PARETO, objectives, param_columns
 
 # Distinct by colour *and* symbol, so the classes survive greyscale printing.
 CATEGORY_STYLE: dict[str, dict[str, object]] = {
@@ -129,7 +129,7 @@ def pareto_figure(frame: pd.DataFrame, axes: Sequence[str], directions: dict[str
         fig.update_layout(xaxis_title=titles["xaxis"], yaxis_title=titles["yaxis"])
     fig.update_layout(title={"text": title, "subtitle": {"text": note}} if note else title,
                       legend={"orientation": "h", "y": -0.2}, clickmode="event+select",
-                      margin={"t": 70 if note else 50}, height=480)
+                      margin={"t": 70 if note else 50}, height=620 if len(axes) == 3 else 480)
     return fig
 
 
@@ -298,16 +298,6 @@ def timeline_figure(timeline: pd.DataFrame) -> go.Figure:
     return fig
 
 
-def html_fragment(figure: go.Figure | None, message: str = "", include_plotlyjs: bool = False) -> str:
-    """A figure as an HTML fragment for the report, or its NoFigure message."""
-    if figure is None:
-        return f'<p class="nofigure">{message}</p>'
-    return figure.to_html(full_html=False, include_plotlyjs=include_plotlyjs)
-
-
 def objective_directions(study: optuna.Study) -> dict[str, str]:
     return {o.metric: o.direction for o in objectives(study)}
 
-
-def default_axes(objs: list[Objective]) -> list[str]:
-    return [o.metric for o in objs[:2]]

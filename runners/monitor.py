@@ -130,9 +130,13 @@ class ResourceSampler:
         return ordinal, None
 
     def _loop(self) -> None:
-        # Event.wait doubles as the sleep, so stopping never waits a whole interval.
-        while not self._stop.wait(self.interval_s):
+        # Event.wait doubles as the sleep, so stopping never waits a whole interval. Ticks sit
+        # on an absolute grid: sleeping a full interval after each (slow) NVML read drifted
+        # to 31.5 ms on an H200.
+        tick = 1
+        while not self._stop.wait(max(self._t0 + tick * self.interval_s - time.perf_counter(), 0.0)):
             self._sample()
+            tick = max(tick + 1, int((time.perf_counter() - self._t0) / self.interval_s) + 1)
 
     def _sample(self) -> None:
         row: dict[str, Any] = {"t_s": time.perf_counter() - self._t0,

@@ -110,6 +110,7 @@ def serve(engine: Engine, device: str, workload: dict[str, Any], knobs: dict[str
     unavailable.update(efficiency_unavailable)
     info = {"window_s": window_s, "scheduler": run.name, "window_end": rule.reason or "all requests served",
             "issued_requests": count, "engine_work": work, **sampler.info}
+    info.update(load_check(timings, metrics, concurrency is not None))
     if ceilings is not None:
         info["ceilings"] = {"copy_gb_s": ceilings.copy_bytes_per_s / 1e9,
                             "matmul_tflop_s": ceilings.matmul_flops_per_s / 1e12,
@@ -200,3 +201,17 @@ def roofline(work: dict[str, float], window_s: float, ceilings: Any | None, reas
         else:
             metrics[metric] = work[counter] / window_s / getattr(ceilings, ceiling)
     return metrics, unavailable
+
+
+def load_check(timings: Sequence[RequestTiming], metrics: dict[str, float], closed: bool) -> dict[str, Any]:
+    """Open loop: the offered rate and whether the stack kept up. An overloaded open-loop window
+    has a queue that grows with time, so its latency percentiles describe the window's length
+    rather than the configuration; the flag lets a reader (or a constraint) see that."""
+    if closed or len(timings) < 2:
+        return {}
+    arrivals = sorted(t.arrival_s for t in timings)
+    span = arrivals[-1] - arrivals[0]
+    if span <= 0:
+        return {}
+    offered = (len(arrivals) - 1) / span
+    return {"offered_rps": offered, "overloaded": metrics["request_throughput_rps"] < 0.9 * offered}

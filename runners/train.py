@@ -344,6 +344,7 @@ class GlmTrainRunner(Runner):
         workload = {**DEFAULT_WORKLOAD, **config.workload}
         device = resolve_device(config.device)
         plan = make_plan(knobs, config.model, device)
+        ceilings = self._ceilings(device)
         model = build_model(config.model, plan.weight_dtype, device, config.seed)
         if plan.seq_len > model.config.max_position_embeddings:
             raise InfeasibleConfig(f"seq_len={plan.seq_len} exceeds the model's "
@@ -367,7 +368,7 @@ class GlmTrainRunner(Runner):
                            device, sampler)
         metrics, unavailable = self._metrics(outcome, plan, sampler, info)
         flops = train_flops_per_step(model, plan)
-        self._add_mfu(metrics, unavailable, info, flops, device)
+        self._add_mfu(metrics, unavailable, info, flops, ceilings)
         artifacts = self._write_artifacts(config, outcome, plan, sampler)
         return TrialResult("ok", metrics, environment=describe(device), unavailable=unavailable,
                            artifacts=artifacts, info=info)
@@ -403,15 +404,22 @@ class GlmTrainRunner(Runner):
         return metrics, unavailable
 
     @staticmethod
-    def _add_mfu(metrics: dict[str, float], unavailable: dict[str, str], info: dict[str, Any],
-                 flops_per_step: float, device: str) -> None:
-        info["flops_per_step"] = flops_per_step
+    def _ceilings(device: str) -> Any:
+        """The device's measured ceilings (None if that module is missing). Read before the model
+        is built, so a first-time measurement runs on an idle, empty device."""
         try:
             from runners.ceilings import get_ceilings
         except ImportError:
+            return None
+        return get_ceilings(device)
+
+    @staticmethod
+    def _add_mfu(metrics: dict[str, float], unavailable: dict[str, str], info: dict[str, Any],
+                 flops_per_step: float, ceilings: Any) -> None:
+        info["flops_per_step"] = flops_per_step
+        if ceilings is None:
             unavailable["train_mfu"] = "no measured matmul rate (runners.ceilings is missing)"
             return
-        ceilings = get_ceilings(device)
         achieved = flops_per_step * 1e3 / metrics["train_step_ms"]  # FLOP/s over the measured window
         metrics["train_mfu"] = achieved / ceilings.matmul_flops_per_s
         info["achieved_flops_per_s"] = achieved

@@ -42,6 +42,7 @@ def _text(at: AppTest) -> str:
 
 
 def test_populated_study_pick_trial_shows_its_metrics(app, journal):
+    before = Path(journal).read_bytes()
     at = _pick_study(app, "populated")
     study = optuna.load_study(study_name="populated", storage=open_storage(journal))
     assert "Study populated" in _text(at)
@@ -58,6 +59,7 @@ def test_populated_study_pick_trial_shows_its_metrics(app, journal):
     # The drill-down table lists every measured metric with its unit and CI.
     tables = [df.value for df in at.dataframe]
     assert any("metric" in t.columns and "ttft_p99_ms" in set(t["metric"]) for t in tables)
+    assert Path(journal).read_bytes() == before  # the app only reads the storage
 
 
 def test_running_study_shows_progress_and_the_running_trial(app):

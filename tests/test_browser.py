@@ -51,8 +51,15 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 60) -> No
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    journal = build(tmp_path_factory.getbasetemp() / "dashboard_studies")
+def journal(tmp_path_factory) -> str:
+    """A copy of the shared studies: the live-update test finishes a trial in it."""
+    copy = tmp_path_factory.mktemp("browser") / "optuna.journal"
+    shutil.copyfile(build(tmp_path_factory.getbasetemp() / "dashboard_studies"), copy)
+    return str(copy)
+
+
+@pytest.fixture(scope="module")
+def server(journal, tmp_path_factory):
     port = _free_port()
     log = (tmp_path_factory.mktemp("streamlit") / "server.log").open("w")
     proc = subprocess.Popen(
@@ -105,3 +112,21 @@ def test_dashboard_in_chromium(server, tmp_path):
     assert (tmp_path / "dashboard.png").stat().st_size > 20_000
     if os.environ.get("DASHBOARD_SCREENSHOT"):
         shutil.copyfile(tmp_path / "dashboard.png", os.environ["DASHBOARD_SCREENSHOT"])
+
+
+def test_running_study_updates_without_a_click(server, journal):
+    """A trial that finishes while the page is open shows up on its own (the live watcher)."""
+    import optuna
+
+    from tuner.storage import open_storage
+
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1440, "height": 1000})
+        page.goto(f"{server}/?study=running", wait_until="domcontentloaded")
+        page.get_by_text("running now").first.wait_for(timeout=90_000)
+        live = optuna.load_study(study_name="running", storage=open_storage(journal))
+        running = live.get_trials(states=(optuna.trial.TrialState.RUNNING,))[0]
+        live.tell(running.number, state=optuna.trial.TrialState.FAIL)  # as a worker would
+        page.get_by_text("running now").first.wait_for(state="detached", timeout=60_000)
+        browser.close()

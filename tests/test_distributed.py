@@ -270,8 +270,9 @@ def test_worker_usage_errors_exit_2(in_tmp, fault_registered, capsys):
     assert "--study nope: no such study" in capsys.readouterr().err
     assert main(["worker", "--study", "s", "--gpus", "0,0"]) == 2
     assert main(["worker", "--study", "s", "--gpus", "0", "--device", "cpu"]) == 2
+    assert main(["worker", "--study", "s", "--heartbeat-s", "0"]) == 2
     err = capsys.readouterr().err
-    assert "each GPU once" in err and "give one of the two" in err
+    assert "each GPU once" in err and "give one of the two" in err and "seconds >= 1" in err
 
 
 def test_gpu_ids_parse_and_map_through_cuda_visible_devices():

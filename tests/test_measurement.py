@@ -184,7 +184,9 @@ def test_sampler_with_fake_nvml_builds_timeline_and_metrics():
     assert len(sampler.samples) >= 10
     assert {"t_s", "rss_mib", "power_w", "energy_j", "process_used_mib"} <= set(sampler.samples[0])
     assert metrics["mean_power_w"] == pytest.approx(250.0)
-    assert metrics["energy_j_per_tok"] == pytest.approx(250.0 * 0.3 / 100, rel=0.15)
+    window_s = sampler.samples[-1]["t_s"] - sampler.samples[0]["t_s"]
+    assert window_s == pytest.approx(0.3, abs=0.1)
+    assert metrics["energy_j_per_tok"] == pytest.approx(250.0 * window_s / 100, rel=0.05)
     assert metrics["peak_memory_mib"] == pytest.approx(3072.0)
     assert nvml.shutdowns == 1
     assert "torch_peak_reserved_mib" in missing  # no CUDA allocator on CPU
@@ -378,3 +380,19 @@ def test_real_ceilings_on_gpu(tmp_path):
     print(ceil)
     assert ceil.copy_bytes_per_s > 5e11  # any datacentre GPU copies faster than 0.5 TB/s
     assert ceil.matmul_flops_per_s > 5e13
+
+
+def test_open_loop_overload_is_flagged():
+    ceil = Ceilings(1e12, 1e12, "fake", "fake", "now")
+
+    class SlowEngine(_SyntheticEngine):
+        def run_batch(self, requests, clock):  # 5 ms per request, one at a time: 200 req/s at most
+            time.sleep(0.005)
+            return [clock.now()] * max(r.output_tokens for r in requests)
+
+    base = {"requests": 60, "warmup_requests": 0, "prompt_tokens": 8, "output_tokens": 1, "arrival": "constant"}
+    knobs = {"batch_size": 1, "batch_timeout_ms": 0.0}
+    fast = serve(SlowEngine(), "cpu", {**base, "rate_rps": 50.0}, knobs, 0, {}, ceilings=ceil)
+    slow = serve(SlowEngine(), "cpu", {**base, "rate_rps": 2000.0}, knobs, 0, {}, ceilings=ceil)
+    assert fast.info["overloaded"] is False and fast.info["offered_rps"] == pytest.approx(50.0)
+    assert slow.info["overloaded"] is True

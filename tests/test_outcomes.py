@@ -14,8 +14,8 @@ from runners.knobs import RUNNER_KNOBS
 from tests.fault_runner import FAULT_KNOBS, FAULT_RUNNER
 from tuner.launcher import ProcessLauncher, WarmLauncher
 from tuner.space import validate
-from tuner.study import RunOptions, run_study
 from tuner.storage import open_storage
+from tuner.study import RunOptions, run_study
 
 
 def fault_config(mode: str, x: float = 1.0) -> TrialConfig:

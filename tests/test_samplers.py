@@ -7,8 +7,8 @@ import pytest
 
 from tests.fault_runner import FAULT_KNOBS, FAULT_RUNNER
 from tuner.space import load_space, validate
-from tuner.study import RunOptions, make_sampler, run_study
 from tuner.storage import open_storage
+from tuner.study import RunOptions, make_sampler, run_study
 
 SAMPLER_CLASSES = {"auto": "TPESampler", "tpe": "TPESampler", "nsga2": "NSGAIISampler",
                    "gp": "GPSampler", "random": "RandomSampler", "grid": "GridSampler"}

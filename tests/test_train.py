@@ -326,11 +326,11 @@ def _gpu_run(knobs: dict) -> dict:
 @pytest.mark.parametrize("knobs", [
     {}, {"amp_dtype": "bfloat16", "fused_optimizer": True}, {"amp_dtype": "float16"},
     {"grad_checkpointing": "every_2"}, {"grad_checkpointing": "offload"},
-    {"optimizer": "adamw_8bit", "amp_dtype": "bfloat16"}, {"optimizer": "adamw_cpu_offload"},
     {"compile": True, "amp_dtype": "bfloat16", "grad_checkpointing": "on"},
 ])
 def test_gpu_knobs_run(knobs: dict) -> None:
     metrics = _gpu_run(knobs)
+    print(knobs, {k: round(v, 3) for k, v in metrics.items()})
     assert metrics["train_peak_memory_mib"] > 0 and 0 < metrics["train_mfu"] < 1
 
 
@@ -338,13 +338,16 @@ def test_gpu_knobs_run(knobs: dict) -> None:
 def test_gpu_checkpointing_and_offload_lower_the_allocator_peak() -> None:
     peak = {ck: _gpu_run({"grad_checkpointing": ck})["torch_peak_allocated_mib"]
             for ck in ("off", "every_2", "on", "offload")}
+    print("torch_peak_allocated_mib by grad_checkpointing:", peak)
     assert peak["on"] < peak["every_2"] < peak["off"], peak
     assert peak["offload"] < peak["off"], peak
 
 
 @pytest.mark.gpu
 def test_gpu_optimizer_state_memory() -> None:
-    # 8-bit moments and host-resident moments both shrink what the GPU allocator holds.
+    # 8-bit moments and host-resident moments both shrink what the GPU allocator holds; this is
+    # also where both torchao variants run on CUDA (the knob test above leaves them out).
     peak = {opt: _gpu_run({"optimizer": opt})["torch_peak_allocated_mib"]
             for opt in ("adamw", "adamw_8bit", "adamw_cpu_offload")}
+    print("torch_peak_allocated_mib by optimizer:", peak)
     assert peak["adamw_cpu_offload"] < peak["adamw_8bit"] < peak["adamw"], peak

@@ -68,12 +68,18 @@ def _worker_flags(p: argparse.ArgumentParser) -> None:
     """Flags a study run and `worker` share."""
     p.add_argument("--gpus", help="one worker process per GPU of this host, e.g. 0,1,2,3 "
                                   "(each pinned with CUDA_VISIBLE_DEVICES, device cuda:0 inside)")
-    p.add_argument("--heartbeat-s", type=int, default=None,
+    p.add_argument("--heartbeat-s", type=_positive_int, default=None,
                    help="PostgreSQL: seconds between worker heartbeats; a trial silent for 4 beats is "
                         "failed and retried by another worker (default 30)")
     p.add_argument("--warm", action="store_true",
                    help="keep one runner process between trials (reuses built models)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of seconds >= 1, got {text!r}")
+    return int(text)
 
 
 def run_main(argv: list[str]) -> int:

@@ -52,7 +52,7 @@ class Progress:
         eta = _fmt_duration(remaining * sum(self._walls) / len(self._walls)) if remaining else "0s"
         values = ""
         if trial.state == TrialState.COMPLETE and outcome == "ok":
-            values = " " + " ".join(f"{n}={_fmt_value(v)}" for n, v in zip(metric_names, trial.values))
+            values = " " + " ".join(f"{n}={_fmt_value(v)}" for n, v in zip(metric_names, trial.values, strict=False))
         params = " ".join(f"{k}={_fmt_param(v)}" for k, v in trial.params.items())
         self.say(f"[{done}/{self.total}] trial {trial.number} ({params}) {outcome.upper()} in "
                  f"{_fmt_duration(wall_s)}{values}{' — ' + detail if detail else ''}")
@@ -67,7 +67,7 @@ class Progress:
         if not pareto:
             return "no feasible trial yet"
         parts = []
-        for i, (name, direction) in enumerate(zip(metric_names, study.directions)):
+        for i, (name, direction) in enumerate(zip(metric_names, study.directions, strict=False)):
             pick = max if direction == optuna.study.StudyDirection.MAXIMIZE else min
             best = pick(pareto, key=lambda t: t.values[i])
             parts.append(f"{name} {_fmt_value(best.values[i])} (#{best.number})")

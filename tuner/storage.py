@@ -10,6 +10,9 @@ Which storage for how many workers (see docs/distributed.md):
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
@@ -25,6 +28,7 @@ DEFAULT_HEARTBEAT_S = 30
 GRACE_BEATS = 4
 # A config that kills its worker each time is retried this often, then left as FAIL.
 MAX_RETRY = 2
+_SCHEMA_LOCK_KEY = 0x6175746F676C6D  # "autoglm": one advisory-lock key for "creating Optuna's tables"
 
 
 def storage_kind(url: str) -> str:
@@ -72,10 +76,36 @@ def open_storage(url: str, heartbeat_s: int | None = None) -> optuna.storages.Ba
     if kind == "sqlite":
         return RDBStorage(url)
     beat = heartbeat_s or DEFAULT_HEARTBEAT_S
-    # pool_pre_ping: a worker idles for a whole trial; the server may have dropped its connection.
-    return RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, heartbeat_interval=beat,
-                      grace_period=GRACE_BEATS * beat,
-                      heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
+    with _schema_lock(url), warnings.catch_warnings():
+        # Heartbeats and the retry callback are "experimental" since Optuna 2.8 and the documented
+        # way to run workers on many hosts; the warning would greet every worker's start.
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        # pool_pre_ping: a worker idles for a whole trial; the server may have dropped its connection.
+        return RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, heartbeat_interval=beat,
+                          grace_period=GRACE_BEATS * beat,
+                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
+
+
+@contextmanager
+def _schema_lock(url: str) -> Iterator[None]:
+    """Serialise opening a PostgreSQL storage across hosts.
+
+    The first open creates Optuna's tables; hosts started at the same moment (a job array) would
+    race on CREATE TABLE and all but one fail. A session advisory lock on a throwaway connection
+    makes them take turns; the server drops it if the process dies.
+    """
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": _SCHEMA_LOCK_KEY})
+    finally:
+        engine.dispose()
 
 
 def open_existing_storage(url: str, heartbeat_s: int | None = None) -> optuna.storages.BaseStorage:
