@@ -29,10 +29,12 @@ from runners.glm.engine import HFEngine
 from runners.glm.fast_engine import FastEngine
 from runners.glm.fast_model import FastGlm
 from runners.glm.model import build_model, model_info
+from runners.infer import graph_min_batch, inductor_options
 
 PROMPT_TOKENS = 128
 
-# name -> (knobs, engine): "fast" = static KV + compiled layer + CUDA graphs; "hf" = transformers' eager loop.
+# name -> (knobs, engine): "fast" = static KV + compiled layer + CUDA graphs; "fast-eager" = the
+# same without torch.compile (eager ops, still graph-captured); "hf" = transformers' eager loop.
 CONFIGS: dict[str, tuple[dict[str, Any], str]] = {
     "bf16": ({}, "fast"),
     "int8": ({"quant_bits": 8}, "fast"),
@@ -44,6 +46,8 @@ CONFIGS: dict[str, tuple[dict[str, Any], str]] = {
     "fp8": ({"quant_bits": 8, "quant_scheme": "fp8"}, "fast"),
     "2:4": ({"sparsity": 0.5, "sparsity_kind": "2:4"}, "fast"),
     "fp8+2:4": ({"quant_bits": 8, "quant_scheme": "fp8", "sparsity": 0.5, "sparsity_kind": "2:4"}, "fast"),
+    "bf16-eager": ({}, "fast-eager"),
+    "int8-eager": ({"quant_bits": 8}, "fast-eager"),
     "hf-dynamic": ({"kv_cache": "dynamic"}, "hf"),
     "hf-offloaded": ({"kv_cache": "offloaded"}, "hf"),
     "hf-quantized4": ({"kv_cache": "quantized", "kv_bits": 4}, "hf"),
@@ -87,7 +91,7 @@ def copy_bandwidth(device: str) -> tuple[float, str]:
 
 def build(preset: str, knobs: dict[str, Any], kind: str, device: str) -> torch.nn.Module:
     model = build_model({"preset": preset}, torch.bfloat16, device, seed=0)
-    if kind == "fast":
+    if kind.startswith("fast"):
         model = FastGlm(model)
     apply_sparsity(model, knobs, device)
     apply_quantization(model, knobs, device)
@@ -130,6 +134,12 @@ def time_fast(engine: FastEngine, batch: int, steps: int, repeats: int) -> tuple
     slot = engine.start(prompts, new_tokens)
     for _ in range(8):
         engine.step(slot)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    engine.step(slot)
+    torch.cuda.synchronize()
+    if time.perf_counter() - t0 > 0.1:  # pathological config: time fewer steps, same method
+        steps = 4
     per_step = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -165,13 +175,20 @@ def measure(name: str, batch: int, preset: str, device: str, bandwidth: float, s
     except InfeasibleConfig as exc:
         row.note = f"infeasible: {exc}"
         return row
+    except Exception as exc:  # noqa: BLE001 - e.g. a CUDA state poisoned by an earlier config
+        row.note = f"error while building: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        return row
     info = model_info(model)
     try:
-        if kind == "fast":
-            engine = FastEngine(model, device, compile_step=True)
+        if kind.startswith("fast"):
+            full_knobs = {"quant_bits": 16, "quant_scheme": "weight_only", **knobs}
+            engine = FastEngine(model, device, compile_step=kind == "fast", graph_min_batch=graph_min_batch(full_knobs),
+                                inductor_options=inductor_options(full_knobs))
             row.ms_per_step, row.compile_s = time_fast(engine, batch, steps, repeats)
             if engine.compile_error:
                 row.note = f"compile failed, eager graph: {engine.compile_error}"
+            if batch < engine.graph_min_batch:
+                row.note += f"no CUDA graph below batch {engine.graph_min_batch}"
             live = PROMPT_TOKENS + 8 + steps * repeats // 2
         else:
             engine = HFEngine(model, device, knobs["kv_cache"], int(knobs.get("kv_bits", 4)), lambda r: [])

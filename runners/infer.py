@@ -96,6 +96,31 @@ def engine_kind(knobs: dict[str, Any], device: str) -> str:
     return "hf"
 
 
+def graph_min_batch(knobs: dict[str, Any]) -> int:
+    """Smallest batch bucket whose decode step is captured in a CUDA graph.
+
+    torchao int8 dynamic-activation decode failed CUDA graph capture at batch 1 on the H200
+    (and the failed capture left the process's CUDA RNG unusable); batch 32 captured fine.
+    """
+    if int(knobs["quant_bits"]) == 8 and knobs["quant_scheme"] == "dynamic_activation":
+        return 32
+    return 1
+
+
+def inductor_options(knobs: dict[str, Any]) -> dict[str, Any]:
+    """Per-compile Inductor options for these knobs.
+
+    int8 weight-only: Inductor's post-grad pattern rewrites `mm(x, int8 weight -> bf16) * scale`
+    into `aten._weight_int8pack_mm`, whose CUDA kernel took 588 ms per decode step at batch 32 on
+    the H200 (an fp32 reference kernel). Batch 1 never reaches it (the M=1 matmul is decomposed
+    into a fused reduction first). Turning the pattern matcher off for these models keeps
+    batches > 1 on cuBLAS with the int8 -> bf16 dequantisation as its own kernel.
+    """
+    if int(knobs["quant_bits"]) == 8 and knobs["quant_scheme"] == "weight_only":
+        return {"pattern_matcher": False}
+    return {}
+
+
 @dataclass
 class BuiltModel:
     """A compressed model ready to serve, as kept in the process-wide model cache."""
@@ -163,7 +188,9 @@ class GlmInferRunner(Runner):
         info.update(apply_sparsity(model, knobs, device))
         apply_quantization(model, knobs, device)
         info["model_after"] = dataclasses.asdict(model_info(model))
-        fast = FastEngine(model, device, bool(knobs["compile"])) if kind == "fast" else None
+        fast = None
+        if kind == "fast":
+            fast = FastEngine(model, device, bool(knobs["compile"]), graph_min_batch(knobs), inductor_options(knobs))
         return BuiltModel(model, info, fast)
 
     @staticmethod

@@ -66,8 +66,8 @@ class ResourceSampler:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         if self._child is not None:
-            index, uuid = self._nvml_target()
-            self._child.start(index, uuid)
+            index, uuid = self._nvml_target() if self._use_nvml else (None, None)
+            self._child.start(index, uuid, self._use_nvml)
             return self
         self._open_nvml()
         self._t0 = time.perf_counter()
@@ -82,8 +82,9 @@ class ResourceSampler:
             torch.cuda.synchronize(self.device)  # the window's work is done before the last row
         if self._child is not None:
             self.samples = self._child.stop()
-            self._nvml_reason = self._child.error
-            self._nvml_ok = not self._child.error
+            self._nvml_ok = self._use_nvml and not self._child.error
+            if not self._nvml_ok:
+                self._open_nvml_reason(self._child.error)
             self._field_reasons, self._notes = self._child.unavailable, self._child.notes
             return
         self._stop.set()
@@ -97,10 +98,16 @@ class ResourceSampler:
             except Exception:  # noqa: BLE001 - shutting down is best effort
                 pass
 
-    def _open_nvml(self) -> None:
+    def _open_nvml_reason(self, error: str) -> None:
         if not self._use_nvml:
             self._nvml_reason = ("NVML sampling turned off" if self.cuda
                                  else "power, energy and device memory come from NVML, which CPUs do not have")
+        else:
+            self._nvml_reason = error
+
+    def _open_nvml(self) -> None:
+        if not self._use_nvml:
+            self._open_nvml_reason("")
             return
         try:
             nvml = load_nvml(self._nvml_module)
@@ -196,12 +203,13 @@ class _ChildSampler:
         self._dir = tempfile.TemporaryDirectory(prefix="autoglm-nvml-")
         self._rows = Path(self._dir.name) / "rows.jsonl"
 
-    def start(self, index: int | None, uuid: str | None) -> None:
+    def start(self, index: int | None, uuid: str | None, nvml: bool = True) -> None:
         root = str(Path(__file__).resolve().parent.parent)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
         cmd = [sys.executable, "-m", "runners.nvml", "--rows", str(self._rows), "--pid", str(os.getpid()),
                "--interval", str(self.interval_s)]
         cmd += ["--uuid", uuid] if uuid else ["--index", str(index or 0)]
+        cmd += [] if nvml else ["--no-nvml"]
         self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True, env=env)
         # The window opens once the child samples: its first row is the window's start.

@@ -195,9 +195,9 @@ def summarize(samples: Sequence[dict[str, Any]], tokens: float | None,
 
 
 # --- out-of-process sampling --------------------------------------------------------------
-# A sampling thread in the measured process competes for the GIL with a launch-bound decode
-# loop (measured on an H200: ~1 % of decode throughput at 25 ms). A child process costs the
-# measured process nothing between the handshake and the stop: it writes rows to a file.
+# A sampling thread in the measured process shares the GIL with a launch-bound decode loop;
+# a child process costs the measured process nothing between the handshake and the stop (it
+# writes rows to a file). On an H200 both cost 0.7-0.9 % of glm-1b decode, equal within noise.
 
 def sample_until_stopped(reader: NvmlReader | None, out: Any, interval_s: float, rss_pid: int | None,
                          stop: Callable[[float], bool], started: Callable[[], None] = lambda: None) -> None:
@@ -226,8 +226,9 @@ def sample_until_stopped(reader: NvmlReader | None, out: Any, interval_s: float,
 
 def _child_main(argv: list[str] | None = None) -> None:
     """`python -m runners.nvml --rows FILE --pid PID [--uuid U | --index I] --interval S`:
-    prints `ready` once sampling runs (times count from its first row), samples until stdin closes or says `stop`, then writes
-    a final `{"unavailable": ..., "notes": ...}` line and prints `done`."""
+    prints `ready` once sampling runs (times count from its first row), samples until stdin
+    closes or says `stop`, then writes a final `{"unavailable", "notes", "error"}` line and
+    prints `done`."""
     import argparse
     import select
     import sys
@@ -238,11 +239,13 @@ def _child_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--uuid", default="")
     parser.add_argument("--index", type=int, default=None)
     parser.add_argument("--interval", type=float, default=0.025)
+    parser.add_argument("--no-nvml", action="store_true", help="sample the RSS only (CPU devices)")
     args = parser.parse_args(argv)
     reader: NvmlReader | None = None
-    error = ""
+    error = "NVML not asked for" if args.no_nvml else ""
     try:
-        reader = NvmlReader.open(load_nvml(), index=args.index, uuid=args.uuid or None, pid=args.pid)
+        if not args.no_nvml:
+            reader = NvmlReader.open(load_nvml(), index=args.index, uuid=args.uuid or None, pid=args.pid)
     except NvmlUnavailable as exc:
         error = str(exc)
 

@@ -154,8 +154,12 @@ def iteration_engine(engine: Any, knobs: dict[str, Any]) -> IterationEngine:
     """The engine itself when it batches per iteration, else `ContinuousEngine` over its model."""
     if all(hasattr(engine, verb) for verb in ("join", "step", "leave")):
         return engine
-    if not (hasattr(engine, "model") and hasattr(engine, "prompt_fn")):
-        raise InfeasibleConfig(f"scheduler=continuous: {type(engine).__name__} cannot add sequences between steps")
+    model = getattr(engine, "model", None)
+    # ContinuousEngine drives a transformers causal LM (past_key_values, attention_mask);
+    # another engine's own module cannot be driven that way.
+    if not (hasattr(engine, "prompt_fn") and hasattr(model, "config") and hasattr(model, "generate")):
+        raise InfeasibleConfig(f"scheduler=continuous: {type(engine).__name__} cannot add sequences between "
+                               "steps and exposes no transformers model to batch per iteration")
     if knobs.get("kv_cache", "dynamic") != "dynamic":
         raise InfeasibleConfig(f"scheduler=continuous runs on kv_cache=dynamic only, not {knobs['kv_cache']}")
     from runners.continuous import ContinuousEngine

@@ -392,7 +392,8 @@ class GlmTrainRunner(Runner):
         peak = resources.pop("peak_memory_mib", None)
         source = "nvml" if sampler.device.startswith("cuda") else "rss"
         if peak is None and "torch_peak_reserved_mib" in resources:
-            peak, source = resources["torch_peak_reserved_mib"], "torch_peak_reserved (no NVML)"
+            peak, source = resources["torch_peak_reserved_mib"], "torch_peak_reserved_mib"
+            info["train_peak_memory_why_not_nvml"] = unavailable.get("peak_memory_mib", "")
         if peak is not None:
             metrics["train_peak_memory_mib"] = peak
         else:
@@ -411,14 +412,19 @@ class GlmTrainRunner(Runner):
             from runners.ceilings import get_ceilings
         except ImportError:
             return None
-        return get_ceilings(device)
+        try:
+            return get_ceilings(device)
+        except (MemoryError, RuntimeError) as exc:
+            # A first-time measurement under a tight `memory_limit_mib` must not pass for the
+            # trial's own OOM: the trial goes on without MFU.
+            return f"measuring the matmul ceiling failed: {str(exc).splitlines()[0][:200]}"
 
     @staticmethod
     def _add_mfu(metrics: dict[str, float], unavailable: dict[str, str], info: dict[str, Any],
                  flops_per_step: float, ceilings: Any) -> None:
         info["flops_per_step"] = flops_per_step
-        if ceilings is None:
-            unavailable["train_mfu"] = "no measured matmul rate (runners.ceilings is missing)"
+        if ceilings is None or isinstance(ceilings, str):
+            unavailable["train_mfu"] = ceilings or "no measured matmul rate (runners.ceilings is missing)"
             return
         achieved = flops_per_step * 1e3 / metrics["train_step_ms"]  # FLOP/s over the measured window
         metrics["train_mfu"] = achieved / ceilings.matmul_flops_per_s

@@ -146,8 +146,11 @@ def check_kill_recovered(url: str, tmp: Path, workers: int, trials: int, extra: 
     study = load(url, "kill")
 
     def victim_running():
+        # `artifact_dir` is the last thing recorded before the runner starts: killing after it
+        # lands mid-run, not mid-write (a journal writer killed holding its file lock stalls the
+        # others for the lock's 30 s grace period; that is Optuna's recovery, not ours to test).
         running = [t for t in study.get_trials(states=(TrialState.RUNNING,))
-                   if t.user_attrs.get("owner", {}).get("pid") == victim.pid]
+                   if t.user_attrs.get("owner", {}).get("pid") == victim.pid and "artifact_dir" in t.user_attrs]
         return running[0] if running else None
 
     killed = wait_for(victim_running, 60, "the victim worker to run a trial")
@@ -297,8 +300,8 @@ def test_gpus_0_1_run_trials_on_both_gpus_at_once(in_tmp):
     trials = load(str(in_tmp / "runs" / "optuna.journal"), "two_gpus").get_trials()
     assert len(trials) == 6 and all(t.state == TrialState.COMPLETE for t in trials)
     assert {t.user_attrs["owner"]["gpu"] for t in trials} == {"0", "1"}
-    measured = [t for t in trials if t.user_attrs.get("outcome") == "ok"]
-    assert {t.user_attrs["environment"]["cuda_visible_devices"] for t in measured} == {"0", "1"}
+    ran = [t for t in trials if t.user_attrs.get("environment")]  # measured or infeasible: the runner ran
+    assert {t.user_attrs["environment"]["cuda_visible_devices"] for t in ran} == {"0", "1"}
     by_gpu = {g: [t for t in trials if t.user_attrs["owner"]["gpu"] == g] for g in ("0", "1")}
     overlap = any(a.datetime_start < b.datetime_complete and b.datetime_start < a.datetime_complete
                   for a in by_gpu["0"] for b in by_gpu["1"])

@@ -208,6 +208,20 @@ def test_cpu_sampler_reports_rss_and_no_nvml_metrics():
     assert "NVML" in missing["mean_power_w"] and "NVML" in missing["energy_j_per_tok"]
 
 
+def test_child_process_sampler_returns_rows_and_reasons():
+    # No NVML on this machine (or a GPU-less one): the child still samples RSS on its grid and
+    # reports why NVML is missing; on a GPU machine the gpu test covers the NVML rows.
+    with ResourceSampler("cpu", interval_s=0.025, out_of_process=True) as sampler:
+        time.sleep(0.25)
+    metrics, missing = sampler.summary(tokens=10)
+    assert sampler.samples[0]["t_s"] == pytest.approx(0.0, abs=1e-3)
+    assert sampler.samples[-1]["t_s"] == pytest.approx(0.25, abs=0.05)
+    assert sampler.info["sample_interval_median_s"] == pytest.approx(0.025, abs=0.005)
+    assert metrics["peak_memory_mib"] > 0  # this process's RSS, read by the child
+    if "mean_power_w" not in metrics:
+        assert missing["mean_power_w"]
+
+
 # --- known quantities ------------------------------------------------------------------------
 
 def test_clock_reads_a_known_sleep():

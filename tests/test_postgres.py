@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import multiprocessing
 import os
 import shutil
 import socket
@@ -119,11 +120,33 @@ def test_postgres_claims_are_atomic(pg_url, in_tmp, fault_registered):
     check_claims_are_atomic(pg_url, in_tmp, space)
 
 
+def test_hosts_starting_at_once_on_a_fresh_database_all_open_it(pg_url):
+    """A job array starts every host at the same moment; the first open creates Optuna's
+    tables, and without the schema lock the others fail on CREATE TABLE."""
+    ctx = multiprocessing.get_context("fork")
+    start = ctx.Barrier(4)
+    procs = [ctx.Process(target=_open_at_once, args=(pg_url, start)) for _ in range(4)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(60)
+    assert [p.exitcode for p in procs] == [0] * 4
+
+
+def _open_at_once(url: str, start) -> None:
+    start.wait(30)
+    try:
+        open_storage(url)
+    except Exception:  # noqa: BLE001 - any failure is the test's failure
+        os._exit(1)
+    os._exit(0)
+
+
 def test_study_run_and_worker_share_one_postgres_study(pg_url, in_tmp, fault_registered):
     """The documented two-host recipe on one machine: `--space` on the first host creates the
     study and works on it; `worker --study` on the second joins it by name."""
     space = write_space(in_tmp / "hosts.yaml", "hosts", trials=6, sleep_s=0.5)
-    storage = open_storage(pg_url)  # creates the tables first: two hosts never race on the schema
+    storage = open_storage(pg_url)
     base = [sys.executable, "-m", "tests.fault_runner"]
     first = subprocess.Popen([*base, "--space", str(space), "--storage", pg_url, "--quiet", *HEARTBEAT])
     wait_for(lambda: any(s.study_name == "hosts" for s in storage.get_all_studies()), 60,

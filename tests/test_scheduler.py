@@ -189,3 +189,18 @@ def test_serve_with_continuous_scheduler_end_to_end(tiny):
     assert max(t.batch_size for t in outcome.timings) <= 4
     with pytest.raises(InfeasibleConfig, match="kv_cache"):
         serve(hf, "cpu", workload, {**knobs, "kv_cache": "static"}, 0, {})
+
+
+def test_continuous_refuses_an_engine_it_cannot_drive():
+    from runners.serving import iteration_engine
+
+    class OwnModuleEngine:  # like a fused engine: a model that is no transformers LM
+        device = "cpu"
+        model = object()
+        prompt_fn = staticmethod(lambda r: [1, 2])
+
+        def step(self, slot):
+            pass
+
+    with pytest.raises(InfeasibleConfig, match="cannot add sequences"):
+        iteration_engine(OwnModuleEngine(), {"kv_cache": "dynamic"})

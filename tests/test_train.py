@@ -86,8 +86,10 @@ def child_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
 
 def _run_children(tmp: Path) -> dict[str, dict]:
     workload = {"train_steps": 1, "warmup_steps": 0}  # one step reaches the peak
-    # 64 MiB of growth cannot hold this batch's activations: the allocator must fail.
-    oom = _config({"micro_batch_size": 8, "seq_len": 512, "memory_limit_mib": 64}, workload, _MEMORY_MODEL)
+    # 256 MiB of growth holds the OpenMP threads and the ceilings measurement, but not this
+    # batch's activations (~600 MiB): the allocator must fail. (A cap of a few tens of MiB can
+    # make libgomp's thread creation fail, which aborts the process instead.)
+    oom = _config({"micro_batch_size": 16, "seq_len": 512, "memory_limit_mib": 256}, workload, _MEMORY_MODEL)
     oom_proc, oom_res = _spawn(tmp, "oom", oom)
 
     ctx = multiprocessing.get_context("forkserver")
@@ -104,7 +106,7 @@ def _run_children(tmp: Path) -> dict[str, dict]:
         assert proc.exitcode == 0, f"{ck}: trial process failed"
         results[ck] = json.loads(res.read_text())
     _, err = oom_proc.communicate(timeout=180)
-    assert oom_proc.returncode == 0, f"oom: child failed\n{err[-3000:]}"
+    assert oom_proc.returncode == 0, f"oom: child failed\n{err[-6000:]}"
     results["oom"] = json.loads(oom_res.read_text())
     return results
 

@@ -65,8 +65,7 @@ class RunSummary:
 
 
 def make_sampler(space: Space, salt: str = "") -> optuna.samplers.BaseSampler:
-    """The space's sampler; `salt` (a worker's identity) gives each parallel worker its own seed,
-    else workers seeded alike would propose the very same configs."""
+    """The space's sampler; a `salt` derives another seed from the space's (see `_worker_ticket`)."""
     search = space.search
     seed = search.seed if not salt else _salted_seed(search.seed, salt)
     startup = search.n_startup_trials or min(10, max(2, search.trials // 3))
@@ -89,12 +88,11 @@ def _salted_seed(seed: int, salt: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{salt}".encode()).digest()[:4], "big")
 
 
-def open_study(space: Space, storage: optuna.storages.BaseStorage, store_space: bool = True,
-               sampler_salt: str = "") -> optuna.Study:
+def open_study(space: Space, storage: optuna.storages.BaseStorage, store_space: bool = True) -> optuna.Study:
     """Create or load the study; `store_space` records this space (budget included) for workers."""
     directions = [o.direction for o in space.objectives]
     study = optuna.create_study(study_name=space.study, storage=storage, directions=directions,
-                                sampler=make_sampler(space, sampler_salt), load_if_exists=True)
+                                sampler=make_sampler(space), load_if_exists=True)
     stored = [d.name.lower() for d in study.directions]
     if stored != directions:
         raise UsageError(f"study {space.study!r} already exists with directions {stored}; "
@@ -282,13 +280,14 @@ def run_study(space: Space, storage: optuna.storages.BaseStorage, options: RunOp
     gpu = options.worker.get("gpu")
     progress = Progress(space.search.trials, options.quiet,
                         PrefixedStream(sys.stdout, f"gpu {gpu}: ") if gpu is not None else None)
-    # A joining worker runs beside others: its own sampler seed (the workload seed stays the study's).
-    salt = f"{socket.gethostname()}:{os.getpid()}" if options.join else ""
-    study = open_study(space, storage, store_space=not options.join, sampler_salt=salt)
+    study = open_study(space, storage, store_space=not options.join)
     claims = ClaimLock(options.storage_url, storage, space.study)
     with claims:
         recover_dead_workers(study, storage, progress)
         ensure_baseline(study, space)
+        ticket = _worker_ticket(study)
+    if ticket:
+        study.sampler = make_sampler(space, salt=f"worker {ticket}")
     budget = space.search.trials
     progress.say(f"study {space.study}: {counted_trials(study)}/{budget} trials done; runner {space.runner} on "
                  f"{space.device}; storage {options.storage_url}; artifacts {options.out_dir}")
@@ -323,6 +322,19 @@ def run_study(space: Space, storage: optuna.storages.BaseStorage, options: RunOp
     progress.say(f"done: {counted_trials(study)}/{budget} trials, {pareto} on the feasible Pareto front. "
                  f"Report: autoglm-tune report --study {space.study} --storage {options.storage_url}")
     return RunSummary(space.study, ran, counted_trials(study), budget, pareto, timed_out)
+
+
+def _worker_ticket(study: optuna.Study) -> int:
+    """How many workers (study runs) came to this study before this one; under the claim lock.
+
+    The first worker samples with the space's seed, so a one-worker study reproduces; every
+    later one (a parallel worker, or a resumed run that would otherwise replay the first run's
+    proposals) derives its own seed from its ticket. Workers seeded alike would propose the very
+    same configs side by side. The workload seed stays the study's, so trials stay comparable.
+    """
+    ticket = int(study.user_attrs.get("workers_started", 0))
+    study.set_user_attr("workers_started", ticket + 1)
+    return ticket
 
 
 def claim_trial(study: optuna.Study, storage: optuna.storages.BaseStorage, space: Space,

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from runners.contract import InfeasibleConfig
-from runners.glm.fast_model import FastGlm, LayerFn, attention_bias, layer_forward
+from runners.glm.fast_model import FastGlm, LayerFn, attention_bias, head_forward, layer_forward, rms_norm
 from runners.glm.model import model_info
 from runners.glm.prefix_cache import TieredPrefixCache
 from runners.scheduler import Clock
@@ -80,19 +80,26 @@ def _configure_inductor() -> None:
 class FastEngine:
     """Engine protocol (`device`, `run_batch`, `counters`) over `FastGlm` with a static KV cache."""
 
-    def __init__(self, model: FastGlm, device: str, compile_step: bool) -> None:
+    def __init__(self, model: FastGlm, device: str, compile_step: bool, graph_min_batch: int = 1,
+                 inductor_options: dict[str, Any] | None = None) -> None:
         self.model = model
         self.device = device
         self.use_graphs = device.startswith("cuda")
+        # Buckets below this batch run the (compiled) step without CUDA graph capture: some
+        # kernels cannot be captured at small M, and a failed capture poisons the process.
+        self.graph_min_batch = graph_min_batch
         self.compiled = bool(compile_step and self.use_graphs)
         if compile_step and not self.use_graphs:
             raise InfeasibleConfig("compile=true captures the decode step in CUDA graphs; this device has "
                                    "none (on CPU the static-cache engine runs eager with compile=false)")
         self.compile_error = ""
         self._layer_fn: LayerFn = layer_forward
+        self._head_fn: Callable[..., torch.Tensor] = head_forward
         if self.compiled:
             _configure_inductor()
-            self._layer_fn = torch.compile(layer_forward, fullgraph=True, dynamic=False)
+            options = inductor_options or None
+            self._layer_fn = torch.compile(layer_forward, fullgraph=True, dynamic=False, options=options)
+            self._head_fn = torch.compile(head_forward, fullgraph=True, dynamic=False, options=options)
         self._slots: dict[tuple[int, int], DecodeSlot] = {}
         self._graph_pool: Any = None
         self.compile_s = 0.0
@@ -146,7 +153,7 @@ class FastEngine:
             t0 = time.perf_counter()
             slot = self._allocate(*key)
             if self.use_graphs:
-                self._capture_or_refuse(slot)
+                self._capture_or_refuse(slot, capture=slot.batch >= self.graph_min_batch)
             self._slots[key] = slot
             self.compile_s += time.perf_counter() - t0
         return slot
@@ -168,17 +175,17 @@ class FastEngine:
         """One greedy step on the bucket's buffers; every update stays on the device."""
         bias = attention_bias(s.slot, s.pad_len, s.length, self.model.dtype)
         h = self.model.run_layers(s.tok, s.rope_pos, s.slot, bias, s.k, s.v, s.length, self._layer_fn)
-        logits = self.model.lm_head(h[:, -1])  # [B, V]
+        logits = self._head_fn(h, self.model.final_norm, self.model.lm_head.weight, self.model.dims.eps)
         s.logits.copy_(logits)
         s.tok.copy_(logits.argmax(-1, keepdim=True))
         s.rope_pos.add_(1)
         s.slot.add_(1)
 
-    def _capture_or_refuse(self, s: DecodeSlot) -> None:
+    def _capture_or_refuse(self, s: DecodeSlot, capture: bool) -> None:
         """A decode step that cannot run or be captured for these knobs is a config fact
         (e.g. a kernel that rejects batch-1 shapes): report it as infeasible, with the reason."""
         try:
-            self._capture(s)
+            self._capture(s, capture)
         except torch.OutOfMemoryError:
             raise
         except (RuntimeError, NotImplementedError, AssertionError, ValueError) as exc:
@@ -186,7 +193,7 @@ class FastEngine:
             raise InfeasibleConfig(f"decode step for batch bucket {s.batch} cannot run/capture on "
                                    f"{self.device}: {type(exc).__name__}: {text}") from exc
 
-    def _capture(self, s: DecodeSlot) -> None:
+    def _capture(self, s: DecodeSlot, capture: bool = True) -> None:
         # Warm up on a side stream first (compiles, autotunes, allocates), as CUDA graph
         # capture requires; the garbage written to the buffers is overwritten by each prefill.
         stream = torch.cuda.Stream(self.device)
@@ -200,11 +207,13 @@ class FastEngine:
                 raise
             self.compile_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
             self.compiled = False
-            self._layer_fn = layer_forward
+            self._layer_fn, self._head_fn = layer_forward, head_forward
             with torch.cuda.stream(stream):
                 for _ in range(2):
                     self._decode_step(s)
         torch.cuda.current_stream(self.device).wait_stream(stream)
+        if not capture:
+            return
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool):
             self._decode_step(s)
@@ -284,6 +293,7 @@ class FastEngine:
         slots = positions[start:]
         bias = attention_bias(slots, pad, width, self.model.dtype)
         h = self.model.run_layers(ids[:, start:], rope_pos[:, start:], slots, bias, s.k, s.v, width)
+        h = rms_norm(h if all_logits else h[:, -1:], self.model.final_norm, self.model.dims.eps)
         logits = self.model.lm_head(h if all_logits else h[:, -1])
         last = logits[:, -1] if all_logits else logits
         s.tok.copy_(last.argmax(-1, keepdim=True))

@@ -186,7 +186,8 @@ class FastGlm(nn.Module):
     def run_layers(self, tokens: torch.Tensor, rope_pos: torch.Tensor, slots: torch.Tensor,
                    bias: torch.Tensor, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
                    attend_len: int, layer_fn: LayerFn = layer_forward) -> torch.Tensor:
-        """Hidden states after the final norm, [B, S, H]; fills the caches at `slots`.
+        """Hidden states after the last layer (before the final norm), [B, S, H]; fills the
+        caches at `slots`.
 
         tokens/rope_pos: [B, S]; bias: [B, 1, 1, S, attend_len] (0 or a large negative).
         """
@@ -194,7 +195,13 @@ class FastGlm(nn.Module):
         cos, sin = self.cos_table[rope_pos], self.sin_table[rope_pos]
         for layer, k_cache, v_cache in zip(self.layers, k_caches, v_caches, strict=True):
             h = layer_fn(h, cos, sin, slots, bias, k_cache, v_cache, layer.tensors(), self.dims, attend_len)
-        return rms_norm(h, self.final_norm, self.dims.eps)
+        return h
+
+
+def head_forward(h: torch.Tensor, norm_weight: torch.Tensor, head_weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Final norm + output projection of the last position: logits [B, V]. A pure function so
+    the fast path can compile it like a layer (a quantised lm_head then fuses its dequant)."""
+    return F.linear(rms_norm(h[:, -1], norm_weight, eps), head_weight)
 
 
 def attention_bias(query_slots: torch.Tensor, pad_len: torch.Tensor, attend_len: int,
