@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 
 def write_rows(path: Path, rows: Sequence[dict[str, Any]]) -> str:

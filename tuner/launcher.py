@@ -115,8 +115,8 @@ class ProcessLauncher:
 class WarmLauncher:
     """One long-lived child (`runners.child --serve`) that keeps built models between trials.
 
-    Restarted after a crash, a hang or an out-of-memory trial, so one bad config cannot
-    poison the measurements of the next.
+    Restarted after a crash, a hang or an infeasible trial (out of memory, failed capture), so
+    one bad config cannot poison the measurements of the next.
     """
 
     def __init__(self, timeout_s: float, stderr_path: Path, python: str = sys.executable) -> None:
@@ -160,7 +160,9 @@ class WarmLauncher:
             self._proc = None
             return _classify(None, returncode, _tail(self.stderr_path, offset), wall_s)
         outcome = _classify(_read_result(result_path), None, _tail(self.stderr_path, offset), wall_s)
-        if outcome.state == "infeasible" and outcome.reason.startswith("out of memory"):
+        if outcome.state == "infeasible":
+            # An OOM or a failed CUDA-graph capture can leave the CUDA context unusable (seen on
+            # an H200: the RNG state after a failed capture); the next trial gets a fresh process.
             self.close()
         return outcome
 

@@ -14,6 +14,7 @@ from transformers import DynamicCache, QuantizedCache, StaticCache
 
 from runners.contract import InfeasibleConfig
 from runners.glm.model import model_info
+from runners.monitor import StepTimer
 from runners.scheduler import Clock
 from runners.workload import Request
 
@@ -49,11 +50,6 @@ def _quantized_cache(config: Any, kv_bits: int) -> Any:
                           q_group_size=min(64, head_dim), residual_length=0)
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-
-
 class HFEngine:
     """Runs a batch of requests to completion; one call per batch."""
 
@@ -77,10 +73,11 @@ class HFEngine:
     def run_batch(self, requests: Sequence[Request], clock: Clock) -> list[float]:
         prompts = [self.prompt_fn(r) for r in requests]
         new_tokens = max(r.output_tokens for r in requests)
-        times = []
+        # Per-step events and one sync per batch: a sync per step would stall kernel launches.
+        timer = StepTimer(self.device, clock).start()
         for _ in self.decode(prompts, new_tokens):
-            _sync(self.device)  # the token exists only once the device is done
-            times.append(clock.now())
+            timer.mark()
+        times = timer.times()
         self._count(len(prompts), max(len(p) for p in prompts), new_tokens)
         return times
 

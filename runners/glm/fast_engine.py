@@ -29,6 +29,7 @@ from runners.contract import InfeasibleConfig
 from runners.glm.fast_model import FastGlm, LayerFn, attention_bias, head_forward, layer_forward, rms_norm
 from runners.glm.model import model_info
 from runners.glm.prefix_cache import TieredPrefixCache
+from runners.monitor import StepTimer
 from runners.scheduler import Clock
 from runners.workload import Request
 
@@ -231,11 +232,11 @@ class FastEngine:
         prompts = [self.prompt_fn(r) for r in requests]
         prefix_lens = [self.prefix_len_fn(r) if self.prefix_len_fn else 0 for r in requests]
         new_tokens = max(r.output_tokens for r in requests)
-        times = []
+        # Per-step events and one sync per batch: a sync per step would stall graph launches.
+        timer = StepTimer(self.device, clock).start()
         for _ in self.decode(prompts, new_tokens, prefix_lens):
-            if self.use_graphs:
-                torch.cuda.synchronize(self.device)  # the token exists only once the device is done
-            times.append(clock.now())
+            timer.mark()
+        times = timer.times()
         self._count(len(prompts), max(len(p) for p in prompts), new_tokens)
         return times
 
