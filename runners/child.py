@@ -54,6 +54,11 @@ def _apply_memory_limit(config: TrialConfig) -> None:
     import resource
 
     import psutil
+    import torch
+
+    # Start the intra-op thread pool before the cap: under a small cap OpenMP cannot create its
+    # threads and aborts the process, which would read as a crash instead of an OOM.
+    torch.ones(256, 256) @ torch.ones(256, 256)
 
     # Address space already mapped (libraries, torch) plus the allowed growth.
     cap = psutil.Process().memory_info().vms + int(limit_mib * 2**20)

@@ -82,7 +82,7 @@ def engine_kind(knobs: dict[str, Any], device: str) -> str:
     eager loop with its dynamic / offloaded / quantized caches).
 
     kv_cache=static always takes the fast path (H200, glm-4-9b, batch 1: 5.0 ms/step compiled,
-    8.4 ms without compile, vs 51 ms in transformers' eager loop; RESULTS-issue3.md). The growing,
+    8.4 ms without compile, vs 51 ms in transformers' eager loop; BENCHMARKS.md). The growing,
     offloaded and quantized caches exist only as transformers Cache objects, which the fast path
     does not use, so they run eagerly.
     """

@@ -110,8 +110,8 @@ def _check_plan(plan: TrainPlan, device: str) -> None:
         raise InfeasibleConfig("optimizer=adamw_cpu_offload (torchao CPUOffloadOptimizer) supports "
                                "only CUDA/XPU devices")
     if plan.offload_activations and plan.compile:
-        # Measured (torch 2.13): save_on_cpu restores saved tensors contiguous, and the compiled
-        # backward asserts the original strides ("expected ... stride 32==1"): it cannot run.
+        # Measured (torch 2.13 CPU, torch 2.11 CUDA): save_on_cpu restores saved tensors
+        # contiguous, and the compiled backward asserts the original strides: it cannot run.
         raise InfeasibleConfig("grad_checkpointing=offload with compile: torch.compile's backward rejects "
                                "the re-laid-out tensors that save_on_cpu hands back")
     if plan.amp_dtype is torch.float16 and plan.weight_dtype is not torch.float32:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import multiprocessing
 import os
 import subprocess
 import sys
@@ -15,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 
-from runners.child import run_one
 from runners.contract import InfeasibleConfig, TrialConfig
 from runners.glm.model import build_model
 from runners.knobs import resolve_knobs
@@ -74,9 +72,7 @@ def _spawn(tmp: Path, name: str, config: TrialConfig) -> tuple[subprocess.Popen,
 def child_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     """Each config in a fresh process, so one trial's RSS peak cannot leak into another's.
 
-    The memory trials fork from one forkserver that imported torch once (each import costs
-    ~6 s of CPU); their common baseline RSS cancels in the comparison. The OOM trial goes
-    through the real child entry point, which applies the memory cap.
+    Every trial goes through the real child entry point, which applies the memory cap.
     """
     tmp = tmp_path_factory.mktemp("children")
     with pytest.MonkeyPatch.context() as patch:  # the children inherit the environment
@@ -87,27 +83,19 @@ def child_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
 def _run_children(tmp: Path) -> dict[str, dict]:
     workload = {"train_steps": 1, "warmup_steps": 0}  # one step reaches the peak
     # 256 MiB of growth holds the OpenMP threads and the ceilings measurement, but not this
-    # batch's activations (~600 MiB): the allocator must fail. (A cap of a few tens of MiB can
-    # make libgomp's thread creation fail, which aborts the process instead.)
+    # batch's activations (~600 MiB): the allocator must fail.
     oom = _config({"micro_batch_size": 16, "seq_len": 512, "memory_limit_mib": 256}, workload, _MEMORY_MODEL)
-    oom_proc, oom_res = _spawn(tmp, "oom", oom)
-
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["runners.child", "runners.train"])
-    jobs = {}
-    for ck in ("off", "every_2", "on"):
-        cfg, res = tmp / f"{ck}.json", tmp / f"{ck}.result.json"
-        cfg.write_text(_config({**_MEMORY_KNOBS, "grad_checkpointing": ck}, workload, _MEMORY_MODEL).to_json())
-        jobs[ck] = (ctx.Process(target=run_one, args=(cfg, res)), res)
+    configs = {ck: _config({**_MEMORY_KNOBS, "grad_checkpointing": ck}, workload, _MEMORY_MODEL)
+               for ck in ("off", "every_2", "on")}
+    configs["oom"] = oom
     results = {}
-    for ck, (proc, res) in jobs.items():
-        proc.start()
-        proc.join(timeout=180)  # one at a time: the peaks must not compete for memory or cores
-        assert proc.exitcode == 0, f"{ck}: trial process failed"
-        results[ck] = json.loads(res.read_text())
-    _, err = oom_proc.communicate(timeout=180)
-    assert oom_proc.returncode == 0, f"oom: child failed\n{err[-6000:]}"
-    results["oom"] = json.loads(oom_res.read_text())
+    for name, config in configs.items():
+        # One at a time, each in a fresh process: the peaks must not compete for memory or cores,
+        # and one trial's RSS must not leak into the next.
+        proc, res = _spawn(tmp, name, config)
+        _, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, f"{name}: child failed\n{err[-6000:]}"
+        results[name] = json.loads(res.read_text())
     return results
 
 
