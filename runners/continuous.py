@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 from transformers import DynamicCache
 
+from runners.glm.work import WorkCounter, left_pad
 from runners.workload import Request
 
 PromptFn = Callable[[Request], list[int]]
@@ -36,11 +37,10 @@ class ContinuousEngine:
         self._mask = torch.zeros(0, 0, dtype=torch.long, device=device)  # [B, S]
         self._tokens = torch.zeros(0, 1, dtype=torch.long, device=device)  # [B, 1] last token
         self._next_pos = torch.zeros(0, 1, dtype=torch.long, device=device)  # [B, 1]
-        self._sizes = _model_sizes(model)
-        self._counts = {"decode_steps": 0.0, "tokens": 0.0, "bytes_read": 0.0, "flops": 0.0}
+        self.work = WorkCounter(model)
 
     def counters(self) -> dict[str, float]:
-        return dict(self._counts)
+        return self.work.snapshot()
 
     @property
     def batch(self) -> int:
@@ -54,7 +54,7 @@ class ContinuousEngine:
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                             past_key_values=cache, use_cache=True).logits[:, -1]
         tokens = logits.argmax(-1, keepdim=True)
-        self._count(ids.numel(), ids.shape[0], cache_positions=0)
+        self.work.add_forward(ids.numel(), ids.shape[0], cache_positions=0)
         self._merge(cache, mask, tokens, positions[:, -1:] + 1, [r.rid for r in requests])
         self._emit(tokens)
 
@@ -62,7 +62,7 @@ class ContinuousEngine:
     def step(self) -> None:
         if not self.rids:
             return
-        self._count(self.batch, self.batch, cache_positions=self.batch * self._mask.shape[1])
+        self.work.add_forward(self.batch, self.batch, cache_positions=self.batch * self._mask.shape[1])
         self._mask = torch.cat([self._mask, self._mask.new_ones(self.batch, 1)], dim=1)
         logits = self.model(input_ids=self._tokens, attention_mask=self._mask, position_ids=self._next_pos,
                             past_key_values=self._cache, use_cache=True).logits[:, -1]
@@ -116,23 +116,8 @@ class ContinuousEngine:
             for rid, token in zip(self.rids[-tokens.shape[0]:], tokens[:, 0].tolist(), strict=True):
                 self.generated.setdefault(rid, []).append(token)
 
-    def _count(self, tokens_processed: int, tokens_generated: int, cache_positions: int) -> None:
-        # Each forward reads all non-embedding weights once and every cached position's K/V
-        # (padding included: the kernel reads it); matmul FLOPs are 2 * params per token.
-        weight_bytes, kv_bytes_per_token, flops_per_token = self._sizes
-        c = self._counts
-        c["decode_steps"] += 1
-        c["tokens"] += tokens_generated
-        c["bytes_read"] += weight_bytes + cache_positions * kv_bytes_per_token
-        c["flops"] += flops_per_token * tokens_processed
-
     def _left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-            mask[row, width - len(prompt):] = 1
+        ids, mask = left_pad(prompts, self.pad_id)
         return ids.to(self.device), mask.to(self.device)
 
 
@@ -144,12 +129,3 @@ def _pad_left(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     shape = list(x.shape)
     shape[dim] = missing
     return torch.cat([x.new_zeros(shape), x], dim=dim)
-
-
-def _model_sizes(model: torch.nn.Module) -> tuple[int, int, int]:
-    """(non-embedding weight bytes, KV bytes per cached token, FLOPs per processed token)."""
-    from runners.glm.model import model_info
-
-    info = model_info(model)
-    embed = model.get_input_embeddings().weight.numel()
-    return info.decode_weight_bytes, info.kv_bytes_per_token, 2 * (info.params - embed)

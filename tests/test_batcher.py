@@ -2,22 +2,9 @@
 
 from __future__ import annotations
 
-import math
-
 from runners.scheduler import batch_is_ready, run_dynamic
 from runners.workload import Request
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def now(self) -> float:
-        return self.t
-
-    def sleep_until(self, t: float) -> None:
-        assert math.isfinite(t), "the batcher must never sleep forever"
-        self.t = max(self.t, t)
+from tests.test_scheduler import FakeClock
 
 
 class FakeEngine:

@@ -13,7 +13,7 @@ import torch
 from transformers import DynamicCache, QuantizedCache, StaticCache
 
 from runners.contract import InfeasibleConfig
-from runners.glm.model import model_info
+from runners.glm.work import WorkCounter, left_pad
 from runners.monitor import StepTimer
 from runners.scheduler import Clock
 from runners.workload import Request
@@ -61,14 +61,10 @@ class HFEngine:
         self.kv_bits = kv_bits
         self.prompt_fn = prompt_fn
         self.pad_id = int(model.config.pad_token_id or 0)
-        info = model_info(model)
-        self._weight_bytes_per_step = info.decode_weight_bytes
-        self._kv_bytes_per_token = info.kv_bytes_per_token
-        self._flops_per_token = 2 * (info.params - model.get_input_embeddings().weight.numel())
-        self._counts = {"decode_steps": 0.0, "tokens": 0.0, "bytes_read": 0.0, "flops": 0.0}
+        self.work = WorkCounter(model)
 
     def counters(self) -> dict[str, float]:
-        return dict(self._counts)
+        return self.work.snapshot()
 
     def run_batch(self, requests: Sequence[Request], clock: Clock) -> list[float]:
         prompts = [self.prompt_fn(r) for r in requests]
@@ -78,18 +74,8 @@ class HFEngine:
         for _ in self.decode(prompts, new_tokens):
             timer.mark()
         times = timer.times()
-        self._count(len(prompts), max(len(p) for p in prompts), new_tokens)
+        self.work.add_batch(len(prompts), max(len(p) for p in prompts), new_tokens)
         return times
-
-    def _count(self, batch: int, prompt_len: int, new_tokens: int) -> None:
-        # Every step reads all non-embedding weights once and the KV of every live position;
-        # matmul FLOPs are 2 * params per token processed (prefill tokens included).
-        kv_positions = batch * (prompt_len * new_tokens + new_tokens * (new_tokens - 1) // 2)
-        c = self._counts
-        c["decode_steps"] += new_tokens
-        c["tokens"] += batch * new_tokens
-        c["bytes_read"] += new_tokens * self._weight_bytes_per_step + kv_positions * self._kv_bytes_per_token
-        c["flops"] += self._flops_per_token * batch * (prompt_len + new_tokens - 1)
 
     @torch.inference_mode()
     def decode(self, prompts: list[list[int]], new_tokens: int) -> Iterator[torch.Tensor]:
@@ -128,11 +114,6 @@ class HFEngine:
         return torch.log_softmax(torch.cat(outputs, dim=1), dim=-1)
 
     def _left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-            mask[row, width - len(prompt):] = 1
+        ids, mask = left_pad(prompts, self.pad_id)
         return ids.to(self.device), mask.to(self.device)
 

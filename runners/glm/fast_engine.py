@@ -27,8 +27,8 @@ import torch
 
 from runners.contract import InfeasibleConfig
 from runners.glm.fast_model import FastGlm, LayerFn, attention_bias, head_forward, layer_forward, rms_norm
-from runners.glm.model import model_info
 from runners.glm.prefix_cache import TieredPrefixCache
+from runners.glm.work import WorkCounter
 from runners.monitor import StepTimer
 from runners.scheduler import Clock
 from runners.workload import Request
@@ -105,10 +105,7 @@ class FastEngine:
         self._graph_pool: Any = None
         self.compile_s = 0.0
         self.pad_id = int(model.config.pad_token_id or 0)
-        info = model_info(model)
-        self._weight_bytes_per_step = info.decode_weight_bytes
-        self._kv_bytes_per_token = info.kv_bytes_per_token
-        self._flops_per_token = 2 * (info.params - model.get_input_embeddings().weight.numel())
+        self.work = WorkCounter(model)
         self.begin_trial(lambda r: [], None, "off", 0)
 
     # --- per trial --------------------------------------------------------------------------
@@ -117,7 +114,7 @@ class FastEngine:
         """Fresh counters and an empty prefix cache; the compiled graphs are kept."""
         self.prompt_fn = prompt_fn
         self.prefix_len_fn = prefix_len_fn
-        self._counts = {"decode_steps": 0.0, "tokens": 0.0, "bytes_read": 0.0, "flops": 0.0}
+        self.work.reset()
         self.prefix_cache: TieredPrefixCache[torch.Tensor] | None = None
         if prefix_policy != "off":
             l1 = int(float(prefix_budget_mib) * 2**20)
@@ -127,7 +124,7 @@ class FastEngine:
                 to_l2=lambda t: t.to("cpu"))
 
     def counters(self) -> dict[str, float]:
-        counts = dict(self._counts)
+        counts = self.work.snapshot()
         if self.prefix_cache is not None:  # serving takes the window's delta of these too
             stats = self.prefix_cache.stats
             counts.update(prefix_lookups=float(stats.lookups), prefix_hits=float(stats.hits_l1 + stats.hits_l2),
@@ -237,16 +234,8 @@ class FastEngine:
         for _ in self.decode(prompts, new_tokens, prefix_lens):
             timer.mark()
         times = timer.times()
-        self._count(len(prompts), max(len(p) for p in prompts), new_tokens)
+        self.work.add_batch(len(prompts), max(len(p) for p in prompts), new_tokens)
         return times
-
-    def _count(self, batch: int, prompt_len: int, new_tokens: int) -> None:
-        kv_positions = batch * (prompt_len * new_tokens + new_tokens * (new_tokens - 1) // 2)
-        c = self._counts
-        c["decode_steps"] += new_tokens
-        c["tokens"] += batch * new_tokens
-        c["bytes_read"] += new_tokens * self._weight_bytes_per_step + kv_positions * self._kv_bytes_per_token
-        c["flops"] += self._flops_per_token * batch * (prompt_len + new_tokens - 1)
 
     def decode(self, prompts: list[list[int]], new_tokens: int,
                prefix_lens: Sequence[int] | None = None) -> Any:
