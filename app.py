@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -21,6 +22,7 @@ import streamlit as st
 
 from reports import figures as figs
 from reports import frames as fr
+from reports.regression import history_figure, read_history
 from runners.contract import METRICS
 from tuner.errors import UsageError
 from tuner.storage import DEFAULT_STORAGE, open_existing_storage
@@ -34,11 +36,26 @@ LATENCY = ("ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "latency_
 # ---------------------------------------------------------------- data access (read-only, cached)
 
 
-def storage_url() -> str:
+def _app_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--storage")
+    p.add_argument("--history")
     args, _ = p.parse_known_args(sys.argv[1:])
-    return args.storage or os.environ.get("AUTOGLM_TUNE_STORAGE") or DEFAULT_STORAGE
+    return args
+
+
+def storage_url() -> str:
+    return _app_args().storage or os.environ.get("AUTOGLM_TUNE_STORAGE") or DEFAULT_STORAGE
+
+
+def history_path() -> Path:
+    """`autoglm-tune regress` history: `--history`, else $AUTOGLM_TUNE_HISTORY, else its default."""
+    return Path(_app_args().history or os.environ.get("AUTOGLM_TUNE_HISTORY") or "runs/regress/history.csv")
+
+
+@st.cache_data(ttl=30, show_spinner=False)
+def regression_history(path: str) -> pd.DataFrame:
+    return read_history(Path(path))
 
 
 @st.cache_resource(show_spinner=False)
@@ -471,6 +488,19 @@ def space_panel(info: dict[str, Any]) -> None:
     st.json(info["space"] or {}, expanded=True)
 
 
+def regression_panel() -> None:
+    path = history_path()
+    history = regression_history(str(path))
+    if history.empty:
+        st.info(f"No regression history at `{path}`: run `autoglm-tune regress` (see docs/regress.md), "
+                "or pass `-- --history FILE`.")
+        return
+    configs = sorted(history["config"].dropna().unique())
+    pick = st.selectbox("Config", ["(all)", *configs], key="regress_config")
+    st.caption(f"`{path}` · now ÷ reference per night; flagged nights are marked")
+    st.plotly_chart(history_figure(history, None if pick == "(all)" else pick), use_container_width=True)
+
+
 # ---------------------------------------------------------------- page
 
 
@@ -489,7 +519,8 @@ def main() -> None:
     has_results = study_state_message(info, frame)
     if info["states"].get("RUNNING"):
         live_watch(url, name, fingerprint(trials(url, name)))
-    tabs = st.tabs(["Pareto & trials", "Trial detail", "Compare trials", "Compare studies", "Search diagnostics", "Space"])
+    tabs = st.tabs(["Pareto & trials", "Trial detail", "Compare trials", "Compare studies", "Search diagnostics",
+                    "Space", "Regression history"])
     with tabs[0]:
         chart_pick = pareto_panel(frame, objs, name) if has_results else []
         table_pick = trial_table(frame, objs, chart_pick, name) if len(frame) else []
@@ -507,6 +538,8 @@ def main() -> None:
             st.info("Hypervolume, importances and parallel coordinates need completed trials.")
     with tabs[5]:
         space_panel(info)
+    with tabs[6]:
+        regression_panel()
 
 
 main()

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import optuna
+import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -129,3 +130,20 @@ def test_missing_storage_is_a_clear_error(monkeypatch, tmp_path):
     at = AppTest.from_file(APP, default_timeout=30).run()
     assert not at.exception
     assert any("no such journal file" in e.value for e in at.error)
+
+
+def test_regression_history_tab(app, monkeypatch, tmp_path):
+    monkeypatch.setenv("AUTOGLM_TUNE_HISTORY", str(tmp_path / "none.csv"))
+    at = _pick_study(app, "populated")
+    assert "No regression history" in _text(at)
+    from reports.regression import HISTORY_COLUMNS, append_history
+
+    rows = pd.DataFrame([{**dict.fromkeys(HISTORY_COLUMNS), "night": f"2026-11-{day:02d}T02:00:00+00:00",
+                          "config": "best", "metric": "throughput_tok_s", "ratio": ratio, "flagged": ratio < 0.9,
+                          "accepted": ratio >= 0.9}
+                         for day, ratio in ((18, 1.0), (19, 0.99), (20, 0.7))])
+    append_history(tmp_path / "history.csv", rows)
+    monkeypatch.setenv("AUTOGLM_TUNE_HISTORY", str(tmp_path / "history.csv"))
+    at = _pick_study(AppTest.from_file(APP, default_timeout=60), "populated")
+    assert "No regression history" not in _text(at)
+    assert any(str(tmp_path / "history.csv") in str(c.value) for c in at.caption)

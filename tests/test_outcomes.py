@@ -50,10 +50,11 @@ def test_launcher_classifies_each_outcome(tmp_path, launcher_kind):
 
 
 def test_real_runner_out_of_memory_is_infeasible(tmp_path):
-    config = TrialConfig("glm-infer", {"preset": "glm-tiny"}, "cpu", {"requests": 4},
-                         {"memory_limit_mib": 20})
+    # glm-small's embedding alone is 128 MiB of float32: it cannot fit a 64 MiB cap.
+    config = TrialConfig("glm-infer", {"preset": "glm-small"}, "cpu", {"requests": 4},
+                         {"memory_limit_mib": 64})
     outcome = ProcessLauncher(timeout_s=120).run(config, tmp_path)
-    assert outcome.state == "infeasible"
+    assert outcome.state == "infeasible", outcome.stderr_tail
     assert outcome.reason.startswith("out of memory")
 
 
