@@ -6,14 +6,13 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from typing import Any
 
 import torch
 
-from benchmarks.overhead import build_engine
+from benchmarks.overhead import build_engine, engine_parser
 from runners.base import resolve_device
 from runners.continuous import ContinuousEngine
 from runners.scheduler import RealClock, run_continuous
@@ -49,14 +48,8 @@ def transformers_cb(engine: Any, requests: list[Request]) -> tuple[float, float]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="glm-tiny")
-    parser.add_argument("--device", default="auto")
+    parser = engine_parser(__doc__, batch=32, output_tokens=32)
     parser.add_argument("--requests", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--prompt-tokens", type=int, default=128)
-    parser.add_argument("--output-tokens", type=int, default=32)
-    parser.add_argument("--json", default="")
     args = parser.parse_args()
     device = resolve_device(args.device)
     engine = build_engine(args.preset, device)

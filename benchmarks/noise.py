@@ -6,13 +6,12 @@ throughput and of p99 latency, plus each repeat's memory and energy cross-checks
 
 from __future__ import annotations
 
-import argparse
 import json
 from typing import Any
 
 import numpy as np
 
-from benchmarks.overhead import build_engine
+from benchmarks.overhead import build_engine, engine_parser
 from runners.base import resolve_device
 from runners.serving import serve
 
@@ -51,16 +50,10 @@ def repeat(engine: Any, device: str, workload: dict[str, Any], knobs: dict[str, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="glm-tiny")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch", type=int, default=8)
+    parser = engine_parser(__doc__, batch=8, output_tokens=32)
     parser.add_argument("--requests", type=int, default=128)
-    parser.add_argument("--prompt-tokens", type=int, default=128)
-    parser.add_argument("--output-tokens", type=int, default=32)
     parser.add_argument("--scheduler", default="dynamic", choices=("dynamic", "continuous"))
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--json", default="")
     args = parser.parse_args()
     device = resolve_device(args.device)
     engine = build_engine(args.preset, device)

@@ -100,16 +100,24 @@ def measure(engine: HFEngine, batch: int, prompt_tokens: int, output_tokens: int
             "round_cv_bare": statistics.stdev(tok_s["bare"]) / statistics.mean(tok_s["bare"])}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def engine_parser(doc: str, batch: int, output_tokens: int) -> argparse.ArgumentParser:
+    """The options every engine benchmark takes: model, device, batch shape, JSON output."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--preset", default="glm-tiny")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=batch)
     parser.add_argument("--prompt-tokens", type=int, default=128)
-    parser.add_argument("--output-tokens", type=int, default=64)
+    parser.add_argument("--output-tokens", type=int, default=output_tokens)
+    parser.add_argument("--json", default="", help="also write the result to this file")
+    return parser
+
+
+def main() -> None:
+    parser = engine_parser(__doc__, batch=8, output_tokens=64)
     parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--json", default="")
     args = parser.parse_args()
+    if args.rounds < 2:
+        parser.error("--rounds must be at least 2: the round-to-round CV needs two rounds")
     device = resolve_device(args.device)
     engine = build_engine(args.preset, device)
     result = {"preset": args.preset, "device": device, "batch": args.batch,
