@@ -6,13 +6,12 @@
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
 import torch
 
-from benchmarks.overhead import build_engine, engine_parser
+from benchmarks.overhead import build_engine, emit, engine_parser
 from runners.base import resolve_device
 from runners.continuous import ContinuousEngine
 from runners.scheduler import RealClock, run_continuous
@@ -65,11 +64,7 @@ def main() -> None:
         result.update(transformers_first_tok_s=first, transformers_tok_s=second)
     except Exception as exc:  # noqa: BLE001 - report why transformers' manager did not run here
         result["transformers_error"] = f"{type(exc).__name__}: {exc}"[:500]
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as handle:
-            handle.write(text)
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

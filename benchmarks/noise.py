@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.overhead import build_engine, engine_parser
+from benchmarks.overhead import build_engine, emit, engine_parser
 from runners.base import resolve_device
 from runners.serving import serve
 
@@ -65,11 +65,7 @@ def main() -> None:
              "kv_cache": "dynamic"}
     result = {"preset": args.preset, "device": device, "workload": workload, "knobs": knobs,
               **repeat(engine, device, workload, knobs, args.repeats)}
-    text = json.dumps(result, indent=2, default=str)
-    print(json.dumps({k: v for k, v in result.items() if k != "runs"}, default=str))
-    if args.json:
-        with open(args.json, "w") as handle:
-            handle.write(text)
+    emit(result, args.json, shown={k: v for k, v in result.items() if k != "runs"})
 
 
 if __name__ == "__main__":

@@ -112,6 +112,14 @@ def engine_parser(doc: str, batch: int, output_tokens: int) -> argparse.Argument
     return parser
 
 
+def emit(result: dict, path: str, shown: dict | None = None) -> None:
+    """Print the result (or its `shown` summary) and write the full result as JSON to `path`."""
+    print(json.dumps(result if shown is None else shown, indent=2, default=str))
+    if path:
+        with open(path, "w") as handle:
+            handle.write(json.dumps(result, indent=2, default=str))
+
+
 def main() -> None:
     parser = engine_parser(__doc__, batch=8, output_tokens=64)
     parser.add_argument("--rounds", type=int, default=6)
@@ -123,11 +131,7 @@ def main() -> None:
     result = {"preset": args.preset, "device": device, "batch": args.batch,
               "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens,
               **measure(engine, args.batch, args.prompt_tokens, args.output_tokens, args.rounds)}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as handle:
-            handle.write(text)
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ timeline can be written to the trial artifact as is.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -272,6 +273,7 @@ class StepTimer:
 
     def start(self) -> StepTimer:
         self._events, self._cpu_times = [], []
+        self._t_ref = self.clock.now()
         if self.cuda:
             import torch
 
@@ -298,3 +300,8 @@ class StepTimer:
             return []
         self._events[-1].synchronize()
         return [self._t_ref + self._ref.elapsed_time(e) / 1e3 for e in self._events]
+
+    def durations_ms(self) -> list[float]:
+        """Milliseconds between consecutive marks, the first counted from `start()`."""
+        marks = [self._t_ref, *self.times()]
+        return [(b - a) * 1e3 for a, b in itertools.pairwise(marks)]

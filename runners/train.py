@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,7 +36,8 @@ from runners.contract import InfeasibleConfig, TrialConfig, TrialResult
 from runners.environment import describe
 from runners.glm.model import DTYPES, build_model, model_info
 from runners.knobs import resolve_knobs
-from runners.monitor import ResourceSampler
+from runners.monitor import ResourceSampler, StepTimer
+from runners.scheduler import RealClock
 
 DEFAULT_WORKLOAD: dict[str, Any] = {"train_steps": 8, "warmup_steps": 3}
 # Fixed, not a knob: the study tunes speed and memory, and AdamW's cost does not depend on lr.
@@ -275,29 +275,6 @@ def train_flops_per_step(model: torch.nn.Module, plan: TrainPlan) -> float:
 # ---------------------------------------------------------------- timing
 
 
-class StepTimer:
-    """Per-step durations: CUDA events on a GPU (read after one sync), a host clock on CPU."""
-
-    def __init__(self, device: str) -> None:
-        self.cuda = device.startswith("cuda")
-        self.device = device
-        self._marks: list[Any] = []
-
-    def mark(self) -> None:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self._marks.append(event)
-        else:
-            self._marks.append(time.perf_counter())
-
-    def durations_ms(self) -> list[float]:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-            return [a.elapsed_time(b) for a, b in itertools.pairwise(self._marks)]
-        return [(b - a) * 1e3 for a, b in itertools.pairwise(self._marks)]
-
-
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize(device)
@@ -317,10 +294,10 @@ def run_loop(step: TrainStep, data: Iterator[torch.Tensor], warmup_steps: int, t
     """Warm-up steps untimed, then `train_steps` timed steps inside `sampler` (if given)."""
     warmup = [step(next(data)) for _ in range(warmup_steps)]
     _sync(device)
-    timer, losses, scales = StepTimer(device), [], []
+    losses, scales = [], []
     with sampler if sampler is not None else contextlib.nullcontext():
         t0 = time.perf_counter()
-        timer.mark()
+        timer = StepTimer(device, RealClock()).start()
         for _ in range(train_steps):
             losses.append(step(next(data)))
             timer.mark()

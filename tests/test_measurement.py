@@ -410,3 +410,17 @@ def test_open_loop_overload_is_flagged():
     slow = serve(SlowEngine(), "cpu", {**base, "rate_rps": 2000.0}, knobs, 0, {}, ceilings=ceil)
     assert fast.info["overloaded"] is False and fast.info["offered_rps"] == pytest.approx(50.0)
     assert slow.info["overloaded"] is True
+
+
+def test_step_timer_durations_count_from_start():
+    from runners.monitor import StepTimer
+    from tests.test_scheduler import FakeClock
+
+    clock = FakeClock()
+    clock.t = 10.0
+    timer = StepTimer("cpu", clock).start()
+    for t in (11.0, 13.0, 13.5):
+        clock.t = t
+        timer.mark()
+    assert timer.times() == [11.0, 13.0, 13.5]
+    assert timer.durations_ms() == pytest.approx([1000.0, 2000.0, 500.0])
