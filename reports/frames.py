@@ -32,10 +32,6 @@ class Objective:
     metric: str
     direction: str  # maximize | minimize
 
-    @property
-    def arrow(self) -> str:
-        return "↑" if self.direction == "maximize" else "↓"
-
 
 def objectives(study: optuna.Study) -> list[Objective]:
     names = study.metric_names or [f"objective_{i}" for i in range(len(study.directions))]

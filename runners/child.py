@@ -84,9 +84,17 @@ def run_one(config_path: Path, result_path: Path) -> None:
             raise
         result = TrialResult("infeasible", reason=f"out of memory: {str(exc).splitlines()[0][:300]}")
         _release_cuda_memory()
+    if result.status == "infeasible":
+        # A failure after CUDA was touched (OOM, failed graph capture) can leave the context
+        # unusable; a warm launcher restarts this process then, and only then.
+        result.info["cuda_touched"] = _cuda_initialized()
     tmp = result_path.with_suffix(".tmp")
     tmp.write_text(result.to_json())
     tmp.replace(result_path)  # atomic: the tuner never reads half a result
+
+
+def _cuda_initialized() -> bool:
+    return "torch" in sys.modules and sys.modules["torch"].cuda.is_initialized()
 
 
 def _release_cuda_memory() -> None:

@@ -97,3 +97,19 @@ def test_study_records_every_outcome_and_goes_on(tmp_path, fault_runner_register
         assert trials[mode].user_attrs["fail_reason"]
     assert "about to crash" in trials["crash"].user_attrs["stderr_tail"]
     assert [t.number for t in study.best_trials] == [ok.number]
+
+
+def test_warm_runner_survives_clean_refusals_and_restarts_after_oom(tmp_path):
+    launcher = WarmLauncher(timeout_s=10, stderr_path=tmp_path / "warm.log")
+    try:
+        assert launcher.run(fault_config("ok"), tmp_path / "a").state == "ok"
+        pid = launcher._proc.pid
+        refused = launcher.run(fault_config("infeasible"), tmp_path / "b")
+        assert refused.state == "infeasible" and refused.result.info["cuda_touched"] is False
+        assert launcher._proc is not None and launcher._proc.pid == pid  # models kept
+        assert launcher.run(fault_config("oom"), tmp_path / "c").state == "infeasible"
+        assert launcher._proc is None  # a fresh process for the next trial
+        assert launcher.run(fault_config("ok"), tmp_path / "d").state == "ok"
+        assert launcher._proc.pid != pid
+    finally:
+        launcher.close()

@@ -115,8 +115,8 @@ class ProcessLauncher:
 class WarmLauncher:
     """One long-lived child (`runners.child --serve`) that keeps built models between trials.
 
-    Restarted after a crash, a hang or an infeasible trial (out of memory, failed capture), so
-    one bad config cannot poison the measurements of the next.
+    Restarted after a crash, a hang, an out-of-memory trial or an infeasible trial that had
+    touched CUDA, so one bad config cannot poison the measurements of the next.
     """
 
     def __init__(self, timeout_s: float, stderr_path: Path, python: str = sys.executable) -> None:
@@ -160,9 +160,11 @@ class WarmLauncher:
             self._proc = None
             return _classify(None, returncode, _tail(self.stderr_path, offset), wall_s)
         outcome = _classify(_read_result(result_path), None, _tail(self.stderr_path, offset), wall_s)
-        if outcome.state == "infeasible":
-            # An OOM or a failed CUDA-graph capture can leave the CUDA context unusable (seen on
-            # an H200: the RNG state after a failed capture); the next trial gets a fresh process.
+        if outcome.state == "infeasible" and (outcome.reason.startswith("out of memory")
+                                               or outcome.result.info.get("cuda_touched")):
+            # An OOM or a failure after CUDA was touched (a failed graph capture left the RNG
+            # state unusable on an H200) can poison the process: the next trial gets a fresh one.
+            # A knob refused up front (int4 on CPU) leaves it clean, so the warm models stay.
             self.close()
         return outcome
 
