@@ -42,6 +42,13 @@ CONFIGS: dict[str, tuple[dict[str, Any], str]] = {
     "int4": ({"quant_bits": 4}, "fast"),
     "int4+head": ({"quant_bits": 4, "quantize_lm_head": True}, "fast"),
     "int4+head-g256": ({"quant_bits": 4, "quantize_lm_head": True, "quant_group_size": 256}, "fast"),
+    # quant_kernel=triton: our packed layout + Triton GEMV (runners/glm/woq*.py), same bits.
+    "int8-tr": ({"quant_bits": 8, "quant_kernel": "triton"}, "fast"),
+    "int8-tr+head": ({"quant_bits": 8, "quant_kernel": "triton", "quantize_lm_head": True}, "fast"),
+    "int4-tr": ({"quant_bits": 4, "quant_kernel": "triton"}, "fast"),
+    "int4-tr+head": ({"quant_bits": 4, "quant_kernel": "triton", "quantize_lm_head": True}, "fast"),
+    "int4-tr+head-g64": ({"quant_bits": 4, "quant_kernel": "triton", "quantize_lm_head": True,
+                          "quant_group_size": 64}, "fast"),
     "int8dyn": ({"quant_bits": 8, "quant_scheme": "dynamic_activation"}, "fast"),
     "fp8": ({"quant_bits": 8, "quant_scheme": "fp8"}, "fast"),
     "2:4": ({"sparsity": 0.5, "sparsity_kind": "2:4"}, "fast"),
@@ -181,7 +188,7 @@ def measure(name: str, batch: int, preset: str, device: str, bandwidth: float, s
     info = model_info(model)
     try:
         if kind.startswith("fast"):
-            full_knobs = {"quant_bits": 16, "quant_scheme": "weight_only", **knobs}
+            full_knobs = {"quant_bits": 16, "quant_scheme": "weight_only", "quant_kernel": "torchao", **knobs}
             engine = FastEngine(model, device, compile_step=kind == "fast", graph_min_batch=graph_min_batch(full_knobs),
                                 inductor_options=inductor_options(full_knobs))
             row.ms_per_step, row.compile_s = time_fast(engine, batch, steps, repeats)

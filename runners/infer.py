@@ -117,7 +117,8 @@ def inductor_options(knobs: dict[str, Any]) -> dict[str, Any]:
     into a fused reduction first). Turning the pattern matcher off for these models keeps
     batches > 1 on cuBLAS with the int8 -> bf16 dequantisation as its own kernel.
     """
-    if int(knobs["quant_bits"]) == 8 and knobs["quant_scheme"] == "weight_only":
+    if (int(knobs["quant_bits"]) == 8 and knobs["quant_scheme"] == "weight_only"
+            and knobs.get("quant_kernel", "torchao") == "torchao"):
         return {"pattern_matcher": False}
     return {}
 

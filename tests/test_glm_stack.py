@@ -144,6 +144,8 @@ def test_every_knob_value_runs_or_is_infeasible_with_a_reason(name, value):
         knobs["kv_cache"] = "static"
     if name == "quant_group_size":
         knobs["quant_bits"] = 4
+    if name == "quant_kernel":
+        knobs["quant_bits"] = 8
     outcome = _trial(knobs)
     if isinstance(outcome, InfeasibleConfig):
         assert len(str(outcome)) > 20, f"{name}={value}: infeasible without a reason"

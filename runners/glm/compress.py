@@ -145,6 +145,9 @@ def _fp8_config(knobs: dict[str, Any], device: str, config_cls: Any, per_row: An
 
 
 def apply_quantization(model: nn.Module, knobs: dict[str, Any], device: str) -> None:
+    if knobs.get("quant_kernel", "torchao") == "triton" and int(knobs.get("quant_bits", 16)) != 16:
+        _apply_packed(model, knobs, device)
+        return
     config = quant_config(knobs, device)
     if config is None:
         return
@@ -157,3 +160,29 @@ def apply_quantization(model: nn.Module, knobs: dict[str, Any], device: str) -> 
         raise InfeasibleConfig(
             f"quant_bits={knobs.get('quant_bits')} ({knobs.get('quant_scheme')}) cannot run on {device}: "
             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+
+
+def _apply_packed(model: nn.Module, knobs: dict[str, Any], device: str) -> None:
+    """int8/int4 weight-only in our packed layout, run by the Triton kernels of `woq_triton`
+    (torchao computes the scales and integer values), then autotuned for every shape."""
+    from runners.glm import woq
+
+    bits, scheme = int(knobs["quant_bits"]), knobs.get("quant_scheme", "weight_only")
+    if scheme != "weight_only":
+        raise InfeasibleConfig(f"quant_kernel=triton has int8/int4 weight-only kernels only, not {scheme}")
+    if not device.startswith("cuda"):
+        raise InfeasibleConfig("quant_kernel=triton runs Triton GPU kernels; not on CPU (use quant_kernel=torchao)")
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        raise InfeasibleConfig("quant_kernel=triton needs the `triton` package, absent here") from None
+    dtype = model.get_input_embeddings().weight.dtype
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise InfeasibleConfig(f"quant_kernel=triton kernels take bf16/fp16 activations, not {dtype}")
+    group = int(knobs.get("quant_group_size", 128))
+    layers = linear_layers(model, bool(knobs.get("quantize_lm_head", False)))
+    for name, layer in layers:
+        if bits == 4 and layer.in_features % group:
+            raise InfeasibleConfig(f"int4 group size {group} does not divide {name}'s {layer.in_features} inputs")
+    woq.pack_linears(model, layers, bits, group)
+    woq.warm_up(model, dtype)

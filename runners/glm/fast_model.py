@@ -12,7 +12,8 @@ partial-rotary `apply_rotary_pos_emb`, fp32 softmax) but
   (compile time does not grow with depth) and the whole step can be captured in a CUDA graph.
 
 Verified token-identical (greedy) and logit-close to `GlmForCausalLM` in tests/test_glm_stack.py.
-Compression (torchao quantisation, sparsity) is applied to this module's Linear layers.
+Compression (torchao quantisation, sparsity, or our packed int8/int4 `PackedLinear`) is applied to
+this module's Linear layers; `woq.linear` dispatches on the weight's kind.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.models.glm.modeling_glm import apply_rotary_pos_emb
+
+from runners.glm.woq import linear
 
 # A layer's tensors in a fixed order; None where the architecture has no such tensor.
 LayerTensors = tuple[Any, ...]
@@ -77,7 +80,7 @@ def layer_forward(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: 
     d, hq, hkv = dims.head_dim, dims.num_heads, dims.num_kv_heads
     # Bias added apart: addmm goes to a cuBLAS GEMM (3.1 TB/s measured at batch 1), a plain mm
     # becomes Inductor's bandwidth-tuned fused reduction (3.6-4.3 TB/s).
-    qkv = F.linear(rms_norm(h, w_in, dims.eps), w_qkv)
+    qkv = linear(rms_norm(h, w_in, dims.eps), w_qkv)
     if b_qkv is not None:
         qkv = qkv + b_qkv
     q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
@@ -90,12 +93,12 @@ def layer_forward(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: 
     k_cache[:, :, slots] = k
     v_cache[:, :, slots] = v
     attn = grouped_attention(q, k_cache, v_cache, bias, attend_len)
-    attn_out = F.linear(attn.transpose(1, 2).reshape(batch, seq, hq * d), w_o)
+    attn_out = linear(attn.transpose(1, 2).reshape(batch, seq, hq * d), w_o)
     if w_post_attn_out is not None:  # GLM-4-0414 post-norm
         attn_out = rms_norm(attn_out, w_post_attn_out, dims.eps)
     h = h + attn_out
-    gate, up = F.linear(rms_norm(h, w_post_attn, dims.eps), w_gate_up).chunk(2, dim=-1)
-    mlp_out = F.linear(up * F.silu(gate), w_down)
+    gate, up = linear(rms_norm(h, w_post_attn, dims.eps), w_gate_up).chunk(2, dim=-1)
+    mlp_out = linear(up * F.silu(gate), w_down)
     if w_post_mlp is not None:
         mlp_out = rms_norm(mlp_out, w_post_mlp, dims.eps)
     return h + mlp_out
@@ -198,10 +201,10 @@ class FastGlm(nn.Module):
         return h
 
 
-def head_forward(h: torch.Tensor, norm_weight: torch.Tensor, head_weight: torch.Tensor, eps: float) -> torch.Tensor:
+def head_forward(h: torch.Tensor, norm_weight: torch.Tensor, head_weight: Any, eps: float) -> torch.Tensor:
     """Final norm + output projection of the last position: logits [B, V]. A pure function so
     the fast path can compile it like a layer (a quantised lm_head then fuses its dequant)."""
-    return F.linear(rms_norm(h[:, -1], norm_weight, eps), head_weight)
+    return linear(rms_norm(h[:, -1], norm_weight, eps), head_weight)
 
 
 def attention_bias(query_slots: torch.Tensor, pad_len: torch.Tensor, attend_len: int,

@@ -9,6 +9,7 @@ import torch
 from transformers import Glm4Config, Glm4ForCausalLM, GlmConfig, GlmForCausalLM
 
 from runners.contract import InfeasibleConfig
+from runners.glm.woq import packed_linears
 from runners.presets import PRESETS
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -113,8 +114,9 @@ def stored_bytes(tensor: torch.Tensor) -> int:
 def model_info(model: torch.nn.Module) -> ModelInfo:
     """Sizes from the stored tensors; works on transformers' GLM and on `FastGlm`."""
     cfg = model.config
-    params = sum(p.numel() for p in model.parameters())
-    weight_bytes = sum(stored_bytes(p) for p in model.parameters())
+    packed = packed_linears(model)  # weights held as int8/int4 buffers, not parameters
+    params = sum(p.numel() for p in model.parameters()) + sum(m.in_features * m.out_features for m in packed)
+    weight_bytes = sum(stored_bytes(p) for p in model.parameters()) + sum(m.stored_bytes() for m in packed)
     embed = model.get_input_embeddings().weight
     # The KV cache is kept in the activation dtype, whatever the weights were quantised to.
     dtype_bytes = embed.element_size()

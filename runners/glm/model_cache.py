@@ -15,7 +15,7 @@ import json
 from collections import OrderedDict
 from typing import Any
 
-MODEL_KNOBS = ("quant_bits", "quant_scheme", "quant_group_size", "quantize_lm_head", "sparsity",
+MODEL_KNOBS = ("quant_bits", "quant_scheme", "quant_group_size", "quantize_lm_head", "quant_kernel", "sparsity",
                "sparsity_kind", "attn_implementation", "compile")
 
 
@@ -25,7 +25,7 @@ def model_key(model_spec: dict[str, Any], dtype: str, device: str, seed: int, kn
     relevant = {k: knobs.get(k) for k in MODEL_KNOBS}
     # Knobs that do nothing at 16 bits / zero sparsity must not split the cache.
     if int(relevant["quant_bits"] or 16) == 16:
-        relevant.update(quant_scheme=None, quant_group_size=None, quantize_lm_head=None)
+        relevant.update(quant_scheme=None, quant_group_size=None, quantize_lm_head=None, quant_kernel=None)
     elif int(relevant["quant_bits"]) != 4:
         relevant["quant_group_size"] = None
     if not float(relevant["sparsity"] or 0.0):

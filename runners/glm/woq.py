@@ -1,0 +1,199 @@
+"""Weight-only int8 / int4 Linear layers with our own GEMV kernels (`quant_kernel: triton`).
+
+Why not only torchao: on the H200 image (torch 2.11, torchao 0.18, no `mslk`/fbgemm-genai) the
+batch-1 decode kernels torchao reaches read weights far below the memory bandwidth: Inductor's
+fused int8 dequant reduction 2.2-3.2 TB/s, tinygemm int4 ~1.7 TB/s, against a 4.2 TB/s copy
+(benchmarks/NOTES-issue3.md, run 2). Decode at batch 1 is pure weight streaming, so that gap is
+the whole int8/int4 speed-up. torchao still does the quantisation arithmetic here
+(`choose_qparams_affine` / `quantize_affine`); what is ours is the storage layout and the
+kernels in `woq_triton.py` that read it.
+
+Layouts (both row-major over output features N, input features K):
+- int8: `qdata` [N, K] int8, symmetric per output row; `scale` [N] float32. w = q * scale.
+- int4: `packed` [N, K/2] uint8, asymmetric per group of G input features; `scale`, `zero`
+  [N, K/G] in the activation dtype. Within a group, byte j holds element j in its low nibble
+  and element j + G/2 in its high nibble, so a kernel multiplies each nibble plane by a
+  contiguous half of the activation group (no interleaved loads). w = (q - zero) * scale.
+
+On CUDA with bf16/fp16 activations the ops run the Triton kernels; elsewhere (CPU, float32)
+they dequantise and call `F.linear`, the same arithmetic, used as the tests' reference.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+
+
+class Int8Weight(NamedTuple):
+    qdata: torch.Tensor  # [N, K] int8
+    scale: torch.Tensor  # [N] float32
+
+
+class Int4Weight(NamedTuple):
+    packed: torch.Tensor  # [N, K/2] uint8
+    scale: torch.Tensor  # [N, K/G]
+    zero: torch.Tensor  # [N, K/G]
+
+
+# --- quantise and pack (torchao's affine quantisation primitives) ------------------------------
+def quantize_int8(weight: torch.Tensor) -> Int8Weight:
+    from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine, quantize_affine
+
+    block = (1, weight.shape[1])
+    scale, zero = choose_qparams_affine(weight, MappingType.SYMMETRIC, block, torch.int8,
+                                        scale_dtype=torch.float32)
+    qdata = quantize_affine(weight, block, scale, zero, torch.int8)
+    return Int8Weight(qdata.contiguous(), scale.reshape(-1).contiguous())
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int) -> Int4Weight:
+    from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine, quantize_affine
+
+    out_features, in_features = weight.shape
+    if group_size not in INT4_GROUP_SIZES or in_features % group_size:
+        raise ValueError(f"int4 group size {group_size} must be one of {INT4_GROUP_SIZES} and divide "
+                         f"the input features ({in_features})")
+    block = (1, group_size)
+    scale, zero = choose_qparams_affine(weight, MappingType.ASYMMETRIC, block, torch.uint8, quant_min=0,
+                                        quant_max=15, scale_dtype=weight.dtype)
+    q = quantize_affine(weight, block, scale, zero, torch.uint8, 0, 15)
+    halves = q.view(out_features, in_features // group_size, 2, group_size // 2)
+    packed = halves[:, :, 0] | (halves[:, :, 1] << 4)
+    return Int4Weight(packed.reshape(out_features, in_features // 2).contiguous(),
+                      scale.reshape(out_features, -1).contiguous(),
+                      zero.reshape(out_features, -1).to(weight.dtype).contiguous())
+
+
+def unpack_int4(packed: torch.Tensor, groups: int) -> torch.Tensor:
+    """[N, K/2] packed nibbles -> [N, K] uint8 values in input-feature order."""
+    out_features = packed.shape[0]
+    per_group = packed.view(out_features, groups, -1)
+    return torch.stack([per_group & 0xF, per_group >> 4], dim=2).reshape(out_features, -1)
+
+
+def dequantize(weight: Int8Weight | Int4Weight, dtype: torch.dtype) -> torch.Tensor:
+    """The dense weight [N, K] the packed form stands for."""
+    if isinstance(weight, Int8Weight):
+        return (weight.qdata.float() * weight.scale[:, None]).to(dtype)
+    groups = weight.scale.shape[1]
+    q = unpack_int4(weight.packed, groups).float().view(weight.packed.shape[0], groups, -1)
+    dense = (q - weight.zero.float()[..., None]) * weight.scale.float()[..., None]
+    return dense.reshape(weight.packed.shape[0], -1).to(dtype)
+
+
+# --- the ops: opaque to torch.compile, so the compiled layer calls our kernels as they are ------
+def _use_triton(x: torch.Tensor) -> bool:
+    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+
+
+@torch.library.custom_op("autoglm::int8_linear", mutates_args=())
+def int8_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    rows = x.reshape(-1, x.shape[-1])
+    if _use_triton(x):
+        from runners.glm import woq_triton
+
+        out = woq_triton.int8_matmul(rows.contiguous(), qdata, scale)
+    else:
+        out = F.linear(rows, dequantize(Int8Weight(qdata, scale), x.dtype))
+    return out.reshape(*x.shape[:-1], qdata.shape[0])
+
+
+@int8_linear.register_fake
+def _int8_linear_shape(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], qdata.shape[0]))
+
+
+@torch.library.custom_op("autoglm::int4_linear", mutates_args=())
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    rows = x.reshape(-1, x.shape[-1])
+    if _use_triton(x):
+        from runners.glm import woq_triton
+
+        out = woq_triton.int4_matmul(rows.contiguous(), packed, scale, zero)
+    else:
+        out = F.linear(rows, dequantize(Int4Weight(packed, scale, zero), x.dtype))
+    return out.reshape(*x.shape[:-1], packed.shape[0])
+
+
+@int4_linear.register_fake
+def _int4_linear_shape(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
+                       zero: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor | Int8Weight | Int4Weight) -> torch.Tensor:
+    """`F.linear` without bias for a dense (or torchao) weight, our kernels for a packed one."""
+    if isinstance(weight, Int8Weight):
+        return torch.ops.autoglm.int8_linear(x, *weight)
+    if isinstance(weight, Int4Weight):
+        return torch.ops.autoglm.int4_linear(x, *weight)
+    return F.linear(x, weight)
+
+
+class PackedLinear(nn.Module):
+    """Drop-in for `nn.Linear` holding an int8 or int4 packed weight (as buffers) and the bias."""
+
+    def __init__(self, layer: nn.Linear, bits: int, group_size: int = 128) -> None:
+        super().__init__()
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.bits = bits
+        dense = layer.weight.detach()
+        packed = quantize_int8(dense) if bits == 8 else quantize_int4(dense, group_size)
+        self._fields = type(packed)._fields
+        for name, tensor in zip(self._fields, packed, strict=True):
+            self.register_buffer(name, tensor)
+        self.bias = layer.bias
+
+    @property
+    def weight(self) -> Int8Weight | Int4Weight:
+        tensors = [getattr(self, name) for name in self._fields]
+        return Int8Weight(*tensors) if self.bits == 8 else Int4Weight(*tensors)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = linear(x, self.weight)
+        return out if self.bias is None else out + self.bias
+
+    def stored_bytes(self) -> int:
+        """Bytes of the packed weight (data + scales + zero points); the bias is a parameter."""
+        return sum(t.numel() * t.element_size() for t in self.weight)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
+
+
+def packed_linears(model: nn.Module) -> list[PackedLinear]:
+    return [m for m in model.modules() if isinstance(m, PackedLinear)]
+
+
+@torch.no_grad()
+def pack_linears(model: nn.Module, layers: list[tuple[str, nn.Linear]], bits: int, group_size: int) -> None:
+    """Replace each named Linear of `model` by a PackedLinear (the dense weight is freed)."""
+    for name, layer in layers:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, PackedLinear(layer, bits, group_size))
+
+
+def warm_up(model: nn.Module, dtype: torch.dtype, max_rows: int = 256) -> None:
+    """Run every distinct packed shape once per row bucket, so kernel autotuning (Triton picks a
+    tiling per shape) happens during set-up, never inside a measured window."""
+    seen: set[tuple[int, int, int]] = set()
+    for layer in packed_linears(model):
+        key = (layer.out_features, layer.in_features, layer.bits)
+        device = layer.weight[0].device
+        if key in seen or device.type != "cuda":
+            continue
+        seen.add(key)
+        rows = 1
+        while rows <= max_rows:
+            x = torch.zeros(rows, layer.in_features, dtype=dtype, device=device)
+            linear(x, layer.weight)
+            rows *= 2
+    if seen:
+        torch.cuda.synchronize()

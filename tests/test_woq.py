@@ -1,0 +1,180 @@
+"""Packed int8/int4 weight-only layers (`quant_kernel: triton`): the packing matches torchao's
+affine quantisation, the fast decode path dispatches to them, sizes and quality are what the
+bits say. The Triton kernels themselves run in the `gpu` tests, against the dequantised weight."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine, quantize_affine
+
+from runners.contract import InfeasibleConfig
+from runners.glm import woq
+from runners.glm.compress import apply_quantization, linear_layers
+from runners.glm.fast_engine import FastEngine
+from runners.glm.fast_model import FastGlm
+from runners.glm.model import build_model, model_info
+from runners.glm.quality import eval_batch, fidelity, log_probs
+
+TINY = {"preset": "glm-tiny"}
+
+
+@pytest.fixture(scope="module")
+def tiny() -> torch.nn.Module:
+    return build_model(TINY, torch.float32, "cpu", seed=0)
+
+
+def _rel_err(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    return float((approx.float() - exact.float()).norm() / exact.float().norm())
+
+
+# --- packing ------------------------------------------------------------------------------------
+def test_int4_nibbles_unpack_to_torchao_values_in_feature_order():
+    torch.manual_seed(0)
+    weight = torch.randn(6, 256)
+    packed = woq.quantize_int4(weight, 64)
+    scale, zero = choose_qparams_affine(weight, MappingType.ASYMMETRIC, (1, 64), torch.uint8, quant_min=0,
+                                        quant_max=15, scale_dtype=weight.dtype)
+    expected = quantize_affine(weight, (1, 64), scale, zero, torch.uint8, 0, 15)
+    assert packed.packed.shape == (6, 128) and packed.packed.dtype == torch.uint8
+    assert torch.equal(woq.unpack_int4(packed.packed, 4), expected)
+    # Byte j of a group: element j low, element j + G/2 high.
+    assert int(packed.packed[0, 0]) == int(expected[0, 0]) | (int(expected[0, 32]) << 4)
+
+
+@pytest.mark.parametrize(("bits", "bound"), [(8, 0.01), (4, 0.12)])
+def test_dequantised_weight_error_is_what_the_bits_allow(bits, bound):
+    torch.manual_seed(0)
+    weight = torch.randn(64, 512)
+    packed = woq.quantize_int8(weight) if bits == 8 else woq.quantize_int4(weight, 128)
+    err = _rel_err(woq.dequantize(packed, torch.float32), weight)
+    # Uniform quantisation of a Gaussian: int8 ~0.7 %, int4 (groups of 128) ~10 % relative error.
+    assert bound / 3 < err < bound
+
+
+def test_int4_smaller_groups_quantise_more_finely():
+    torch.manual_seed(0)
+    weight = torch.randn(32, 512)
+    errs = [_rel_err(woq.dequantize(woq.quantize_int4(weight, g), torch.float32), weight) for g in (32, 128, 256)]
+    assert errs[0] < errs[1] < errs[2]
+
+
+def test_int4_group_size_must_divide_the_inputs():
+    with pytest.raises(ValueError, match="divide"):
+        woq.quantize_int4(torch.randn(4, 96), 64)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_packed_linear_matches_its_dequantised_dense_twin(bits):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(256, 48, bias=True)
+    packed = woq.PackedLinear(layer, bits, 64)
+    x = torch.randn(3, 5, 256)
+    dense = F.linear(x, woq.dequantize(packed.weight, torch.float32), layer.bias)
+    assert torch.allclose(packed(x), dense, atol=1e-5)
+    assert packed(x).shape == (3, 5, 48)
+
+
+# --- sizes and dispatch in the fast path --------------------------------------------------------
+def _packed_copy(model: torch.nn.Module, bits: int, head: bool = False) -> FastGlm:
+    fast = FastGlm(copy.deepcopy(model))
+    woq.pack_linears(fast, linear_layers(fast, head), bits, 32)
+    return fast
+
+
+def _dequantised_twin(packed_model: FastGlm) -> FastGlm:
+    """The same model with every packed layer replaced by a dense Linear of its dequantised weight."""
+    twin = copy.deepcopy(packed_model)
+    for name, module in list(twin.named_modules()):
+        if isinstance(module, woq.PackedLinear):
+            dense = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            dense.weight = torch.nn.Parameter(woq.dequantize(module.weight, twin.dtype), requires_grad=False)
+            dense.bias = module.bias
+            parent, _, child = name.rpartition(".")
+            setattr(twin.get_submodule(parent) if parent else twin, child, dense)
+    return twin
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_fast_path_with_packed_layers_decodes_like_the_dequantised_model(tiny, bits):
+    packed = _packed_copy(tiny, bits, head=True)
+    assert len(woq.packed_linears(packed)) == 4 * tiny.config.num_hidden_layers + 1
+    twin = _dequantised_twin(packed)
+    prompts = [[5, 6, 7, 8, 9, 10], [40, 41, 42]]
+    got = torch.cat(list(FastEngine(packed, "cpu", compile_step=False).decode(prompts, 8)), dim=1)
+    want = torch.cat(list(FastEngine(twin, "cpu", compile_step=False).decode(prompts, 8)), dim=1)
+    assert torch.equal(got, want)
+
+
+def test_model_info_counts_packed_bytes_and_logical_params(tiny):
+    before = model_info(FastGlm(copy.deepcopy(tiny)))
+    int8, int4 = model_info(_packed_copy(tiny, 8)), model_info(_packed_copy(tiny, 4))
+    fast = FastGlm(copy.deepcopy(tiny))
+    dense = sum(m.weight.numel() for _, m in linear_layers(fast, include_lm_head=False))
+    rows = sum(m.out_features for _, m in linear_layers(fast, include_lm_head=False))
+    assert int8.params == int4.params == before.params
+    # float32 -> 1 byte + a float32 scale per row; -> half a byte + two float32 per 32-group.
+    assert before.decode_weight_bytes - int8.decode_weight_bytes == 3 * dense - 4 * rows
+    assert before.decode_weight_bytes - int4.decode_weight_bytes == int(3.5 * dense) - 8 * dense // 32
+
+
+def test_packed_kl_orders_4_bit_above_8_bit_above_16_bit(tiny):
+    ids = eval_batch(tiny.config.vocab_size, 4, 32, seed=0, device="cpu")
+    reference = log_probs(tiny, ids)
+
+    def kl(model: FastGlm) -> float:
+        engine = FastEngine(model, "cpu", compile_step=False)
+        return fidelity(reference, engine.teacher_forced_log_probs(ids, 16)).kl_divergence
+
+    full, eight, four = kl(FastGlm(copy.deepcopy(tiny))), kl(_packed_copy(tiny, 8)), kl(_packed_copy(tiny, 4))
+    assert full < 1e-6 < eight < four
+
+
+@pytest.mark.parametrize(("knobs", "reason"), [
+    ({"quant_bits": 8, "quant_kernel": "triton"}, "not on CPU"),
+    ({"quant_bits": 4, "quant_kernel": "triton"}, "not on CPU"),
+    ({"quant_bits": 8, "quant_kernel": "triton", "quant_scheme": "dynamic_activation"}, "weight-only"),
+])
+def test_triton_kernel_knob_is_infeasible_where_it_cannot_run(tiny, knobs, reason):
+    with pytest.raises(InfeasibleConfig, match=reason):
+        apply_quantization(FastGlm(copy.deepcopy(tiny)), knobs, "cpu")
+
+
+# --- GPU: the Triton kernels --------------------------------------------------------------------
+gpu = pytest.mark.gpu
+
+
+@gpu
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("rows", [1, 3, 32, 200])
+@pytest.mark.parametrize(("out_features", "in_features"), [(4608, 4096), (4096, 13696), (200, 384)])
+def test_gpu_kernels_match_the_dequantised_matmul(bits, rows, out_features, in_features):
+    torch.manual_seed(0)
+    group = 128 if in_features % 128 == 0 else 64
+    weight = torch.randn(out_features, in_features, device="cuda", dtype=torch.bfloat16) * 0.02
+    packed = woq.quantize_int8(weight) if bits == 8 else woq.quantize_int4(weight, group)
+    x = torch.randn(rows, in_features, device="cuda", dtype=torch.bfloat16)
+    got = woq.linear(x, packed)
+    want = F.linear(x.float(), woq.dequantize(packed, torch.float32))
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, out_features)
+    # bf16 output rounding (2^-8 relative) plus fp32 accumulation-order differences.
+    assert _rel_err(got, want) < 5e-3
+
+
+@gpu
+@pytest.mark.parametrize("bits", [8, 4])
+def test_gpu_compiled_fast_path_with_triton_kernels_follows_the_dequantised_model(bits):
+    model = FastGlm(build_model(TINY, torch.bfloat16, "cuda:0", seed=0))
+    apply_quantization(model, {"quant_bits": bits, "quant_kernel": "triton", "quantize_lm_head": True,
+                               "quant_group_size": 32}, "cuda:0")
+    assert len(woq.packed_linears(model)) == 4 * model.config.num_hidden_layers + 1
+    ids = eval_batch(model.config.vocab_size, 2, 24, seed=0, device="cuda:0")
+    compiled = FastEngine(model, "cuda:0", compile_step=True)
+    got = compiled.teacher_forced_log_probs(ids, 12)
+    assert compiled.compiled and not compiled.compile_error
+    reference = FastEngine(_dequantised_twin(model), "cuda:0", compile_step=False).teacher_forced_log_probs(ids, 12)
+    quality = fidelity(reference.cpu(), got.cpu())
+    assert quality.top1_agreement >= 0.9 and quality.kl_divergence < 0.05
