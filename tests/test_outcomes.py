@@ -113,3 +113,19 @@ def test_warm_runner_survives_clean_refusals_and_restarts_after_oom(tmp_path):
         assert launcher._proc.pid != pid
     finally:
         launcher.close()
+
+
+@pytest.mark.parametrize("trials", [2, 5])
+def test_grid_study_ends_cleanly_when_every_point_is_tried(tmp_path, fault_runner_registered, trials):
+    # Optuna's GridSampler calls study.stop() after the last point, which raises outside
+    # study.optimize; a budget larger than the grid must not repeat points either.
+    raw = fault_space(trials=trials)
+    raw["params"] = {"x": {"type": "categorical", "choices": [1.0, 2.0]}}
+    raw["search"]["sampler"] = "grid"
+    space = validate(raw, "faults.yaml", "faults")
+    storage = open_storage(str(tmp_path / "j.journal"))
+    summary = run_study(space, storage, RunOptions(str(tmp_path / "j.journal"), tmp_path / "out", quiet=True))
+    study = optuna.load_study(study_name="faults", storage=storage)
+    assert sorted(t.params["x"] for t in study.trials) == [1.0, 2.0]
+    assert all(t.state == TrialState.COMPLETE for t in study.trials)
+    assert summary.counted == 2 and summary.grid_exhausted

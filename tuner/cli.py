@@ -171,7 +171,7 @@ def _fan_out(space: Space, storage: BaseStorage, storage_url: str, out_dir: Path
 
 
 def _exit_code(summary: RunSummary) -> int:
-    return 0 if summary.counted >= summary.budget or summary.timed_out else 1
+    return 0 if summary.counted >= summary.budget or summary.timed_out or summary.grid_exhausted else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,6 +59,7 @@ class RunSummary:
     budget: int
     feasible_pareto: int
     timed_out: bool
+    grid_exhausted: bool = False
 
 
 # ---------------------------------------------------------------- samplers and studies
@@ -268,8 +269,20 @@ def tell_outcome(study: optuna.Study, trial: optuna.Trial, space: Space, outcome
     if not runnable:
         values = [_worst(o.direction) for o in space.objectives]
         trial.set_user_attr("infeasible_reason", reason)
-    study.tell(trial, values)
+    try:
+        study.tell(trial, values)
+    except RuntimeError as exc:
+        # GridSampler.after_trial calls study.stop() once the last grid point is taken, which only
+        # works inside study.optimize; the trial's state and values are stored all the same.
+        if not (isinstance(study.sampler, optuna.samplers.GridSampler) and "Study.stop" in str(exc)):
+            raise
     return reason
+
+
+def grid_exhausted(study: optuna.Study) -> bool:
+    """Every point of a grid study has been tried (more trials would repeat points)."""
+    sampler = study.sampler
+    return isinstance(sampler, optuna.samplers.GridSampler) and sampler.is_exhausted(study)
 
 
 # ---------------------------------------------------------------- the loop
@@ -294,12 +307,16 @@ def run_study(space: Space, storage: optuna.storages.BaseStorage, options: RunOp
     launcher = (WarmLauncher(space.search.trial_timeout_s, options.out_dir / "runner-stderr.log")
                 if options.warm else ProcessLauncher(space.search.trial_timeout_s))
     deadline = time.monotonic() + space.search.timeout_min * 60 if space.search.timeout_min else math.inf
-    ran, timed_out, waiting = 0, False, False
+    ran, timed_out, waiting, exhausted = 0, False, False, False
     try:
         while True:
             if time.monotonic() >= deadline:
                 timed_out = True
                 progress.say(f"time budget of {space.search.timeout_min} min reached; stopping")
+                break
+            if grid_exhausted(study):
+                exhausted = True
+                progress.say(f"every point of the grid has been tried ({counted_trials(study)} trials); stopping")
                 break
             trial = claim_trial(study, storage, space, options, claims, progress)
             if trial is None:
@@ -321,7 +338,7 @@ def run_study(space: Space, storage: optuna.storages.BaseStorage, options: RunOp
     pareto = _pareto_size(study)
     progress.say(f"done: {counted_trials(study)}/{budget} trials, {pareto} on the feasible Pareto front. "
                  f"Report: autoglm-tune report --study {space.study} --storage {options.storage_url}")
-    return RunSummary(space.study, ran, counted_trials(study), budget, pareto, timed_out)
+    return RunSummary(space.study, ran, counted_trials(study), budget, pareto, timed_out, exhausted)
 
 
 def _worker_ticket(study: optuna.Study) -> int:
