@@ -14,6 +14,7 @@ from torchao.quantization.quant_primitives import MappingType, choose_qparams_af
 from runners.contract import InfeasibleConfig
 from runners.glm import woq
 from runners.glm.compress import apply_quantization, linear_layers
+from runners.glm.engine import HFEngine
 from runners.glm.fast_engine import FastEngine
 from runners.glm.fast_model import FastGlm
 from runners.glm.model import build_model, model_info
@@ -85,7 +86,7 @@ def _packed_copy(model: torch.nn.Module, bits: int, head: bool = False) -> FastG
     return fast
 
 
-def _dequantised_twin(packed_model: FastGlm) -> FastGlm:
+def _dequantised_twin(packed_model: torch.nn.Module) -> torch.nn.Module:
     """The same model with every packed layer replaced by a dense Linear of its dequantised weight."""
     twin = copy.deepcopy(packed_model)
     for name, module in list(twin.named_modules()):
@@ -106,6 +107,18 @@ def test_fast_path_with_packed_layers_decodes_like_the_dequantised_model(tiny, b
     prompts = [[5, 6, 7, 8, 9, 10], [40, 41, 42]]
     got = torch.cat(list(FastEngine(packed, "cpu", compile_step=False).decode(prompts, 8)), dim=1)
     want = torch.cat(list(FastEngine(twin, "cpu", compile_step=False).decode(prompts, 8)), dim=1)
+    assert torch.equal(got, want)
+
+
+def test_transformers_model_runs_with_packed_layers_in_its_own_loop(tiny):
+    # kv_cache dynamic/offloaded/quantized run transformers' own modules: PackedLinear replaces
+    # nn.Linear there too.
+    packed = copy.deepcopy(tiny)
+    woq.pack_linears(packed, linear_layers(packed, include_lm_head=False), 8, 32)
+    twin = _dequantised_twin(packed)
+    prompts = [[5, 6, 7, 8, 9, 10], [40, 41, 42]]
+    got = torch.cat(list(HFEngine(packed, "cpu", "dynamic", 4, lambda r: []).decode(prompts, 6)), dim=1)
+    want = torch.cat(list(HFEngine(twin, "cpu", "dynamic", 4, lambda r: []).decode(prompts, 6)), dim=1)
     assert torch.equal(got, want)
 
 

@@ -98,7 +98,8 @@ def int8_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> to
     if _use_triton(x):
         from runners.glm import woq_triton
 
-        out = woq_triton.int8_matmul(rows.contiguous(), qdata, scale)
+        with torch.cuda.device(x.device):  # Triton launches on the current device, not the tensors'
+            out = woq_triton.int8_matmul(rows.contiguous(), qdata, scale)
     else:
         out = F.linear(rows, dequantize(Int8Weight(qdata, scale), x.dtype))
     return out.reshape(*x.shape[:-1], qdata.shape[0])
@@ -115,7 +116,8 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero
     if _use_triton(x):
         from runners.glm import woq_triton
 
-        out = woq_triton.int4_matmul(rows.contiguous(), packed, scale, zero)
+        with torch.cuda.device(x.device):
+            out = woq_triton.int4_matmul(rows.contiguous(), packed, scale, zero)
     else:
         out = F.linear(rows, dequantize(Int4Weight(packed, scale, zero), x.dtype))
     return out.reshape(*x.shape[:-1], packed.shape[0])
