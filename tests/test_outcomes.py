@@ -129,3 +129,16 @@ def test_grid_study_ends_cleanly_when_every_point_is_tried(tmp_path, fault_runne
     assert sorted(t.params["x"] for t in study.trials) == [1.0, 2.0]
     assert all(t.state == TrialState.COMPLETE for t in study.trials)
     assert summary.counted == 2 and summary.grid_exhausted
+
+
+def test_grid_study_with_a_baseline_trial_runs_its_one_point(tmp_path, fault_runner_registered):
+    # The enqueued baseline has no grid id; Optuna looked one up when one grid point was left.
+    raw = fault_space(trials=2)
+    raw["params"] = {"x": {"type": "categorical", "choices": [2.0]}}
+    raw["search"].update(sampler="grid", baseline=True)
+    space = validate(raw, "faults.yaml", "faults")
+    storage = open_storage(str(tmp_path / "j.journal"))
+    summary = run_study(space, storage, RunOptions(str(tmp_path / "j.journal"), tmp_path / "out", quiet=True))
+    study = optuna.load_study(study_name="faults", storage=storage)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.COMPLETE]
+    assert study.trials[1].params["x"] == 2.0 and summary.counted == 2

@@ -271,10 +271,11 @@ def tell_outcome(study: optuna.Study, trial: optuna.Trial, space: Space, outcome
         trial.set_user_attr("infeasible_reason", reason)
     try:
         study.tell(trial, values)
-    except RuntimeError as exc:
-        # GridSampler.after_trial calls study.stop() once the last grid point is taken, which only
-        # works inside study.optimize; the trial's state and values are stored all the same.
-        if not (isinstance(study.sampler, optuna.samplers.GridSampler) and "Study.stop" in str(exc)):
+    except (RuntimeError, KeyError):
+        # Optuna's GridSampler.after_trial calls study.stop() once the last point is taken (which
+        # raises outside study.optimize), and looks up a grid id that enqueued trials (the
+        # baseline) do not have. Optuna stores the trial's state and values even when it raises.
+        if not isinstance(study.sampler, optuna.samplers.GridSampler):
             raise
     return reason
 
