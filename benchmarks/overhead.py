@@ -1,10 +1,12 @@
-"""The harness's own cost: one config, decoded bare vs with trackers vs with trackers + sampler.
+"""The harness's own cost: one config, decoded bare vs as the trial path times it.
 
 - bare: `HFEngine.decode` with one synchronisation at the end (no per-step timestamps);
-- sync_trackers: `HFEngine.run_batch` (a device sync + clock read after every step);
-- event_trackers: `StepTimer` (a CUDA event per step, one sync at the end);
-- +thread_sampler / +process_sampler: event trackers inside `ResourceSampler` (NVML + RSS
-  every 25 ms, allocator peaks), sampling from a thread or from a child process.
+- sync_per_step: a device sync + clock read after every step (how run_batch used to time);
+- run_batch: `HFEngine.run_batch`, the trial path (a CUDA event per step via `StepTimer`, one
+  sync per batch, work counting);
+- run_batch+thread_sampler / +process_sampler: the same inside `ResourceSampler` (NVML + RSS
+  every 25 ms, allocator peaks), sampling from a thread or from a child process (the default
+  on CUDA) — what a serving trial does.
 Variants are interleaved round by round (order rotated) so drift hits all alike; the figure is
 the ratio of median decode throughputs. Usage:
 
@@ -26,7 +28,7 @@ from runners.base import resolve_device
 from runners.glm.engine import HFEngine
 from runners.glm.model import build_model, resolve_dtype
 from runners.infer import PromptBank
-from runners.monitor import ResourceSampler, StepTimer
+from runners.monitor import ResourceSampler
 from runners.scheduler import RealClock
 from runners.workload import Request
 
@@ -55,30 +57,28 @@ def variants(engine: HFEngine, requests: list[Request]) -> dict[str, Callable[[]
         _sync(device)
         return time.perf_counter() - t0
 
-    def sync_trackers() -> float:  # HFEngine.run_batch: a device sync after every step
+    def sync_per_step() -> float:
         t0 = time.perf_counter()
-        engine.run_batch(requests, RealClock())
+        for _ in engine.decode(prompts, new_tokens):
+            _sync(device)
+            time.perf_counter()
         return time.perf_counter() - t0
 
-    def event_trackers() -> float:  # per-step CUDA events, one sync at the end
+    def run_batch() -> float:
         t0 = time.perf_counter()
-        timer = StepTimer(device, RealClock()).start()
-        for _ in engine.decode(prompts, new_tokens):
-            timer.mark()
-        timer.times()
+        engine.run_batch(requests, RealClock())
         return time.perf_counter() - t0
 
     def with_sampler(out_of_process: bool) -> Callable[[], float]:
         def run() -> float:
             with ResourceSampler(device, out_of_process=out_of_process) as sampler:
-                seconds = event_trackers()
+                seconds = run_batch()
             assert len(sampler.samples) >= 2
             return seconds
         return run
 
-    return {"bare": bare, "sync_trackers": sync_trackers, "event_trackers": event_trackers,
-            "event_trackers+thread_sampler": with_sampler(False),
-            "event_trackers+process_sampler": with_sampler(True)}
+    return {"bare": bare, "sync_per_step": sync_per_step, "run_batch": run_batch,
+            "run_batch+thread_sampler": with_sampler(False), "run_batch+process_sampler": with_sampler(True)}
 
 
 def measure(engine: HFEngine, batch: int, prompt_tokens: int, output_tokens: int, rounds: int
