@@ -16,7 +16,6 @@ import sys
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from benchmarks.decode_roofline import copy_bandwidth, versions
 from runners.glm import woq
@@ -54,13 +53,12 @@ def measure_shape(out_features: int, in_features: int, rows: int, layers: int) -
     variants["int4-g128"] = [woq.quantize_int4(w, 128) for w in dense]
     result: dict[str, Any] = {}
     for name, weights in variants.items():
-        nbytes = sum(t.numel() * t.element_size() for t in (weights[0] if name != "bf16" else [weights[0]]))
-        fns = [(lambda inp, w=w: F.linear(inp, w)) if name == "bf16" else (lambda inp, w=w: woq.linear(inp, w))
-               for w in weights]
-        seconds = time_calls(fns, x)
+        first = weights[0]
+        nbytes = sum(t.numel() * t.element_size() for t in (first if isinstance(first, tuple) else [first]))
+        # woq.linear is F.linear for a dense weight and our kernels for a packed one.
+        seconds = time_calls([lambda inp, w=w: woq.linear(inp, w) for w in weights], x)
         result[name] = {"us": seconds * 1e6, "weight_bytes": nbytes, "bytes_per_s": nbytes / seconds}
-        if name != "bf16":
-            del weights[:]
+    del variants
     del dense
     torch.cuda.empty_cache()
     return result

@@ -88,11 +88,17 @@ FIRST_PARETO_POINT = """() => {
 }"""
 
 
+def _open(pw, url: str, height: int):  # noqa: ANN001, ANN202 - playwright objects
+    """Debian's chromium, one page at `url` (1440 px wide)."""
+    browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    page = browser.new_page(viewport={"width": 1440, "height": height})
+    page.goto(url, wait_until="domcontentloaded")
+    return browser, page
+
+
 def test_dashboard_in_chromium(server, tmp_path):
     with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1440, "height": 1500})
-        page.goto(f"{server}/?study=populated", wait_until="domcontentloaded")
+        browser, page = _open(pw, f"{server}/?study=populated", height=1500)
         page.get_by_text("Study populated").first.wait_for(timeout=90_000)
         page.locator(".js-plotly-plot .scatterlayer path.point").first.wait_for(timeout=60_000)
         page.locator('[data-testid="stDataFrame"]').first.wait_for(timeout=30_000)
@@ -121,9 +127,7 @@ def test_running_study_updates_without_a_click(server, journal):
     from tuner.storage import open_storage
 
     with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1440, "height": 1000})
-        page.goto(f"{server}/?study=running", wait_until="domcontentloaded")
+        browser, page = _open(pw, f"{server}/?study=running", height=1000)
         page.get_by_text("running now").first.wait_for(timeout=90_000)
         live = optuna.load_study(study_name="running", storage=open_storage(journal))
         running = live.get_trials(states=(optuna.trial.TrialState.RUNNING,))[0]
