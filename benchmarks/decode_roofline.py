@@ -49,6 +49,11 @@ CONFIGS: dict[str, tuple[dict[str, Any], str]] = {
     "int4-tr+head": ({"quant_bits": 4, "quant_kernel": "triton", "quantize_lm_head": True}, "fast"),
     "int4-tr+head-g64": ({"quant_bits": 4, "quant_kernel": "triton", "quantize_lm_head": True,
                           "quant_group_size": 64}, "fast"),
+    # quant_kernel=cuda: same layout, hand-written CUDA GEMV at batch 1 (runners/glm/woq_gemv.cu).
+    "int8-cu": ({"quant_bits": 8, "quant_kernel": "cuda"}, "fast"),
+    "int8-cu+head": ({"quant_bits": 8, "quant_kernel": "cuda", "quantize_lm_head": True}, "fast"),
+    "int4-cu": ({"quant_bits": 4, "quant_kernel": "cuda"}, "fast"),
+    "int4-cu+head": ({"quant_bits": 4, "quant_kernel": "cuda", "quantize_lm_head": True}, "fast"),
     "int8dyn": ({"quant_bits": 8, "quant_scheme": "dynamic_activation"}, "fast"),
     "fp8": ({"quant_bits": 8, "quant_scheme": "fp8"}, "fast"),
     "2:4": ({"sparsity": 0.5, "sparsity_kind": "2:4"}, "fast"),

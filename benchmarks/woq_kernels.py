@@ -1,4 +1,5 @@
-"""Weight bandwidth of the packed int8/int4 kernels against bf16 cuBLAS, per glm-4-9b linear shape.
+"""Weight bandwidth of the packed int8/int4 kernels (Triton, and at one row the CUDA GEMVs) against
+bf16 cuBLAS, per glm-4-9b linear shape.
 
     python -m benchmarks.woq_kernels [--rows 1,32] [--json OUT]
 
@@ -51,10 +52,13 @@ def measure_shape(out_features: int, in_features: int, rows: int, layers: int) -
     variants: dict[str, list[Any]] = {"bf16": dense}
     variants["int8"] = [woq.quantize_int8(w) for w in dense]
     variants["int4-g128"] = [woq.quantize_int4(w, 128) for w in dense]
+    if rows == 1:  # the CUDA GEMVs (quant_kernel: cuda) take one row; more rows run the Triton matmul
+        variants["int8-cuda"] = [w._replace(gemv="cuda") for w in variants["int8"]]
+        variants["int4-g128-cuda"] = [w._replace(gemv="cuda") for w in variants["int4-g128"]]
     result: dict[str, Any] = {}
     for name, weights in variants.items():
         first = weights[0]
-        nbytes = sum(t.numel() * t.element_size() for t in (first if isinstance(first, tuple) else [first]))
+        nbytes = sum(t.numel() * t.element_size() for t in (first.tensors() if isinstance(first, tuple) else [first]))
         # woq.linear is F.linear for a dense weight and our kernels for a packed one.
         seconds = time_calls([lambda inp, w=w: woq.linear(inp, w) for w in weights], x)
         result[name] = {"us": seconds * 1e6, "weight_bytes": nbytes, "bytes_per_s": nbytes / seconds}
@@ -82,9 +86,9 @@ def main(argv: list[str]) -> int:
                              f"({r['bytes_per_s'] / bandwidth:4.2f})" for v, r in res.items())
             print(f"M={rows:<4} {name:<8} {n:>6}x{k:<6} {line}", flush=True)
             rows_out.append({"rows": rows, "shape": name, "n": n, "k": k, **res})
-    from runners.glm import woq_triton
+    from runners.glm import woq_cuda, woq_triton
 
-    tuned = woq_triton.best_configs()
+    tuned = {**woq_triton.best_configs(), "cuda_gemv": woq_cuda.chosen_variants()}
     print(json.dumps(tuned, indent=1))
     if args.json:
         with open(args.json, "w") as fh:

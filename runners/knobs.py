@@ -57,8 +57,9 @@ INFER_KNOBS: dict[str, Knob] = {
         ),
         Knob("quant_group_size", 128, int, (32, 64, 128, 256), help="int4 group size"),
         Knob("quantize_lm_head", False, bool, help="also quantise the output projection"),
-        Knob("quant_kernel", "torchao", str, ("torchao", "triton"),
-             help="int8/int4 weight-only kernels: torchao's, or our Triton GEMV/matmul (CUDA)"),
+        Knob("quant_kernel", "torchao", str, ("torchao", "triton", "cuda"),
+             help="int8/int4 weight-only kernels: torchao's; our Triton GEMV/matmul; or `cuda`, our "
+                  "hand-written CUDA GEMV for one row (NVRTC-compiled) and the Triton matmul for more (GPU)"),
         Knob("sparsity", 0.0, _NUMBER, help="fraction of linear weights set to zero"),
         Knob("sparsity_kind", "unstructured", str, ("unstructured", "2:4")),
         Knob("kv_cache", "dynamic", str, ("dynamic", "static", "offloaded", "quantized")),

@@ -150,39 +150,61 @@ def test_packed_kl_orders_4_bit_above_8_bit_above_16_bit(tiny):
     ({"quant_bits": 8, "quant_kernel": "triton"}, "not on CPU"),
     ({"quant_bits": 4, "quant_kernel": "triton"}, "not on CPU"),
     ({"quant_bits": 8, "quant_kernel": "triton", "quant_scheme": "dynamic_activation"}, "weight-only"),
+    ({"quant_bits": 8, "quant_kernel": "cuda"}, "not on CPU"),
+    ({"quant_bits": 4, "quant_kernel": "cuda", "quant_scheme": "dynamic_activation"}, "weight-only"),
 ])
-def test_triton_kernel_knob_is_infeasible_where_it_cannot_run(tiny, knobs, reason):
+def test_packed_kernel_knob_is_infeasible_where_it_cannot_run(tiny, knobs, reason):
     with pytest.raises(InfeasibleConfig, match=reason):
         apply_quantization(FastGlm(copy.deepcopy(tiny)), knobs, "cpu")
 
 
-# --- GPU: the Triton kernels --------------------------------------------------------------------
+# --- GPU: the Triton and CUDA kernels -----------------------------------------------------------------
 gpu = pytest.mark.gpu
 
 
 @gpu
+@pytest.mark.parametrize("gemv", woq.GEMV_KERNELS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("rows", [1, 3, 32, 200])
 @pytest.mark.parametrize(("out_features", "in_features"), [(4608, 4096), (4096, 13696), (200, 384)])
-def test_gpu_kernels_match_the_dequantised_matmul(bits, rows, out_features, in_features):
+def test_gpu_kernels_match_the_dequantised_matmul(gemv, dtype, bits, rows, out_features, in_features):
+    if dtype == torch.float16 and rows not in (1, 3):
+        pytest.skip("fp16 covers the GEMV and one matmul row count")
     torch.manual_seed(0)
     group = 128 if in_features % 128 == 0 else 64
-    weight = torch.randn(out_features, in_features, device="cuda", dtype=torch.bfloat16) * 0.02
-    packed = woq.quantize_int8(weight) if bits == 8 else woq.quantize_int4(weight, group)
-    x = torch.randn(rows, in_features, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(out_features, in_features, device="cuda", dtype=dtype) * 0.02
+    packed = (woq.quantize_int8(weight) if bits == 8 else woq.quantize_int4(weight, group))._replace(gemv=gemv)
+    x = torch.randn(rows, in_features, device="cuda", dtype=dtype)
     got = woq.linear(x, packed)
     want = F.linear(x.float(), woq.dequantize(packed, torch.float32))
-    assert got.dtype == torch.bfloat16 and got.shape == (rows, out_features)
+    assert got.dtype == dtype and got.shape == (rows, out_features)
     # bf16 output rounding (2^-8 relative) plus fp32 accumulation-order differences.
     assert _rel_err(got, want) < 5e-3
 
 
 @gpu
 @pytest.mark.parametrize("bits", [8, 4])
-def test_gpu_compiled_fast_path_with_triton_kernels_follows_the_dequantised_model(bits):
+def test_gpu_cuda_gemv_takes_unaligned_rows_through_the_triton_kernel(bits):
+    # A row view 2 bytes into its storage cannot be read in 16-byte chunks: the op must not
+    # hand it to the CUDA GEMV (woq_cuda.can_run) yet still answer correctly.
+    torch.manual_seed(0)
+    weight = torch.randn(512, 4096, device="cuda", dtype=torch.bfloat16) * 0.02
+    packed = (woq.quantize_int8(weight) if bits == 8 else woq.quantize_int4(weight, 128))._replace(gemv="cuda")
+    x = torch.randn(4096 + 1, device="cuda", dtype=torch.bfloat16)[1:].view(1, 4096)
+    assert x.data_ptr() % 16 != 0
+    want = F.linear(x.float(), woq.dequantize(packed, torch.float32))
+    assert _rel_err(woq.linear(x, packed), want) < 5e-3
+
+
+@gpu
+@pytest.mark.parametrize("kernel", ["triton", "cuda"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_gpu_compiled_fast_path_with_packed_kernels_follows_the_dequantised_model(bits, kernel):
     model = FastGlm(build_model(TINY, torch.bfloat16, "cuda:0", seed=0))
-    apply_quantization(model, {"quant_bits": bits, "quant_kernel": "triton", "quantize_lm_head": True,
+    apply_quantization(model, {"quant_bits": bits, "quant_kernel": kernel, "quantize_lm_head": True,
                                "quant_group_size": 32}, "cuda:0")
+    assert {layer.gemv for layer in woq.packed_linears(model)} == {kernel}
     assert len(woq.packed_linears(model)) == 4 * model.config.num_hidden_layers + 1
     ids = eval_batch(model.config.vocab_size, 2, 24, seed=0, device="cuda:0")
     compiled = FastEngine(model, "cuda:0", compile_step=True)

@@ -12,6 +12,9 @@ from torch import nn
 
 from runners.contract import InfeasibleConfig
 
+# quant_kernel values that use our packed layout and kernels (runners/glm/woq*.py)
+PACKED_KERNELS = ("triton", "cuda")
+
 
 def linear_layers(model: nn.Module, include_lm_head: bool) -> list[tuple[str, nn.Linear]]:
     """The decoder's Linear layers; the output projection only when asked."""
@@ -145,7 +148,7 @@ def _fp8_config(knobs: dict[str, Any], device: str, config_cls: Any, per_row: An
 
 
 def apply_quantization(model: nn.Module, knobs: dict[str, Any], device: str) -> None:
-    if knobs.get("quant_kernel", "torchao") == "triton" and int(knobs.get("quant_bits", 16)) != 16:
+    if knobs.get("quant_kernel", "torchao") in PACKED_KERNELS and int(knobs.get("quant_bits", 16)) != 16:
         _apply_packed(model, knobs, device)
         return
     config = quant_config(knobs, device)
@@ -163,26 +166,35 @@ def apply_quantization(model: nn.Module, knobs: dict[str, Any], device: str) -> 
 
 
 def _apply_packed(model: nn.Module, knobs: dict[str, Any], device: str) -> None:
-    """int8/int4 weight-only in our packed layout, run by the Triton kernels of `woq_triton`
-    (torchao computes the scales and integer values), then autotuned for every shape."""
+    """int8/int4 weight-only in our packed layout (torchao computes the scales and integer
+    values), run by our kernels: Triton's (`woq_triton`), with `quant_kernel: cuda` the CUDA
+    GEMVs of `woq_cuda` for single rows; then autotuned for every shape."""
     from runners.glm import woq
 
+    kernel = knobs["quant_kernel"]
     bits, scheme = int(knobs["quant_bits"]), knobs.get("quant_scheme", "weight_only")
     if scheme != "weight_only":
-        raise InfeasibleConfig(f"quant_kernel=triton has int8/int4 weight-only kernels only, not {scheme}")
+        raise InfeasibleConfig(f"quant_kernel={kernel} has int8/int4 weight-only kernels only, not {scheme}")
     if not device.startswith("cuda"):
-        raise InfeasibleConfig("quant_kernel=triton runs Triton GPU kernels; not on CPU (use quant_kernel=torchao)")
+        raise InfeasibleConfig(f"quant_kernel={kernel} runs GPU kernels; not on CPU (use quant_kernel=torchao)")
     try:
         import triton  # noqa: F401
     except ImportError:
-        raise InfeasibleConfig("quant_kernel=triton needs the `triton` package, absent here") from None
+        raise InfeasibleConfig(f"quant_kernel={kernel} needs the `triton` package, absent here") from None
     dtype = model.get_input_embeddings().weight.dtype
     if dtype not in (torch.bfloat16, torch.float16):
-        raise InfeasibleConfig(f"quant_kernel=triton kernels take bf16/fp16 activations, not {dtype}")
+        raise InfeasibleConfig(f"quant_kernel={kernel} kernels take bf16/fp16 activations, not {dtype}")
+    if kernel == "cuda":
+        from runners.glm import woq_cuda
+
+        with torch.cuda.device(torch.device(device)):
+            reason = woq_cuda.compile_error()
+        if reason:
+            raise InfeasibleConfig(f"quant_kernel=cuda: {reason}")
     group = int(knobs.get("quant_group_size", 128))
     layers = linear_layers(model, bool(knobs.get("quantize_lm_head", False)))
     for name, layer in layers:
         if bits == 4 and layer.in_features % group:
             raise InfeasibleConfig(f"int4 group size {group} does not divide {name}'s {layer.in_features} inputs")
-    woq.pack_linears(model, layers, bits, group)
+    woq.pack_linears(model, layers, bits, group, gemv="cuda" if kernel == "cuda" else "triton")
     woq.warm_up(model, dtype)

@@ -1,4 +1,4 @@
-"""Weight-only int8 / int4 Linear layers with our own GEMV kernels (`quant_kernel: triton`).
+"""Weight-only int8 / int4 Linear layers with our own kernels (`quant_kernel: triton | cuda`).
 
 Why not only torchao: on the H200 image (torch 2.11, torchao 0.18, no `mslk`/fbgemm-genai) the
 batch-1 decode kernels torchao reaches read weights far below the memory bandwidth: Inductor's
@@ -6,7 +6,8 @@ fused int8 dequant reduction 2.2-3.2 TB/s, tinygemm int4 ~1.7 TB/s, against a 4.
 (benchmarks/NOTES-issue3.md, run 2). Decode at batch 1 is pure weight streaming, so that gap is
 the whole int8/int4 speed-up. torchao still does the quantisation arithmetic here
 (`choose_qparams_affine` / `quantize_affine`); what is ours is the storage layout and the
-kernels in `woq_triton.py` that read it.
+kernels that read it: `woq_triton.py` (GEMV and matmul) and, for one activation row with
+`quant_kernel: cuda`, the hand-written CUDA GEMVs of `woq_cuda.py`.
 
 Layouts (both row-major over output features N, input features K):
 - int8: `qdata` [N, K] int8, symmetric per output row; `scale` [N] float32. w = q * scale.
@@ -15,8 +16,8 @@ Layouts (both row-major over output features N, input features K):
   and element j + G/2 in its high nibble, so a kernel multiplies each nibble plane by a
   contiguous half of the activation group (no interleaved loads). w = (q - zero) * scale.
 
-On CUDA with bf16/fp16 activations the ops run the Triton kernels; elsewhere (CPU, float32)
-they dequantise and call `F.linear`, the same arithmetic, used as the tests' reference.
+On CUDA with bf16/fp16 activations the ops run those kernels; elsewhere (CPU, float32) they
+dequantise and call `F.linear`, the same arithmetic, used as the tests' reference.
 """
 
 from __future__ import annotations
@@ -28,17 +29,26 @@ import torch.nn.functional as F
 from torch import nn
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
+GEMV_KERNELS = ("triton", "cuda")  # who runs a single activation row; more rows: the Triton matmul
 
 
 class Int8Weight(NamedTuple):
     qdata: torch.Tensor  # [N, K] int8
     scale: torch.Tensor  # [N] float32
+    gemv: str = "triton"
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.qdata, self.scale
 
 
 class Int4Weight(NamedTuple):
     packed: torch.Tensor  # [N, K/2] uint8
     scale: torch.Tensor  # [N, K/G]
     zero: torch.Tensor  # [N, K/G]
+    gemv: str = "triton"
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.packed, self.scale, self.zero
 
 
 # --- quantise and pack (torchao's affine quantisation primitives) ------------------------------
@@ -88,45 +98,61 @@ def dequantize(weight: Int8Weight | Int4Weight, dtype: torch.dtype) -> torch.Ten
 
 
 # --- the ops: opaque to torch.compile, so the compiled layer calls our kernels as they are ------
-def _use_triton(x: torch.Tensor) -> bool:
+def _on_gpu_kernels(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
 
 
 @torch.library.custom_op("autoglm::int8_linear", mutates_args=())
-def int8_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    rows = x.reshape(-1, x.shape[-1])
-    if _use_triton(x):
+def int8_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, gemv: str) -> torch.Tensor:
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    if not _on_gpu_kernels(x):
+        out = F.linear(rows, dequantize(Int8Weight(qdata, scale), x.dtype))
+    elif gemv == "cuda" and rows.shape[0] == 1 and _cuda_gemv_can_run(rows, qdata.shape[1]):
+        from runners.glm import woq_cuda
+
+        out = woq_cuda.int8_gemv(rows, qdata, scale)
+    else:
         from runners.glm import woq_triton
 
         with torch.cuda.device(x.device):  # Triton launches on the current device, not the tensors'
-            out = woq_triton.int8_matmul(rows.contiguous(), qdata, scale)
-    else:
-        out = F.linear(rows, dequantize(Int8Weight(qdata, scale), x.dtype))
+            out = woq_triton.int8_matmul(rows, qdata, scale)
     return out.reshape(*x.shape[:-1], qdata.shape[0])
 
 
 @int8_linear.register_fake
-def _int8_linear_shape(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def _int8_linear_shape(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, gemv: str) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], qdata.shape[0]))
 
 
 @torch.library.custom_op("autoglm::int4_linear", mutates_args=())
-def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    rows = x.reshape(-1, x.shape[-1])
-    if _use_triton(x):
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                gemv: str) -> torch.Tensor:
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    group = x.shape[-1] // scale.shape[1]
+    if not _on_gpu_kernels(x):
+        out = F.linear(rows, dequantize(Int4Weight(packed, scale, zero), x.dtype))
+    elif gemv == "cuda" and rows.shape[0] == 1 and _cuda_gemv_can_run(rows, x.shape[-1], group):
+        from runners.glm import woq_cuda
+
+        out = woq_cuda.int4_gemv(rows, packed, scale, zero)
+    else:
         from runners.glm import woq_triton
 
         with torch.cuda.device(x.device):
-            out = woq_triton.int4_matmul(rows.contiguous(), packed, scale, zero)
-    else:
-        out = F.linear(rows, dequantize(Int4Weight(packed, scale, zero), x.dtype))
+            out = woq_triton.int4_matmul(rows, packed, scale, zero)
     return out.reshape(*x.shape[:-1], packed.shape[0])
 
 
 @int4_linear.register_fake
-def _int4_linear_shape(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
-                       zero: torch.Tensor) -> torch.Tensor:
+def _int4_linear_shape(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                       gemv: str) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
+def _cuda_gemv_can_run(rows: torch.Tensor, k: int, group: int | None = None) -> bool:
+    from runners.glm import woq_cuda
+
+    return woq_cuda.can_run(rows, k, group)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor | Int8Weight | Int4Weight) -> torch.Tensor:
@@ -141,21 +167,24 @@ def linear(x: torch.Tensor, weight: torch.Tensor | Int8Weight | Int4Weight) -> t
 class PackedLinear(nn.Module):
     """Drop-in for `nn.Linear` holding an int8 or int4 packed weight (as buffers) and the bias."""
 
-    def __init__(self, layer: nn.Linear, bits: int, group_size: int = 128) -> None:
+    def __init__(self, layer: nn.Linear, bits: int, group_size: int = 128, gemv: str = "triton") -> None:
         super().__init__()
+        if gemv not in GEMV_KERNELS:
+            raise ValueError(f"gemv kernel {gemv!r} is not one of {GEMV_KERNELS}")
         self.in_features, self.out_features = layer.in_features, layer.out_features
-        self.bits = bits
+        self.bits, self.gemv = bits, gemv
         dense = layer.weight.detach()
         packed = quantize_int8(dense) if bits == 8 else quantize_int4(dense, group_size)
-        self._fields = type(packed)._fields
-        for name, tensor in zip(self._fields, packed, strict=True):
+        self._tensor_names = [name for name in type(packed)._fields if name != "gemv"]
+        for name, tensor in zip(self._tensor_names, packed.tensors(), strict=True):
             self.register_buffer(name, tensor)
         self.bias = layer.bias
 
     @property
     def weight(self) -> Int8Weight | Int4Weight:
-        tensors = [getattr(self, name) for name in self._fields]
-        return Int8Weight(*tensors) if self.bits == 8 else Int4Weight(*tensors)
+        tensors = [getattr(self, name) for name in self._tensor_names]
+        kind = Int8Weight if self.bits == 8 else Int4Weight
+        return kind(*tensors, gemv=self.gemv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = linear(x, self.weight)
@@ -163,10 +192,11 @@ class PackedLinear(nn.Module):
 
     def stored_bytes(self) -> int:
         """Bytes of the packed weight (data + scales + zero points); the bias is a parameter."""
-        return sum(t.numel() * t.element_size() for t in self.weight)
+        return sum(t.numel() * t.element_size() for t in self.weight.tensors())
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"gemv={self.gemv}")
 
 
 def packed_linears(model: nn.Module) -> list[PackedLinear]:
@@ -174,20 +204,21 @@ def packed_linears(model: nn.Module) -> list[PackedLinear]:
 
 
 @torch.no_grad()
-def pack_linears(model: nn.Module, layers: list[tuple[str, nn.Linear]], bits: int, group_size: int) -> None:
+def pack_linears(model: nn.Module, layers: list[tuple[str, nn.Linear]], bits: int, group_size: int,
+                 gemv: str = "triton") -> None:
     """Replace each named Linear of `model` by a PackedLinear (the dense weight is freed)."""
     for name, layer in layers:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, PackedLinear(layer, bits, group_size))
+        setattr(parent, child, PackedLinear(layer, bits, group_size, gemv))
 
 
 def warm_up(model: nn.Module, dtype: torch.dtype, max_rows: int = 256) -> None:
-    """Run every distinct packed shape once per row bucket, so kernel autotuning (Triton picks a
-    tiling per shape) happens during set-up, never inside a measured window."""
-    seen: set[tuple[int, int, int]] = set()
+    """Run every distinct packed shape once per row bucket, so kernel autotuning (Triton and the
+    CUDA GEMV pick a tiling per shape) happens during set-up, never inside a measured window."""
+    seen: set[tuple[int, int, int, str]] = set()
     for layer in packed_linears(model):
-        key = (layer.out_features, layer.in_features, layer.bits)
+        key = (layer.out_features, layer.in_features, layer.bits, layer.gemv)
         device = layer.weight[0].device
         if key in seen or device.type != "cuda":
             continue

@@ -1,0 +1,162 @@
+"""Batch-1 GEMVs for the packed int8 / int4 weights in CUDA C (`woq_gemv.cu`), compiled at run time.
+
+NVRTC (through `torch.cuda._compile_kernel`, shipped with torch's CUDA wheels) compiles the
+source once per variant and device, so no CUDA toolkit or build step is needed. Each variant
+fixes rows per warp, warps per block, 16-byte loads in flight per lane and how many warps split
+K; the fastest one per weight shape is chosen by timing
+them all (inside a CUDA graph, weights from HBM as in decode) the first time a shape is seen
+outside a CUDA-graph capture.
+`woq.warm_up` makes that first time the model's set-up.
+
+Only one activation row: several rows go to the Triton matmul (`woq_triton`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+_SOURCE = Path(__file__).with_name("woq_gemv.cu")
+
+
+class Variant(NamedTuple):
+    rows: int  # output rows per warp
+    warps: int  # warps per block
+    unroll: int  # 16-byte chunks per lane and row in flight
+    ksplit: int = 1  # warps of a block sharing rows, each taking every ksplit-th 512-byte run of K
+
+    @property
+    def rows_per_block(self) -> int:
+        return self.rows * self.warps // self.ksplit
+
+
+V = Variant
+# Few long rows (down_proj: K = 13696) want K split over warps; many short rows (gate_up,
+# lm_head) more rows per warp; timing decides per shape.
+INT8_VARIANTS = (V(2, 4, 4), V(4, 4, 2), V(1, 4, 8), V(1, 8, 8), V(4, 2, 2), V(2, 8, 4, 2), V(1, 8, 8, 2),
+                 V(1, 8, 8, 4), V(2, 8, 4, 4), V(4, 8, 2, 4))
+INT4_VARIANTS = (V(4, 4, 2), V(2, 4, 4), V(8, 4, 2), V(2, 8, 4), V(4, 2, 4), V(8, 2, 2), V(4, 8, 2, 2),
+                 V(4, 8, 2, 4), V(2, 8, 4, 4), V(8, 8, 1, 4))
+
+_chosen: dict[tuple, Variant] = {}
+_timings: dict[tuple, dict[Variant, float]] = {}
+
+
+def can_run(x: torch.Tensor, k: int, group: int | None = None) -> bool:
+    """The kernels read 16-byte chunks: K (and half an int4 group) in whole chunks, x aligned."""
+    if not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.data_ptr() % 16 == 0):
+        return False
+    return k % 16 == 0 if group is None else (k % 32 == 0 and group % 32 == 0)
+
+
+def compile_error() -> str | None:
+    """Why the kernels cannot be compiled here (None when they can): no NVRTC, no GPU."""
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    try:
+        _kernel("int8_gemv", INT8_VARIANTS[0], False, torch.cuda.current_device())
+    except Exception as exc:  # noqa: BLE001 - NVRTC/driver errors come as several types
+        return f"NVRTC could not compile the GEMV kernels: {str(exc).splitlines()[0] if str(exc) else exc!r}"
+    return None
+
+
+@functools.cache
+def _kernel(name: str, variant: Variant, fp16: bool, device: int) -> Callable[..., None]:
+    defines = "".join(f"#define {name.upper()} {value}\n" for name, value in variant._asdict().items())
+    defines += f"#define X_FP16 {int(fp16)}\n"
+    with torch.cuda.device(device):  # the module is loaded into this device's context
+        return torch.cuda._compile_kernel(defines + _SOURCE.read_text(), name, nvcc_options=["-std=c++17"])
+
+
+Weights = tuple[torch.Tensor, ...]
+
+
+def _time_variants(launch: Callable[[Variant, Weights], None], variants: tuple[Variant, ...],
+                   weights: Weights, device: torch.device, replays: int = 3) -> dict[Variant, float]:
+    """Mean time per call (ms) of each variant, as decode sees it: calls back to back inside a
+    CUDA graph (no host launch cost), cycling over copies of the weight that together exceed
+    twice the L2 cache, so the bytes come from HBM."""
+    nbytes = sum(t.numel() * t.element_size() for t in weights)
+    l2_bytes = torch.cuda.get_device_properties(device).L2_cache_size
+    extra = min(7, max(0, -(-2 * l2_bytes // nbytes) - 1))
+    copies = [weights] + [tuple(t.clone() for t in weights) for _ in range(extra)]
+    calls = max(8, 2 * len(copies))
+    times = {}
+    for variant in variants:
+        for copy in copies:  # compile, load and warm before the capture
+            launch(variant, copy)
+        torch.cuda.synchronize(device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for i in range(calls):
+                launch(variant, copies[i % len(copies)])
+        graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times[variant] = start.elapsed_time(end) / (replays * calls)
+    return times
+
+
+def _variant_for(key: tuple, variants: tuple[Variant, ...], launch: Callable[[Variant, Weights], None],
+                 weights: Weights, device: torch.device) -> Variant:
+    if key in _chosen:
+        return _chosen[key]
+    if torch.cuda.is_current_stream_capturing():
+        return variants[0]  # no timing inside a capture; woq.warm_up tunes before it
+    with torch.cuda.device(device):
+        times = _timings[key] = _time_variants(launch, variants, weights, device)
+    _chosen[key] = min(times, key=times.__getitem__)
+    return _chosen[key]
+
+
+def int8_gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [1, K] @ (qdata [N, K] * scale[:, None])^T -> [1, N], in x's dtype."""
+    n, k = qdata.shape
+    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    fp16, device = x.dtype == torch.float16, x.device.index
+
+    def launch(variant: Variant, weights: Weights) -> None:
+        kernel = _kernel("int8_gemv", variant, fp16, device)
+        kernel(grid=(-(-n // variant.rows_per_block), 1, 1), block=(32 * variant.warps, 1, 1),
+               args=[x, *weights, out, n, k])
+
+    weights = (qdata, scale)
+    launch(_variant_for(("int8_gemv", n, k, fp16, device), INT8_VARIANTS, launch, weights, x.device), weights)
+    return out
+
+
+def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """x [1, K] @ dequant(packed [N, K/2], scale/zero [N, K/G])^T -> [1, N], in x's dtype."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    group = k // scale.shape[1]
+    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    fp16, device = x.dtype == torch.float16, x.device.index
+
+    def launch(variant: Variant, weights: Weights) -> None:
+        kernel = _kernel("int4_gemv", variant, fp16, device)
+        kernel(grid=(-(-n // variant.rows_per_block), 1, 1), block=(32 * variant.warps, 1, 1),
+               args=[x, *weights, out, n, k, group])
+
+    weights = (packed, scale, zero)
+    key = ("int4_gemv", n, k, group, fp16, device)
+    launch(_variant_for(key, INT4_VARIANTS, launch, weights, x.device), weights)
+    return out
+
+
+def chosen_variants() -> dict[str, str]:
+    """The variant timing chose per kernel and shape, with the fastest and slowest time (for
+    benchmark notes)."""
+    report = {}
+    for key, variant in _chosen.items():
+        times = _timings[key]
+        report["/".join(map(str, key[:-2]))] = (f"{tuple(variant)} {times[variant] * 1e3:.1f} us "
+                                                f"(slowest {max(times.values()) * 1e3:.1f} us)")
+    return report

@@ -1,0 +1,271 @@
+// Batch-1 GEMV kernels for the packed int8 / int4 weights of woq.py (`quant_kernel: cuda`).
+//
+// Compiled at run time by NVRTC (torch.cuda._compile_kernel, see woq_cuda.py), once per variant.
+// The launcher defines, per variant:
+//   ROWS    output rows per warp (they share the activation loads and conversions)
+//   WARPS   warps per block
+//   UNROLL  16-byte weight chunks per lane and row requested before any is used
+//   KSPLIT  warps of a block that share the same rows, each taking every KSPLIT-th run of K
+//   X_FP16  1 for float16 activations, 0 for bfloat16
+//
+// Why hand-written: at batch 1 decode streams every weight byte once, so the kernel's job is to
+// keep enough bytes in flight. Each lane issues UNROLL * ROWS 16-byte streaming loads up front
+// (no L1 allocation, 256-byte L2 prefetch); the Triton GEMV could keep only one tile per thread
+// in flight and stayed at 2.1-3.2 TB/s (benchmarks/NOTES-issue3.md).
+//
+// Small integers become floats without the int-to-float instruction: placed in the mantissa of a
+// float constant (2^23 for int8, 256 for int4 nibbles), then the constant is taken out.
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+
+__device__ __forceinline__ uint4 load_streaming(const uint4* p) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p));
+  return v;
+}
+
+// Two packed 16-bit activations -> floats.
+__device__ __forceinline__ void unpack2(u32 v, float& lo, float& hi) {
+#if X_FP16
+  asm("{.reg .b16 l, h; mov.b32 {l, h}, %2; cvt.f32.f16 %0, l; cvt.f32.f16 %1, h;}"
+      : "=f"(lo), "=f"(hi)
+      : "r"(v));
+#else
+  lo = __uint_as_float(v << 16);
+  hi = __uint_as_float(v & 0xffff0000u);
+#endif
+}
+
+// Eight activations (one uint4) -> floats.
+__device__ __forceinline__ void unpack8(uint4 v, float* out) {
+  unpack2(v.x, out[0], out[1]);
+  unpack2(v.y, out[2], out[3]);
+  unpack2(v.z, out[4], out[5]);
+  unpack2(v.w, out[6], out[7]);
+}
+
+__device__ __forceinline__ u16 to_activation(float f) {
+  u16 h;
+#if X_FP16
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+#else
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+#endif
+  return h;
+}
+
+__device__ __forceinline__ float activation_to_float(u16 h) {
+  float lo, hi;
+  unpack2((u32)h, lo, hi);
+  return lo;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// int8 byte `b` of `biased` (already XOR 0x80: q + 128 as an unsigned byte) -> 2^23 + q + 128.
+__device__ __forceinline__ float biased_byte(u32 biased, int b) {
+  return __uint_as_float(__byte_perm(biased, 0x4B000000u, 0x7440 + b));
+}
+
+// Where a warp works: ROWS consecutive output rows, and slice `slice` of KSPLIT of their chunks.
+// Warps of one block that share rows (KSPLIT > 1) interleave over K in 32-chunk runs (512 bytes
+// of each row per run), so every run is one coalesced request per row.
+struct WarpWork {
+  int lane, slice, row0;
+};
+
+__device__ __forceinline__ WarpWork warp_work() {
+  const int warp = threadIdx.x >> 5;
+  return {(int)(threadIdx.x & 31), warp % KSPLIT, (int)(blockIdx.x * (WARPS / KSPLIT) + warp / KSPLIT) * ROWS};
+}
+
+constexpr int kStride = 32 * KSPLIT;      // between one lane's consecutive chunks
+constexpr int kStep = kStride * UNROLL;   // chunks a warp covers per loop trip
+
+// Request UNROLL chunks of each row (the ones at `base + kStride * u`), zero past the end.
+__device__ __forceinline__ void load_chunks(uint4 (&wv)[UNROLL][ROWS], const uint4* const (&rows)[ROWS], int base,
+                                            int chunks) {
+#pragma unroll
+  for (int u = 0; u < UNROLL; ++u) {
+    const int c = base + kStride * u;
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r)
+      wv[u][r] = c < chunks ? load_streaming(rows[r] + c) : make_uint4(0, 0, 0, 0);
+  }
+}
+
+// Sum each row's per-lane partials over the warp and, with KSPLIT > 1, over the block's slices;
+// returns true in the lane that holds row r's total in `acc[r]`'s place (lane r of slice 0).
+__device__ __forceinline__ bool reduce_rows(float (&acc)[ROWS], const WarpWork& at) {
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) acc[r] = warp_sum(acc[r]);
+#if KSPLIT > 1
+  __shared__ float partial[WARPS][ROWS];
+  const int warp = threadIdx.x >> 5;
+  if (at.lane == 0) {
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) partial[warp][r] = acc[r];
+  }
+  __syncthreads();
+  if (at.slice != 0) return false;
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    float total = 0.f;
+#pragma unroll
+    for (int s = 0; s < KSPLIT; ++s) total += partial[warp + s][r];
+    acc[r] = total;
+  }
+#endif
+  return true;
+}
+
+// One loop over a warp's chunks: `compute(wv, base)` consumes the chunks `load_chunks` requested.
+// (Requesting the next trip's chunks before computing this trip's never won the timing on the
+// H200: twice the registers, fewer warps.)
+template <typename Compute>
+__device__ __forceinline__ void stream_chunks(const uint4* const (&rows)[ROWS], int first, int chunks,
+                                              Compute compute) {
+  uint4 wv[UNROLL][ROWS];
+  load_chunks(wv, rows, first, chunks);
+  for (int base = first; base < chunks; base += kStep) {
+    compute(wv, base);
+    load_chunks(wv, rows, base + kStep, chunks);
+  }
+}
+
+// y[n] = scale[n] * sum_k w[n, k] * x[k]; w int8 [N, K] row-major, K % 16 == 0.
+extern "C" __global__ void __launch_bounds__(WARPS * 32)
+int8_gemv(const uint4* __restrict__ x, const uint4* __restrict__ w, const float* __restrict__ scale,
+          u16* __restrict__ y, int n, int k) {
+  const WarpWork at = warp_work();
+  const int chunks = k >> 4;  // 16 int8 weights per uint4; their activations are two uint4
+  const uint4* rows[ROWS];
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) rows[r] = w + (size_t)min(at.row0 + r, n - 1) * chunks;  // past N: re-read, not stored
+  float acc[ROWS][2];
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = 0.f;
+
+  stream_chunks(rows, at.slice * 32 + at.lane, chunks, [&](const uint4 (&wv)[UNROLL][ROWS], int base) {
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const int c = base + kStride * u;
+      if (c >= chunks) break;
+      float xf[16];
+      unpack8(__ldg(x + 2 * c), xf);
+      unpack8(__ldg(x + 2 * c + 1), xf + 8);
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r) {
+        const u32 words[4] = {wv[u][r].x ^ 0x80808080u, wv[u][r].y ^ 0x80808080u, wv[u][r].z ^ 0x80808080u,
+                              wv[u][r].w ^ 0x80808080u};
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+          const float q = biased_byte(words[j >> 2], j & 3) - 8388736.0f;  // 2^23 + 128
+          acc[r][j & 1] = fmaf(xf[j], q, acc[r][j & 1]);
+        }
+      }
+    }
+  });
+  float total[ROWS];
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) total[r] = acc[r][0] + acc[r][1];
+  if (!reduce_rows(total, at)) return;
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    if (at.lane == r && at.row0 + r < n) y[at.row0 + r] = to_activation(total[r] * scale[at.row0 + r]);
+  }
+}
+
+// (t & mask) | magic in one LOP3: written out because the compiler, given two immediates,
+// emits an AND and an OR; `magic` must come in a register.
+template <u32 mask>
+__device__ __forceinline__ float masked_into(u32 t, u32 magic) {
+  u32 out;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(out) : "r"(t), "n"(mask), "r"(magic));
+  return __uint_as_float(out);
+}
+
+// The two nibbles of a byte placed at bits 15-22 of `t`, as floats 256 + q and 256 + 16 q: OR-ed
+// into the mantissa of 256.0 (bit pattern `f256`), where bit 15 is worth 1 and bit 22 is the
+// highest mantissa bit, so both nibbles fit.
+__device__ __forceinline__ float nibble_lo(u32 t, u32 f256) { return masked_into<0x00078000u>(t, f256); }
+__device__ __forceinline__ float nibble_hi(u32 t, u32 f256) { return masked_into<0x00780000u>(t, f256); }
+
+// y[n] = sum_g scale[n, g] * sum_{k in g} (q[n, k] - zero[n, g]) * x[k]; the int4 layout of woq.py:
+// packed [N, K/2] bytes, group G (G/2 a multiple of 16, so a 16-byte chunk lies in one group);
+// byte j of a group holds element j (low nibble) and element j + G/2 (high nibble).
+extern "C" __global__ void __launch_bounds__(WARPS * 32)
+int4_gemv(const uint4* __restrict__ x, const uint4* __restrict__ packed, const u16* __restrict__ scale,
+          const u16* __restrict__ zero, u16* __restrict__ y, int n, int k, int group) {
+  const WarpWork at = warp_work();
+  const int chunks = k >> 5;  // 32 weights (16 bytes) per chunk
+  const int chunks_per_group = group >> 5;
+  const int groups = k / group;
+  const uint4* rows[ROWS];
+  int meta[ROWS];  // start of the row's scale / zero entries
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    const int row = min(at.row0 + r, n - 1);  // past N: re-read, not stored
+    rows[r] = packed + (size_t)row * chunks;
+    meta[r] = row * groups;
+  }
+  float acc[ROWS];
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) acc[r] = 0.f;
+  const u32 f256 = 0x43800000u;  // 256.0f
+
+  stream_chunks(rows, at.slice * 32 + at.lane, chunks, [&](const uint4 (&wv)[UNROLL][ROWS], int base) {
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const int c = base + kStride * u;
+      if (c >= chunks) break;
+      const int g = c / chunks_per_group;
+      const int first = g * group + (c - g * chunks_per_group) * 16;  // element of the low nibble of byte 0
+      float x_lo[16], x_hi[16];
+      const uint4* lo = x + (first >> 3);
+      const uint4* hi = x + ((first + (group >> 1)) >> 3);
+      unpack8(__ldg(lo), x_lo);
+      unpack8(__ldg(lo + 1), x_lo + 8);
+      unpack8(__ldg(hi), x_hi);
+      unpack8(__ldg(hi + 1), x_hi + 8);
+      float sum_lo = 0.f, sum_hi = 0.f;
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+        sum_lo += x_lo[j];
+        sum_hi += x_hi[j];
+      }
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r) {
+        const u32 words[4] = {wv[u][r].x, wv[u][r].y, wv[u][r].z, wv[u][r].w};
+        float dot_lo = 0.f, dot_hi = 0.f;  // sum x (256 + q) and sum x (256 + 16 q)
+#pragma unroll
+        for (int m = 0; m < 4; ++m) {
+          // byte b of the word moved to bits 15-22
+          const u32 t[4] = {words[m] << 15, words[m] << 7, words[m] >> 1, words[m] >> 9};
+#pragma unroll
+          for (int b = 0; b < 4; ++b) {
+            dot_lo = fmaf(x_lo[4 * m + b], nibble_lo(t[b], f256), dot_lo);
+            dot_hi = fmaf(x_hi[4 * m + b], nibble_hi(t[b], f256), dot_hi);
+          }
+        }
+        const float s = activation_to_float(scale[meta[r] + g]);
+        const float z = activation_to_float(zero[meta[r] + g]);
+        // sum x (q - z) = dot_lo - 256 sum_lo + dot_hi / 16 - 16 sum_hi - z (sum_lo + sum_hi)
+        const float dot = dot_lo + 0.0625f * dot_hi - (256.f + z) * sum_lo - (16.f + z) * sum_hi;
+        acc[r] = fmaf(s, dot, acc[r]);
+      }
+    }
+  });
+  if (!reduce_rows(acc, at)) return;
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    if (at.lane == r && at.row0 + r < n) y[at.row0 + r] = to_activation(acc[r]);
+  }
+}
