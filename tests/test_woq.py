@@ -146,6 +146,21 @@ def test_packed_kl_orders_4_bit_above_8_bit_above_16_bit(tiny):
     assert full < 1e-6 < eight < four
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_packed_op_with_norm_and_residual_is_the_ops_in_sequence(bits):
+    # The ops' own path (taken where the CUDA GEMV cannot run) for the fused form.
+    torch.manual_seed(0)
+    weight = torch.randn(48, 256) * 0.05
+    packed = (woq.quantize_int8(weight) if bits == 8 else woq.quantize_int4(weight, 64))._replace(gemv="cuda")
+    x, norm, residual = torch.randn(1, 1, 256), torch.rand(256) + 0.5, torch.randn(1, 1, 48)
+    op = torch.ops.autoglm.int8_linear if bits == 8 else torch.ops.autoglm.int4_linear
+    got = op(x, *packed, norm, 1e-5, residual)
+    want = residual + woq.linear(woq.rms_norm(x, norm, 1e-5), packed._replace(gemv="triton"))
+    assert torch.allclose(got, want, atol=1e-6)
+    # `linear` routes a CPU row to the unfused ops: the same numbers
+    assert torch.allclose(woq.linear(x, packed, norm=norm, eps=1e-5, residual=residual), want, atol=1e-6)
+
+
 @pytest.mark.parametrize(("knobs", "reason"), [
     ({"quant_bits": 8, "quant_kernel": "triton"}, "not on CPU"),
     ({"quant_bits": 4, "quant_kernel": "triton"}, "not on CPU"),
@@ -181,6 +196,29 @@ def test_gpu_kernels_match_the_dequantised_matmul(gemv, dtype, bits, rows, out_f
     assert got.dtype == dtype and got.shape == (rows, out_features)
     # bf16 output rounding (2^-8 relative) plus fp32 accumulation-order differences.
     assert _rel_err(got, want) < 5e-3
+
+
+@gpu
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_gpu_every_cuda_gemv_variant_matches_the_reference(bits, fused):
+    from runners.glm import woq_cuda
+
+    torch.manual_seed(0)
+    out_features, in_features = 1000, 2560  # rows not a multiple of any block, K a multiple of 512
+    weight = torch.randn(out_features, in_features, device="cuda", dtype=torch.bfloat16) * 0.02
+    packed = woq.quantize_int8(weight) if bits == 8 else woq.quantize_int4(weight, 128)
+    x = torch.randn(1, in_features, device="cuda", dtype=torch.bfloat16)
+    norm = torch.rand(in_features, device="cuda", dtype=torch.bfloat16) + 0.5 if fused else None
+    residual = torch.randn(1, out_features, device="cuda", dtype=torch.bfloat16) if fused else None
+    fusion = woq_cuda.Fusion(norm, 1e-5, residual)
+    x_in = x.float() if norm is None else woq.rms_norm(x, norm, 1e-5).float()
+    want = F.linear(x_in, woq.dequantize(packed, torch.float32)) + (0 if residual is None else residual.float())
+    variants = woq_cuda.INT8_VARIANTS if bits == 8 else woq_cuda.INT4_VARIANTS
+    gemv = woq_cuda.int8_gemv if bits == 8 else woq_cuda.int4_gemv
+    for variant in variants:
+        got = gemv(x, *packed.tensors(), fusion, variant=variant)
+        assert _rel_err(got, want) < 5e-3, variant
 
 
 @gpu

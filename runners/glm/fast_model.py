@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.glm.modeling_glm import apply_rotary_pos_emb
 
-from runners.glm.woq import linear
+from runners.glm.woq import linear, rms_norm
 
 # A layer's tensors in a fixed order; None where the architecture has no such tensor.
 LayerTensors = tuple[Any, ...]
@@ -40,13 +40,6 @@ class Dims:
     num_kv_heads: int
     head_dim: int
     eps: float
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' GlmRMSNorm, op for op (fp32 statistics, weight applied in the input dtype)."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
 
 
 def grouped_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -79,8 +72,9 @@ def layer_forward(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: 
     batch, seq, _ = h.shape
     d, hq, hkv = dims.head_dim, dims.num_heads, dims.num_kv_heads
     # Bias added apart: addmm goes to a cuBLAS GEMM (3.1 TB/s measured at batch 1), a plain mm
-    # becomes Inductor's bandwidth-tuned fused reduction (3.6-4.3 TB/s).
-    qkv = linear(rms_norm(h, w_in, dims.eps), w_qkv)
+    # becomes Inductor's bandwidth-tuned fused reduction (3.6-4.3 TB/s). `linear` takes the
+    # norms and residual adds so the CUDA GEMV can fuse them (elsewhere they are plain ops).
+    qkv = linear(h, w_qkv, norm=w_in, eps=dims.eps)
     if b_qkv is not None:
         qkv = qkv + b_qkv
     q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
@@ -93,15 +87,15 @@ def layer_forward(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: 
     k_cache[:, :, slots] = k
     v_cache[:, :, slots] = v
     attn = grouped_attention(q, k_cache, v_cache, bias, attend_len)
-    attn_out = linear(attn.transpose(1, 2).reshape(batch, seq, hq * d), w_o)
-    if w_post_attn_out is not None:  # GLM-4-0414 post-norm
-        attn_out = rms_norm(attn_out, w_post_attn_out, dims.eps)
-    h = h + attn_out
-    gate, up = linear(rms_norm(h, w_post_attn, dims.eps), w_gate_up).chunk(2, dim=-1)
-    mlp_out = linear(up * F.silu(gate), w_down)
-    if w_post_mlp is not None:
-        mlp_out = rms_norm(mlp_out, w_post_mlp, dims.eps)
-    return h + mlp_out
+    attn = attn.transpose(1, 2).reshape(batch, seq, hq * d)
+    if w_post_attn_out is None:
+        h = linear(attn, w_o, residual=h)
+    else:  # GLM-4-0414 post-norm
+        h = h + rms_norm(linear(attn, w_o), w_post_attn_out, dims.eps)
+    gate, up = linear(h, w_gate_up, norm=w_post_attn, eps=dims.eps).chunk(2, dim=-1)
+    if w_post_mlp is None:
+        return linear(up * F.silu(gate), w_down, residual=h)
+    return h + rms_norm(linear(up * F.silu(gate), w_down), w_post_mlp, dims.eps)
 
 
 class FastLayer(nn.Module):
@@ -204,7 +198,7 @@ class FastGlm(nn.Module):
 def head_forward(h: torch.Tensor, norm_weight: torch.Tensor, head_weight: Any, eps: float) -> torch.Tensor:
     """Final norm + output projection of the last position: logits [B, V]. A pure function so
     the fast path can compile it like a layer (a quantised lm_head then fuses its dequant)."""
-    return linear(rms_norm(h[:, -1], norm_weight, eps), head_weight)
+    return linear(h[:, -1], head_weight, norm=norm_weight, eps=eps)
 
 
 def attention_bias(query_slots: torch.Tensor, pad_len: torch.Tensor, attend_len: int,

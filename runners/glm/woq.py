@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from runners.glm import woq_cuda
+
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 GEMV_KERNELS = ("triton", "cuda")  # who runs a single activation row; more rows: the Triton matmul
 
@@ -97,71 +99,122 @@ def dequantize(weight: Int8Weight | Int4Weight, dtype: torch.dtype) -> torch.Ten
     return dense.reshape(weight.packed.shape[0], -1).to(dtype)
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' GlmRMSNorm, op for op (fp32 statistics, weight applied in the input dtype)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
 # --- the ops: opaque to torch.compile, so the compiled layer calls our kernels as they are ------
+# Optional `norm` / `residual`: the op computes residual + W rms_norm(x, norm) in one CUDA GEMV
+# (`linear` passes them only when that kernel runs); any other path does the same ops apart.
 def _on_gpu_kernels(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
 
 
-@torch.library.custom_op("autoglm::int8_linear", mutates_args=())
-def int8_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, gemv: str) -> torch.Tensor:
-    rows = x.reshape(-1, x.shape[-1]).contiguous()
-    if not _on_gpu_kernels(x):
-        out = F.linear(rows, dequantize(Int8Weight(qdata, scale), x.dtype))
-    elif gemv == "cuda" and rows.shape[0] == 1 and _cuda_gemv_can_run(rows, qdata.shape[1]):
-        from runners.glm import woq_cuda
+def _cuda_fusion(rows: torch.Tensor, norm: torch.Tensor | None, eps: float,
+                 residual: torch.Tensor | None) -> woq_cuda.Fusion | None:
+    """The CUDA GEMV's fusion arguments, or None when a tensor is not in a form it reads."""
+    if norm is not None and not (norm.is_contiguous() and norm.data_ptr() % 16 == 0 and norm.dtype == rows.dtype):
+        return None
+    if residual is not None:
+        residual = residual.reshape(-1).contiguous()
+        if residual.dtype != rows.dtype:
+            return None
+    return woq_cuda.Fusion(norm, eps, residual)
 
-        out = woq_cuda.int8_gemv(rows, qdata, scale)
+
+def _apart(rows: torch.Tensor, norm: torch.Tensor | None, eps: float) -> torch.Tensor:
+    return rows if norm is None else rms_norm(rows, norm, eps)
+
+
+def _with_residual(out: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    return out if residual is None else residual.reshape(out.shape) + out
+
+
+@torch.library.custom_op("autoglm::int8_linear", mutates_args=())
+def int8_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, gemv: str,
+                norm: torch.Tensor | None = None, eps: float = 0.0,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    fusion = None
+    if gemv == "cuda" and rows.shape[0] == 1 and _on_gpu_kernels(x) and _cuda_gemv_can_run(rows, qdata.shape[1]):
+        fusion = _cuda_fusion(rows, norm, eps, residual)
+    if fusion is not None:
+        out = woq_cuda.int8_gemv(rows, qdata, scale, fusion)
+    elif not _on_gpu_kernels(x):
+        out = _with_residual(F.linear(_apart(rows, norm, eps), dequantize(Int8Weight(qdata, scale), x.dtype)), residual)
     else:
         from runners.glm import woq_triton
 
         with torch.cuda.device(x.device):  # Triton launches on the current device, not the tensors'
-            out = woq_triton.int8_matmul(rows, qdata, scale)
+            out = _with_residual(woq_triton.int8_matmul(_apart(rows, norm, eps), qdata, scale), residual)
     return out.reshape(*x.shape[:-1], qdata.shape[0])
 
 
 @int8_linear.register_fake
-def _int8_linear_shape(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, gemv: str) -> torch.Tensor:
+def _int8_linear_shape(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, gemv: str,
+                       norm: torch.Tensor | None = None, eps: float = 0.0,
+                       residual: torch.Tensor | None = None) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], qdata.shape[0]))
 
 
 @torch.library.custom_op("autoglm::int4_linear", mutates_args=())
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                gemv: str) -> torch.Tensor:
+                gemv: str, norm: torch.Tensor | None = None, eps: float = 0.0,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     group = x.shape[-1] // scale.shape[1]
-    if not _on_gpu_kernels(x):
-        out = F.linear(rows, dequantize(Int4Weight(packed, scale, zero), x.dtype))
-    elif gemv == "cuda" and rows.shape[0] == 1 and _cuda_gemv_can_run(rows, x.shape[-1], group):
-        from runners.glm import woq_cuda
-
-        out = woq_cuda.int4_gemv(rows, packed, scale, zero)
+    fusion = None
+    if gemv == "cuda" and rows.shape[0] == 1 and _on_gpu_kernels(x) and _cuda_gemv_can_run(rows, x.shape[-1], group):
+        fusion = _cuda_fusion(rows, norm, eps, residual)
+    if fusion is not None:
+        out = woq_cuda.int4_gemv(rows, packed, scale, zero, fusion)
+    elif not _on_gpu_kernels(x):
+        dense = dequantize(Int4Weight(packed, scale, zero), x.dtype)
+        out = _with_residual(F.linear(_apart(rows, norm, eps), dense), residual)
     else:
         from runners.glm import woq_triton
 
         with torch.cuda.device(x.device):
-            out = woq_triton.int4_matmul(rows, packed, scale, zero)
+            out = _with_residual(woq_triton.int4_matmul(_apart(rows, norm, eps), packed, scale, zero), residual)
     return out.reshape(*x.shape[:-1], packed.shape[0])
 
 
 @int4_linear.register_fake
 def _int4_linear_shape(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                       gemv: str) -> torch.Tensor:
+                       gemv: str, norm: torch.Tensor | None = None, eps: float = 0.0,
+                       residual: torch.Tensor | None = None) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
 
 
 def _cuda_gemv_can_run(rows: torch.Tensor, k: int, group: int | None = None) -> bool:
-    from runners.glm import woq_cuda
-
     return woq_cuda.can_run(rows, k, group)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor | Int8Weight | Int4Weight) -> torch.Tensor:
-    """`F.linear` without bias for a dense (or torchao) weight, our kernels for a packed one."""
+def _fuses(x: torch.Tensor, weight: object) -> bool:
+    """Whether the norm / residual go into the kernel: a CUDA-GEMV weight and one input row (the
+    row count is static where this is traced)."""
+    return (isinstance(weight, (Int8Weight, Int4Weight)) and weight.gemv == "cuda"
+            and x.numel() == x.shape[-1] and x.is_cuda)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor | Int8Weight | Int4Weight, norm: torch.Tensor | None = None,
+           eps: float = 0.0, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """[residual +] rms_norm(x, norm) @ weight^T, no bias: `F.linear` for a dense (or torchao)
+    weight, our kernels for a packed one; norm and residual fused where the CUDA GEMV runs."""
+    if _fuses(x, weight):
+        op = torch.ops.autoglm.int8_linear if isinstance(weight, Int8Weight) else torch.ops.autoglm.int4_linear
+        return op(x, *weight, norm, eps, residual)
+    x = x if norm is None else rms_norm(x, norm, eps)
     if isinstance(weight, Int8Weight):
-        return torch.ops.autoglm.int8_linear(x, *weight)
-    if isinstance(weight, Int4Weight):
-        return torch.ops.autoglm.int4_linear(x, *weight)
-    return F.linear(x, weight)
+        out = torch.ops.autoglm.int8_linear(x, *weight)
+    elif isinstance(weight, Int4Weight):
+        out = torch.ops.autoglm.int4_linear(x, *weight)
+    else:
+        out = F.linear(x, weight)
+    return out if residual is None else residual + out
 
 
 class PackedLinear(nn.Module):

@@ -58,18 +58,34 @@ def compile_error() -> str | None:
     if not torch.cuda.is_available():
         return "no CUDA device"
     try:
-        _kernel("int8_gemv", INT8_VARIANTS[0], False, torch.cuda.current_device())
+        _kernel("int8_gemv", INT8_VARIANTS[0], False, False, torch.cuda.current_device())
     except Exception as exc:  # noqa: BLE001 - NVRTC/driver errors come as several types
         return f"NVRTC could not compile the GEMV kernels: {str(exc).splitlines()[0] if str(exc) else exc!r}"
     return None
 
 
 @functools.cache
-def _kernel(name: str, variant: Variant, fp16: bool, device: int) -> Callable[..., None]:
+def _kernel(name: str, variant: Variant, fp16: bool, norm: bool, device: int) -> Callable[..., None]:
     defines = "".join(f"#define {name.upper()} {value}\n" for name, value in variant._asdict().items())
-    defines += f"#define X_FP16 {int(fp16)}\n"
+    defines += f"#define X_FP16 {int(fp16)}\n#define NORM {int(norm)}\n"
     with torch.cuda.device(device):  # the module is loaded into this device's context
         return torch.cuda._compile_kernel(defines + _SOURCE.read_text(), name, nvcc_options=["-std=c++17"])
+
+
+class Fusion(NamedTuple):
+    """What the GEMV fuses: an rmsnorm of its input (`norm` weight [K], `eps`) and/or a residual
+    [N] added to its output."""
+    norm: torch.Tensor | None = None
+    eps: float = 0.0
+    residual: torch.Tensor | None = None
+
+    def args(self, x: torch.Tensor) -> list[torch.Tensor | float | int]:
+        # Unused pointers still need a valid tensor; the kernel reads them only when told to.
+        return [x if self.norm is None else self.norm, float(self.eps),
+                x if self.residual is None else self.residual, int(self.residual is not None)]
+
+
+NO_FUSION = Fusion()
 
 
 Weights = tuple[torch.Tensor, ...]
@@ -117,37 +133,44 @@ def _variant_for(key: tuple, variants: tuple[Variant, ...], launch: Callable[[Va
     return _chosen[key]
 
 
-def int8_gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [1, K] @ (qdata [N, K] * scale[:, None])^T -> [1, N], in x's dtype."""
+def int8_gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, fusion: Fusion = NO_FUSION,
+              variant: Variant | None = None) -> torch.Tensor:
+    """x [1, K] @ (qdata [N, K] * scale[:, None])^T -> [1, N], in x's dtype, with `fusion`;
+    `variant` forces one instead of the tuned choice (tests)."""
     n, k = qdata.shape
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     fp16, device = x.dtype == torch.float16, x.device.index
+    extra = fusion.args(x)
 
     def launch(variant: Variant, weights: Weights) -> None:
-        kernel = _kernel("int8_gemv", variant, fp16, device)
+        kernel = _kernel("int8_gemv", variant, fp16, fusion.norm is not None, device)
         kernel(grid=(-(-n // variant.rows_per_block), 1, 1), block=(32 * variant.warps, 1, 1),
-               args=[x, *weights, out, n, k])
+               args=[x, *weights, out, n, k, *extra])
 
     weights = (qdata, scale)
-    launch(_variant_for(("int8_gemv", n, k, fp16, device), INT8_VARIANTS, launch, weights, x.device), weights)
+    launch(variant or _variant_for(("int8_gemv", n, k, fp16, device), INT8_VARIANTS, launch, weights, x.device),
+           weights)
     return out
 
 
-def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """x [1, K] @ dequant(packed [N, K/2], scale/zero [N, K/G])^T -> [1, N], in x's dtype."""
+def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+              fusion: Fusion = NO_FUSION, variant: Variant | None = None) -> torch.Tensor:
+    """x [1, K] @ dequant(packed [N, K/2], scale/zero [N, K/G])^T -> [1, N], in x's dtype, with
+    `fusion`; `variant` as in `int8_gemv`."""
     n, k = packed.shape[0], packed.shape[1] * 2
     group = k // scale.shape[1]
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     fp16, device = x.dtype == torch.float16, x.device.index
+    extra = fusion.args(x)
 
     def launch(variant: Variant, weights: Weights) -> None:
-        kernel = _kernel("int4_gemv", variant, fp16, device)
+        kernel = _kernel("int4_gemv", variant, fp16, fusion.norm is not None, device)
         kernel(grid=(-(-n // variant.rows_per_block), 1, 1), block=(32 * variant.warps, 1, 1),
-               args=[x, *weights, out, n, k, group])
+               args=[x, *weights, out, n, k, group, *extra])
 
     weights = (packed, scale, zero)
     key = ("int4_gemv", n, k, group, fp16, device)
-    launch(_variant_for(key, INT4_VARIANTS, launch, weights, x.device), weights)
+    launch(variant or _variant_for(key, INT4_VARIANTS, launch, weights, x.device), weights)
     return out
 
 

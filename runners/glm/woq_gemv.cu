@@ -6,6 +6,8 @@
 //   WARPS   warps per block
 //   UNROLL  16-byte weight chunks per lane and row requested before any is used
 //   KSPLIT  warps of a block that share the same rows, each taking every KSPLIT-th run of K
+//   NORM    1: fuse an rmsnorm of the input (see Fusion); a compile-time switch, as a run-time
+//           one costs registers (and so occupancy) in every call
 //   X_FP16  1 for float16 activations, 0 for bfloat16
 //
 // Why hand-written: at batch 1 decode streams every weight byte once, so the kernel's job is to
@@ -101,29 +103,63 @@ __device__ __forceinline__ void load_chunks(uint4 (&wv)[UNROLL][ROWS], const uin
   }
 }
 
-// Sum each row's per-lane partials over the warp and, with KSPLIT > 1, over the block's slices;
-// returns true in the lane that holds row r's total in `acc[r]`'s place (lane r of slice 0).
-__device__ __forceinline__ bool reduce_rows(float (&acc)[ROWS], const WarpWork& at) {
+// Sum each of N per-lane partials over the warp and, with KSPLIT > 1, over the block's slices;
+// returns true in the warps that hold the totals afterwards (slice 0; every lane has them).
+template <int N>
+__device__ __forceinline__ bool reduce_partials(float (&vals)[N], const WarpWork& at) {
 #pragma unroll
-  for (int r = 0; r < ROWS; ++r) acc[r] = warp_sum(acc[r]);
+  for (int i = 0; i < N; ++i) vals[i] = warp_sum(vals[i]);
 #if KSPLIT > 1
-  __shared__ float partial[WARPS][ROWS];
+  __shared__ float partial[WARPS][N];
   const int warp = threadIdx.x >> 5;
   if (at.lane == 0) {
 #pragma unroll
-    for (int r = 0; r < ROWS; ++r) partial[warp][r] = acc[r];
+    for (int i = 0; i < N; ++i) partial[warp][i] = vals[i];
   }
   __syncthreads();
   if (at.slice != 0) return false;
 #pragma unroll
-  for (int r = 0; r < ROWS; ++r) {
+  for (int i = 0; i < N; ++i) {
     float total = 0.f;
 #pragma unroll
-    for (int s = 0; s < KSPLIT; ++s) total += partial[warp + s][r];
-    acc[r] = total;
+    for (int s = 0; s < KSPLIT; ++s) total += partial[warp + s][i];
+    vals[i] = total;
   }
 #endif
   return true;
+}
+
+// Optional fusions around the GEMV:
+// - rmsnorm prologue (NORM 1, `norm` given): the input is rmsnorm(x) * norm. The norm weight
+//   multiplies each activation as it is loaded; the 1 / rms factor is a scalar per input row, so
+//   it multiplies the finished dot product, with sum(x^2) gathered from the same loads.
+// - residual epilogue (`residual` not null): the output is residual + W x.
+struct Fusion {
+  const uint4* norm;  // [K] in the activation dtype (read only with NORM 1)
+  float eps;
+  const u16* residual;  // [N] in the activation dtype, or null
+};
+
+// Eight activations starting at uint4 `i` of x: norm-weighted when fusing, squares summed.
+__device__ __forceinline__ void load_activations(const uint4* x, int i, const Fusion& f, float* out,
+                                                 float& sum_sq) {
+  unpack8(__ldg(x + i), out);
+#if NORM
+  float g[8];
+  unpack8(__ldg(f.norm + i), g);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    sum_sq = fmaf(out[j], out[j], sum_sq);
+    out[j] *= g[j];
+  }
+#endif
+}
+
+// Row r's output from its finished dot product (lane r of slice 0 writes it).
+__device__ __forceinline__ void store_row(u16* y, int row, float dot, float inv_rms, const Fusion& f) {
+  float out = dot * inv_rms;
+  if (f.residual != nullptr) out += activation_to_float(f.residual[row]);
+  y[row] = to_activation(out);
 }
 
 // One loop over a warp's chunks: `compute(wv, base)` consumes the chunks `load_chunks` requested.
@@ -143,7 +179,9 @@ __device__ __forceinline__ void stream_chunks(const uint4* const (&rows)[ROWS], 
 // y[n] = scale[n] * sum_k w[n, k] * x[k]; w int8 [N, K] row-major, K % 16 == 0.
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 int8_gemv(const uint4* __restrict__ x, const uint4* __restrict__ w, const float* __restrict__ scale,
-          u16* __restrict__ y, int n, int k) {
+          u16* __restrict__ y, int n, int k, const uint4* norm, double eps, const u16* residual,
+          int add_residual) {
+  const Fusion fusion{norm, (float)eps, add_residual ? residual : nullptr};
   const WarpWork at = warp_work();
   const int chunks = k >> 4;  // 16 int8 weights per uint4; their activations are two uint4
   const uint4* rows[ROWS];
@@ -152,6 +190,7 @@ int8_gemv(const uint4* __restrict__ x, const uint4* __restrict__ w, const float*
   float acc[ROWS][2];
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = 0.f;
+  float sum_sq = 0.f;
 
   stream_chunks(rows, at.slice * 32 + at.lane, chunks, [&](const uint4 (&wv)[UNROLL][ROWS], int base) {
 #pragma unroll
@@ -159,8 +198,8 @@ int8_gemv(const uint4* __restrict__ x, const uint4* __restrict__ w, const float*
       const int c = base + kStride * u;
       if (c >= chunks) break;
       float xf[16];
-      unpack8(__ldg(x + 2 * c), xf);
-      unpack8(__ldg(x + 2 * c + 1), xf + 8);
+      load_activations(x, 2 * c, fusion, xf, sum_sq);
+      load_activations(x, 2 * c + 1, fusion, xf + 8, sum_sq);
 #pragma unroll
       for (int r = 0; r < ROWS; ++r) {
         const u32 words[4] = {wv[u][r].x ^ 0x80808080u, wv[u][r].y ^ 0x80808080u, wv[u][r].z ^ 0x80808080u,
@@ -173,13 +212,15 @@ int8_gemv(const uint4* __restrict__ x, const uint4* __restrict__ w, const float*
       }
     }
   });
-  float total[ROWS];
+  float total[ROWS + 1];  // the rows' dot products, then sum(x^2)
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) total[r] = acc[r][0] + acc[r][1];
-  if (!reduce_rows(total, at)) return;
+  total[ROWS] = sum_sq;
+  if (!reduce_partials(total, at)) return;
+  const float inv_rms = NORM ? rsqrtf(total[ROWS] / k + fusion.eps) : 1.f;
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) {
-    if (at.lane == r && at.row0 + r < n) y[at.row0 + r] = to_activation(total[r] * scale[at.row0 + r]);
+    if (at.lane == r && at.row0 + r < n) store_row(y, at.row0 + r, total[r] * scale[at.row0 + r], inv_rms, fusion);
   }
 }
 
@@ -203,7 +244,9 @@ __device__ __forceinline__ float nibble_hi(u32 t, u32 f256) { return masked_into
 // byte j of a group holds element j (low nibble) and element j + G/2 (high nibble).
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 int4_gemv(const uint4* __restrict__ x, const uint4* __restrict__ packed, const u16* __restrict__ scale,
-          const u16* __restrict__ zero, u16* __restrict__ y, int n, int k, int group) {
+          const u16* __restrict__ zero, u16* __restrict__ y, int n, int k, int group, const uint4* norm,
+          double eps, const u16* residual, int add_residual) {
+  const Fusion fusion{norm, (float)eps, add_residual ? residual : nullptr};
   const WarpWork at = warp_work();
   const int chunks = k >> 5;  // 32 weights (16 bytes) per chunk
   const int chunks_per_group = group >> 5;
@@ -216,9 +259,9 @@ int4_gemv(const uint4* __restrict__ x, const uint4* __restrict__ packed, const u
     rows[r] = packed + (size_t)row * chunks;
     meta[r] = row * groups;
   }
-  float acc[ROWS];
+  float acc[ROWS + 1];  // the rows' dot products, then sum(x^2)
 #pragma unroll
-  for (int r = 0; r < ROWS; ++r) acc[r] = 0.f;
+  for (int r = 0; r <= ROWS; ++r) acc[r] = 0.f;
   const u32 f256 = 0x43800000u;  // 256.0f
 
   stream_chunks(rows, at.slice * 32 + at.lane, chunks, [&](const uint4 (&wv)[UNROLL][ROWS], int base) {
@@ -229,12 +272,11 @@ int4_gemv(const uint4* __restrict__ x, const uint4* __restrict__ packed, const u
       const int g = c / chunks_per_group;
       const int first = g * group + (c - g * chunks_per_group) * 16;  // element of the low nibble of byte 0
       float x_lo[16], x_hi[16];
-      const uint4* lo = x + (first >> 3);
-      const uint4* hi = x + ((first + (group >> 1)) >> 3);
-      unpack8(__ldg(lo), x_lo);
-      unpack8(__ldg(lo + 1), x_lo + 8);
-      unpack8(__ldg(hi), x_hi);
-      unpack8(__ldg(hi + 1), x_hi + 8);
+      const int lo = first >> 3, hi = (first + (group >> 1)) >> 3;
+      load_activations(x, lo, fusion, x_lo, acc[ROWS]);
+      load_activations(x, lo + 1, fusion, x_lo + 8, acc[ROWS]);
+      load_activations(x, hi, fusion, x_hi, acc[ROWS]);
+      load_activations(x, hi + 1, fusion, x_hi + 8, acc[ROWS]);
       float sum_lo = 0.f, sum_hi = 0.f;
 #pragma unroll
       for (int j = 0; j < 16; ++j) {
@@ -263,9 +305,10 @@ int4_gemv(const uint4* __restrict__ x, const uint4* __restrict__ packed, const u
       }
     }
   });
-  if (!reduce_rows(acc, at)) return;
+  if (!reduce_partials(acc, at)) return;
+  const float inv_rms = NORM ? rsqrtf(acc[ROWS] / k + fusion.eps) : 1.f;
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) {
-    if (at.lane == r && at.row0 + r < n) y[at.row0 + r] = to_activation(acc[r]);
+    if (at.lane == r && at.row0 + r < n) store_row(y, at.row0 + r, acc[r], inv_rms, fusion);
   }
 }
