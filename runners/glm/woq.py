@@ -133,24 +133,34 @@ def _with_residual(out: torch.Tensor, residual: torch.Tensor | None) -> torch.Te
     return out if residual is None else residual.reshape(out.shape) + out
 
 
+def _packed_linear(x: torch.Tensor, weight: Int8Weight | Int4Weight, norm: torch.Tensor | None, eps: float,
+                   residual: torch.Tensor | None) -> torch.Tensor:
+    """What both ops compute: [residual +] rms_norm(x, norm) @ dequant(weight)^T."""
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    int8 = isinstance(weight, Int8Weight)
+    group = None if int8 else x.shape[-1] // weight.scale.shape[1]
+    fusion = None
+    if (weight.gemv == "cuda" and rows.shape[0] == 1 and _on_gpu_kernels(x)
+            and woq_cuda.can_run(rows, x.shape[-1], group)):
+        fusion = _cuda_fusion(rows, norm, eps, residual)
+    if fusion is not None:
+        out = (woq_cuda.int8_gemv if int8 else woq_cuda.int4_gemv)(rows, *weight.tensors(), fusion)
+    elif not _on_gpu_kernels(x):
+        out = _with_residual(F.linear(_apart(rows, norm, eps), dequantize(weight, x.dtype)), residual)
+    else:
+        from runners.glm import woq_triton
+
+        matmul = woq_triton.int8_matmul if int8 else woq_triton.int4_matmul
+        with torch.cuda.device(x.device):  # Triton launches on the current device, not the tensors'
+            out = _with_residual(matmul(_apart(rows, norm, eps), *weight.tensors()), residual)
+    return out.reshape(*x.shape[:-1], weight.tensors()[0].shape[0])
+
+
 @torch.library.custom_op("autoglm::int8_linear", mutates_args=())
 def int8_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, gemv: str,
                 norm: torch.Tensor | None = None, eps: float = 0.0,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
-    rows = x.reshape(-1, x.shape[-1]).contiguous()
-    fusion = None
-    if gemv == "cuda" and rows.shape[0] == 1 and _on_gpu_kernels(x) and _cuda_gemv_can_run(rows, qdata.shape[1]):
-        fusion = _cuda_fusion(rows, norm, eps, residual)
-    if fusion is not None:
-        out = woq_cuda.int8_gemv(rows, qdata, scale, fusion)
-    elif not _on_gpu_kernels(x):
-        out = _with_residual(F.linear(_apart(rows, norm, eps), dequantize(Int8Weight(qdata, scale), x.dtype)), residual)
-    else:
-        from runners.glm import woq_triton
-
-        with torch.cuda.device(x.device):  # Triton launches on the current device, not the tensors'
-            out = _with_residual(woq_triton.int8_matmul(_apart(rows, norm, eps), qdata, scale), residual)
-    return out.reshape(*x.shape[:-1], qdata.shape[0])
+    return _packed_linear(x, Int8Weight(qdata, scale, gemv), norm, eps, residual)
 
 
 @int8_linear.register_fake
@@ -164,22 +174,7 @@ def _int8_linear_shape(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                 gemv: str, norm: torch.Tensor | None = None, eps: float = 0.0,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
-    rows = x.reshape(-1, x.shape[-1]).contiguous()
-    group = x.shape[-1] // scale.shape[1]
-    fusion = None
-    if gemv == "cuda" and rows.shape[0] == 1 and _on_gpu_kernels(x) and _cuda_gemv_can_run(rows, x.shape[-1], group):
-        fusion = _cuda_fusion(rows, norm, eps, residual)
-    if fusion is not None:
-        out = woq_cuda.int4_gemv(rows, packed, scale, zero, fusion)
-    elif not _on_gpu_kernels(x):
-        dense = dequantize(Int4Weight(packed, scale, zero), x.dtype)
-        out = _with_residual(F.linear(_apart(rows, norm, eps), dense), residual)
-    else:
-        from runners.glm import woq_triton
-
-        with torch.cuda.device(x.device):
-            out = _with_residual(woq_triton.int4_matmul(_apart(rows, norm, eps), packed, scale, zero), residual)
-    return out.reshape(*x.shape[:-1], packed.shape[0])
+    return _packed_linear(x, Int4Weight(packed, scale, zero, gemv), norm, eps, residual)
 
 
 @int4_linear.register_fake
@@ -187,10 +182,6 @@ def _int4_linear_shape(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tenso
                        gemv: str, norm: torch.Tensor | None = None, eps: float = 0.0,
                        residual: torch.Tensor | None = None) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
-
-
-def _cuda_gemv_can_run(rows: torch.Tensor, k: int, group: int | None = None) -> bool:
-    return woq_cuda.can_run(rows, k, group)
 
 
 def _fuses(x: torch.Tensor, weight: object) -> bool:

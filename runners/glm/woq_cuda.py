@@ -66,7 +66,7 @@ def compile_error() -> str | None:
 
 @functools.cache
 def _kernel(name: str, variant: Variant, fp16: bool, norm: bool, device: int) -> Callable[..., None]:
-    defines = "".join(f"#define {name.upper()} {value}\n" for name, value in variant._asdict().items())
+    defines = "".join(f"#define {field.upper()} {value}\n" for field, value in variant._asdict().items())
     defines += f"#define X_FP16 {int(fp16)}\n#define NORM {int(norm)}\n"
     with torch.cuda.device(device):  # the module is loaded into this device's context
         return torch.cuda._compile_kernel(defines + _SOURCE.read_text(), name, nvcc_options=["-std=c++17"])
