@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from benchmarks.decode_roofline import copy_bandwidth, versions
-from runners.glm import woq
+from runners.glm import woq, woq_cuda
 
 # (name, out_features, in_features) of glm-4-9b's per-layer linears and its output projection
 SHAPES = [("qkv", 4608, 4096), ("o_proj", 4096, 4096), ("gate_up", 27392, 4096), ("down", 4096, 13696),
@@ -33,19 +33,12 @@ def time_calls(fn_per_layer: list[Any], x: torch.Tensor, replays: int = 20) -> f
     """Seconds per call: all layers' calls captured in one CUDA graph, replayed."""
     for fn in fn_per_layer:  # autotune / warm up outside the capture
         fn(x)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+
+    def issue() -> None:
         for fn in fn_per_layer:
             fn(x)
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1e3 / replays / len(fn_per_layer)
+
+    return woq_cuda.graph_seconds(issue, replays) / len(fn_per_layer)
 
 
 def measure_shape(out_features: int, in_features: int, rows: int, layers: int) -> dict[str, Any]:
@@ -89,7 +82,7 @@ def main(argv: list[str]) -> int:
                              f"({r['bytes_per_s'] / bandwidth:4.2f})" for v, r in res.items())
             print(f"M={rows:<4} {name:<8} {n:>6}x{k:<6} {line}", flush=True)
             rows_out.append({"rows": rows, "shape": name, "n": n, "k": k, **res})
-    from runners.glm import woq_cuda, woq_triton
+    from runners.glm import woq_triton
 
     tuned = {**woq_triton.best_configs(), "cuda_gemv": woq_cuda.chosen_variants()}
     print(json.dumps(tuned, indent=1))

@@ -91,11 +91,28 @@ NO_FUSION = Fusion()
 Weights = tuple[torch.Tensor, ...]
 
 
+def graph_seconds(issue: Callable[[], None], replays: int = 3) -> float:
+    """Seconds per replay of the kernels `issue` launches, captured once in a CUDA graph (so no
+    host launch cost is timed; warm up and compile before calling)."""
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        issue()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / replays
+
+
 def _time_variants(launch: Callable[[Variant, Weights], None], variants: tuple[Variant, ...],
-                   weights: Weights, device: torch.device, replays: int = 3) -> dict[Variant, float]:
+                   weights: Weights, device: torch.device) -> dict[Variant, float]:
     """Mean time per call (ms) of each variant, as decode sees it: calls back to back inside a
-    CUDA graph (no host launch cost), cycling over copies of the weight that together exceed
-    twice the L2 cache, so the bytes come from HBM."""
+    CUDA graph, cycling over copies of the weight that together exceed twice the L2 cache, so
+    the bytes come from HBM."""
     nbytes = sum(t.numel() * t.element_size() for t in weights)
     l2_bytes = torch.cuda.get_device_properties(device).L2_cache_size
     extra = min(7, max(0, -(-2 * l2_bytes // nbytes) - 1))
@@ -105,19 +122,12 @@ def _time_variants(launch: Callable[[Variant, Weights], None], variants: tuple[V
     for variant in variants:
         for copy in copies:  # compile, load and warm before the capture
             launch(variant, copy)
-        torch.cuda.synchronize(device)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+
+        def issue(variant: Variant = variant) -> None:
             for i in range(calls):
                 launch(variant, copies[i % len(copies)])
-        graph.replay()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(replays):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        times[variant] = start.elapsed_time(end) / (replays * calls)
+
+        times[variant] = graph_seconds(issue) * 1e3 / calls
     return times
 
 
@@ -133,24 +143,29 @@ def _variant_for(key: tuple, variants: tuple[Variant, ...], launch: Callable[[Va
     return _chosen[key]
 
 
-def int8_gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, fusion: Fusion = NO_FUSION,
-              variant: Variant | None = None) -> torch.Tensor:
-    """x [1, K] @ (qdata [N, K] * scale[:, None])^T -> [1, N], in x's dtype, with `fusion`;
-    `variant` forces one instead of the tuned choice (tests)."""
-    n, k = qdata.shape
+def _gemv(name: str, variants: tuple[Variant, ...], x: torch.Tensor, weights: Weights, sizes: list[int],
+          fusion: Fusion, variant: Variant | None) -> torch.Tensor:
+    """Launch kernel `name` (args: x, weights, out, sizes, fusion) with the tuned or given variant."""
+    n = weights[0].shape[0]
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     fp16, device = x.dtype == torch.float16, x.device.index
     extra = fusion.args(x)
 
     def launch(variant: Variant, weights: Weights) -> None:
-        kernel = _kernel("int8_gemv", variant, fp16, fusion.norm is not None, device)
+        kernel = _kernel(name, variant, fp16, fusion.norm is not None, device)
         kernel(grid=(-(-n // variant.rows_per_block), 1, 1), block=(32 * variant.warps, 1, 1),
-               args=[x, *weights, out, n, k, *extra])
+               args=[x, *weights, out, *sizes, *extra])
 
-    weights = (qdata, scale)
-    launch(variant or _variant_for(("int8_gemv", n, k, fp16, device), INT8_VARIANTS, launch, weights, x.device),
-           weights)
+    key = (name, *sizes, fp16, device)
+    launch(variant or _variant_for(key, variants, launch, weights, x.device), weights)
     return out
+
+
+def int8_gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, fusion: Fusion = NO_FUSION,
+              variant: Variant | None = None) -> torch.Tensor:
+    """x [1, K] @ (qdata [N, K] * scale[:, None])^T -> [1, N], in x's dtype, with `fusion`;
+    `variant` forces one instead of the tuned choice (tests)."""
+    return _gemv("int8_gemv", INT8_VARIANTS, x, (qdata, scale), list(qdata.shape), fusion, variant)
 
 
 def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
@@ -158,20 +173,7 @@ def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: 
     """x [1, K] @ dequant(packed [N, K/2], scale/zero [N, K/G])^T -> [1, N], in x's dtype, with
     `fusion`; `variant` as in `int8_gemv`."""
     n, k = packed.shape[0], packed.shape[1] * 2
-    group = k // scale.shape[1]
-    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    fp16, device = x.dtype == torch.float16, x.device.index
-    extra = fusion.args(x)
-
-    def launch(variant: Variant, weights: Weights) -> None:
-        kernel = _kernel("int4_gemv", variant, fp16, fusion.norm is not None, device)
-        kernel(grid=(-(-n // variant.rows_per_block), 1, 1), block=(32 * variant.warps, 1, 1),
-               args=[x, *weights, out, n, k, group, *extra])
-
-    weights = (packed, scale, zero)
-    key = ("int4_gemv", n, k, group, fp16, device)
-    launch(variant or _variant_for(key, INT4_VARIANTS, launch, weights, x.device), weights)
-    return out
+    return _gemv("int4_gemv", INT4_VARIANTS, x, (packed, scale, zero), [n, k, k // scale.shape[1]], fusion, variant)
 
 
 def chosen_variants() -> dict[str, str]:
