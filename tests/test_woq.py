@@ -1,6 +1,7 @@
-"""Packed int8/int4 weight-only layers (`quant_kernel: triton`): the packing matches torchao's
-affine quantisation, the fast decode path dispatches to them, sizes and quality are what the
-bits say. The Triton kernels themselves run in the `gpu` tests, against the dequantised weight."""
+"""Packed int8/int4 weight-only layers (`quant_kernel: triton | cuda`): the packing matches
+torchao's affine quantisation, the fast decode path dispatches to them, sizes and quality are
+what the bits say, the fused norm/residual form equals the ops in sequence. The Triton and CUDA
+kernels themselves run in the `gpu` tests, against the dequantised weight."""
 
 from __future__ import annotations
 
