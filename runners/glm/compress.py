@@ -11,9 +11,7 @@ import torch
 from torch import nn
 
 from runners.contract import InfeasibleConfig
-
-# quant_kernel values that use our packed layout and kernels (runners/glm/woq*.py)
-PACKED_KERNELS = ("triton", "cuda")
+from runners.glm import woq
 
 
 def linear_layers(model: nn.Module, include_lm_head: bool) -> list[tuple[str, nn.Linear]]:
@@ -148,7 +146,8 @@ def _fp8_config(knobs: dict[str, Any], device: str, config_cls: Any, per_row: An
 
 
 def apply_quantization(model: nn.Module, knobs: dict[str, Any], device: str) -> None:
-    if knobs.get("quant_kernel", "torchao") in PACKED_KERNELS and int(knobs.get("quant_bits", 16)) != 16:
+    # quant_kernel triton / cuda: our packed layout, named after the kernel that runs one row
+    if knobs.get("quant_kernel", "torchao") in woq.GEMV_KERNELS and int(knobs.get("quant_bits", 16)) != 16:
         _apply_packed(model, knobs, device)
         return
     config = quant_config(knobs, device)
@@ -169,8 +168,6 @@ def _apply_packed(model: nn.Module, knobs: dict[str, Any], device: str) -> None:
     """int8/int4 weight-only in our packed layout (torchao computes the scales and integer
     values), run by our kernels: Triton's (`woq_triton`), with `quant_kernel: cuda` the CUDA
     GEMVs of `woq_cuda` for single rows; then autotuned for every shape."""
-    from runners.glm import woq
-
     kernel = knobs["quant_kernel"]
     bits, scheme = int(knobs["quant_bits"]), knobs.get("quant_scheme", "weight_only")
     if scheme != "weight_only":
@@ -188,7 +185,7 @@ def _apply_packed(model: nn.Module, knobs: dict[str, Any], device: str) -> None:
         from runners.glm import woq_cuda
 
         with torch.cuda.device(torch.device(device)):
-            reason = woq_cuda.compile_error()
+            reason = woq_cuda.compile_error(bits)
         if reason:
             raise InfeasibleConfig(f"quant_kernel=cuda: {reason}")
     group = int(knobs.get("quant_group_size", 128))
@@ -196,5 +193,5 @@ def _apply_packed(model: nn.Module, knobs: dict[str, Any], device: str) -> None:
     for name, layer in layers:
         if bits == 4 and layer.in_features % group:
             raise InfeasibleConfig(f"int4 group size {group} does not divide {name}'s {layer.in_features} inputs")
-    woq.pack_linears(model, layers, bits, group, gemv="cuda" if kernel == "cuda" else "triton")
+    woq.pack_linears(model, layers, bits, group, gemv=kernel)
     woq.warm_up(model, dtype)

@@ -53,12 +53,14 @@ def can_run(x: torch.Tensor, k: int, group: int | None = None) -> bool:
     return k % 16 == 0 if group is None else (k % 32 == 0 and group % 32 == 0)
 
 
-def compile_error() -> str | None:
-    """Why the kernels cannot be compiled here (None when they can): no NVRTC, no GPU."""
+def compile_error(bits: int) -> str | None:
+    """Why the `bits`-bit kernel cannot be compiled here (None when it can): no NVRTC, no GPU.
+    The compiled variant is cached, so the model's first call does not compile it again."""
     if not torch.cuda.is_available():
         return "no CUDA device"
+    name, variants = ("int8_gemv", INT8_VARIANTS) if bits == 8 else ("int4_gemv", INT4_VARIANTS)
     try:
-        _kernel("int8_gemv", INT8_VARIANTS[0], False, False, torch.cuda.current_device())
+        _kernel(name, variants[0], False, False, torch.cuda.current_device())
     except Exception as exc:  # noqa: BLE001 - NVRTC/driver errors come as several types
         return f"NVRTC could not compile the GEMV kernels: {str(exc).splitlines()[0] if str(exc) else exc!r}"
     return None
