@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from runners.contract import InfeasibleConfig
+from runners.glm import woq_cuda
 from runners.glm.compress import apply_quantization, apply_sparsity
 from runners.glm.engine import HFEngine
 from runners.glm.fast_engine import FastEngine
@@ -54,6 +55,9 @@ CONFIGS: dict[str, tuple[dict[str, Any], str]] = {
     "int8-cu+head": ({"quant_bits": 8, "quant_kernel": "cuda", "quantize_lm_head": True}, "fast"),
     "int4-cu": ({"quant_bits": 4, "quant_kernel": "cuda"}, "fast"),
     "int4-cu+head": ({"quant_bits": 4, "quant_kernel": "cuda", "quantize_lm_head": True}, "fast"),
+    # The same two without programmatic dependent launch of the captured GEMVs (what PDL gives).
+    "int8-cu+head-nopdl": ({"quant_bits": 8, "quant_kernel": "cuda", "quantize_lm_head": True}, "fast"),
+    "int4-cu+head-nopdl": ({"quant_bits": 4, "quant_kernel": "cuda", "quantize_lm_head": True}, "fast"),
     "int8dyn": ({"quant_bits": 8, "quant_scheme": "dynamic_activation"}, "fast"),
     "fp8": ({"quant_bits": 8, "quant_scheme": "fp8"}, "fast"),
     "2:4": ({"sparsity": 0.5, "sparsity_kind": "2:4"}, "fast"),
@@ -110,7 +114,7 @@ def build(preset: str, knobs: dict[str, Any], kind: str, device: str) -> torch.n
     return model
 
 
-def profile_steps(engine: FastEngine, slot: Any, steps: int = 5, top: int = 12) -> dict[str, Any]:
+def profile_steps(engine: FastEngine, slot: Any, steps: int = 5, top: int = 24) -> dict[str, Any]:
     """Kernel time per decode step by kernel name (CUPTI sees the kernels inside graph replays)."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -181,6 +185,7 @@ def measure(name: str, batch: int, preset: str, device: str, bandwidth: float, s
             repeats: int) -> Row:
     knobs, kind = CONFIGS[name]
     PROFILE_NAME[0] = name
+    woq_cuda.use_pdl = not name.endswith("-nopdl")
     row = Row(name, batch)
     try:
         model = build(preset, knobs, kind, device)

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.models.glm.modeling_glm import apply_rotary_pos_emb
 
@@ -92,10 +91,10 @@ def layer_forward(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: 
         h = linear(attn, w_o, residual=h)
     else:  # GLM-4-0414 post-norm
         h = h + rms_norm(linear(attn, w_o), w_post_attn_out, dims.eps)
-    gate, up = linear(h, w_gate_up, norm=w_post_attn, eps=dims.eps).chunk(2, dim=-1)
+    act = linear(h, w_gate_up, norm=w_post_attn, eps=dims.eps, swiglu=True)  # silu(gate) * up
     if w_post_mlp is None:
-        return linear(up * F.silu(gate), w_down, residual=h)
-    return h + rms_norm(linear(up * F.silu(gate), w_down), w_post_mlp, dims.eps)
+        return linear(act, w_down, residual=h)
+    return h + rms_norm(linear(act, w_down), w_post_mlp, dims.eps)
 
 
 class FastLayer(nn.Module):

@@ -38,6 +38,7 @@ class Int8Weight(NamedTuple):
     qdata: torch.Tensor  # [N, K] int8
     scale: torch.Tensor  # [N] float32
     gemv: str = "triton"
+    gated: bool = False  # rows stored as interleaved gate/up pairs (see `interleave_gate_up`)
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return self.qdata, self.scale
@@ -48,6 +49,7 @@ class Int4Weight(NamedTuple):
     scale: torch.Tensor  # [N, K/G]
     zero: torch.Tensor  # [N, K/G]
     gemv: str = "triton"
+    gated: bool = False
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return self.packed, self.scale, self.zero
@@ -89,14 +91,28 @@ def unpack_int4(packed: torch.Tensor, groups: int) -> torch.Tensor:
     return torch.stack([per_group & 0xF, per_group >> 4], dim=2).reshape(out_features, -1)
 
 
+def interleave_gate_up(rows: torch.Tensor) -> torch.Tensor:
+    """[gate | up] along dim 0 (a SwiGLU MLP's fused gate_up weight) -> pairs g0, u0, g1, u1, ...:
+    how a `gated` packed weight stores its rows, so the CUDA GEMV finds a pair in one warp and
+    writes silu(gate) * up directly."""
+    return rows.view(2, rows.shape[0] // 2, *rows.shape[1:]).transpose(0, 1).reshape(rows.shape)
+
+
+def gate_up_order(out: torch.Tensor) -> torch.Tensor:
+    """A gated weight's outputs (last dim, pair order) back in [gate | up] order."""
+    return out.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
+
+
 def dequantize(weight: Int8Weight | Int4Weight, dtype: torch.dtype) -> torch.Tensor:
-    """The dense weight [N, K] the packed form stands for."""
+    """The dense weight [N, K] the packed form stands for (in [gate | up] row order if gated)."""
     if isinstance(weight, Int8Weight):
-        return (weight.qdata.float() * weight.scale[:, None]).to(dtype)
-    groups = weight.scale.shape[1]
-    q = unpack_int4(weight.packed, groups).float().view(weight.packed.shape[0], groups, -1)
-    dense = (q - weight.zero.float()[..., None]) * weight.scale.float()[..., None]
-    return dense.reshape(weight.packed.shape[0], -1).to(dtype)
+        dense = (weight.qdata.float() * weight.scale[:, None]).to(dtype)
+    else:
+        groups = weight.scale.shape[1]
+        q = unpack_int4(weight.packed, groups).float().view(weight.packed.shape[0], groups, -1)
+        dense = ((q - weight.zero.float()[..., None]) * weight.scale.float()[..., None])
+        dense = dense.reshape(weight.packed.shape[0], -1).to(dtype)
+    return gate_up_order(dense.T).T.contiguous() if weight.gated else dense
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -107,119 +123,143 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 # --- the ops: opaque to torch.compile, so the compiled layer calls our kernels as they are ------
-# Optional `norm` / `residual`: the op computes residual + W rms_norm(x, norm) in one CUDA GEMV
-# (`linear` passes them only when that kernel runs); any other path does the same ops apart.
+# Optional `norm` / `residual` / `swiglu`: the op computes residual + W rms_norm(x, norm), or
+# swiglu(W rms_norm(x, norm)) with W = [gate | up]: one CUDA GEMV where it runs (`linear` passes
+# them only then; SwiGLU needs a `gated` weight), the same ops apart on any other path.
 def _on_gpu_kernels(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
 
 
-def _cuda_fusion(rows: torch.Tensor, norm: torch.Tensor | None, eps: float,
-                 residual: torch.Tensor | None) -> woq_cuda.Fusion | None:
-    """The CUDA GEMV's fusion arguments, or None when a tensor is not in a form it reads."""
+def _cuda_fusion(rows: torch.Tensor, weight: Int8Weight | Int4Weight, norm: torch.Tensor | None, eps: float,
+                 residual: torch.Tensor | None, swiglu: bool) -> woq_cuda.Fusion | None:
+    """The CUDA GEMV's fusion arguments, or None when it cannot fuse these."""
+    if swiglu and not weight.gated:
+        return None
     if norm is not None and not (norm.is_contiguous() and norm.data_ptr() % 16 == 0 and norm.dtype == rows.dtype):
         return None
     if residual is not None:
         residual = residual.reshape(-1).contiguous()
         if residual.dtype != rows.dtype:
             return None
-    return woq_cuda.Fusion(norm, eps, residual)
+    return woq_cuda.Fusion(norm, eps, residual, gated=swiglu)
+
+
+def swiglu_apart(x: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of x = [gate | up] (the GLM MLP's activation, as transformers writes it)."""
+    gate, up = x.chunk(2, dim=-1)
+    return up * F.silu(gate)
 
 
 def _apart(rows: torch.Tensor, norm: torch.Tensor | None, eps: float) -> torch.Tensor:
     return rows if norm is None else rms_norm(rows, norm, eps)
 
 
-def _with_residual(out: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+def _finish(out: torch.Tensor, weight: Int8Weight | Int4Weight, residual: torch.Tensor | None,
+            swiglu: bool) -> torch.Tensor:
+    """Stored-row outputs -> [gate | up] order, then SwiGLU or the residual, as asked."""
+    out = gate_up_order(out) if weight.gated else out
+    out = swiglu_apart(out) if swiglu else out
     return out if residual is None else residual.reshape(out.shape) + out
 
 
 def _packed_linear(x: torch.Tensor, weight: Int8Weight | Int4Weight, norm: torch.Tensor | None, eps: float,
-                   residual: torch.Tensor | None) -> torch.Tensor:
-    """What both ops compute: [residual +] rms_norm(x, norm) @ dequant(weight)^T."""
+                   residual: torch.Tensor | None, swiglu: bool) -> torch.Tensor:
+    """What both ops compute: [residual +] rms_norm(x, norm) @ dequant(weight)^T, then SwiGLU
+    when asked."""
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     int8 = isinstance(weight, Int8Weight)
     group = None if int8 else x.shape[-1] // weight.scale.shape[1]
     fusion = None
     if (weight.gemv == "cuda" and rows.shape[0] == 1 and _on_gpu_kernels(x)
             and woq_cuda.can_run(rows, x.shape[-1], group)):
-        fusion = _cuda_fusion(rows, norm, eps, residual)
+        fusion = _cuda_fusion(rows, weight, norm, eps, residual, swiglu)
     if fusion is not None:
         out = (woq_cuda.int8_gemv if int8 else woq_cuda.int4_gemv)(rows, *weight.tensors(), fusion)
     elif not _on_gpu_kernels(x):
-        out = _with_residual(F.linear(_apart(rows, norm, eps), dequantize(weight, x.dtype)), residual)
+        out = _finish(F.linear(_apart(rows, norm, eps), dequantize(weight._replace(gated=False), x.dtype)),
+                      weight, residual, swiglu)
     else:
         from runners.glm import woq_triton
 
         matmul = woq_triton.int8_matmul if int8 else woq_triton.int4_matmul
         with torch.cuda.device(x.device):  # Triton launches on the current device, not the tensors'
-            out = _with_residual(matmul(_apart(rows, norm, eps), *weight.tensors()), residual)
-    return out.reshape(*x.shape[:-1], weight.tensors()[0].shape[0])
+            out = _finish(matmul(_apart(rows, norm, eps), *weight.tensors()), weight, residual, swiglu)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def _out_features(stored_rows: int, swiglu: bool) -> int:
+    return stored_rows // 2 if swiglu else stored_rows
 
 
 @torch.library.custom_op("autoglm::int8_linear", mutates_args=())
-def int8_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, gemv: str,
+def int8_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, gemv: str, gated: bool = False,
                 norm: torch.Tensor | None = None, eps: float = 0.0,
-                residual: torch.Tensor | None = None) -> torch.Tensor:
-    return _packed_linear(x, Int8Weight(qdata, scale, gemv), norm, eps, residual)
+                residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
+    return _packed_linear(x, Int8Weight(qdata, scale, gemv, gated), norm, eps, residual, swiglu)
 
 
 @int8_linear.register_fake
-def _int8_linear_shape(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, gemv: str,
+def _int8_linear_shape(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, gemv: str, gated: bool = False,
                        norm: torch.Tensor | None = None, eps: float = 0.0,
-                       residual: torch.Tensor | None = None) -> torch.Tensor:
-    return x.new_empty((*x.shape[:-1], qdata.shape[0]))
+                       residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], _out_features(qdata.shape[0], swiglu)))
 
 
 @torch.library.custom_op("autoglm::int4_linear", mutates_args=())
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                gemv: str, norm: torch.Tensor | None = None, eps: float = 0.0,
-                residual: torch.Tensor | None = None) -> torch.Tensor:
-    return _packed_linear(x, Int4Weight(packed, scale, zero, gemv), norm, eps, residual)
+                gemv: str, gated: bool = False, norm: torch.Tensor | None = None, eps: float = 0.0,
+                residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
+    return _packed_linear(x, Int4Weight(packed, scale, zero, gemv, gated), norm, eps, residual, swiglu)
 
 
 @int4_linear.register_fake
 def _int4_linear_shape(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                       gemv: str, norm: torch.Tensor | None = None, eps: float = 0.0,
-                       residual: torch.Tensor | None = None) -> torch.Tensor:
-    return x.new_empty((*x.shape[:-1], packed.shape[0]))
+                       gemv: str, gated: bool = False, norm: torch.Tensor | None = None, eps: float = 0.0,
+                       residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], _out_features(packed.shape[0], swiglu)))
 
 
 def _fuses(x: torch.Tensor, weight: object) -> bool:
-    """Whether the norm / residual go into the kernel: a CUDA-GEMV weight and one input row (the
-    row count is static where this is traced)."""
+    """Whether the norm / residual / SwiGLU go into the kernel: a CUDA-GEMV weight and one input
+    row (the row count is static where this is traced)."""
     return (isinstance(weight, (Int8Weight, Int4Weight)) and weight.gemv == "cuda"
             and x.numel() == x.shape[-1] and x.is_cuda)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor | Int8Weight | Int4Weight, norm: torch.Tensor | None = None,
-           eps: float = 0.0, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """[residual +] rms_norm(x, norm) @ weight^T, no bias: `F.linear` for a dense (or torchao)
-    weight, our kernels for a packed one; norm and residual fused where the CUDA GEMV runs."""
-    if _fuses(x, weight):
+           eps: float = 0.0, residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
+    """[residual +] rms_norm(x, norm) @ weight^T, no bias, or with `swiglu` silu(gate) * up of that
+    product for a [gate | up] weight: `F.linear` for a dense (or torchao) weight, our kernels for
+    a packed one; norm, residual and SwiGLU fused where the CUDA GEMV runs."""
+    if swiglu and residual is not None:
+        raise ValueError("a linear adds a residual or applies SwiGLU to its output, not both")
+    if isinstance(weight, (Int8Weight, Int4Weight)):
         op = torch.ops.autoglm.int8_linear if isinstance(weight, Int8Weight) else torch.ops.autoglm.int4_linear
-        return op(x, *weight, norm, eps, residual)
-    x = x if norm is None else rms_norm(x, norm, eps)
-    if isinstance(weight, Int8Weight):
-        out = torch.ops.autoglm.int8_linear(x, *weight)
-    elif isinstance(weight, Int4Weight):
-        out = torch.ops.autoglm.int4_linear(x, *weight)
+        if _fuses(x, weight):
+            return op(x, *weight, norm, eps, residual, swiglu)
+        out = op(x if norm is None else rms_norm(x, norm, eps), *weight, swiglu=swiglu)
     else:
-        out = F.linear(x, weight)
+        out = F.linear(x if norm is None else rms_norm(x, norm, eps), weight)
+        out = swiglu_apart(out) if swiglu else out
     return out if residual is None else residual + out
 
 
 class PackedLinear(nn.Module):
-    """Drop-in for `nn.Linear` holding an int8 or int4 packed weight (as buffers) and the bias."""
+    """Drop-in for `nn.Linear` holding an int8 or int4 packed weight (as buffers) and the bias.
+    `gated`: the layer is a SwiGLU MLP's [gate | up] projection, stored as interleaved pairs
+    (its outputs still come in [gate | up] order; `linear(..., swiglu=True)` fuses the SwiGLU)."""
 
-    def __init__(self, layer: nn.Linear, bits: int, group_size: int = 128, gemv: str = "triton") -> None:
+    def __init__(self, layer: nn.Linear, bits: int, group_size: int = 128, gemv: str = "triton",
+                 gated: bool = False) -> None:
         super().__init__()
         if gemv not in GEMV_KERNELS:
             raise ValueError(f"gemv kernel {gemv!r} is not one of {GEMV_KERNELS}")
         self.in_features, self.out_features = layer.in_features, layer.out_features
-        self.bits, self.gemv = bits, gemv
+        self.bits, self.gemv, self.gated = bits, gemv, gated
         dense = layer.weight.detach()
+        dense = interleave_gate_up(dense) if gated else dense  # quantisation is per row: same values
         packed = quantize_int8(dense) if bits == 8 else quantize_int4(dense, group_size)
-        self._tensor_names = [name for name in type(packed)._fields if name != "gemv"]
+        self._tensor_names = [name for name in type(packed)._fields if name not in ("gemv", "gated")]
         for name, tensor in zip(self._tensor_names, packed.tensors(), strict=True):
             self.register_buffer(name, tensor)
         self.bias = layer.bias
@@ -228,7 +268,7 @@ class PackedLinear(nn.Module):
     def weight(self) -> Int8Weight | Int4Weight:
         tensors = [getattr(self, name) for name in self._tensor_names]
         kind = Int8Weight if self.bits == 8 else Int4Weight
-        return kind(*tensors, gemv=self.gemv)
+        return kind(*tensors, gemv=self.gemv, gated=self.gated)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = linear(x, self.weight)
@@ -240,7 +280,7 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"gemv={self.gemv}")
+                f"gemv={self.gemv}, gated={self.gated}")
 
 
 def packed_linears(model: nn.Module) -> list[PackedLinear]:
@@ -250,19 +290,21 @@ def packed_linears(model: nn.Module) -> list[PackedLinear]:
 @torch.no_grad()
 def pack_linears(model: nn.Module, layers: list[tuple[str, nn.Linear]], bits: int, group_size: int,
                  gemv: str = "triton") -> None:
-    """Replace each named Linear of `model` by a PackedLinear (the dense weight is freed)."""
+    """Replace each named Linear of `model` by a PackedLinear (the dense weight is freed). For the
+    CUDA GEMV, MLP gate_up projections are stored gated, so it can fuse their SwiGLU."""
     for name, layer in layers:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, PackedLinear(layer, bits, group_size, gemv))
+        gated = gemv == "cuda" and child == "gate_up_proj"
+        setattr(parent, child, PackedLinear(layer, bits, group_size, gemv, gated))
 
 
 def warm_up(model: nn.Module, dtype: torch.dtype, max_rows: int = 256) -> None:
     """Run every distinct packed shape once per row bucket, so kernel autotuning (Triton and the
     CUDA GEMV pick a tiling per shape) happens during set-up, never inside a measured window."""
-    seen: set[tuple[int, int, int, str]] = set()
+    seen: set[tuple[int, int, int, str, bool]] = set()
     for layer in packed_linears(model):
-        key = (layer.out_features, layer.in_features, layer.bits, layer.gemv)
+        key = (layer.out_features, layer.in_features, layer.bits, layer.gemv, layer.gated)
         device = layer.weight[0].device
         if key in seen or device.type != "cuda":
             continue
@@ -270,7 +312,7 @@ def warm_up(model: nn.Module, dtype: torch.dtype, max_rows: int = 256) -> None:
         rows = 1
         while rows <= max_rows:
             x = torch.zeros(rows, layer.in_features, dtype=dtype, device=device)
-            linear(x, layer.weight)
+            linear(x, layer.weight, swiglu=layer.gated)  # gated: as decode calls it, fused
             rows *= 2
     if seen:
         torch.cuda.synchronize()

@@ -8,12 +8,19 @@
 //   KSPLIT  warps of a block that share the same rows, each taking every KSPLIT-th run of K
 //   NORM    1: fuse an rmsnorm of the input (see Fusion); a compile-time switch, as a run-time
 //           one costs registers (and so occupancy) in every call
+//   GATED   1: the weight's rows are interleaved gate/up pairs of a SwiGLU MLP and the output is
+//           silu(gate) * up per pair, N / 2 values (ROWS even, so a pair stays in one warp)
 //   X_FP16  1 for float16 activations, 0 for bfloat16
 //
 // Why hand-written: at batch 1 decode streams every weight byte once, so the kernel's job is to
 // keep enough bytes in flight. Each lane issues UNROLL * ROWS 16-byte streaming loads up front
 // (no L1 allocation, 256-byte L2 prefetch); the Triton GEMV could keep only one tile per thread
 // in flight and stayed at 2.1-3.2 TB/s (benchmarks/NOTES-issue3.md).
+//
+// Programmatic dependent launch (sm_90+, used when woq_cuda captures a CUDA graph): the kernel
+// may start while the previous one finishes. Only weights (constants of the graph) are read
+// before `griddepcontrol.wait`; activations, norm weight and residual after it, and so is every
+// store. Without the launch attribute both instructions do nothing.
 //
 // Small integers become floats without the int-to-float instruction: placed in the mantissa of a
 // float constant (2^23 for int8, 256 for int4 nibbles), then the constant is taken out.
@@ -65,6 +72,20 @@ __device__ __forceinline__ float activation_to_float(u16 h) {
   return lo;
 }
 
+__device__ __forceinline__ void wait_for_previous_kernel() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// Lets the next kernel in the stream be scheduled once every block of this one has started, so
+// its weight loads overlap this kernel's last wave (it still waits for this one to finish).
+__device__ __forceinline__ void allow_next_kernel() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
@@ -87,6 +108,8 @@ __device__ __forceinline__ WarpWork warp_work() {
   const int warp = threadIdx.x >> 5;
   return {(int)(threadIdx.x & 31), warp % KSPLIT, (int)(blockIdx.x * (WARPS / KSPLIT) + warp / KSPLIT) * ROWS};
 }
+
+static_assert(!GATED || ROWS % 2 == 0, "a gate/up pair must stay in one warp");
 
 constexpr int kStride = 32 * KSPLIT;      // between one lane's consecutive chunks
 constexpr int kStep = kStride * UNROLL;   // chunks a warp covers per loop trip
@@ -130,10 +153,13 @@ __device__ __forceinline__ bool reduce_partials(float (&vals)[N], const WarpWork
 }
 
 // Optional fusions around the GEMV:
-// - rmsnorm prologue (NORM 1, `norm` given): the input is rmsnorm(x) * norm. The norm weight
-//   multiplies each activation as it is loaded; the 1 / rms factor is a scalar per input row, so
-//   it multiplies the finished dot product, with sum(x^2) gathered from the same loads.
+// - rmsnorm prologue (NORM 1): the input is rmsnorm(x) * norm. The norm weight multiplies each
+//   activation as it is loaded; the 1 / rms factor is a scalar per input row, so it multiplies
+//   the finished dot product, with sum(x^2) gathered from the same loads.
 // - residual epilogue (`residual` not null): the output is residual + W x.
+// - SwiGLU epilogue (GATED 1): see store_rows. In the epilogue, not as a prologue of the down
+//   projection: there every warp would recompute silu for all K inputs (measured 1.1 ms per
+//   step at glm-4-9b shape), here it is once per output pair.
 struct Fusion {
   const uint4* norm;  // [K] in the activation dtype (read only with NORM 1)
   float eps;
@@ -155,11 +181,24 @@ __device__ __forceinline__ void load_activations(const uint4* x, int i, const Fu
 #endif
 }
 
-// Row r's output from its finished dot product (lane r of slice 0 writes it).
-__device__ __forceinline__ void store_row(u16* y, int row, float dot, float inv_rms, const Fusion& f) {
-  float out = dot * inv_rms;
-  if (f.residual != nullptr) out += activation_to_float(f.residual[row]);
-  y[row] = to_activation(out);
+// The warp's outputs from its finished rows: `dots[r]` is row row0 + r's dot product with its
+// weight scale applied; lane r writes row r (every lane holds every total after the reduction).
+// GATED: rows 2j, 2j + 1 are gate_j, up_j, and lane r (even) writes silu(gate) * up at r / 2.
+__device__ __forceinline__ void store_rows(u16* y, int row0, int n, const float (&dots)[ROWS + 1], float inv_rms,
+                                           const Fusion& f, int lane) {
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    if (lane != r || row0 + r >= n) continue;
+#if GATED
+    if (r & 1) continue;
+    const float gate = dots[r] * inv_rms, up = dots[r + 1] * inv_rms;
+    y[(row0 + r) >> 1] = to_activation(gate / (1.f + __expf(-gate)) * up);
+#else
+    float out = dots[r] * inv_rms;
+    if (f.residual != nullptr) out += activation_to_float(f.residual[row0 + r]);
+    y[row0 + r] = to_activation(out);
+#endif
+  }
 }
 
 // One loop over a warp's chunks: `compute(wv, base)` consumes the chunks `load_chunks` requested.
@@ -170,6 +209,7 @@ __device__ __forceinline__ void stream_chunks(const uint4* const (&rows)[ROWS], 
                                               Compute compute) {
   uint4 wv[UNROLL][ROWS];
   load_chunks(wv, rows, first, chunks);
+  wait_for_previous_kernel();  // the first weights are on their way; x may now be read
   for (int base = first; base < chunks; base += kStep) {
     compute(wv, base);
     load_chunks(wv, rows, base + kStep, chunks);
@@ -181,6 +221,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32)
 int8_gemv(const uint4* __restrict__ x, const uint4* __restrict__ w, const float* __restrict__ scale,
           u16* __restrict__ y, int n, int k, const uint4* norm, double eps, const u16* residual,
           int add_residual) {
+  allow_next_kernel();
   const Fusion fusion{norm, (float)eps, add_residual ? residual : nullptr};
   const WarpWork at = warp_work();
   const int chunks = k >> 4;  // 16 int8 weights per uint4; their activations are two uint4
@@ -219,9 +260,8 @@ int8_gemv(const uint4* __restrict__ x, const uint4* __restrict__ w, const float*
   if (!reduce_partials(total, at)) return;
   const float inv_rms = NORM ? rsqrtf(total[ROWS] / k + fusion.eps) : 1.f;
 #pragma unroll
-  for (int r = 0; r < ROWS; ++r) {
-    if (at.lane == r && at.row0 + r < n) store_row(y, at.row0 + r, total[r] * scale[at.row0 + r], inv_rms, fusion);
-  }
+  for (int r = 0; r < ROWS; ++r) total[r] *= scale[min(at.row0 + r, n - 1)];
+  store_rows(y, at.row0, n, total, inv_rms, fusion, at.lane);
 }
 
 // (t & mask) | magic in one LOP3: written out because the compiler, given two immediates,
@@ -246,6 +286,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32)
 int4_gemv(const uint4* __restrict__ x, const uint4* __restrict__ packed, const u16* __restrict__ scale,
           const u16* __restrict__ zero, u16* __restrict__ y, int n, int k, int group, const uint4* norm,
           double eps, const u16* residual, int add_residual) {
+  allow_next_kernel();
   const Fusion fusion{norm, (float)eps, add_residual ? residual : nullptr};
   const WarpWork at = warp_work();
   const int chunks = k >> 5;  // 32 weights (16 bytes) per chunk
@@ -307,8 +348,5 @@ int4_gemv(const uint4* __restrict__ x, const uint4* __restrict__ packed, const u
   });
   if (!reduce_partials(acc, at)) return;
   const float inv_rms = NORM ? rsqrtf(acc[ROWS] / k + fusion.eps) : 1.f;
-#pragma unroll
-  for (int r = 0; r < ROWS; ++r) {
-    if (at.lane == r && at.row0 + r < n) store_row(y, at.row0 + r, acc[r], inv_rms, fusion);
-  }
+  store_rows(y, at.row0, n, acc, inv_rms, fusion, at.lane);
 }
