@@ -7,7 +7,8 @@ decode step (time reported apart, as compile_s), prefill a 128-token prompt, the
 steps with CUDA events. Prints ms/step, tok/s and MBU = bytes per step / time / measured copy
 bandwidth, where bytes per step = stored weight bytes read by decode (all but the embedding;
 torchao/2:4 tensors counted by their real storage) + the live KV of every row.
-Ratios against bf16 come from the same run.
+Ratios against bf16 come from the same run; a `+attn` config (decode_attention=cuda) is compared
+with `bf16+attn`, the same attention path.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 
 from runners.contract import InfeasibleConfig
-from runners.glm import woq_cuda
+from runners.glm import cuda_launch
 from runners.glm.compress import apply_quantization, apply_sparsity
 from runners.glm.engine import HFEngine
 from runners.glm.fast_engine import FastEngine
@@ -55,6 +56,12 @@ CONFIGS: dict[str, tuple[dict[str, Any], str]] = {
     "int8-cu+head": ({"quant_bits": 8, "quant_kernel": "cuda", "quantize_lm_head": True}, "fast"),
     "int4-cu": ({"quant_bits": 4, "quant_kernel": "cuda"}, "fast"),
     "int4-cu+head": ({"quant_bits": 4, "quant_kernel": "cuda", "quantize_lm_head": True}, "fast"),
+    # decode_attention=cuda: bias, rope, cache write and attention in one kernel (decode_attention.cu).
+    "bf16+attn": ({"decode_attention": "cuda"}, "fast"),
+    "int8-cu+head+attn": ({"quant_bits": 8, "quant_kernel": "cuda", "quantize_lm_head": True,
+                           "decode_attention": "cuda"}, "fast"),
+    "int4-cu+head+attn": ({"quant_bits": 4, "quant_kernel": "cuda", "quantize_lm_head": True,
+                           "decode_attention": "cuda"}, "fast"),
     # The same two without programmatic dependent launch of the captured GEMVs (what PDL gives).
     "int8-cu+head-nopdl": ({"quant_bits": 8, "quant_kernel": "cuda", "quantize_lm_head": True}, "fast"),
     "int4-cu+head-nopdl": ({"quant_bits": 4, "quant_kernel": "cuda", "quantize_lm_head": True}, "fast"),
@@ -185,7 +192,7 @@ def measure(name: str, batch: int, preset: str, device: str, bandwidth: float, s
             repeats: int) -> Row:
     knobs, kind = CONFIGS[name]
     PROFILE_NAME[0] = name
-    woq_cuda.use_pdl = not name.endswith("-nopdl")
+    cuda_launch.use_pdl = not name.endswith("-nopdl")
     row = Row(name, batch)
     try:
         model = build(preset, knobs, kind, device)
@@ -200,7 +207,8 @@ def measure(name: str, batch: int, preset: str, device: str, bandwidth: float, s
         if kind.startswith("fast"):
             full_knobs = {"quant_bits": 16, "quant_scheme": "weight_only", "quant_kernel": "torchao", **knobs}
             engine = FastEngine(model, device, compile_step=kind == "fast", graph_min_batch=graph_min_batch(full_knobs),
-                                inductor_options=inductor_options(full_knobs))
+                                inductor_options=inductor_options(full_knobs),
+                                fused_attention=knobs.get("decode_attention") == "cuda")
             row.ms_per_step, row.compile_s = time_fast(engine, batch, steps, repeats)
             if engine.compile_error:
                 row.note = f"compile failed, eager graph: {engine.compile_error}"
@@ -274,7 +282,9 @@ def main(argv: list[str]) -> int:
             rows.append(Row(name, int(batch), note="skipped: time budget"))
             continue
         row = measure(name, int(batch), args.preset, device, bandwidth, args.steps, args.repeats)
-        base = next((r for r in rows if r.config == "bf16" and r.batch == row.batch), None)
+        # Against bf16 with the same attention path: a +attn config against bf16+attn.
+        base_name = "bf16+attn" if name.endswith("+attn") else "bf16"
+        base = next((r for r in rows if r.config == base_name and r.batch == row.batch), None)
         if base is not None:
             row.speedup_vs_bf16 = base.ms_per_step / row.ms_per_step
         rows.append(row)

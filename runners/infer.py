@@ -87,7 +87,12 @@ def engine_kind(knobs: dict[str, Any], device: str) -> str:
     does not use, so they run eagerly.
     """
     if knobs["kv_cache"] == "static":
+        if knobs["decode_attention"] == "cuda":
+            _check_decode_attention(device)
         return "fast"
+    if knobs["decode_attention"] != "torch":
+        raise InfeasibleConfig(f"decode_attention={knobs['decode_attention']} is a kernel of the static-KV fast "
+                               f"engine; kv_cache={knobs['kv_cache']} runs transformers' attention (use kv_cache=static)")
     if knobs["compile"]:
         raise InfeasibleConfig(f"compile=true compiles the static-KV decode step into CUDA graphs; "
                                f"kv_cache={knobs['kv_cache']} runs in transformers' eager loop (use kv_cache=static)")
@@ -95,6 +100,19 @@ def engine_kind(knobs: dict[str, Any], device: str) -> str:
         raise InfeasibleConfig("prefix_cache reuses KV in the static-KV fast engine; "
                                f"kv_cache={knobs['kv_cache']} has none (use kv_cache=static)")
     return "hf"
+
+
+def _check_decode_attention(device: str) -> None:
+    if not device.startswith("cuda"):
+        raise InfeasibleConfig("decode_attention=cuda is a CUDA kernel; not on CPU (use decode_attention=torch)")
+    import torch
+
+    from runners.glm import decode_attention
+
+    with torch.cuda.device(torch.device(device)):
+        reason = decode_attention.compile_error()
+    if reason:
+        raise InfeasibleConfig(f"decode_attention=cuda: {reason}")
 
 
 def graph_min_batch(knobs: dict[str, Any]) -> int:
@@ -194,7 +212,8 @@ class GlmInferRunner(Runner):
         info["model_after"] = dataclasses.asdict(model_info(model))
         fast = None
         if kind == "fast":
-            fast = FastEngine(model, device, bool(knobs["compile"]), graph_min_batch(knobs), inductor_options(knobs))
+            fast = FastEngine(model, device, bool(knobs["compile"]), graph_min_batch(knobs), inductor_options(knobs),
+                              fused_attention=knobs["decode_attention"] == "cuda")
         return BuiltModel(model, info, fast)
 
     @staticmethod

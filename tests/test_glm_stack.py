@@ -165,6 +165,8 @@ def test_every_knob_value_runs_or_is_infeasible_with_a_reason(name, value):
     ({"compile": True, "kv_cache": "static"}, "CUDA graphs"),
     ({"compile": True, "kv_cache": "dynamic"}, "kv_cache=static"),
     ({"prefix_cache": "lru", "kv_cache": "dynamic"}, "kv_cache=static"),
+    ({"decode_attention": "cuda", "kv_cache": "static"}, "not on CPU"),
+    ({"decode_attention": "cuda", "kv_cache": "dynamic"}, "kv_cache=static"),
 ])
 def test_known_infeasible_combinations_name_the_reason(knobs, reason):
     outcome = _trial(knobs)
@@ -220,6 +222,23 @@ def test_gpu_compiled_graph_path_equals_generate():
     # bf16 kernels differ (fused reductions vs cuBLAS): require agreement on most tokens.
     agree = (tokens == out[:, 8:].cpu()).float().mean().item()
     assert agree >= 0.75
+
+
+@gpu
+def test_gpu_fused_decode_attention_runs_in_the_graph_and_decodes_like_the_torch_ops():
+    from torch.profiler import ProfilerActivity, profile
+
+    model = _cuda_tiny()
+    twin = copy.deepcopy(model)
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12]]
+    fused = FastEngine(FastGlm(model), "cuda:0", compile_step=True, fused_attention=True)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        tokens = torch.cat(list(fused.decode(prompts, 24)), dim=1).cpu()
+    assert fused.compiled and not fused.compile_error
+    assert any(event.name == "decode_attention" for event in prof.events())  # the kernel, not the fallback
+    want = torch.cat(list(FastEngine(FastGlm(twin), "cuda:0", compile_step=True).decode(prompts, 24)), dim=1).cpu()
+    # fp32 inside the kernel vs bf16 rounding after each torch op: a near-tie may flip late tokens
+    assert (tokens == want).float().mean().item() >= 0.75 and torch.equal(tokens[:, :4], want[:, :4])
 
 
 @gpu

@@ -255,9 +255,9 @@ def test_gpu_cuda_gemv_chain_in_a_graph_reads_each_new_input(bits, pdl, monkeypa
     # one ends and may read only weights until it waits. A chain where every GEMV reads the last
     # one's output, replayed with new inputs, gives stale (previous replay's) values if a kernel
     # read its activations too early.
-    from runners.glm import woq_cuda
+    from runners.glm import cuda_launch
 
-    monkeypatch.setattr(woq_cuda, "use_pdl", pdl)
+    monkeypatch.setattr(cuda_launch, "use_pdl", pdl)
     torch.manual_seed(0)
     size = 2048
     weights = [torch.randn(size, size, device="cuda", dtype=torch.bfloat16) / size**0.5 for _ in range(6)]

@@ -18,6 +18,7 @@ Design (numbers and reasoning in benchmarks/NOTES-issue3.md):
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -82,7 +83,7 @@ class FastEngine:
     """Engine protocol (`device`, `run_batch`, `counters`) over `FastGlm` with a static KV cache."""
 
     def __init__(self, model: FastGlm, device: str, compile_step: bool, graph_min_batch: int = 1,
-                 inductor_options: dict[str, Any] | None = None) -> None:
+                 inductor_options: dict[str, Any] | None = None, fused_attention: bool = False) -> None:
         self.model = model
         self.device = device
         self.use_graphs = device.startswith("cuda")
@@ -94,12 +95,15 @@ class FastEngine:
             raise InfeasibleConfig("compile=true captures the decode step in CUDA graphs; this device has "
                                    "none (on CPU the static-cache engine runs eager with compile=false)")
         self.compile_error = ""
-        self._layer_fn: LayerFn = layer_forward
+        # fused_attention: one sequence's decode step attends through the `decode_attention` kernel
+        self._eager_layer_fn: LayerFn = (functools.partial(layer_forward, fused_attention=True) if fused_attention
+                                         else layer_forward)
+        self._layer_fn = self._eager_layer_fn
         self._head_fn: Callable[..., torch.Tensor] = head_forward
         if self.compiled:
             _configure_inductor()
             options = inductor_options or None
-            self._layer_fn = torch.compile(layer_forward, fullgraph=True, dynamic=False, options=options)
+            self._layer_fn = torch.compile(self._eager_layer_fn, fullgraph=True, dynamic=False, options=options)
             self._head_fn = torch.compile(head_forward, fullgraph=True, dynamic=False, options=options)
         self._slots: dict[tuple[int, int], DecodeSlot] = {}
         self._graph_pool: Any = None
@@ -205,7 +209,7 @@ class FastEngine:
                 raise
             self.compile_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
             self.compiled = False
-            self._layer_fn, self._head_fn = layer_forward, head_forward
+            self._layer_fn, self._head_fn = self._eager_layer_fn, head_forward
             with torch.cuda.stream(stream):
                 for _ in range(2):
                     self._decode_step(s)

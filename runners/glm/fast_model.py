@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from transformers.models.glm.modeling_glm import apply_rotary_pos_emb
 
+from runners.glm.decode_attention import decode_attention
 from runners.glm.woq import linear, rms_norm
 
 # A layer's tensors in a fixed order; None where the architecture has no such tensor.
@@ -62,10 +63,12 @@ def grouped_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 
 def layer_forward(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
                   bias: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  weights: LayerTensors, dims: Dims, attend_len: int) -> torch.Tensor:
+                  weights: LayerTensors, dims: Dims, attend_len: int, fused_attention: bool = False) -> torch.Tensor:
     """One GLM decoder layer; writes this step's K/V into the caches at `slots`.
 
     h: [B, S, H]; cos/sin: [B, S, rotary]; slots: [S] cache positions of the S new tokens.
+    `fused_attention`: one sequence decoding one token runs bias, rope, cache write and attention
+    as one CUDA kernel (`decode_attention`); other shapes and devices, the ops below.
     """
     (w_in, w_qkv, b_qkv, w_o, w_post_attn_out, w_post_attn, w_gate_up, w_down, w_post_mlp) = weights
     batch, seq, _ = h.shape
@@ -74,19 +77,22 @@ def layer_forward(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: 
     # becomes Inductor's bandwidth-tuned fused reduction (3.6-4.3 TB/s). `linear` takes the
     # norms and residual adds so the CUDA GEMV can fuse them (elsewhere they are plain ops).
     qkv = linear(h, w_qkv, norm=w_in, eps=dims.eps)
-    if b_qkv is not None:
-        qkv = qkv + b_qkv
-    q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
-    q = q.view(batch, seq, hq, d).transpose(1, 2)  # [B, Hq, S, D]
-    k = k.view(batch, seq, hkv, d).transpose(1, 2)  # [B, Hkv, S, D]
-    v = v.view(batch, seq, hkv, d).transpose(1, 2)
-    q, k = apply_rotary_pos_emb(q, k, cos, sin)
-    # Index assignment (index_put_) is what Inductor re-inplaces into the cache buffer;
-    # an out-of-place update would copy the whole cache every step.
-    k_cache[:, :, slots] = k
-    v_cache[:, :, slots] = v
-    attn = grouped_attention(q, k_cache, v_cache, bias, attend_len)
-    attn = attn.transpose(1, 2).reshape(batch, seq, hq * d)
+    if fused_attention and batch == seq == 1 and h.is_cuda:
+        attn = decode_attention(qkv, b_qkv, cos, sin, slots, k_cache, v_cache, bias, attend_len, hq, hkv, d)
+    else:
+        if b_qkv is not None:
+            qkv = qkv + b_qkv
+        q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+        q = q.view(batch, seq, hq, d).transpose(1, 2)  # [B, Hq, S, D]
+        k = k.view(batch, seq, hkv, d).transpose(1, 2)  # [B, Hkv, S, D]
+        v = v.view(batch, seq, hkv, d).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        # Index assignment (index_put_) is what Inductor re-inplaces into the cache buffer;
+        # an out-of-place update would copy the whole cache every step.
+        k_cache[:, :, slots] = k
+        v_cache[:, :, slots] = v
+        attn = grouped_attention(q, k_cache, v_cache, bias, attend_len)
+        attn = attn.transpose(1, 2).reshape(batch, seq, hq * d)
     if w_post_attn_out is None:
         h = linear(attn, w_o, residual=h)
     else:  # GLM-4-0414 post-norm

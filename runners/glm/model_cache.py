@@ -16,7 +16,7 @@ from collections import OrderedDict
 from typing import Any
 
 MODEL_KNOBS = ("quant_bits", "quant_scheme", "quant_group_size", "quantize_lm_head", "quant_kernel", "sparsity",
-               "sparsity_kind", "attn_implementation", "compile")
+               "sparsity_kind", "attn_implementation", "compile", "decode_attention")
 
 
 def model_key(model_spec: dict[str, Any], dtype: str, device: str, seed: int, knobs: dict[str, Any],

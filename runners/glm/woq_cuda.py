@@ -9,23 +9,23 @@ outside a CUDA-graph capture.
 `woq.warm_up` makes that first time the model's set-up.
 
 Inside a CUDA-graph capture (the decode step) on sm_90+, the kernels are launched with
-programmatic dependent launch: a GEMV's blocks start while the previous kernel drains and
-request their first weights before waiting for its activations (`woq_gemv.cu`), which hides
-part of the fixed cost per call that dominates the small (17-19 MB) projections. Outside a
-capture they launch plainly, so a weight written just before a call is always seen.
+programmatic dependent launch (`cuda_launch`): a GEMV's blocks start while the previous kernel
+drains and request their first weights before waiting for its activations, which hides part of
+the fixed cost per call that dominates the small (17-19 MB) projections.
 
 Only one activation row: several rows go to the Triton matmul (`woq_triton`).
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
+
+from runners.glm import cuda_launch
 
 _SOURCE = Path(__file__).with_name("woq_gemv.cu")
 
@@ -73,59 +73,12 @@ def compile_error(bits: int) -> str | None:
     return None
 
 
-# Programmatic dependent launch for kernels captured into CUDA graphs (benchmarks switch it off
-# to measure what it gives).
-use_pdl = True
-
-
 @functools.cache
 def _kernel(name: str, variant: Variant, fp16: bool, norm: bool, gated: bool, device: int) -> Callable[..., None]:
     defines = "".join(f"#define {field.upper()} {value}\n" for field, value in variant._asdict().items())
     defines += f"#define X_FP16 {int(fp16)}\n#define NORM {int(norm)}\n#define GATED {int(gated)}\n"
     with torch.cuda.device(device):  # the module is loaded into this device's context
         return torch.cuda._compile_kernel(defines + _SOURCE.read_text(), name, nvcc_options=["-std=c++17"])
-
-
-class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: an id, padding, a 64-byte union
-    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int),
-                ("value_rest", ctypes.c_char * 60)]
-
-
-class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
-    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared_mem", ctypes.c_uint),
-                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttribute)),
-                ("num_attrs", ctypes.c_uint)]
-
-
-_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-
-
-def _c_arg(arg: torch.Tensor | int | float) -> ctypes.c_void_p | ctypes.c_int | ctypes.c_double:
-    if isinstance(arg, torch.Tensor):
-        return ctypes.c_void_p(arg.data_ptr())
-    return ctypes.c_int(arg) if isinstance(arg, int) else ctypes.c_double(arg)
-
-
-def _launch_dependent(kernel: Callable[..., None], grid: tuple[int, int, int], block: tuple[int, int, int],
-                      args: list) -> None:
-    """`kernel(grid=, block=, args=)` through cuLaunchKernelEx with programmatic stream
-    serialization allowed, on the current stream (arguments converted as torch's launcher does)."""
-    values = [_c_arg(arg) for arg in args]
-    pointers = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values])
-    attribute = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
-    config = _LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), 0,
-                           ctypes.c_void_p(torch.cuda.current_stream().cuda_stream), ctypes.pointer(attribute), 1)
-    libcuda = torch.cuda._utils._get_gpu_runtime_library()
-    result = libcuda.cuLaunchKernelEx(ctypes.byref(config), kernel.func, pointers, None)
-    if result != 0:
-        raise RuntimeError(f"cuLaunchKernelEx failed with CUresult {result}")
-
-
-def _pdl_here(device: int) -> bool:
-    """Programmatic dependent launch: only while capturing a graph (weights are constants there)
-    and on sm_90+, where `griddepcontrol` exists."""
-    return (use_pdl and torch.cuda.is_current_stream_capturing()
-            and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 class Fusion(NamedTuple):
@@ -215,10 +168,8 @@ def _gemv(name: str, variants: tuple[Variant, ...], x: torch.Tensor, weights: We
         kernel = _kernel(name, variant, fp16, fusion.norm is not None, fusion.gated, device)
         grid, block = (-(-n // variant.rows_per_block), 1, 1), (32 * variant.warps, 1, 1)
         args = [x, *weights, out, *sizes, *extra]
-        if _pdl_here(device):
-            _launch_dependent(kernel, grid, block, args)
-        else:
-            kernel(grid=grid, block=block, args=args)
+        with torch.cuda.device(device):  # the current stream is that of the tensors' device
+            cuda_launch.launch(kernel, grid, block, args, device)
 
     key = (name, *sizes, fusion.gated, fp16, device)
     launch(variant or _variant_for(key, variants, launch, weights, x.device), weights)

@@ -19,14 +19,29 @@
 //
 // Programmatic dependent launch (sm_90+, used when woq_cuda captures a CUDA graph): the kernel
 // may start while the previous one finishes. Only weights (constants of the graph) are read
-// before `griddepcontrol.wait`; activations, norm weight and residual after it, and so is every
-// store. Without the launch attribute both instructions do nothing.
+// before `griddepcontrol.wait`; activations and residual after it, and so is every store.
+// Activations are read with coherent loads (`load_coherent`), never `.nc` / __ldg: the
+// non-coherent path promises data unchanged for the whole kernel, which lets ptxas hoist such a
+// load above the wait. Without the launch attribute both instructions do nothing.
 //
 // Small integers become floats without the int-to-float instruction: placed in the mantissa of a
 // float constant (2^23 for int8, 256 for int4 nibbles), then the constant is taken out.
 
 typedef unsigned int u32;
 typedef unsigned short u16;
+
+// Volatile: volatile asm statements keep their order, so this load stays after the wait.
+__device__ __forceinline__ uint4 load_coherent(const uint4* p) {
+  uint4 v;
+  asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ u16 load_coherent(const u16* p) {
+  u16 v;
+  asm volatile("ld.global.u16 %0, [%1];" : "=h"(v) : "l"(p));
+  return v;
+}
 
 __device__ __forceinline__ uint4 load_streaming(const uint4* p) {
   uint4 v;
@@ -169,7 +184,7 @@ struct Fusion {
 // Eight activations starting at uint4 `i` of x: norm-weighted when fusing, squares summed.
 __device__ __forceinline__ void load_activations(const uint4* x, int i, const Fusion& f, float* out,
                                                  float& sum_sq) {
-  unpack8(__ldg(x + i), out);
+  unpack8(load_coherent(x + i), out);
 #if NORM
   float g[8];
   unpack8(__ldg(f.norm + i), g);
@@ -195,7 +210,7 @@ __device__ __forceinline__ void store_rows(u16* y, int row0, int n, const float 
     y[(row0 + r) >> 1] = to_activation(gate / (1.f + __expf(-gate)) * up);
 #else
     float out = dots[r] * inv_rms;
-    if (f.residual != nullptr) out += activation_to_float(f.residual[row0 + r]);
+    if (f.residual != nullptr) out += activation_to_float(load_coherent(f.residual + row0 + r));
     y[row0 + r] = to_activation(out);
 #endif
   }
@@ -209,7 +224,11 @@ __device__ __forceinline__ void stream_chunks(const uint4* const (&rows)[ROWS], 
                                               Compute compute) {
   uint4 wv[UNROLL][ROWS];
   load_chunks(wv, rows, first, chunks);
-  wait_for_previous_kernel();  // the first weights are on their way; x may now be read
+  // The first weights are on their way; x may now be read. In a branch of its own: ptxas
+  // otherwise schedules the wait above the weight loads (they are .nc, so it may), and the
+  // launch would overlap nothing but its own start-up.
+  if (first < chunks) wait_for_previous_kernel();
+  else wait_for_previous_kernel();
   for (int base = first; base < chunks; base += kStep) {
     compute(wv, base);
     load_chunks(wv, rows, base + kStep, chunks);
@@ -218,7 +237,7 @@ __device__ __forceinline__ void stream_chunks(const uint4* const (&rows)[ROWS], 
 
 // y[n] = scale[n] * sum_k w[n, k] * x[k]; w int8 [N, K] row-major, K % 16 == 0.
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
-int8_gemv(const uint4* __restrict__ x, const uint4* __restrict__ w, const float* __restrict__ scale,
+int8_gemv(const uint4* x, const uint4* __restrict__ w, const float* __restrict__ scale,
           u16* __restrict__ y, int n, int k, const uint4* norm, double eps, const u16* residual,
           int add_residual) {
   allow_next_kernel();
@@ -283,7 +302,7 @@ __device__ __forceinline__ float nibble_hi(u32 t, u32 f256) { return masked_into
 // packed [N, K/2] bytes, group G (G/2 a multiple of 16, so a 16-byte chunk lies in one group);
 // byte j of a group holds element j (low nibble) and element j + G/2 (high nibble).
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
-int4_gemv(const uint4* __restrict__ x, const uint4* __restrict__ packed, const u16* __restrict__ scale,
+int4_gemv(const uint4* x, const uint4* __restrict__ packed, const u16* __restrict__ scale,
           const u16* __restrict__ zero, u16* __restrict__ y, int n, int k, int group, const uint4* norm,
           double eps, const u16* residual, int add_residual) {
   allow_next_kernel();
