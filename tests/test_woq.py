@@ -176,6 +176,10 @@ def test_packed_op_with_norm_and_residual_is_the_ops_in_sequence(bits):
     want = woq.swiglu_apart(F.linear(woq.rms_norm(x, norm, 1e-5), woq.dequantize(gated, torch.float32)))
     assert torch.allclose(op(x, *gated, norm, 1e-5, None, True), want, atol=1e-6)
     assert torch.allclose(woq.linear(x, gated, norm=norm, eps=1e-5, swiglu=True), want, atol=1e-6)
+    # without SwiGLU the op answers in stored (pair) order, `linear` in [gate | up] order
+    stored = F.linear(x, woq.dequantize(gated._replace(gated=False), torch.float32))
+    assert torch.allclose(op(x, *gated), stored, atol=1e-6)
+    assert torch.allclose(woq.linear(x, gated), woq.gate_up_order(stored), atol=1e-6)
     plain = gated._replace(gated=False, gemv="triton")
     assert torch.allclose(woq.linear(x, plain, swiglu=True),
                           woq.swiglu_apart(F.linear(x, woq.dequantize(plain, torch.float32))), atol=1e-6)

@@ -125,7 +125,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 # --- the ops: opaque to torch.compile, so the compiled layer calls our kernels as they are ------
 # Optional `norm` / `residual` / `swiglu`: the op computes residual + W rms_norm(x, norm), or
 # swiglu(W rms_norm(x, norm)) with W = [gate | up]: one CUDA GEMV where it runs (`linear` passes
-# them only then; SwiGLU needs a `gated` weight), the same ops apart on any other path.
+# them only then; SwiGLU needs a `gated` weight), the same ops apart on any other path. Without
+# `swiglu`, a gated weight's outputs come in its stored (pair) order: `linear` restores
+# [gate | up] in traced code, where Inductor fuses the reordering into the next kernel.
 def _on_gpu_kernels(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
 
@@ -156,9 +158,9 @@ def _apart(rows: torch.Tensor, norm: torch.Tensor | None, eps: float) -> torch.T
 
 def _finish(out: torch.Tensor, weight: Int8Weight | Int4Weight, residual: torch.Tensor | None,
             swiglu: bool) -> torch.Tensor:
-    """Stored-row outputs -> [gate | up] order, then SwiGLU or the residual, as asked."""
-    out = gate_up_order(out) if weight.gated else out
-    out = swiglu_apart(out) if swiglu else out
+    """Stored-row outputs -> SwiGLU of them in [gate | up] order, or plus the residual."""
+    if swiglu:
+        return swiglu_apart(gate_up_order(out) if weight.gated else out)
     return out if residual is None else residual.reshape(out.shape) + out
 
 
@@ -235,12 +237,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor | Int8Weight | Int4Weight, norm
         raise ValueError("a linear adds a residual or applies SwiGLU to its output, not both")
     if isinstance(weight, (Int8Weight, Int4Weight)):
         op = torch.ops.autoglm.int8_linear if isinstance(weight, Int8Weight) else torch.ops.autoglm.int4_linear
-        if _fuses(x, weight):
+        if _fuses(x, weight) and (swiglu or not weight.gated):
             return op(x, *weight, norm, eps, residual, swiglu)
-        out = op(x if norm is None else rms_norm(x, norm, eps), *weight, swiglu=swiglu)
+        out = op(x if norm is None else rms_norm(x, norm, eps), *weight)
+        out = gate_up_order(out) if weight.gated else out
     else:
         out = F.linear(x if norm is None else rms_norm(x, norm, eps), weight)
-        out = swiglu_apart(out) if swiglu else out
+    out = swiglu_apart(out) if swiglu else out
     return out if residual is None else residual + out
 
 
