@@ -15,6 +15,9 @@ Layouts (both row-major over output features N, input features K):
   [N, K/G] in the activation dtype. Within a group, byte j holds element j in its low nibble
   and element j + G/2 in its high nibble, so a kernel multiplies each nibble plane by a
   contiguous half of the activation group (no interleaved loads). w = (q - zero) * scale.
+- `gated` (either bits; the MLP's gate_up with `quant_kernel: cuda`): rows stored as interleaved
+  gate/up pairs, so the CUDA GEMV can write silu(gate) * up itself; `dequantize` and `linear`
+  answer in the usual [gate | up] order.
 
 On CUDA with bf16/fp16 activations the ops run those kernels; elsewhere (CPU, float32) they
 dequantise and call `F.linear`, the same arithmetic, used as the tests' reference.
