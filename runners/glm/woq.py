@@ -169,8 +169,8 @@ def _finish(out: torch.Tensor, weight: Int8Weight | Int4Weight, residual: torch.
 
 def _packed_linear(x: torch.Tensor, weight: Int8Weight | Int4Weight, norm: torch.Tensor | None, eps: float,
                    residual: torch.Tensor | None, swiglu: bool) -> torch.Tensor:
-    """What both ops compute: [residual +] rms_norm(x, norm) @ dequant(weight)^T, then SwiGLU
-    when asked."""
+    """What both ops compute: [residual +] rms_norm(x, norm) @ W^T for the stored rows W (a gated
+    weight's in pair order), or SwiGLU of that product in [gate | up] order when asked."""
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     int8 = isinstance(weight, Int8Weight)
     group = None if int8 else x.shape[-1] // weight.scale.shape[1]
