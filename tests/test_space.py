@@ -4,6 +4,7 @@ file and key, with no traceback and nothing created."""
 from __future__ import annotations
 
 import textwrap
+from pathlib import Path
 
 import optuna
 import pytest
@@ -61,6 +62,11 @@ def test_bundled_files_load_by_name():
         space = load_space(name)
         assert space.study == "batch_quant"
         assert set(space.params) == {"batch_size", "quant_bits", "sparsity", "kv_cache", "batch_timeout_ms"}
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(__file__).parents[1] / "search_spaces").glob("*.yaml")))
+def test_every_bundled_space_loads_and_names_its_study(name):
+    assert load_space(name).study == name
 
 
 def test_grid_values_enumerate_steps():
