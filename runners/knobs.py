@@ -61,8 +61,9 @@ INFER_KNOBS: dict[str, Knob] = {
              help="int8/int4 weight-only kernels: torchao's; our Triton GEMV/matmul; or `cuda`, our "
                   "hand-written CUDA GEMV for one row (NVRTC-compiled) and the Triton matmul for more (GPU)"),
         Knob("decode_attention", "torch", str, ("torch", "cuda"),
-             help="static-KV decode of one sequence: torch ops (bias, rope, cache write, QK, softmax, PV), or "
-                  "`cuda`, one hand-written NVRTC-compiled kernel for all of them (GPU)"),
+             help="static-KV decode steps of one sequence (batch bucket 1; larger buckets keep the torch ops): "
+                  "torch ops (bias, rope, cache write, QK, softmax, PV), or `cuda`, one hand-written "
+                  "NVRTC-compiled kernel for all of them (GPU)"),
         Knob("sparsity", 0.0, _NUMBER, help="fraction of linear weights set to zero"),
         Knob("sparsity_kind", "unstructured", str, ("unstructured", "2:4")),
         Knob("kv_cache", "dynamic", str, ("dynamic", "static", "offloaded", "quantized")),
