@@ -17,13 +17,13 @@ from runners.artifacts import request_rows, write_rows
 from runners.base import Runner, resolve_device
 from runners.contract import InfeasibleConfig, TrialConfig, TrialResult
 from runners.environment import describe
-from runners.glm.compress import apply_quantization, apply_sparsity
+from runners.glm.compress import CALIBRATION_SEQUENCES, CALIBRATION_TOKENS, apply_quantization, apply_sparsity
 from runners.glm.engine import HFEngine
 from runners.glm.fast_engine import FastEngine
 from runners.glm.fast_model import FastGlm
 from runners.glm.model import build_model, model_config, model_info, resolve_dtype
 from runners.glm.model_cache import MODELS, REFERENCES, model_key
-from runners.glm.quality import Fidelity, eval_batch, fidelity, log_probs
+from runners.glm.quality import Fidelity, calibration_set, eval_batch, fidelity, log_probs, text_source, text_windows
 from runners.knobs import resolve_knobs
 from runners.scheduler import Engine
 from runners.serving import ServeOutcome, serve
@@ -36,7 +36,12 @@ DEFAULT_WORKLOAD: dict[str, Any] = {
 
 
 def eval_set(config: TrialConfig, workload: dict[str, Any], device: str) -> torch.Tensor:
-    """The fixed, seeded evaluation token ids of this trial, [sequences, tokens]."""
+    """The evaluation token ids of this trial, [sequences, tokens]: windows of held-out text
+    when the model has a tokenizer and text (runners/glm/quality.py), else fixed seeded ids."""
+    source = text_source(config.model, workload)
+    if source.is_text:
+        return text_windows(source.eval_ids, int(workload["eval_sequences"]), int(workload["eval_tokens"]),
+                            device, source.eval_description)
     vocab = int(model_config(config.model).vocab_size)
     return eval_batch(vocab, int(workload["eval_sequences"]), int(workload["eval_tokens"]), config.seed, device)
 
@@ -44,20 +49,28 @@ def eval_set(config: TrialConfig, workload: dict[str, Any], device: str) -> torc
 def reference_key(config: TrialConfig, dtype: Any, device: str, eval_ids: torch.Tensor) -> str:
     """The reference log-probs depend on the model, its dtype and the evaluation set only."""
     return json.dumps({"model": config.model, "dtype": str(dtype), "device": device, "seed": config.seed,
-                       "eval": list(eval_ids.shape)}, sort_keys=True, default=str)
+                       "eval": list(eval_ids.shape), "eval_text": text_source(config.model, config.workload).eval_description},
+                      sort_keys=True, default=str)
 
 
 class PromptBank:
-    """Deterministic prompt token ids per request; requests of one prefix group share a prefix."""
+    """Deterministic prompt token ids per request; requests of one prefix group share a prefix.
 
-    def __init__(self, vocab_size: int, seed: int, shared_prefix_tokens: int) -> None:
+    With `text` (a 1-D token stream) each prompt is a seeded window of that text, else random ids.
+    """
+
+    def __init__(self, vocab_size: int, seed: int, shared_prefix_tokens: int, text: Any = None) -> None:
         self.vocab_size = vocab_size
         self.seed = seed
         self.shared_prefix_tokens = shared_prefix_tokens
+        self.text = text
 
     def _tokens(self, stream: int, key: int, count: int) -> list[int]:
         # Separate seed streams for per-request tokens (0) and group prefixes (1).
         rng = np.random.default_rng([self.seed, stream, key])
+        if self.text is not None and len(self.text) > count:
+            start = int(rng.integers(0, len(self.text) - count))
+            return [int(t) for t in self.text[start:start + count]]
         return rng.integers(3, self.vocab_size, size=count).tolist()
 
     def __call__(self, request: Request) -> list[int]:
@@ -172,7 +185,9 @@ class GlmInferRunner(Runner):
         info: dict[str, Any] = {**built.info, "model_reused": reused, "engine": kind,
                                 "dtype": str(dtype).removeprefix("torch."), "device": device}
 
-        engine = self._engine(built, knobs, device, kind, workload, config.seed)
+        text = text_source(config.model, workload)
+        info.update(eval_set=text.eval_description, prompts=text.eval_description if text.is_text else "random ids")
+        engine = self._engine(built, knobs, device, kind, workload, config.seed, text.eval_ids)
         compiled_before = engine.compile_s if isinstance(engine, FastEngine) else 0.0
         self._prepare(engine, knobs, workload, config.seed, eval_ids)
         quality = self._quality(built, engine, knobs, config, dtype, eval_ids)
@@ -186,7 +201,12 @@ class GlmInferRunner(Runner):
         metrics, unavailable = outcome.metrics, outcome.unavailable
         metrics["kl_divergence"] = quality.kl_divergence
         metrics["top1_agreement"] = quality.top1_agreement
-        unavailable["perplexity"] = "needs real weights and a text file"
+        if quality.perplexity is not None:
+            metrics["perplexity"] = quality.perplexity
+            info["reference_perplexity"] = quality.reference_perplexity
+        else:
+            unavailable["perplexity"] = ("the evaluation set is random token ids: give a checkpoint with a tokenizer "
+                                         "(model.path) and text (workload.eval_text, or make-reference's held-out text)")
         self._prefix_metrics(engine, outcome, metrics, unavailable, info)
         info["engine_counters"] = engine.counters()
         info["serving"] = outcome.info
@@ -207,7 +227,9 @@ class GlmInferRunner(Runner):
         info: dict[str, Any] = {"model_before": dataclasses.asdict(model_info(model))}
         if kind == "fast":
             model = FastGlm(model)
-        info.update(apply_sparsity(model, knobs, device))
+        info.update(apply_sparsity(model, knobs, device, lambda: calibration_set(
+            config.model, config.workload, int(model.config.vocab_size), config.seed, device,
+            CALIBRATION_SEQUENCES, CALIBRATION_TOKENS)))
         apply_quantization(model, knobs, device)
         info["model_after"] = dataclasses.asdict(model_info(model))
         fast = None
@@ -218,9 +240,9 @@ class GlmInferRunner(Runner):
 
     @staticmethod
     def _engine(built: BuiltModel, knobs: dict[str, Any], device: str, kind: str,
-                workload: dict[str, Any], seed: int) -> Engine:
+                workload: dict[str, Any], seed: int, text: Any = None) -> Engine:
         shared = int(workload.get("shared_prefix_tokens", 0))
-        prompts = PromptBank(built.model.config.vocab_size, seed, shared)
+        prompts = PromptBank(built.model.config.vocab_size, seed, shared, text)
         if built.fast_engine is not None:
             built.fast_engine.begin_trial(prompts, prefix_length(shared), knobs["prefix_cache"],
                                           float(knobs["prefix_cache_mib"]))
@@ -254,7 +276,8 @@ class GlmInferRunner(Runner):
                 del plain
             prefill = max(1, eval_ids.shape[1] // 2)
             candidate = engine.teacher_forced_log_probs(eval_ids, prefill)  # type: ignore[attr-defined]
-            built.quality[kv_key] = fidelity(reference, candidate.cpu())
+            text = text_source(config.model, config.workload).is_text
+            built.quality[kv_key] = fidelity(reference, candidate.cpu(), eval_ids.cpu() if text else None)
         return built.quality[kv_key]
 
     @staticmethod

@@ -66,6 +66,9 @@ INFER_KNOBS: dict[str, Knob] = {
                   "NVRTC-compiled kernel for all of them (GPU)"),
         Knob("sparsity", 0.0, _NUMBER, help="fraction of linear weights set to zero"),
         Knob("sparsity_kind", "unstructured", str, ("unstructured", "2:4")),
+        Knob("sparsity_method", "magnitude", str, ("magnitude", "wanda"),
+             help="which weights sparsity removes: smallest |W| per layer (magnitude), or smallest "
+                  "|W| * ||x|| per output row with input norms from calibration text (wanda)"),
         Knob("kv_cache", "dynamic", str, ("dynamic", "static", "offloaded", "quantized")),
         Knob("kv_bits", 4, int, (2, 4, 8)),
         Knob("prefix_cache", "off", str, ("off", "lru", "lfu")),

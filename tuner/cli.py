@@ -27,6 +27,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "regress": ("tuner.regress", "main"),
     "dashboard": ("reports.dashboard", "main"),
     "worker": ("tuner.cli", "worker_main"),
+    "make-reference": ("tuner.cli", "make_reference_main"),
 }
 
 
@@ -125,6 +126,14 @@ def worker_main(argv: list[str]) -> int:
 
     options = RunOptions(storage_url, out_dir, args.quiet, args.warm, join=True)
     return _exit_code(run_study(space, storage, options))
+
+
+def make_reference_main(argv: list[str]) -> int:
+    """Train a reference GLM + tokenizer on local text (runners/reference.py): torch work, so it
+    runs in a child process like every trial; its exit code is this command's."""
+    import subprocess
+
+    return subprocess.call([sys.executable, "-m", "runners.reference", *argv])
 
 
 def _gpus(args: argparse.Namespace) -> list[str] | None:

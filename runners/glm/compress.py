@@ -1,17 +1,28 @@
-"""Compression knobs on a built model: magnitude sparsity, then torchao quantisation.
+"""Compression knobs on a built model: sparsity (magnitude or activation-aware Wanda), then
+torchao quantisation.
 
 Whatever the device cannot run raises `InfeasibleConfig` with the reason; nothing is faked.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from runners.contract import InfeasibleConfig
 from runners.glm import woq
+
+# Wanda calibration (Sun et al. 2023 use 128 x 2048 tokens of C4; a few thousand tokens already
+# rank input channels stably for the sizes here).
+CALIBRATION_SEQUENCES = 16
+CALIBRATION_TOKENS = 256
+# () -> (calibration ids [sequences, tokens], where they come from)
+Calibration = Callable[[], tuple[torch.Tensor, str]]
 
 
 def linear_layers(model: nn.Module, include_lm_head: bool) -> list[tuple[str, nn.Linear]]:
@@ -22,47 +33,134 @@ def linear_layers(model: nn.Module, include_lm_head: bool) -> list[tuple[str, nn
 
 
 @torch.no_grad()
-def prune_unstructured(weight: torch.Tensor, ratio: float) -> None:
-    """Zero the `ratio` fraction of entries with the smallest magnitude, in place."""
-    count = int(round(ratio * weight.numel()))
-    if count == 0:
+def prune_unstructured(weight: torch.Tensor, ratio: float, scores: torch.Tensor | None = None) -> None:
+    """Zero a `ratio` fraction of `weight` in place.
+
+    Magnitude (no `scores`): the entries of smallest |W| over the whole layer. Wanda (`scores`
+    = |W| * ||x||, [out, in]): the entries of smallest score within each output row, as Wanda
+    compares weights feeding the same output.
+    """
+    if scores is None:
+        count = int(round(ratio * weight.numel()))
+        if count == 0:
+            return
+        threshold = weight.abs().flatten().float().kthvalue(count).values
+        weight.masked_fill_(weight.abs() <= threshold.to(weight.dtype), 0)
         return
-    threshold = weight.abs().flatten().float().kthvalue(count).values
-    weight.masked_fill_(weight.abs() <= threshold.to(weight.dtype), 0)
+    per_row = int(round(ratio * weight.shape[1]))
+    if per_row == 0:
+        return
+    drop = scores.argsort(dim=1)[:, :per_row]  # [out, per_row]
+    weight.scatter_(1, drop, 0)
 
 
 @torch.no_grad()
-def prune_2_4(weight: torch.Tensor) -> None:
-    """Keep the 2 largest-magnitude entries of every 4 along the input dimension, in place."""
+def prune_2_4(weight: torch.Tensor, scores: torch.Tensor | None = None) -> None:
+    """Keep the 2 entries of largest score (default |W|) of every 4 along the input dimension, in place."""
     out_features, in_features = weight.shape
     groups = weight.view(out_features, in_features // 4, 4)
-    drop = groups.abs().argsort(dim=-1)[..., :2]
+    ranked = (weight.abs() if scores is None else scores).view(out_features, in_features // 4, 4)
+    drop = ranked.argsort(dim=-1)[..., :2]
     groups.scatter_(-1, drop, 0)
 
 
-def apply_sparsity(model: nn.Module, knobs: dict[str, Any], device: str) -> dict[str, float]:
+class _InputNorms(TorchFunctionMode):
+    """Sums of squares of each input channel of the chosen Linear weights, over every `F.linear`
+    call they appear in: works for transformers' modules and for FastGlm's functional layers alike."""
+
+    def __init__(self, weights: dict[int, str]) -> None:
+        super().__init__()
+        self.weights = weights
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if func is F.linear and len(args) > 1 and id(args[1]) in self.weights:
+            name = self.weights[id(args[1])]
+            x = args[0].detach().float()  # [..., in]
+            squares = x.reshape(-1, x.shape[-1]).pow(2).sum(0)  # [in]
+            self.sums[name] = self.sums[name] + squares if name in self.sums else squares
+        return func(*args, **(kwargs or {}))
+
+
+@torch.inference_mode()
+def input_norms(model: nn.Module, layers: list[tuple[str, nn.Linear]], ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """||x_j||_2 over all calibration tokens of each input channel j of each layer, {name: [in]}."""
+    recorder = _InputNorms({id(layer.weight): name for name, layer in layers})
+    with recorder:
+        for chunk in ids.split(4):  # chunk: [<=4, T]
+            _calibration_forward(model, chunk)
+    missing = [name for name, _ in layers if name not in recorder.sums]
+    if missing:
+        raise RuntimeError(f"wanda: no calibration input reached {missing[:3]}")
+    return {name: total.sqrt() for name, total in recorder.sums.items()}
+
+
+def _calibration_forward(model: nn.Module, ids: torch.Tensor) -> None:
+    """A teacher-forced pass over ids [B, T] through every decoder layer."""
+    if not hasattr(model, "run_layers"):  # transformers' GlmForCausalLM / Glm4ForCausalLM
+        model(input_ids=ids, use_cache=False)
+        return
+    from runners.glm.fast_model import attention_bias
+
+    batch, seq = ids.shape
+    dims, weight = model.dims, model.final_norm
+    caches = [torch.zeros(batch, dims.num_kv_heads, seq, dims.head_dim, dtype=weight.dtype, device=weight.device)
+              for _ in range(2 * len(model.layers))]
+    positions = torch.arange(seq, device=ids.device)
+    bias = attention_bias(positions, torch.zeros(batch, dtype=torch.long, device=ids.device), seq, weight.dtype)
+    model.run_layers(ids, positions.expand(batch, seq), positions, bias, caches[::2], caches[1::2], seq)
+
+
+def wanda_scores(weight: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """|W_ij| * ||x_j||, [out, in] in float32 (one layer at a time: float32 copies of every
+    layer at once would be twice a bf16 model's size)."""
+    return weight.detach().abs().float() * norm[None].to(weight.device)
+
+
+def apply_sparsity(model: nn.Module, knobs: dict[str, Any], device: str,
+                   calibration: Calibration | None = None) -> dict[str, Any]:
     """Prune the decoder's Linear weights; 2:4 also converts them to the semi-structured layout
-    (cuSPARSELt/CUTLASS), unless fp8 quantisation follows and packs them itself."""
+    (cuSPARSELt/CUTLASS), unless fp8 quantisation follows and packs them itself.
+
+    `sparsity_method: wanda` scores weights by |W| * ||x|| with the input norms of a calibration
+    pass (`calibration()`, training text; seeded random ids when none is given or known).
+    """
     ratio = float(knobs.get("sparsity", 0.0))
     kind = knobs.get("sparsity_kind", "unstructured")
+    method = knobs.get("sparsity_method", "magnitude")
     if not 0.0 <= ratio < 1.0:
         raise InfeasibleConfig(f"sparsity must be in [0, 1), got {ratio}")
     if ratio == 0.0:
         return {"sparsity_measured": 0.0}
     layers = linear_layers(model, include_lm_head=False)
-    if kind == "unstructured":
-        for _, layer in layers:
-            prune_unstructured(layer.weight, ratio)
-        zeros = sum(int((layer.weight == 0).sum()) for _, layer in layers)
-        return {"sparsity_measured": zeros / sum(layer.weight.numel() for _, layer in layers)}
-    _check_2_4(layers, ratio, device, knobs)
-    for _, layer in layers:
-        prune_2_4(layer.weight)
+    if kind != "unstructured":
+        _check_2_4(layers, ratio, device, knobs)
+    info: dict[str, Any] = {"sparsity_method": method}
+    norms = None
+    if method == "wanda":
+        ids, info["sparsity_calibration"] = (calibration or _random_calibration(model, device))()
+        norms = input_norms(model, layers, ids)
+    for name, layer in layers:
+        scores = None if norms is None else wanda_scores(layer.weight, norms[name])
+        if kind == "unstructured":
+            prune_unstructured(layer.weight, ratio, scores)
+        else:
+            prune_2_4(layer.weight, scores)
     zeros = sum(int((layer.weight == 0).sum()) for _, layer in layers)
-    measured = zeros / sum(layer.weight.numel() for _, layer in layers)
-    if not _fp8_follows(knobs):
+    info["sparsity_measured"] = zeros / sum(layer.weight.numel() for _, layer in layers)
+    if kind != "unstructured" and not _fp8_follows(knobs):
         _to_semi_structured(layers)
-    return {"sparsity_measured": measured}
+    return info
+
+
+def _random_calibration(model: nn.Module, device: str) -> Calibration:
+    from runners.glm.quality import eval_batch
+
+    def ids() -> tuple[torch.Tensor, str]:
+        vocab = int(model.config.vocab_size)
+        return (eval_batch(vocab, CALIBRATION_SEQUENCES, CALIBRATION_TOKENS, 7919, device),
+                f"{CALIBRATION_SEQUENCES}x{CALIBRATION_TOKENS} seeded random token ids (no calibration text given)")
+    return ids
 
 
 def _fp8_follows(knobs: dict[str, Any]) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,10 +86,12 @@ def build_model(model_spec: dict[str, Any], dtype: torch.dtype, device: str, see
     if "path" in model_spec:
         # A local checkpoint directory only: run time never reaches the hub.
         arch_cls = ARCHS[checkpoint_arch(model_spec)][1]
+        # device_map (straight onto the device) needs `accelerate`; without it, load then move.
+        placement = {"device_map": device} if importlib.util.find_spec("accelerate") else {}
         model = arch_cls.from_pretrained(
-            model_spec["path"], dtype=dtype, device_map=device, local_files_only=True,
-            attn_implementation=attn_implementation)
-        return model.eval()
+            model_spec["path"], dtype=dtype, local_files_only=True,
+            attn_implementation=attn_implementation, **placement)
+        return model.to(device).eval()
     config = make_config(model_spec)
     config._attn_implementation = attn_implementation
     _, model_cls = ARCHS[PRESETS[model_spec.get("preset", "glm-tiny")]["arch"]]

@@ -16,7 +16,7 @@ from collections import OrderedDict
 from typing import Any
 
 MODEL_KNOBS = ("quant_bits", "quant_scheme", "quant_group_size", "quantize_lm_head", "quant_kernel", "sparsity",
-               "sparsity_kind", "attn_implementation", "compile", "decode_attention")
+               "sparsity_kind", "attn_implementation", "compile", "decode_attention", "sparsity_method")
 
 
 def model_key(model_spec: dict[str, Any], dtype: str, device: str, seed: int, knobs: dict[str, Any],
@@ -29,7 +29,7 @@ def model_key(model_spec: dict[str, Any], dtype: str, device: str, seed: int, kn
     elif int(relevant["quant_bits"]) != 4:
         relevant["quant_group_size"] = None
     if not float(relevant["sparsity"] or 0.0):
-        relevant["sparsity_kind"] = None
+        relevant.update(sparsity_kind=None, sparsity_method=None)
     return json.dumps({"model": model_spec, "dtype": dtype, "device": device, "seed": seed,
                        "engine": engine_kind, **relevant}, sort_keys=True, default=str)
 
