@@ -70,18 +70,21 @@ class Document:
 # ---------------------------------------------------------------- corpus and split
 
 
-def stdlib_documents() -> tuple[list[Document], str]:
-    """Every `.py` file of this Python's standard library (site-packages excluded)."""
+def stdlib_documents(max_bytes: int) -> tuple[list[Document], str]:
+    """`.py` files of this Python's standard library (site-packages excluded), in hash order of
+    their relative paths, read until `max_bytes` are collected."""
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"site-packages", "dist-packages", "__pycache__"}
-    docs = []
-    for path in root.rglob("*.py"):
-        rel = path.relative_to(root)
-        if skip & set(rel.parts) or not path.is_file():
-            continue
-        text = _read_text(path)
+    names = sorted((rel.as_posix() for rel in (p.relative_to(root) for p in root.rglob("*.py"))
+                    if not skip & set(rel.parts)), key=lambda n: Document(n, "").digest)
+    docs, total = [], 0
+    for name in names:
+        if total >= max_bytes:
+            break
+        text = _read_text(root / name)
         if text:
-            docs.append(Document(rel.as_posix(), text))
+            docs.append(Document(name, text))
+            total += len(text.encode())
     return docs, f"Python {platform.python_version()} standard library .py sources ({root})"
 
 
@@ -280,8 +283,9 @@ def prepare_corpus(opts: Options) -> dict[str, Any]:
     import numpy as np
 
     t0 = time.perf_counter()
-    docs, described = file_documents(opts.text) if opts.text else stdlib_documents()
-    docs = cap_documents(docs, int(opts.max_mb * 2**20))
+    max_bytes = int(opts.max_mb * 2**20)
+    docs, described = file_documents(opts.text) if opts.text else stdlib_documents(max_bytes)
+    docs = cap_documents(docs, max_bytes)
     train_docs, heldout_docs = split_documents(docs, opts.heldout_fraction)
     shape = PRESETS[opts.preset]
     tokenizer = train_tokenizer([d.text for d in train_docs], shape["vocab_size"], shape["max_position_embeddings"])

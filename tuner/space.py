@@ -32,7 +32,7 @@ WORKLOAD_KEYS = {
     "arrival", "rate_rps", "concurrency", "requests", "warmup_requests", "prompt_tokens",
     "output_tokens", "seed", "burstiness", "trace", "max_duration_s", "target_p99_ci_ratio",
     "max_requests", "shared_prefix_tokens", "shared_prefix_groups", "eval_sequences",
-    "eval_tokens", "train_steps", "warmup_steps", "data_path",
+    "eval_tokens", "train_steps", "warmup_steps", "data_path", "eval_text", "calibration_text",
 }
 PARAM_KEYS = {"type", "low", "high", "step", "log", "choices"}
 SEARCH_KEYS = {"sampler", "trials", "timeout_min", "seed", "trial_timeout_s", "baseline",
@@ -227,6 +227,7 @@ def validate(data: dict[str, Any], source: str, default_study: str) -> Space:
     _check_device(device, source)
     model = _model(_get(data, "model", dict, source, "", {"preset": "glm-tiny"}), source)
     workload = _workload(_get(data, "workload", dict, source, "", {}), source, runner)
+    _text_files(workload, model, source)
     params = _params(_get(data, "params", dict, source, "", {}), source, runner)
     fixed = _fixed(_get(data, "fixed", dict, source, "", {}) or {}, source, runner, params)
     objectives = _objectives(data.get("objectives"), source)
@@ -332,6 +333,25 @@ def _workload(w: dict[str, Any], source: str, runner: str) -> dict[str, Any]:
         if key in w:
             out[key] = _length_dist(w[key], source, f"workload.{key}")
     return out
+
+
+def _text_files(workload: dict[str, Any], model: dict[str, Any], source: str) -> None:
+    """`eval_text` / `calibration_text`: a non-empty text file, tokenized with the checkpoint's
+    tokenizer (so `model.path` must have one); stored as an absolute path."""
+    for key in ("eval_text", "calibration_text"):
+        file = _get(workload, key, str, source, "workload", None)
+        if file is None:
+            continue
+        path = Path(file).expanduser()
+        if not path.is_file():
+            raise SpaceError(source, f"workload.{key}", f"{file} is not a file")
+        if not path.read_bytes().strip():
+            raise SpaceError(source, f"workload.{key}", f"{file} is empty")
+        tokenizer = ("tokenizer.json", "tokenizer_config.json")
+        if "path" not in model or not any((Path(model["path"]) / name).is_file() for name in tokenizer):
+            raise SpaceError(source, f"workload.{key}", "needs a tokenizer: set model.path to a checkpoint "
+                             "folder with tokenizer.json or tokenizer_config.json")
+        workload[key] = str(path.resolve())
 
 
 def _length_dist(value: Any, source: str, where: str) -> Any:

@@ -1,0 +1,203 @@
+"""Quality on text with a trained reference (issue 20), all on CPU with the tiny preset:
+make-reference's checkpoint round-trips through `model.path` (tokenizer included) and resumes
+exactly; perplexity on held-out text is present, finite and equals exp(loss); KL is 0 for the
+unmodified stack and grows with sparsity; Wanda scores |W| * ||x|| from training text (or
+random ids, and says so); a missing or empty text file is exit 2 with the key named."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from runners.contract import TrialConfig
+from runners.glm.compress import apply_sparsity, input_norms, linear_layers, prune_2_4, prune_unstructured, wanda_scores
+from runners.glm.fast_model import FastGlm
+from runners.glm.model import build_model
+from runners.glm.quality import eval_batch, perplexity, text_windows
+from runners.infer import GlmInferRunner, PromptBank
+from runners.reference import Options, make_reference
+from runners.reference import main as reference_main
+from tuner.cli import main as cli_main
+
+WORKLOAD = {"arrival": "closed", "concurrency": 2, "requests": 2, "warmup_requests": 0, "prompt_tokens": 8,
+            "output_tokens": 2, "eval_sequences": 4, "eval_tokens": 64}
+SMALL_TEXT = [str(Path(sysconfig.get_paths()["stdlib"]) / name) for name in ("json/decoder.py", "json/encoder.py")]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny CPU ops on shared cores: a second OpenMP thread only spins (measured 30x slower here).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "glm-tiny"
+    make_reference(Options("glm-tiny", out, None, 0.25, 0.05, 60, 0, 0.0, 30, 30,
+                           {"micro_batch_size": 4, "seq_len": 64}, None, "cpu", 0, False))
+    return out
+
+
+def _trial(model_path: Path, knobs: dict, workload: dict | None = None):
+    config = TrialConfig("glm-infer", {"path": str(model_path)}, "cpu", {**WORKLOAD, **(workload or {})}, knobs)
+    return GlmInferRunner().run(config)
+
+
+# --- make-reference ------------------------------------------------------------------------------
+def test_checkpoint_round_trips_through_model_path_with_its_tokenizer(reference):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(reference), local_files_only=True)
+    assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (0, 1, 2)
+    text = (reference / "text" / "heldout.txt").read_text()[:3000]
+    assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text  # byte-level: lossless
+    loaded = build_model({"path": str(reference)}, torch.float32, "cpu", seed=123)
+    trained = torch.load(reference / "resume" / "state.pt", weights_only=True)["model"]
+    assert all(torch.equal(loaded.state_dict()[name], tensor) for name, tensor in trained.items())
+    meta = json.loads((reference / "reference.json").read_text())
+    assert meta["training"]["steps"] == 60 and meta["split"]["heldout_tokens"] > 256
+    curve = (reference / "loss_curve.csv").read_text().splitlines()
+    assert len(curve) == 61 and float(curve[-1].split(",")[2]) < math.log(1024)  # below the uniform loss
+
+
+def test_resume_continues_exactly_where_an_uninterrupted_run_goes(tmp_path):
+    common = ["--preset", "glm-tiny", "--text", *SMALL_TEXT, "--steps", "8", "--checkpoint-every", "4",
+              "--log-every", "4", "--device", "cpu", "--knob", "micro_batch_size=2", "--knob", "seq_len=32"]
+    assert reference_main([*common, "--out", str(tmp_path / "straight")]) == 0
+    assert reference_main([*common, "--out", str(tmp_path / "split"), "--stop-at", "4"]) == 0
+    assert json.loads((tmp_path / "split" / "reference.json").read_text())["training"]["steps"] == 4
+    assert reference_main([*common, "--out", str(tmp_path / "split")]) == 2  # exists: --resume needed
+    assert reference_main([*common, "--out", str(tmp_path / "split"), "--resume"]) == 0
+    straight = torch.load(tmp_path / "straight" / "resume" / "state.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "split" / "resume" / "state.pt", weights_only=True)
+    assert resumed["step"] == straight["step"] == 8
+    assert all(torch.equal(straight["model"][k], resumed["model"][k]) for k in straight["model"])
+
+    def losses(run: str) -> list[str]:
+        return [row.split(",")[2] for row in (tmp_path / run / "loss_curve.csv").read_text().splitlines()[1:]]
+    assert losses("split") == losses("straight") and len(losses("straight")) == 8
+
+
+def test_make_reference_usage_errors_are_exit_2(tmp_path, capsys):
+    assert cli_main(["make-reference", "--text", str(tmp_path / "absent.txt"), "--out", str(tmp_path / "r")]) == 2
+    assert reference_main(["--out", str(tmp_path / "r"), "--resume"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    assert reference_main(["--knob", "warp_speed=9"]) == 2
+
+
+# --- quality on text -----------------------------------------------------------------------------
+def test_unmodified_stack_has_zero_kl_and_perplexity_is_exp_of_the_heldout_loss(reference):
+    result = _trial(reference, {})
+    assert result.metrics["kl_divergence"] < 1e-6 and result.metrics["top1_agreement"] == 1.0
+    assert "held-out text" in result.info["eval_set"]
+    ppl = result.metrics["perplexity"]
+    assert math.isfinite(ppl) and ppl == pytest.approx(result.info["reference_perplexity"], rel=1e-6)
+    # The same windows scored by transformers' own loss (mean NLL of the shifted tokens).
+    ids = text_windows(np.load(reference / "text" / "heldout_ids.npy"), 4, 64, "cpu", "held-out")
+    model = build_model({"path": str(reference)}, torch.float32, "cpu", 0)
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss
+    assert ppl == pytest.approx(math.exp(float(loss)), rel=1e-4)
+    assert perplexity(torch.full((1, 5, 8), -math.log(8)), torch.zeros(1, 5, dtype=torch.long)) == pytest.approx(8)
+
+
+def test_kl_and_perplexity_change_grow_with_sparsity_and_wanda_runs_on_training_text(reference):
+    kls = [_trial(reference, {"sparsity": s}).metrics["kl_divergence"] for s in (0.3, 0.6, 0.9)]
+    assert 0 < kls[0] < kls[1] < kls[2]
+    wanda = _trial(reference, {"sparsity": 0.6, "sparsity_method": "wanda"})
+    assert "training text" in wanda.info["sparsity_calibration"]
+    assert wanda.info["sparsity_measured"] == pytest.approx(0.6, abs=0.01)
+    assert 0 < wanda.metrics["kl_divergence"] != kls[1] and math.isfinite(wanda.metrics["perplexity"])
+
+
+def test_eval_text_file_is_the_evaluation_set_and_prompts_come_from_it(reference):
+    result = _trial(reference, {}, {"eval_text": str(reference / "text" / "heldout.txt")})
+    assert result.info["eval_set"].startswith("text of") and result.info["prompts"] == result.info["eval_set"]
+    assert math.isfinite(result.metrics["perplexity"])
+    bank = PromptBank(1024, seed=3, shared_prefix_tokens=0, text=np.arange(100, 600))
+    from runners.workload import Request
+    prompt = bank(Request(rid=7, arrival_s=0.0, prompt_tokens=12, output_tokens=2))
+    assert prompt == list(range(prompt[0], prompt[0] + 12)) and 100 <= prompt[0] <= 588
+
+
+@pytest.mark.parametrize("content, problem", [(None, "is not a file"), ("  \n", "is empty")])
+def test_missing_or_empty_eval_text_is_exit_2_naming_the_key(tmp_path, capsys, reference, content, problem):
+    text = tmp_path / "eval.txt"
+    if content is not None:
+        text.write_text(content)
+    space = tmp_path / "space.yaml"
+    space.write_text(f"study: q\nmodel: {{path: {reference}}}\nworkload: {{eval_text: {text}}}\n"
+                     "params: {sparsity: {type: categorical, choices: [0.0]}}\n"
+                     "objectives: [{metric: perplexity, direction: minimize}]\n")
+    assert cli_main(["--space", str(space), "--storage", str(tmp_path / "j.log"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "workload.eval_text" in err and problem in err and not (tmp_path / "o").exists()
+
+
+def test_eval_text_without_a_tokenizer_is_exit_2(tmp_path, capsys):
+    text = tmp_path / "eval.txt"
+    text.write_text("some text\n")
+    space = tmp_path / "space.yaml"
+    space.write_text(f"study: q\nmodel: {{preset: glm-tiny}}\nworkload: {{eval_text: {text}}}\n"
+                     "params: {sparsity: {type: categorical, choices: [0.0]}}\n"
+                     "objectives: [{metric: kl_divergence, direction: minimize}]\n")
+    assert cli_main(["--space", str(space), "--storage", str(tmp_path / "j.log")]) == 2
+    assert "workload.eval_text: needs a tokenizer" in capsys.readouterr().err
+
+
+# --- wanda ---------------------------------------------------------------------------------------
+def test_wanda_keeps_the_weights_of_high_activation_inputs_magnitude_drops_them():
+    weight = torch.tensor([[1.0, -1.0, 0.1, -0.1], [0.5, 2.0, 0.2, 0.3]])
+    norms = torch.tensor([1.0, 1.0, 100.0, 100.0])
+    by_magnitude, by_wanda = weight.clone(), weight.clone()
+    prune_unstructured(by_magnitude, 0.5)
+    prune_unstructured(by_wanda, 0.5, wanda_scores(by_wanda, norms))
+    assert (by_magnitude != 0).tolist() == [[True, True, False, False]] * 2
+    assert (by_wanda != 0).tolist() == [[False, False, True, True]] * 2  # scores 10-30 vs 0.5-2, per row
+    assert torch.equal(by_wanda[by_wanda != 0], weight[by_wanda != 0])
+
+
+def test_wanda_2_4_keeps_the_two_best_scores_of_every_group():
+    weight = torch.randn(8, 16)
+    scores = torch.rand(8, 16)
+    pruned = weight.clone()
+    prune_2_4(pruned, scores)
+    kept = pruned.view(8, 4, 4) != 0
+    best = torch.zeros_like(kept).scatter_(-1, scores.view(8, 4, 4).topk(2, dim=-1).indices, True)
+    assert torch.equal(kept, best) and int(kept.sum()) == 64
+
+
+def test_input_norms_match_forward_hooks_on_transformers_and_fastglm():
+    model = build_model({"preset": "glm-tiny"}, torch.float32, "cpu", seed=0)
+    ids = eval_batch(model.config.vocab_size, 2, 16, seed=5, device="cpu")
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [layer.register_forward_pre_hook(lambda m, args, name=name: seen.__setitem__(
+        name, args[0].reshape(-1, args[0].shape[-1]).pow(2).sum(0).sqrt())) for name, layer in linear_layers(model, False)]
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    for hook in hooks:
+        hook.remove()
+    hf = input_norms(model, linear_layers(model, False), ids)
+    assert all(torch.allclose(hf[name], seen[name], rtol=1e-5) for name in seen)
+    fast = FastGlm(copy.deepcopy(model))
+    fast_norms = input_norms(fast, linear_layers(fast, False), ids)
+    # q/k/v are fused in FastGlm: its qkv input is q_proj's input.
+    assert torch.allclose(fast_norms["layers.1.qkv_proj"], seen["model.layers.1.self_attn.q_proj"], rtol=1e-4)
+    assert torch.allclose(fast_norms["layers.0.down_proj"], seen["model.layers.0.mlp.down_proj"], rtol=1e-4)
+
+
+def test_wanda_without_text_calibrates_on_random_ids_and_says_so():
+    model = build_model({"preset": "glm-tiny"}, torch.float32, "cpu", seed=0)
+    info = apply_sparsity(model, {"sparsity": 0.5, "sparsity_method": "wanda"}, "cpu")
+    assert "random token ids" in info["sparsity_calibration"]
+    assert info["sparsity_measured"] == pytest.approx(0.5, abs=1e-3)
