@@ -176,7 +176,7 @@ def token_stream(tokenizer: Any, docs: list[Document]) -> Any:
     import numpy as np
 
     encoded = tokenizer.backend_tokenizer.encode_batch([d.text for d in docs], add_special_tokens=False)
-    return np.fromiter((t for e in encoded for t in [*e.ids, EOS_ID]), dtype=np.int32)
+    return np.concatenate([np.asarray([*e.ids, EOS_ID], dtype=np.int32) for e in encoded])
 
 
 def unigram_entropy(ids: Any) -> float:
