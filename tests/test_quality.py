@@ -201,3 +201,22 @@ def test_wanda_without_text_calibrates_on_random_ids_and_says_so():
     info = apply_sparsity(model, {"sparsity": 0.5, "sparsity_method": "wanda"}, "cpu")
     assert "random token ids" in info["sparsity_calibration"]
     assert info["sparsity_measured"] == pytest.approx(0.5, abs=1e-3)
+
+
+# --- GPU: the reference trained with bf16 autocast + compile, served compiled with Wanda -------------
+gpu = pytest.mark.gpu
+
+
+@gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_compiled_reference_training_and_wanda_on_the_compiled_fast_path(tmp_path):
+    common = ["--preset", "glm-tiny", "--text", *SMALL_TEXT, "--steps", "40", "--checkpoint-every", "20",
+              "--log-every", "20", "--device", "cuda", "--knob", "compile=true", "--knob", "seq_len=64"]
+    assert reference_main([*common, "--out", str(tmp_path / "ref")]) == 0
+    meta = json.loads((tmp_path / "ref" / "reference.json").read_text())
+    assert meta["training"]["knobs"]["amp_dtype"] == "bfloat16" and meta["training"]["knobs"]["compile"] is True
+    config = TrialConfig("glm-infer", {"path": str(tmp_path / "ref")}, "cuda", WORKLOAD,
+                         {"sparsity": 0.5, "sparsity_method": "wanda", "kv_cache": "static", "compile": True})
+    result = GlmInferRunner().run(config)
+    assert "training text" in result.info["sparsity_calibration"] and result.info["compiled"]
+    assert math.isfinite(result.metrics["perplexity"]) and result.metrics["kl_divergence"] > 0
