@@ -267,7 +267,8 @@ def make_reference(opts: Options) -> dict[str, Any]:
 
 
 def _check_fresh(out: Path) -> None:
-    if (out / "reference.json").exists() or (out / "resume").exists():
+    # A folder whose run died before its first checkpoint holds nothing to keep: start it afresh.
+    if (out / "resume" / "state.pt").exists() or (out / "model.safetensors").exists():
         raise ReferenceError(f"--out {out} already holds a reference; pass --resume to continue it, "
                              "or choose another folder")
 
