@@ -25,7 +25,13 @@ import torch
 
 from runners.base import resolve_device
 from runners.contract import InfeasibleConfig
-from runners.glm.compress import CALIBRATION_SEQUENCES, CALIBRATION_TOKENS, apply_quantization, apply_sparsity
+from runners.glm.compress import (
+    CALIBRATION_SEQUENCES,
+    CALIBRATION_TOKENS,
+    apply_quantization,
+    apply_sparsity,
+    prune_weights,
+)
 from runners.glm.model import build_model, resolve_dtype
 from runners.glm.quality import calibration_set, fidelity, log_probs, text_source, text_windows
 
@@ -79,9 +85,17 @@ def sweep(model_path: str, device: str, sequences: int, tokens: int, seed: int =
 
 def measure(dense: torch.nn.Module, knobs: dict[str, Any], device: str, calibration: Any,
             reference: torch.Tensor, ids: torch.Tensor) -> dict[str, Any]:
-    model = copy.deepcopy(dense)
+    """One row. A 2:4 row whose kernels cannot run here (device, shape) is still scored with its
+    masks on dense weights, and says so: the quality of a 2:4 mask does not depend on the kernel."""
+    model, note = copy.deepcopy(dense), ""
     try:
-        info = apply_sparsity(model, knobs, device, calibration)
+        try:
+            info = apply_sparsity(model, knobs, device, calibration)
+        except InfeasibleConfig as exc:
+            if knobs.get("sparsity_kind") != "2:4" or knobs.get("quant_bits", 16) != 16:
+                raise
+            model, note = copy.deepcopy(dense), f"masks on dense weights, no 2:4 kernel: {exc}"
+            info = prune_weights(model, knobs, device, calibration)
         apply_quantization(model, knobs, device)
         quality = fidelity(reference, chunked_log_probs(model, ids), ids)
     except InfeasibleConfig as exc:
@@ -90,7 +104,7 @@ def measure(dense: torch.nn.Module, knobs: dict[str, Any], device: str, calibrat
         del model
     return {"sparsity": info["sparsity_measured"], "perplexity": quality.perplexity,
             "reference_perplexity": quality.reference_perplexity, "kl": quality.kl_divergence,
-            "top1": quality.top1_agreement, "note": ""}
+            "top1": quality.top1_agreement, "note": note}
 
 
 def checks(result: dict[str, Any]) -> list[str]:
@@ -128,7 +142,8 @@ def markdown(result: dict[str, Any], meta: dict[str, Any] | None) -> str:
             lines.append(f"| {row['config']} | | | | | | {row['note']} |")
             continue
         lines.append(f"| {row['config']} | {row['sparsity']:.3f} | {row['perplexity']:.3f} | "
-                     f"{100 * (row['perplexity'] / dense - 1):+.2f} % | {row['kl']:.4f} | {row['top1']:.3f} | |")
+                     f"{100 * (row['perplexity'] / dense - 1):+.2f} % | {row['kl']:.4f} | {row['top1']:.3f} | "
+                     f"{row['note']} |")
     return "\n".join(lines + [""] + [f"- {c}" for c in checks(result)]) + "\n"
 
 

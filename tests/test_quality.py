@@ -155,6 +155,22 @@ def test_eval_text_without_a_tokenizer_is_exit_2(tmp_path, capsys):
     assert "workload.eval_text: needs a tokenizer" in capsys.readouterr().err
 
 
+def test_quality_sweep_scores_every_row_on_the_same_heldout_tokens(reference):
+    from benchmarks.quality_sweep import configs, markdown, sweep
+
+    result = sweep(str(reference), "cpu", sequences=2, tokens=32)
+    rows = {row["config"]: row for row in result["rows"]}
+    assert list(rows) == [label for label, _ in configs()]
+    assert rows["dense"]["kl"] < 1e-9 and rows["dense"]["perplexity"] == rows["dense"]["reference_perplexity"]
+    assert all(row["reference_perplexity"] == rows["dense"]["perplexity"] for row in rows.values() if "perplexity" in row)
+    # No 2:4 kernel on CPU: the masks are still scored, on dense weights, and the row says so.
+    assert rows["wanda 2:4"]["sparsity"] == pytest.approx(0.5) and "masks on dense weights" in rows["wanda 2:4"]["note"]
+    assert rows["magnitude unstructured 0.9"]["kl"] > rows["magnitude unstructured 0.3"]["kl"] > 0
+    assert rows["int4 weight-only (group 128)"]["note"].startswith("infeasible: quant_bits=4")
+    table = markdown(result, json.loads((reference / "reference.json").read_text()))
+    assert table.count("\n| ") == len(rows) + 1 and "wanda better than magnitude at 0.5" in table
+
+
 # --- wanda ---------------------------------------------------------------------------------------
 def test_wanda_keeps_the_weights_of_high_activation_inputs_magnitude_drops_them():
     weight = torch.tensor([[1.0, -1.0, 0.1, -0.1], [0.5, 2.0, 0.2, 0.3]])

@@ -119,8 +119,23 @@ def wanda_scores(weight: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
 
 def apply_sparsity(model: nn.Module, knobs: dict[str, Any], device: str,
                    calibration: Calibration | None = None) -> dict[str, Any]:
-    """Prune the decoder's Linear weights; 2:4 also converts them to the semi-structured layout
-    (cuSPARSELt/CUTLASS), unless fp8 quantisation follows and packs them itself.
+    """Prune the decoder's Linear weights (`prune_weights`); 2:4 also converts them to the
+    semi-structured layout (cuSPARSELt/CUTLASS), unless fp8 quantisation follows and packs them
+    itself. 2:4 without a kernel path for this device, shape or quantisation is infeasible."""
+    ratio = float(knobs.get("sparsity", 0.0))
+    kind = knobs.get("sparsity_kind", "unstructured")
+    if ratio and kind != "unstructured":
+        _check_2_4(linear_layers(model, include_lm_head=False), ratio, device, knobs)
+    info = prune_weights(model, knobs, device, calibration)
+    if ratio and kind != "unstructured" and not _fp8_follows(knobs):
+        _to_semi_structured(linear_layers(model, include_lm_head=False))
+    return info
+
+
+def prune_weights(model: nn.Module, knobs: dict[str, Any], device: str,
+                  calibration: Calibration | None = None) -> dict[str, Any]:
+    """Zero weights in place as `sparsity`, `sparsity_kind` and `sparsity_method` say; the weights
+    stay dense (no kernel conversion).
 
     `sparsity_method: wanda` scores weights by |W| * ||x|| with the input norms of a calibration
     pass (`calibration()`, training text; seeded random ids when none is given or known).
@@ -132,9 +147,9 @@ def apply_sparsity(model: nn.Module, knobs: dict[str, Any], device: str,
         raise InfeasibleConfig(f"sparsity must be in [0, 1), got {ratio}")
     if ratio == 0.0:
         return {"sparsity_measured": 0.0}
+    if kind != "unstructured" and abs(ratio - 0.5) > 1e-9:
+        raise InfeasibleConfig(f"sparsity_kind=2:4 prunes exactly 50% of weights; set sparsity 0.5, not {ratio}")
     layers = linear_layers(model, include_lm_head=False)
-    if kind != "unstructured":
-        _check_2_4(layers, ratio, device, knobs)
     info: dict[str, Any] = {"sparsity_method": method}
     norms = None
     if method == "wanda":
@@ -148,8 +163,6 @@ def apply_sparsity(model: nn.Module, knobs: dict[str, Any], device: str,
             prune_2_4(layer.weight, scores)
     zeros = sum(int((layer.weight == 0).sum()) for _, layer in layers)
     info["sparsity_measured"] = zeros / sum(layer.weight.numel() for _, layer in layers)
-    if kind != "unstructured" and not _fp8_follows(knobs):
-        _to_semi_structured(layers)
     return info
 
 
