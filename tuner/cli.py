@@ -171,6 +171,9 @@ def _fan_out(space: Space, storage: BaseStorage, storage_url: str, out_dir: Path
 
 
 def _exit_code(summary: RunSummary) -> int:
+    """1 when no trial of the study completed or a crash stopped the run; else 0 once done."""
+    if summary.budget and not summary.completed or summary.stopped_by:
+        return 1
     return 0 if summary.counted >= summary.budget or summary.timed_out or summary.grid_exhausted else 1
 
 

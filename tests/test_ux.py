@@ -1,0 +1,199 @@
+"""What a user sees: per-trial verdicts, live progress, the last lines, exit codes, crashes."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from tests.ux_runner import UX_KNOBS, UX_RUNNER
+from tuner import progress as tp
+from tuner.cli import main
+from tuner.space import validate
+from tuner.storage import open_storage
+from tuner.study import RunOptions, run_study
+
+
+@pytest.fixture
+def ux_runner(monkeypatch):
+    from runners.knobs import RUNNER_KNOBS
+
+    monkeypatch.setitem(RUNNER_KNOBS, UX_RUNNER, UX_KNOBS)
+
+
+def ux_space(trials: int, choices: dict, baseline: bool = False, study: str = "ux") -> dict:
+    return {
+        "study": study, "runner": UX_RUNNER, "device": "cpu",
+        "workload": {"rate_rps": 30, "requests": 8},
+        "params": {k: {"type": "categorical", "choices": v} for k, v in choices.items()},
+        "objectives": [{"metric": "throughput_tok_s", "direction": "maximize"},
+                       {"metric": "latency_p99_ms", "direction": "minimize"}],
+        "constraints": [{"metric": "ttft_p99_ms", "max": 2000}, {"metric": "kl_divergence", "max": 0.05}],
+        "search": {"sampler": "random", "trials": trials, "seed": 1, "trial_timeout_s": 30,
+                   "baseline": baseline},
+    }
+
+
+def run(tmp_path, raw: dict, enqueue: list[dict] | None = None):
+    space = validate(raw, "ux.yaml", raw["study"])
+    url = str(tmp_path / "j.journal")
+    storage = open_storage(url)
+    if enqueue:
+        study = optuna.create_study(study_name=raw["study"], storage=storage,
+                                    directions=["maximize", "minimize"])
+        for params in enqueue:
+            study.enqueue_trial(params)
+    summary = run_study(space, storage, RunOptions(url, tmp_path / "out"))
+    return summary, optuna.load_study(study_name=raw["study"], storage=storage)
+
+
+# ---------------------------------------------------------------- pure pieces
+
+
+def test_broken_constraint_reads_value_then_bound():
+    bounds = [{"metric": "ttft_p99_ms", "max": 2000}, {"metric": "top1_agreement", "min": 0.9},
+              {"metric": "kl_divergence", "max": 0.05}]
+    metrics = {"ttft_p99_ms": 4132.0, "top1_agreement": 0.5, "kl_divergence": 0.01}
+    assert tp.broken_constraints(metrics, bounds) == ["ttft_p99_ms = 4132 > 2000", "top1_agreement = 0.5 < 0.9"]
+    assert tp.broken_constraints({}, bounds[:1]) == ["ttft_p99_ms not measured"]
+
+
+def test_overload_and_early_stop_notes():
+    attrs = {"info": {"serving": {"offered_rps": 25.9, "overloaded": True}},
+             "metrics": {"request_throughput_rps": 2.6},
+             "stopped_early": {"rule": "ttft bound hopeless", "evidence": "p99 lower bound 3100 > 2000"}}
+    assert tp.overload_note(attrs) == "overloaded (offered 25.9 rps, served 2.6)"
+    assert tp.stopped_early_note(attrs) == "stopped early: ttft bound hopeless (p99 lower bound 3100 > 2000)"
+    assert tp.overload_note({"info": {"serving": {"offered_rps": 5.0, "overloaded": False}}}) == ""
+
+
+def test_estimator_uses_phase_medians_so_one_outlier_does_not_swing_the_eta():
+    est = tp.TrialEstimator()
+    for build, measure in ((60.0, 10.0), (2.0, 10.0), (2.0, 12.0)):  # the first build is slow
+        est.add(build + measure + 1.0, {"build": build, "measure": measure})
+    assert est.per_trial_s() == pytest.approx(2.0 + 10.0 + 1.0)
+    # A running trial 4 s into `measure`, 10 of 40 requests done: 3x as long again.
+    records = [{"t": 100.0, "phase": "build"}, {"t": 102.0, "phase": "measure"},
+               {"t": 106.0, "done": 10, "total": 40}]
+    assert est.remaining_in_trial_s(records, 106.0) == pytest.approx(12.0)
+    assert tp.live_text(3, records, 6.0, 12.0) == "trial 3 · measure · 10/40 requests · 6s elapsed · ~12s left"
+
+
+def test_running_trial_progress_is_polled_from_the_child_file(tmp_path):
+    from runners import progress_report
+
+    out = io.StringIO()
+    progress = tp.Progress(2, stream=out, live=False)
+    with progress.running(0, tmp_path):
+        progress_report.start(tmp_path)
+        progress_report.report_phase("build")
+        progress_report.report_phase("measure")
+        for done in range(1, 5):
+            progress_report.report_requests(done, 4)
+        time.sleep(2 * tp.POLL_S)
+    phases = [r["phase"] for r in progress._current_records if "phase" in r]
+    assert phases == ["build", "measure"]
+    assert json.loads((tmp_path / "progress.jsonl").read_text().splitlines()[-1])["done"] == 4
+    assert tp.Progress(1, stream=io.StringIO()).live is False  # not a TTY: no live line
+    assert tp.Progress(1, quiet=True, live=True).live is False
+
+
+# ---------------------------------------------------------------- a study's terminal
+
+
+def test_terminal_names_broken_bounds_overload_and_recommends(tmp_path, ux_runner, capsys):
+    raw = ux_space(3, {"x": [1.0, 2.0, 4.0], "ttft_ms": [100.0, 4132.0], "overload": [False, True]})
+    summary, study = run(tmp_path, raw, [{"x": 1.0, "ttft_ms": 100.0, "overload": False},
+                                         {"x": 4.0, "ttft_ms": 4132.0, "overload": True},
+                                         {"x": 2.0, "ttft_ms": 100.0, "overload": False}])
+    out = capsys.readouterr().out
+    assert summary.counted == 3 and summary.completed == 3
+    assert "trial 0 (x=1 ttft_ms=100 overload=False) in" in out and ": feasible" in out
+    assert "INFEASIBLE: ttft_p99_ms = 4132 > 2000; overloaded (offered 25.9 rps, served 2.6)" in out
+    # Trial 2 dominates trial 0; trial 1 (4x) is infeasible and must not be recommended.
+    assert "recommended configuration (feasible Pareto set):" in out
+    assert "trial 2 [best throughput_tok_s, best latency_p99_ms]: x=2 ttft_ms=100 overload=False" in out
+    assert "throughput_tok_s 200" in out and "latency_p99_ms 500" in out
+    assert f"autoglm-tune report --study ux --storage {tmp_path / 'j.journal'}" in out
+    assert "autoglm-tune dashboard --storage" in out
+
+
+def test_changes_are_signed_percent_vs_the_measured_baseline(tmp_path, ux_runner, capsys):
+    raw = ux_space(2, {"x": [1.0, 2.0]}, baseline=True)
+    raw["params"]["x"]["choices"] = [1.0, 2.0]
+    run(tmp_path, raw, None)
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if "vs baseline" in line]
+    if "x=2" in out.split("recommended")[1]:
+        assert "throughput_tok_s 200 (+100% vs baseline), latency_p99_ms 500 (-50% vs baseline)" in out, out
+    else:  # the sampler drew the baseline's value again: no change
+        assert "(+0% vs baseline)" in lines[0]
+
+
+def test_all_infeasible_run_ends_with_the_bound_that_failed_and_a_hint(tmp_path, ux_runner, capsys):
+    raw = ux_space(3, {"ttft_ms": [2400.0, 4132.0, 11338.0]})
+    summary, _ = run(tmp_path, raw, [{"ttft_ms": v} for v in (2400.0, 4132.0, 11338.0)])
+    out = capsys.readouterr().out
+    assert summary.feasible_pareto == 0
+    assert "no feasible trial: every one of 3 measured trial(s) broke a bound" in out
+    assert "most often broken: ttft_p99_ms in 3 of 3 (best ttft_p99_ms = 2400 > 2000 (20% beyond the bound))" in out
+    assert "hint: lower workload.rate_rps (now 30) so the stack keeps up, relax the bound" in out
+    assert "recommended" not in out
+
+
+# ---------------------------------------------------------------- failures and the budget
+
+
+def test_same_crash_three_times_stops_the_study_and_exits_1(tmp_path, ux_runner, capsys):
+    raw = ux_space(5, {"mode": ["crash"]})
+    summary, study = run(tmp_path, raw)
+    out = capsys.readouterr().out
+    assert len(study.trials) == 3 and all(t.state == TrialState.FAIL for t in study.trials)
+    assert "stopping: the same crash in 3 trials in a row: runner crashed (exit 1): " \
+           "RuntimeError: weights file is truncated" in out
+    assert "no trial was measured; most common reason (3 of 3): runner crashed" in out
+    from tuner.cli import _exit_code
+
+    assert summary.completed == 0 and summary.counted == 0 and _exit_code(summary) == 1
+
+
+def test_different_crashes_stop_at_the_fail_limit(tmp_path, ux_runner, capsys):
+    raw = ux_space(3, {"mode": ["crash_other"]})
+    summary, study = run(tmp_path, raw)
+    assert len(study.trials) == 3 and summary.counted == 0  # fail_limit(3) == 3 distinct crashes
+    assert "3 trials crashed in this run (limit 3)" in capsys.readouterr().out
+
+
+def test_crashes_do_not_use_the_budget_and_a_fixed_rerun_continues(tmp_path, ux_runner, capsys, monkeypatch):
+    # First run: every trial crashes (as with a missing dependency), three times in a row.
+    raw = ux_space(2, {"x": [1.0, 2.0]}, baseline=True)
+    monkeypatch.setenv("UX_BROKEN", "1")
+    summary, study = run(tmp_path, raw)
+    assert summary.counted == 0 and study.trials[0].user_attrs["baseline"]
+    assert [t.state for t in study.trials] == [TrialState.FAIL] * 3
+    # The cause is fixed: the whole budget of 2 is still there, and the failed baseline is
+    # queued again first.
+    monkeypatch.delenv("UX_BROKEN")
+    summary, study = run(tmp_path, raw)
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert summary.counted == 2 and len(complete) == 2
+    assert complete[0].user_attrs.get("baseline") is True and complete[0].params == {"x": 1.0}
+
+
+@pytest.mark.slow
+def test_cli_exit_codes_all_crash_vs_all_infeasible(in_tmp, capsys):
+    import yaml
+
+    from tests.ux_runner import register
+
+    register()
+    crash = ux_space(3, {"mode": ["crash"]}, study="crashing")
+    (in_tmp / "crash.yaml").write_text(yaml.safe_dump(crash))
+    assert main(["--space", "crash.yaml", "--quiet"]) == 1
+    infeasible = ux_space(2, {"ttft_ms": [4132.0]}, study="slow")
+    (in_tmp / "slow.yaml").write_text(yaml.safe_dump(infeasible))
+    assert main(["--space", "slow.yaml", "--quiet"]) == 0  # measured, just not feasible
