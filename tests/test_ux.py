@@ -197,3 +197,21 @@ def test_cli_exit_codes_all_crash_vs_all_infeasible(in_tmp, capsys):
     infeasible = ux_space(2, {"ttft_ms": [4132.0]}, study="slow")
     (in_tmp / "slow.yaml").write_text(yaml.safe_dump(infeasible))
     assert main(["--space", "slow.yaml", "--quiet"]) == 0  # measured, just not feasible
+
+
+def test_a_local_checkpoint_loads_without_accelerate(tmp_path, monkeypatch):
+    import sys
+
+    import torch
+
+    from runners.glm.model import ARCHS, PRESETS, build_model, make_config
+
+    monkeypatch.setitem(sys.modules, "accelerate", None)  # a plain install: importing it fails
+    _, model_cls = ARCHS[PRESETS["glm-tiny"]["arch"]]
+    torch.manual_seed(0)
+    saved = model_cls._from_config(make_config({"preset": "glm-tiny"}), dtype=torch.float32)
+    saved.save_pretrained(tmp_path / "ckpt")
+    loaded = build_model({"path": str(tmp_path / "ckpt")}, torch.float32, "cpu", seed=0)
+    ids = torch.tensor([[1, 2, 3, 4]])  # (batch 1, 4 tokens)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, saved.eval()(ids).logits)

@@ -85,10 +85,11 @@ def build_model(model_spec: dict[str, Any], dtype: torch.dtype, device: str, see
     if "path" in model_spec:
         # A local checkpoint directory only: run time never reaches the hub.
         arch_cls = ARCHS[checkpoint_arch(model_spec)][1]
+        # No device_map: that needs `accelerate`, not a dependency; load on CPU, then move.
         model = arch_cls.from_pretrained(
-            model_spec["path"], dtype=dtype, device_map=device, local_files_only=True,
+            model_spec["path"], dtype=dtype, local_files_only=True,
             attn_implementation=attn_implementation)
-        return model.eval()
+        return model.to(device).eval()
     config = make_config(model_spec)
     config._attn_implementation = attn_implementation
     _, model_cls = ARCHS[PRESETS[model_spec.get("preset", "glm-tiny")]["arch"]]
