@@ -215,3 +215,34 @@ def test_a_local_checkpoint_loads_without_accelerate(tmp_path, monkeypatch):
     ids = torch.tensor([[1, 2, 3, 4]])  # (batch 1, 4 tokens)
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, saved.eval()(ids).logits)
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def test_bare_command_prints_usage_subcommands_and_bundled_spaces(capsys):
+    from tuner.space import bundled_dir
+
+    assert main([]) == 2
+    out = capsys.readouterr().out
+    assert "usage: autoglm-tune" in out and "--space" in out
+    for sub in ("report", "dashboard", "regress", "worker", "spaces"):
+        assert f"autoglm-tune {sub}" in out
+    names = sorted(p.stem for p in bundled_dir().glob("*.yaml"))
+    assert "batch_quant" in names and all(f"  {n} " in out for n in names)
+
+
+def test_version_and_spaces_listing(capsys):
+    from importlib.metadata import version
+
+    from tuner.space import bundled_dir
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"autoglm-tune {version('autoglm-tune')}"
+    assert main(["spaces"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(list(bundled_dir().glob("*.yaml")))
+    batch_quant = next(line for line in lines if line.split()[0] == "batch_quant")
+    assert batch_quant.split()[1] == "glm-infer" and "headline" in batch_quant
+    assert main(["--list-spaces"]) == 0 and len(capsys.readouterr().out.splitlines()) == len(lines)
+    assert main(["spaces", "extra"]) == 2
