@@ -89,7 +89,7 @@ def summary(url: str, name: str) -> dict[str, Any]:
 @st.cache_data(ttl=TTL_S, show_spinner=False)
 def trial_attrs(url: str, name: str, number: int) -> dict[str, Any]:
     t = study(url, name).get_trials(deepcopy=False)[number]
-    return {"user_attrs": dict(t.user_attrs), "params": dict(t.params), "constraints": dict(t.constraints),
+    return {"user_attrs": dict(t.user_attrs), "params": dict(t.params), "constraints": fr.named_constraints(t),
             "state": t.state.name, "values": t.values}
 
 
@@ -182,18 +182,18 @@ def study_header(info: dict[str, Any], frame: pd.DataFrame, objs: list[fr.Object
     cols[3].metric("failed", states.get("FAIL", 0))
     cols[4].metric("running", states.get("RUNNING", 0))
     best = fr.best_per_objective(frame, objs)
+    status = fr.baseline_status(frame)
     tiles = st.columns(max(1, len(best)))
     for tile, row in zip(tiles, best.itertuples(), strict=False):
-        ratio = row.best_vs_baseline
+        change = row.best_vs_baseline_pct
         label = f"best {row.objective} ({'↑' if row.direction == 'maximize' else '↓'})"
         trial = "" if row.trial is None or pd.isna(row.trial) else f" · trial #{int(row.trial)}"
-        if ratio is None or pd.isna(ratio):
-            tile.metric(label + trial, fmt(row.best), delta="no baseline measured", delta_color="off", delta_arrow="off")
-        elif abs(ratio - 1) < 5e-4:
-            tile.metric(label + trial, fmt(row.best), delta="the baseline is best", delta_color="off", delta_arrow="off")
+        text = fr.best_delta_text(row.best, change, status)
+        if not text.startswith(("+", "-")):
+            tile.metric(label + trial, fmt(row.best), delta=text, delta_color="off", delta_arrow="off")
         else:
             # Green means better: a lower latency/memory than the baseline is a negative delta.
-            tile.metric(label + trial, fmt(row.best), delta=f"{(ratio - 1) * 100:+.1f}% vs baseline",
+            tile.metric(label + trial, fmt(row.best), delta=text,
                         delta_color="normal" if row.direction == "maximize" else "inverse")
 
 

@@ -156,16 +156,25 @@ def study_compare_figure(frames: dict[str, pd.DataFrame], axes: Sequence[str], d
 def measured_study(study: optuna.Study) -> optuna.Study:
     """An in-memory copy holding only COMPLETE trials with finite objective values.
 
-    Infeasible-because-unrunnable trials carry ±inf as values (so samplers avoid them);
-    importance and parallel-coordinate models must not see those. The copy never touches the
+    Infeasible trials carry ±inf as values (so nothing ranks them best); a measured one gets
+    its measured values back from `metrics`, an unrunnable one is left out. The copy never touches the
     real storage.
     """
     copy = optuna.create_study(directions=study.directions)
     with _quiet():
         copy.set_metric_names([o.metric for o in objectives(study)])
-    copy.add_trials([t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-                     if t.values and all(math.isfinite(v) for v in t.values)])
+    names = [o.metric for o in objectives(study)]
+    trials = [_measured_values(t, names) for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))]
+    copy.add_trials([t for t in trials if t.values and all(math.isfinite(v) for v in t.values)])
     return copy
+
+
+def _measured_values(trial: optuna.trial.FrozenTrial, names: list[str]) -> optuna.trial.FrozenTrial:
+    """The trial with its measured objective values (a bound-breaking trial is told the worst)."""
+    metrics = trial.user_attrs.get("metrics") or {}
+    if trial.user_attrs.get("outcome") == "ok" and names and all(metrics.get(n) is not None for n in names):
+        trial.values = [float(metrics[n]) for n in names]
+    return trial
 
 
 def reference_point(study: optuna.Study) -> list[float]:

@@ -246,3 +246,62 @@ def test_version_and_spaces_listing(capsys):
     assert batch_quant.split()[1] == "glm-infer" and "headline" in batch_quant
     assert main(["--list-spaces"]) == 0 and len(capsys.readouterr().out.splitlines()) == len(lines)
     assert main(["spaces", "extra"]) == 2
+
+
+# ---------------------------------------------------------------- other Optuna tools
+
+
+def test_optuna_dashboard_never_shows_an_infeasible_trial_as_best(tmp_path, ux_runner, capsys):
+    pytest.importorskip("optuna_dashboard", reason="optuna-dashboard (the ci extra) is not installed")
+    from optuna_dashboard._app import create_app
+
+    raw = ux_space(2, {"x": [1.0, 4.0], "ttft_ms": [100.0, 4132.0]})
+    # Trial 1 dominates trial 0 on both objectives but breaks ttft_p99_ms <= 2000.
+    _, study = run(tmp_path, raw, [{"x": 1.0, "ttft_ms": 100.0}, {"x": 4.0, "ttft_ms": 4132.0}])
+    assert study.trials[1].system_attrs["constraints"] == [0.0, 2132.0, 0.0]
+    from wsgiref.util import setup_testing_defaults
+
+    environ: dict = {"PATH_INFO": f"/api/studies/{study._study_id}"}
+    setup_testing_defaults(environ)  # a plain GET, as the dashboard's page sends it
+    statuses: list[str] = []
+    body = create_app(study._storage)(environ, lambda status, headers, exc_info=None: statuses.append(status))
+    assert statuses == ["200 OK"]
+    detail = json.loads(b"".join(body))
+    assert [t["number"] for t in detail["best_trials"]] == [0]
+    assert [t["constraints"] for t in detail["trials"]] == [[0.0, 0.0, 0.0], [0.0, 2132.0, 0.0]]
+    # Optuna's own view agrees.
+    assert [t.number for t in study.best_trials] == [0]
+
+
+def test_load_study_takes_a_plain_journal_path(tmp_path, ux_runner, capsys, monkeypatch):
+    from tuner import UsageError, load_study
+
+    run(tmp_path, ux_space(1, {"x": [2.0]}), None)
+    monkeypatch.chdir(tmp_path)
+    study = load_study("j.journal", "ux")
+    assert study.study_name == "ux" and study.trials[0].user_attrs["metrics"]["throughput_tok_s"] == 200.0
+    assert load_study("j.journal").study_name == "ux"  # the only study: no name needed
+    with pytest.raises(UsageError, match="no such journal file"):
+        load_study("missing.journal", "ux")
+
+
+def test_readme_frame_snippet_has_every_metric_as_a_column(in_tmp, ux_runner, capsys):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("### From Python and other Optuna tools")[1]
+    snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    raw = ux_space(1, {"x": [2.0]}, study="batch_quant")
+    raw["params"]["batch_size"] = {"type": "categorical", "choices": [4]}  # the snippet prints it
+    from runners.knobs import RUNNER_KNOBS, Knob
+
+    RUNNER_KNOBS[UX_RUNNER] = {**UX_KNOBS, "batch_size": Knob("batch_size", 1, int)}
+    space = validate(raw, "ux.yaml", "batch_quant")
+    run_study(space, open_storage("runs/optuna.journal"), RunOptions("runs/optuna.journal", in_tmp / "out", True))
+    scope: dict = {}
+    exec(snippet, scope)
+    frame = scope["frame"]
+    assert frame.loc[0, "throughput_tok_s"] == 200.0 and frame.loc[0, "ttft_p99_ms"] == 100.0
+    assert frame.loc[0, "param_batch_size"] == 4 and bool(frame.loc[0, "feasible"])
+    assert "request_throughput_rps" in frame.columns  # metrics beyond objectives and bounds too

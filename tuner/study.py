@@ -293,8 +293,11 @@ def tell_outcome(study: optuna.Study, trial: optuna.Trial, space: Space, outcome
         trial.set_constraint(f"{c.metric}{'<=' + str(c.max) if c.max is not None else ''}"
                              f"{'>=' + str(c.min) if c.min is not None else ''}", violation)
     store_constraint_list(study, trial, violations)
-    if not runnable:
+    if not runnable or any(v > 0 for v in violations):
+        # The measured values stay in `metrics`. Told as the worst, an infeasible trial can never
+        # dominate: optuna-dashboard's "Best Trial" is the Pareto front of values alone.
         values = [_worst(o.direction) for o in space.objectives]
+    if not runnable:
         trial.set_user_attr("infeasible_reason", reason)
     try:
         study.tell(trial, values)
