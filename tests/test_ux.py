@@ -305,3 +305,76 @@ def test_readme_frame_snippet_has_every_metric_as_a_column(in_tmp, ux_runner, ca
     assert frame.loc[0, "throughput_tok_s"] == 200.0 and frame.loc[0, "ttft_p99_ms"] == 100.0
     assert frame.loc[0, "param_batch_size"] == 4 and bool(frame.loc[0, "feasible"])
     assert "request_throughput_rps" in frame.columns  # metrics beyond objectives and bounds too
+
+
+# ---------------------------------------------------------------- regress
+
+
+def _regress_entry(name: str, x: float, reference: float, control: bool = False, mode: str = "ok") -> dict:
+    import dataclasses
+
+    from runners.contract import TrialConfig
+
+    config = dataclasses.asdict(TrialConfig(UX_RUNNER, {}, "cpu", {}, {"mode": mode, "x": x}))
+    entry = {"name": name, "config": {k: v for k, v in config.items() if k not in ("artifact_dir", "trial_number")},
+             "reference": {"throughput_tok_s": {"value": reference, "repeats": [reference] * 3}}}
+    return {**entry, "control": True} if control else entry
+
+
+def _write_baseline(path, configs) -> None:
+    import yaml
+
+    path.write_text(yaml.safe_dump({"repeats": 3, "metrics": {"throughput_tok_s": {"tolerance": 0.05}},
+                                    "configs": configs}, sort_keys=False))
+
+
+def test_regress_init_refuses_a_study_with_no_feasible_trial(in_tmp, ux_runner, capsys):
+    raw = ux_space(2, {"ttft_ms": [4132.0, 5000.0]}, baseline=True)
+    run(in_tmp, raw, None)
+    capsys.readouterr()
+    code = main(["regress", "--init", "--study", "ux", "--storage", str(in_tmp / "j.journal"), "--out", "b.yaml"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "has no feasible trial" in err[0]
+    assert not (in_tmp / "b.yaml").exists()
+
+
+def test_regress_init_warns_when_a_reference_already_breaks_a_bound(in_tmp, ux_runner, capsys):
+    # The baseline (the control) measures ttft 4132 > 2000; trial 1 is feasible.
+    raw = ux_space(2, {"ttft_ms": [4132.0, 100.0]}, baseline=True)
+    raw["params"]["ttft_ms"]["choices"] = [4132.0, 100.0]
+    from runners.knobs import RUNNER_KNOBS, Knob
+
+    RUNNER_KNOBS[UX_RUNNER] = {**UX_KNOBS, "ttft_ms": Knob("ttft_ms", 4132.0, (int, float))}
+    _, study = run(in_tmp, raw, [{"ttft_ms": 100.0}])  # then the queued baseline
+    assert study.trials[1].user_attrs["baseline"] and study.trials[1].params == {"ttft_ms": 4132.0}
+    capsys.readouterr()
+    code = main(["regress", "--init", "--study", "ux", "--storage", str(in_tmp / "j.journal"), "--out", "b.yaml"])
+    err = capsys.readouterr().err
+    assert code == 0 and "warning: reference baseline: ttft_p99_ms = 4132 > 2000 already breaks its bound" in err
+    assert "trial_0: ttft" not in err
+
+
+def test_regress_calls_flags_host_drift_when_the_control_moved(in_tmp, ux_runner, capsys):
+    # Everything runs at x0.30 of its reference, the control too: the host is slower, not the code.
+    _write_baseline(in_tmp / "b.yaml", [_regress_entry("baseline", 0.3, 100.0, control=True),
+                                        _regress_entry("tuned", 0.6, 200.0)])
+    code = main(["regress", "--baseline", "b.yaml", "--out", "out"])
+    out = capsys.readouterr()
+    checks = {(r["config"], r["metric"]): r for r in __import__("pandas").read_csv(in_tmp / "out" / "checks.csv")
+              .to_dict("records")}
+    assert code == 3 and "set aside as host drift (exit 3)" in out.err
+    assert checks[("tuned", "throughput_tok_s")]["verdict"] == "host drift"
+    assert "control moved: throughput_tok_s ×0.300" in checks[("tuned", "throughput_tok_s")]["reason"]
+    summary = (in_tmp / "out" / "summary.md").read_text()
+    assert "host drift: 2 flag(s) not judged" in summary
+    assert "- **device**: Fake Accelerator 9000 (asked: cpu)" in summary
+    # A config that no longer runs is still a regression, drift or not.
+    _write_baseline(in_tmp / "b.yaml", [_regress_entry("baseline", 0.3, 100.0, control=True),
+                                        _regress_entry("broken", 1.0, 100.0, mode="crash")])
+    assert main(["regress", "--baseline", "b.yaml", "--out", "out2", "--quiet"]) == 1
+
+
+def test_regress_without_drift_still_calls_regressions(in_tmp, ux_runner, capsys):
+    _write_baseline(in_tmp / "b.yaml", [_regress_entry("baseline", 1.0, 100.0, control=True),
+                                        _regress_entry("tuned", 0.5, 200.0)])
+    assert main(["regress", "--baseline", "b.yaml", "--out", "out", "--quiet"]) == 1

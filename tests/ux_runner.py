@@ -46,7 +46,7 @@ class UxRunner(Runner):
                    "ttft_p99_ms": float(knobs["ttft_ms"]), "kl_divergence": 0.01,
                    "request_throughput_rps": served}
         info = {"serving": {"offered_rps": 25.9, "overloaded": bool(knobs["overload"])}}
-        return TrialResult("ok", metrics, info=info)
+        return TrialResult("ok", metrics, environment={"device_name": "Fake Accelerator 9000"}, info=info)
 
 
 def register() -> None:
