@@ -22,7 +22,7 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 
-from reports.frames import DOMINATED, INFEASIBLE, PARETO, objectives, param_columns
+from reports.frames import DOMINATED, INFEASIBLE, PARETO, metric_label, objectives, param_columns
 
 # Distinct by colour *and* symbol, so the classes survive greyscale printing.
 CATEGORY_STYLE: dict[str, dict[str, object]] = {
@@ -60,8 +60,24 @@ class NoFigure(Exception):
 
 
 def _axis_title(metric: str, directions: dict[str, str]) -> str:
+    """`throughput (tok/s) ↑ better`: the unit, and which way is better for an objective."""
     direction = directions.get(metric)
-    return f"{metric} ({'↑' if direction == 'maximize' else '↓'} better)" if direction else metric
+    label = metric_label(metric)
+    return f"{label} {'↑' if direction == 'maximize' else '↓'} better" if direction else label
+
+
+def wrap(text: str, width: int = 110, max_lines: int = 3) -> str:
+    """Plotly titles do not wrap: break at words with <br> so a subtitle stays on the page."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and len(lines[-1]) + 1 + len(word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] += " …"
+    return "<br>".join(lines)
 
 
 def _hover(frame: pd.DataFrame, axes: Sequence[str]) -> list[str]:
@@ -127,9 +143,16 @@ def pareto_figure(frame: pd.DataFrame, axes: Sequence[str], directions: dict[str
         fig.update_layout(scene={f"{k}_title": v for k, v in titles.items()})
     else:
         fig.update_layout(xaxis_title=titles["xaxis"], yaxis_title=titles["yaxis"])
+    note = wrap(note)
+    top = 50 + 18 * (note.count("<br>") + 1) if note else 50
     fig.update_layout(title={"text": title, "subtitle": {"text": note}} if note else title,
-                      legend={"orientation": "h", "y": -0.2}, clickmode="event+select",
-                      margin={"t": 70 if note else 50}, height=620 if len(axes) == 3 else 480)
+                      legend={"orientation": "h", "y": -0.2}, clickmode="event+select", autosize=True,
+                      margin={"t": top, "l": 10 if len(axes) == 3 else 60, "r": 10, "b": 10 if len(axes) == 3 else 60},
+                      height=(640 if len(axes) == 3 else 480) + top - 50)
+    if len(axes) == 3:
+        # A cube seen from a corner fills the frame; Plotly's default eye clips the axis titles.
+        fig.update_layout(scene={"aspectmode": "cube", "camera": {"eye": {"x": 1.6, "y": 1.6, "z": 1.1}}},
+                          legend={"orientation": "h", "y": 0.0})
     return fig
 
 

@@ -135,6 +135,22 @@ def pareto_frame(study: optuna.Study) -> pd.DataFrame:
     return frame[frame["pareto"].astype(bool)].reset_index(drop=True)
 
 
+# Unit suffixes of contract metric names (longest first) and words written as abbreviations.
+_UNIT_SUFFIXES = ("_j_per_tok", "_tok_s", "_rps", "_mib", "_gib", "_ms", "_mhz", "_pct", "_w", "_s")
+_WORDS = {"ttft": "TTFT", "tpot": "TPOT", "kl": "KL", "mbu": "MBU", "mfu": "MFU", "ci": "CI"}
+
+
+def metric_label(metric: str) -> str:
+    """A metric as an axis title with its unit: `throughput (tok/s)`, `p99 latency (ms)`."""
+    unit = METRICS.get(metric, ("",))[0]
+    stem = next((metric[: -len(s)] for s in _UNIT_SUFFIXES if metric.endswith(s)), metric)
+    words = stem.split("_")
+    quantile = [w for w in words if len(w) > 1 and w[0] == "p" and w[1:].isdigit()]
+    words = quantile[:1] + [_WORDS.get(w, w) for w in words if w not in quantile[:1]]
+    name = " ".join(words) or metric
+    return f"{name} ({unit})" if unit and unit not in ("1", "ratio", "") else name
+
+
 def metric_columns(frame: pd.DataFrame) -> list[str]:
     return [c for c in frame.columns if c in METRICS]
 

@@ -378,3 +378,32 @@ def test_regress_without_drift_still_calls_regressions(in_tmp, ux_runner, capsys
     _write_baseline(in_tmp / "b.yaml", [_regress_entry("baseline", 1.0, 100.0, control=True),
                                         _regress_entry("tuned", 0.5, 200.0)])
     assert main(["regress", "--baseline", "b.yaml", "--out", "out", "--quiet"]) == 1
+
+
+# ---------------------------------------------------------------- the report
+
+
+def test_report_files_put_knobs_first_and_changes_as_signed_percent(tmp_path):
+    import pandas as pd
+
+    from reports.cli import load_study, write_all
+    from reports.frames import metric_label
+    from tests.report_study import build
+
+    journal = build(tmp_path / "study")
+    write_all(load_study("report_demo", journal), tmp_path / "report")
+    trials = pd.read_csv(tmp_path / "report" / "trials.csv")
+    assert list(trials.columns[:6]) == ["number", "category", "baseline", "param_x", "param_ttft_ms",
+                                        "param_overload"]
+    assert list(trials.columns[6:9]) == ["throughput_tok_s", "latency_p99_ms", "peak_memory_mib"]
+    overloaded = trials[trials["param_overload"]]
+    assert overloaded["overloaded"].str.startswith("overloaded (offered 25.9 rps, served 2.6)").all()
+    slow = trials[(trials["param_ttft_ms"] == 4132.0)]
+    assert slow["reason"].str.contains("ttft_p99_ms = 4132 > 2000").all() and not slow["feasible"].any()
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert page.index("Recommended configurations") < page.index("<h2>Figures")
+    baseline = trials[trials["baseline"]].iloc[0]
+    best = trials[trials["feasible"]]["throughput_tok_s"].max()
+    assert f"{100 * (best - baseline['throughput_tok_s']) / baseline['throughput_tok_s']:+.1f}%" in page
+    assert metric_label("throughput_tok_s") == "throughput (tok/s)"
+    assert metric_label("latency_p99_ms") == "p99 latency (ms)"

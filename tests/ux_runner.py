@@ -44,7 +44,7 @@ class UxRunner(Runner):
         served = 2.6 if knobs["overload"] else 25.0
         metrics = {"throughput_tok_s": 100.0 * x, "latency_p99_ms": 1000.0 / x,
                    "ttft_p99_ms": float(knobs["ttft_ms"]), "kl_divergence": 0.01,
-                   "request_throughput_rps": served}
+                   "request_throughput_rps": served, "peak_memory_mib": 300.0 + 50.0 * x}
         info = {"serving": {"offered_rps": 25.9, "overloaded": bool(knobs["overload"])}}
         return TrialResult("ok", metrics, environment={"device_name": "Fake Accelerator 9000"}, info=info)
 

@@ -409,19 +409,22 @@ def final_lines(study: optuna.Study, space: Any, storage_url: str) -> list[str]:
             lines.append("      " + ", ".join(
                 f"{n} {_fmt_value(float(metrics[n]))}{_fmt_change(float(metrics[n]), base_metrics.get(n))}"
                 for n in names if metrics.get(n) is not None))
+            caveats = [n for n in (overload_note(t.user_attrs), stopped_early_note(t.user_attrs)) if n]
+            if caveats:
+                lines.append(f"      caution: {'; '.join(caveats)}")
         if base is None:
             lines.append("  (no measured baseline: changes vs baseline unavailable)")
         elif not is_feasible(base):
             lines.append(f"  (baseline trial {base.number} was measured but infeasible: "
                          f"{'; '.join(trial_notes(base, study.user_attrs.get('constraints') or []))})")
     elif finished:
-        lines += _no_feasible_lines(study, space, finished)
+        lines += no_feasible_lines(study, space, finished)
     lines.append(f"open the report:    autoglm-tune report --study {space.study}{storage_flag}")
     lines.append(f"open the dashboard: autoglm-tune dashboard{storage_flag}")
     return lines
 
 
-def _no_feasible_lines(study: optuna.Study, space: Any, finished: list[FrozenTrial]) -> list[str]:
+def no_feasible_lines(study: optuna.Study, space: Any, finished: list[FrozenTrial]) -> list[str]:
     constraints = study.user_attrs.get("constraints") or []
     measured = [t for t in finished if t.state == TrialState.COMPLETE and t.user_attrs.get("outcome") == "ok"]
     if not measured:
