@@ -259,11 +259,20 @@ def selected_on_chart(event: Any) -> list[int]:
     return sorted(set(numbers))
 
 
+def log_toggles(frame: pd.DataFrame, axes: list[str], name: str) -> list[bool]:
+    """One log/linear switch per axis; on by default where the values span more than 20x."""
+    cols = st.columns(len(axes)) if axes else []
+    return [col.toggle(f"log {label}", value=figs.suggest_log(frame[axis]) if axis in frame else False,
+                       key=f"log_{label}_{axis}_{name}", help="a log axis keeps one outlier from squeezing the rest")
+            for col, label, axis in zip(cols, ("x", "y", "z"), axes, strict=False)]
+
+
 def pareto_panel(frame: pd.DataFrame, objs: list[fr.Objective], name: str) -> list[int]:
     directions = {o.metric: o.direction for o in objs}
     axes = pareto_axes(objs, frame, name)
-    event = draw(figs.pareto_figure, frame, axes, directions, key="pareto", on_select="rerun",
-                 selection_mode=("points", "box", "lasso"))
+    logs = log_toggles(frame, axes, name)
+    event = draw(figs.pareto_figure, frame, axes, directions, "Pareto front", logs, key="pareto",
+                 on_select="rerun", selection_mode=("points", "box", "lasso"))
     if len(objs) == 3 and len(axes) == 2:
         st.caption("Pareto membership is over all objectives: a Pareto point that looks dominated here wins "
                    "on the objective not shown.")

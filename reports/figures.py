@@ -109,13 +109,26 @@ def _unplotted_note(frame: pd.DataFrame, plotted: pd.DataFrame) -> str:
     return f"{len(missing)} completed trial(s) not measured on these axes ({shown})"
 
 
+# Values spread over more than this factor read better on a log axis (one outlier would
+# otherwise squeeze every other point into a pixel).
+LOG_SPREAD = 20.0
+
+
+def suggest_log(values: pd.Series) -> bool:
+    """A log axis by default when every value is positive and they span more than LOG_SPREAD x."""
+    finite = pd.to_numeric(values, errors="coerce").dropna()
+    finite = finite[finite.map(math.isfinite)]
+    return bool(len(finite) > 1 and (finite > 0).all() and finite.max() / finite.min() > LOG_SPREAD)
+
+
 def pareto_figure(frame: pd.DataFrame, axes: Sequence[str], directions: dict[str, str],
-                  title: str = "Pareto front") -> go.Figure:
+                  title: str = "Pareto front", log_axes: Sequence[bool] | None = None) -> go.Figure:
     """Trials on 2 or 3 metric axes: feasible Pareto / dominated / infeasible / baseline.
 
     Pareto membership comes from `study.best_trials` (all objectives), so on a 2-D view of a
     3-objective study a Pareto point may look dominated: it wins on the hidden objective.
     Each point's `customdata` is its trial number (what a chart selection returns).
+    `log_axes`: per axis, log (True) or linear; default: `suggest_log` of the axis's values.
     """
     if len(axes) not in (2, 3) or len(set(axes)) != len(axes):
         raise NoFigure("pick 2 or 3 different metrics for the Pareto axes")
@@ -138,15 +151,22 @@ def pareto_figure(frame: pd.DataFrame, axes: Sequence[str], directions: dict[str
         style = dict(BASELINE_STYLE, symbol="square-open", size=14) if len(axes) == 3 else dict(BASELINE_STYLE)
         fig.add_trace(_scatter(baseline, axes, "baseline", style))
     note = _unplotted_note(frame, measured)
+    logs = list(log_axes) if log_axes is not None else [suggest_log(measured[a]) for a in axes]
+    # A log axis cannot show zero or negative values: those axes stay linear.
+    logs = [bool(log) and bool((measured[a] > 0).all()) for a, log in zip(axes, logs, strict=True)]
     titles = {k: _axis_title(a, directions) for k, a in zip(("xaxis", "yaxis", "zaxis"), axes, strict=False)}
+    types = {k: "log" if log else "linear" for k, log in zip(("xaxis", "yaxis", "zaxis"), logs, strict=False)}
     if len(axes) == 3:
-        fig.update_layout(scene={f"{k}_title": v for k, v in titles.items()})
+        fig.update_layout(scene={k: {"title": titles[k], "type": types[k]} for k in titles})
     else:
-        fig.update_layout(xaxis_title=titles["xaxis"], yaxis_title=titles["yaxis"])
+        fig.update_layout(xaxis={"title": titles["xaxis"], "type": types["xaxis"]},
+                          yaxis={"title": titles["yaxis"], "type": types["yaxis"]})
     note = wrap(note)
     top = 50 + 18 * (note.count("<br>") + 1) if note else 50
     fig.update_layout(title={"text": title, "subtitle": {"text": note}} if note else title,
                       legend={"orientation": "h", "y": -0.2}, clickmode="event+select", autosize=True,
+                      # A click picks the point nearest the pointer, within a marker's radius.
+                      hovermode="closest", hoverdistance=12,
                       margin={"t": top, "l": 10 if len(axes) == 3 else 60, "r": 10, "b": 10 if len(axes) == 3 else 60},
                       height=(640 if len(axes) == 3 else 480) + top - 50)
     if len(axes) == 3:
@@ -269,8 +289,35 @@ def parallel_figure(study: optuna.Study, metric: str) -> go.Figure:
         raise NoFigure("the study has no searched parameters")
     fig = optuna.visualization.plot_parallel_coordinate(measured, target=lambda t: t.values[index],
                                                         target_name=metric)
-    fig.update_layout(title=f"Parallel coordinates, coloured by {metric}")
+    _viridis_best_on_top(fig, measured.directions[index] == optuna.study.StudyDirection.MAXIMIZE)
+    fig.update_layout(title=f"Parallel coordinates, coloured by {metric_label(metric)} (bright = best)")
     return fig
+
+
+def _viridis_best_on_top(fig: go.Figure, better_high: bool) -> None:
+    """Recolour Optuna's white-to-blue lines with Viridis (best = bright yellow) and draw the best last.
+
+    Optuna draws one line trace per trial; its first y is the objective, normalised to 0..1.
+    """
+    def is_trial(trace: go.Scatter) -> bool:  # the feasibility legend entries have no data
+        return trace.mode == "lines" and trace.y is not None and len(trace.y) > 0 and trace.y[0] is not None
+
+    lines = [t for t in fig.data if is_trial(t)]
+    others = [t for t in fig.data if not is_trial(t)]
+
+    def goodness(trace: go.Scatter) -> float:
+        return trace.y[0] if better_high else 1.0 - trace.y[0]
+
+    lines.sort(key=goodness)
+    for trace in lines:
+        trace.line.color = px.colors.sample_colorscale("Viridis", [goodness(trace)])[0]
+        trace.line.width = 1.6
+        trace.opacity = 0.85
+    for trace in others:
+        if trace.marker is not None and trace.marker.colorscale is not None:
+            trace.marker.colorscale = "Viridis"
+            trace.marker.reversescale = not better_high
+    fig.data = tuple(lines + others)
 
 
 # ---------------------------------------------------------------- one trial's evidence

@@ -407,3 +407,106 @@ def test_report_files_put_knobs_first_and_changes_as_signed_percent(tmp_path):
     assert f"{100 * (best - baseline['throughput_tok_s']) / baseline['throughput_tok_s']:+.1f}%" in page
     assert metric_label("throughput_tok_s") == "throughput (tok/s)"
     assert metric_label("latency_p99_ms") == "p99 latency (ms)"
+
+
+# ---------------------------------------------------------------- the dashboard
+
+
+@pytest.mark.slow
+def test_dashboard_command_stops_streamlit_when_it_is_killed(in_tmp, ux_runner, capsys):
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    import psutil
+
+    run(in_tmp, ux_space(1, {"x": [2.0]}), None)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cli = subprocess.Popen([sys.executable, "-m", "tuner", "dashboard", "--storage", str(in_tmp / "j.journal"),
+                            "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "streamlit never answered"
+                assert cli.poll() is None, "the dashboard command exited early"
+                time.sleep(0.5)
+        children = psutil.Process(cli.pid).children(recursive=True)
+        assert children  # Streamlit runs in a child process
+        cli.send_signal(signal.SIGTERM)  # what `kill PID` sends
+        assert cli.wait(timeout=30) == 0
+        gone, alive = psutil.wait_procs(children, timeout=15)
+        assert not alive, f"left running: {[p.pid for p in alive]}"
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+
+
+def _frame(rows: list[tuple[int, float, float, str, bool]]):
+    import pandas as pd
+
+    return pd.DataFrame([{"number": n, "throughput_tok_s": x, "latency_p99_ms": y, "category": c, "baseline": b,
+                          "state": "COMPLETE", "reason": "", "param_batch_size": n + 1} for n, x, y, c, b in rows])
+
+
+def test_pareto_axes_go_log_for_an_outlier_and_points_carry_their_trial_number():
+    from reports.figures import pareto_figure
+
+    directions = {"throughput_tok_s": "maximize", "latency_p99_ms": "minimize"}
+    # One 22 s latency outlier among ~100 ms trials.
+    frame = _frame([(0, 100.0, 120.0, "feasible Pareto", True), (1, 90.0, 22000.0, "feasible dominated", False),
+                    (2, 110.0, 140.0, "feasible Pareto", False), (10, 105.0, 118.0, "infeasible", False)])
+    fig = pareto_figure(frame, ["throughput_tok_s", "latency_p99_ms"], directions)
+    assert fig.layout.yaxis.type == "log" and fig.layout.xaxis.type == "linear"
+    assert fig.layout.xaxis.title.text == "throughput (tok/s) ↑ better"
+    linear = pareto_figure(frame, ["throughput_tok_s", "latency_p99_ms"], directions, log_axes=[False, False])
+    assert linear.layout.yaxis.type == "linear"
+    by_trace = {t.name: list(t.customdata) for t in fig.data}
+    assert by_trace["feasible Pareto (2)"] == [0, 2] and by_trace["infeasible (1)"] == [10]
+    assert by_trace["baseline"] == [0] and fig.layout.hovermode == "closest"
+    frame.loc[3, "latency_p99_ms"] = 0.0  # a log axis cannot show zero: that axis stays linear
+    assert pareto_figure(frame, ["throughput_tok_s", "latency_p99_ms"], directions, log_axes=[True, True]) \
+        .layout.yaxis.type == "linear"
+
+
+def test_parallel_coordinates_use_viridis_with_the_best_line_drawn_last(tmp_path):
+    from reports.cli import load_study
+    from reports.figures import parallel_figure
+    from tests.report_study import build
+
+    study = load_study("report_demo", build(tmp_path))
+    fig = parallel_figure(study, "latency_p99_ms")
+    lines = [t for t in fig.data if t.mode == "lines" and t.y[0] is not None]
+    # The objective axis is first; low latency is best, so the last line drawn has the lowest y.
+    assert lines[-1].y[0] == min(t.y[0] for t in lines) and lines[0].y[0] == max(t.y[0] for t in lines)
+    assert lines[-1].line.color == "rgb(253, 231, 37)" and lines[0].line.color == "rgb(68, 1, 84)"  # Viridis ends
+    bar = next(t for t in fig.data if t.mode == "markers" and t.marker.showscale)
+    assert bar.marker.reversescale is True and bar.marker.colorscale[0][1] == "#440154"
+
+
+def test_baseline_wording_says_what_is_true():
+    import pandas as pd
+
+    from reports.frames import baseline_status, best_delta_text
+
+    def frame(**row):
+        base = {"number": 0, "baseline": True, "state": "COMPLETE", "outcome": "ok", "feasible": True}
+        return pd.DataFrame([{**base, **row}])
+
+    assert baseline_status(frame()) == "measured"
+    assert baseline_status(frame(feasible=False)) == "measured, infeasible"
+    assert baseline_status(frame(state="FAIL", outcome="fail", feasible=False)) == "failed"
+    assert baseline_status(frame(baseline=False)) == "not run"
+    assert best_delta_text(150.0, 50.0, "measured, infeasible") == "+50.0% vs baseline (infeasible)"
+    assert best_delta_text(None, None, "measured") == "no feasible trial yet"
+    assert best_delta_text(150.0, None, "failed") == "baseline failed (no measurement)"
+    assert best_delta_text(150.0, None, "not run") == "no baseline in this study"
