@@ -510,3 +510,28 @@ def test_baseline_wording_says_what_is_true():
     assert best_delta_text(None, None, "measured") == "no feasible trial yet"
     assert best_delta_text(150.0, None, "failed") == "baseline failed (no measurement)"
     assert best_delta_text(150.0, None, "not run") == "no baseline in this study"
+
+
+# ---------------------------------------------------------------- docs
+
+
+def test_design_doc_is_linked_and_names_every_knob_metric_and_command():
+    import re
+    from pathlib import Path
+
+    from runners.contract import METRICS
+    from runners.knobs import RUNNER_KNOBS
+    from tuner.cli import SUBCOMMANDS
+
+    root = Path(__file__).resolve().parent.parent
+    readme, design = (root / "README.md").read_text(), (root / "docs" / "design.md").read_text()
+    assert "](docs/design.md)" in readme and "shared folder" not in readme
+    for runner in ("glm-infer", "glm-train"):
+        missing = [k for k in RUNNER_KNOBS[runner] if f"`{k}`" not in design]
+        assert not missing, f"docs/design.md does not name the {runner} knobs {missing}"
+    # Latency triples are written as `ttft_p50/p90/p99_ms`; CI bounds as `_ci_low` / `_ci_high`.
+    names = set(re.findall(r"`([a-z0-9_/]+)`", design))
+    expanded = {n.replace("p50/p90/p99", p) for n in names for p in ("p50", "p90", "p99")}
+    missing = [m for m in METRICS if "_ci_" not in m and m not in expanded]
+    assert not missing, f"docs/design.md does not name the metrics {missing}"
+    assert all(f"autoglm-tune {sub}" in design for sub in SUBCOMMANDS)
