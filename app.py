@@ -304,7 +304,7 @@ def table_columns(frame: pd.DataFrame, objs: list[fr.Objective]) -> list[str]:
     names = [o.metric for o in objs]
     lead = ["number", "category", "baseline", *names, *fr.param_columns(frame)]
     rest = [m for m in fr.metric_columns(frame) if m not in names and not m.endswith(("_ci_low", "_ci_high"))]
-    tail = ["reason", "host", "gpu", "device_name", "duration_s"]
+    tail = ["reason", "overloaded", "stopped_early", "host", "gpu", "device_name", "duration_s"]
     return [c for c in [*lead, *rest, *tail] if c in frame.columns]
 
 
@@ -388,6 +388,9 @@ def outcome_banner(data: dict[str, Any], row: pd.Series) -> None:
             st.code(attrs["stderr_tail"], language="text")
     elif row["category"] == fr.INFEASIBLE:
         st.warning(f"Infeasible: {row['reason']}")
+    for note in (row.get("overloaded"), row.get("stopped_early")):
+        if isinstance(note, str) and note:  # the window fell behind its load, or was cut short
+            st.warning(note[0].upper() + note[1:])
 
 
 def trial_detail(url: str, name: str, frame: pd.DataFrame, objs: list[fr.Objective]) -> None:

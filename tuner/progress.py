@@ -43,7 +43,10 @@ def _fmt_duration(seconds: float) -> str:
 
 
 def _fmt_value(value: float) -> str:
-    return f"{value:.4g}" if abs(value) < 1e6 else f"{value:.3e}"
+    """4 significant digits; whole numbers up to a million (15570, not 1.557e+04)."""
+    if abs(value) >= 1e6 or not abs(value) < float("inf"):
+        return f"{value:.3e}"
+    return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
 
 
 def _fmt_param(value: object) -> str:
@@ -184,7 +187,7 @@ class TrialEstimator:
 
 
 def live_text(number: int, records: list[dict[str, Any]], elapsed_s: float, left_s: float | None) -> str:
-    phase = next((r["phase"] for r in reversed(records) if "phase" in r), "starting")
+    phase = next((r["phase"] for r in reversed(records) if "phase" in r), "starting the runner")
     parts = [f"trial {number}", phase]
     requests = next((r for r in reversed(records) if "done" in r), None)
     if phase == "measure" and requests is not None:
@@ -307,7 +310,7 @@ class _LiveLine:
         from rich.console import Console
         from rich.live import Live
 
-        self._live = Live("", console=Console(file=stream), transient=True, refresh_per_second=4)
+        self._live = Live("", console=Console(file=stream, highlight=False), transient=True, refresh_per_second=4)
 
     def start(self) -> None:
         self._live.start()
