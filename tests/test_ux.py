@@ -142,6 +142,12 @@ def test_all_infeasible_run_ends_with_the_bound_that_failed_and_a_hint(tmp_path,
     assert "no feasible trial: every one of 3 measured trial(s) broke a bound" in out
     assert "most often broken: ttft_p99_ms in 3 of 3 (best ttft_p99_ms = 2400 > 2000 (20% beyond the bound))" in out
     assert "hint: lower workload.rate_rps (now 30) so the stack keeps up, relax the bound" in out
+    # Overloaded trials: the hint names a rate the stack kept up with (0.8 x the best served).
+    raw = ux_space(2, {"ttft_ms": [4132.0], "overload": [True]}, study="overloaded")
+    run(tmp_path, raw, None)
+    out = capsys.readouterr().out
+    assert "2 of 2 measured trial(s) were overloaded" in out
+    assert "lower workload.rate_rps (now 30; the stack served at most 2.6 req/s here, so try rate_rps <= 2.1)" in out
     assert "recommended" not in out
 
 

@@ -357,12 +357,16 @@ def recommended(study: optuna.Study, metric_names: list[str]) -> list[tuple[str,
     return [(", ".join(labels), t) for labels, t in list(picks.values())[:MAX_RECOMMENDED]]
 
 
-def _hint(metric: str, space: Any) -> str:
+def _hint(metric: str, space: Any, measured: Sequence[FrozenTrial] = ()) -> str:
     """A concrete next step for a bound that breaks in most trials."""
     rate = (space.workload or {}).get("rate_rps")
     loosen = f"relax the bound (constraints: {metric})"
     if metric.startswith(("ttft", "tpot", "latency", "e2e")) or metric.endswith("_ms"):
-        lower = f"lower workload.rate_rps (now {rate:g}) so the stack keeps up, " if rate else ""
+        served = [float(v) for t in measured if overload_note(t.user_attrs)
+                  and (v := (t.user_attrs.get("metrics") or {}).get("request_throughput_rps")) is not None]
+        keeps_up = (f"; the stack served at most {max(served):.3g} req/s here, so try rate_rps "
+                    f"<= {0.8 * max(served):.2g}") if served else ""
+        lower = f"lower workload.rate_rps (now {rate:g}{keeps_up}) so the stack keeps up, " if rate else ""
         return f"{lower}{loosen}, or drop the slowest knob values (small batch_size, offloaded KV)"
     if metric in ("kl_divergence", "top1_agreement", "perplexity"):
         return f"drop the most aggressive compression values (quant_bits 4, high sparsity) or {loosen}"
@@ -447,5 +451,5 @@ def no_feasible_lines(study: optuna.Study, space: Any, finished: list[FrozenTria
         if overloaded:
             lines.append(f"{overloaded} of {len(measured)} measured trial(s) were overloaded "
                          f"(served fewer requests per second than offered)")
-        lines.append(f"hint: {_hint(metric, space)}")
+        lines.append(f"hint: {_hint(metric, space, measured)}")
     return lines

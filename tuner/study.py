@@ -174,13 +174,9 @@ def repeated_crash(study: optuna.Study) -> str:
     last = sorted(finished, key=lambda t: t.datetime_complete or t.datetime_start)[-MAX_SAME_CRASH:]
     if len(last) < MAX_SAME_CRASH or not all(t.state == TrialState.FAIL and _runner_failed(t) for t in last):
         return ""
-    reasons = {_crash_signature(t.user_attrs.get("fail_reason", "")) for t in last}
+    # Crash reasons end with the child's last stderr line; hang reasons name only the timeout.
+    reasons = {str(t.user_attrs.get("fail_reason", "")).strip() for t in last}
     return last[-1].user_attrs.get("fail_reason", "") if len(reasons) == 1 else ""
-
-
-def _crash_signature(reason: str) -> str:
-    # Hang messages carry no per-trial numbers; crash messages end with the child's last line.
-    return reason.strip()
 
 
 def _runner_failed(trial: optuna.trial.FrozenTrial) -> bool:
@@ -313,10 +309,10 @@ def tell_outcome(study: optuna.Study, trial: optuna.Trial, space: Space, outcome
 def store_constraint_list(study: optuna.Study, trial: optuna.Trial, violations: list[float]) -> None:
     """Also write the violations as the list Optuna's `constraints_func` stores.
 
-    Optuna 5's samplers read the named `constraints:<name>` attributes `set_constraint` writes,
-    but optuna-dashboard (and our own `regress --init`) read the plain `constraints` list, and
-    treat a trial without it as feasible: an infeasible trial would be shown as the best one.
-    The trial's `constraints` view then holds both (named keys and "0", "1", ...), same values.
+    Optuna 5's samplers read the named `constraints:<name>` attributes `set_constraint` writes;
+    optuna-dashboard reads only the plain `constraints` list (a trial without it is drawn as
+    feasible). The trial's `constraints` view then holds both (named keys and "0", "1", ...),
+    with the same values; `reports.frames.named_constraints` shows the named ones.
     """
     study._storage.set_trial_system_attr(trial._trial_id, "constraints", [float(v) for v in violations])
 
