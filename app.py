@@ -89,7 +89,7 @@ def summary(url: str, name: str) -> dict[str, Any]:
 @st.cache_data(ttl=TTL_S, show_spinner=False)
 def trial_attrs(url: str, name: str, number: int) -> dict[str, Any]:
     t = study(url, name).get_trials(deepcopy=False)[number]
-    return {"user_attrs": dict(t.user_attrs), "params": dict(t.params), "constraints": dict(t.constraints),
+    return {"user_attrs": dict(t.user_attrs), "params": dict(t.params), "constraints": fr.named_constraints(t),
             "state": t.state.name, "values": t.values}
 
 
@@ -182,18 +182,18 @@ def study_header(info: dict[str, Any], frame: pd.DataFrame, objs: list[fr.Object
     cols[3].metric("failed", states.get("FAIL", 0))
     cols[4].metric("running", states.get("RUNNING", 0))
     best = fr.best_per_objective(frame, objs)
+    status = fr.baseline_status(frame)
     tiles = st.columns(max(1, len(best)))
     for tile, row in zip(tiles, best.itertuples(), strict=False):
-        ratio = row.best_vs_baseline
+        change = row.best_vs_baseline_pct
         label = f"best {row.objective} ({'↑' if row.direction == 'maximize' else '↓'})"
         trial = "" if row.trial is None or pd.isna(row.trial) else f" · trial #{int(row.trial)}"
-        if ratio is None or pd.isna(ratio):
-            tile.metric(label + trial, fmt(row.best), delta="no baseline measured", delta_color="off", delta_arrow="off")
-        elif abs(ratio - 1) < 5e-4:
-            tile.metric(label + trial, fmt(row.best), delta="the baseline is best", delta_color="off", delta_arrow="off")
+        text = fr.best_delta_text(row.best, change, status)
+        if not text.startswith(("+", "-")):
+            tile.metric(label + trial, fmt(row.best), delta=text, delta_color="off", delta_arrow="off")
         else:
             # Green means better: a lower latency/memory than the baseline is a negative delta.
-            tile.metric(label + trial, fmt(row.best), delta=f"{(ratio - 1) * 100:+.1f}% vs baseline",
+            tile.metric(label + trial, fmt(row.best), delta=text,
                         delta_color="normal" if row.direction == "maximize" else "inverse")
 
 
@@ -259,11 +259,20 @@ def selected_on_chart(event: Any) -> list[int]:
     return sorted(set(numbers))
 
 
+def log_toggles(frame: pd.DataFrame, axes: list[str], name: str) -> list[bool]:
+    """One log/linear switch per axis; on by default where the values span more than 20x."""
+    cols = st.columns(len(axes)) if axes else []
+    return [col.toggle(f"log {label}", value=figs.suggest_log(frame[axis]) if axis in frame else False,
+                       key=f"log_{label}_{axis}_{name}", help="a log axis keeps one outlier from squeezing the rest")
+            for col, label, axis in zip(cols, ("x", "y", "z"), axes, strict=False)]
+
+
 def pareto_panel(frame: pd.DataFrame, objs: list[fr.Objective], name: str) -> list[int]:
     directions = {o.metric: o.direction for o in objs}
     axes = pareto_axes(objs, frame, name)
-    event = draw(figs.pareto_figure, frame, axes, directions, key="pareto", on_select="rerun",
-                 selection_mode=("points", "box", "lasso"))
+    logs = log_toggles(frame, axes, name)
+    event = draw(figs.pareto_figure, frame, axes, directions, "Pareto front", logs, key="pareto",
+                 on_select="rerun", selection_mode=("points", "box", "lasso"))
     if len(objs) == 3 and len(axes) == 2:
         st.caption("Pareto membership is over all objectives: a Pareto point that looks dominated here wins "
                    "on the objective not shown.")
@@ -295,7 +304,7 @@ def table_columns(frame: pd.DataFrame, objs: list[fr.Objective]) -> list[str]:
     names = [o.metric for o in objs]
     lead = ["number", "category", "baseline", *names, *fr.param_columns(frame)]
     rest = [m for m in fr.metric_columns(frame) if m not in names and not m.endswith(("_ci_low", "_ci_high"))]
-    tail = ["reason", "host", "gpu", "device_name", "duration_s"]
+    tail = ["reason", "overloaded", "stopped_early", "host", "gpu", "device_name", "duration_s"]
     return [c for c in [*lead, *rest, *tail] if c in frame.columns]
 
 
@@ -379,6 +388,9 @@ def outcome_banner(data: dict[str, Any], row: pd.Series) -> None:
             st.code(attrs["stderr_tail"], language="text")
     elif row["category"] == fr.INFEASIBLE:
         st.warning(f"Infeasible: {row['reason']}")
+    for note in (row.get("overloaded"), row.get("stopped_early")):
+        if isinstance(note, str) and note:  # the window fell behind its load, or was cut short
+            st.warning(note[0].upper() + note[1:])
 
 
 def trial_detail(url: str, name: str, frame: pd.DataFrame, objs: list[fr.Objective]) -> None:

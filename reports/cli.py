@@ -7,7 +7,7 @@ from pathlib import Path
 
 import optuna
 
-from reports.frames import pareto_frame, trials_frame, write_table
+from reports.frames import objectives, ordered_columns, pareto_frame, trials_frame, write_table
 from tuner.errors import UsageError
 
 
@@ -39,7 +39,9 @@ def write_all(study: optuna.Study, out: Path) -> list[Path]:
 
     out.mkdir(parents=True, exist_ok=True)
     trials, pareto = trials_frame(study), pareto_frame(study)
-    written = [write_table(frame, out / f"{name}.{suffix}")
+    objs = objectives(study)
+    # Files read left to right: the knobs first, then the objectives, the verdict, the rest.
+    written = [write_table(ordered_columns(frame, objs), out / f"{name}.{suffix}")
                for name, frame in (("trials", trials), ("pareto", pareto)) for suffix in ("csv", "parquet")]
     write_report(study, trials, pareto, out / "report.html")
     return [*written, out / "report.html"]

@@ -22,7 +22,7 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 
-from reports.frames import DOMINATED, INFEASIBLE, PARETO, objectives, param_columns
+from reports.frames import DOMINATED, INFEASIBLE, PARETO, metric_label, objectives, param_columns
 
 # Distinct by colour *and* symbol, so the classes survive greyscale printing.
 CATEGORY_STYLE: dict[str, dict[str, object]] = {
@@ -60,8 +60,24 @@ class NoFigure(Exception):
 
 
 def _axis_title(metric: str, directions: dict[str, str]) -> str:
+    """`throughput (tok/s) ↑ better`: the unit, and which way is better for an objective."""
     direction = directions.get(metric)
-    return f"{metric} ({'↑' if direction == 'maximize' else '↓'} better)" if direction else metric
+    label = metric_label(metric)
+    return f"{label} {'↑' if direction == 'maximize' else '↓'} better" if direction else label
+
+
+def wrap(text: str, width: int = 110, max_lines: int = 3) -> str:
+    """Plotly titles do not wrap: break at words with <br> so a subtitle stays on the page."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and len(lines[-1]) + 1 + len(word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] += " …"
+    return "<br>".join(lines)
 
 
 def _hover(frame: pd.DataFrame, axes: Sequence[str]) -> list[str]:
@@ -93,13 +109,26 @@ def _unplotted_note(frame: pd.DataFrame, plotted: pd.DataFrame) -> str:
     return f"{len(missing)} completed trial(s) not measured on these axes ({shown})"
 
 
+# Values spread over more than this factor read better on a log axis (one outlier would
+# otherwise squeeze every other point into a pixel).
+LOG_SPREAD = 20.0
+
+
+def suggest_log(values: pd.Series) -> bool:
+    """A log axis by default when every value is positive and they span more than LOG_SPREAD x."""
+    finite = pd.to_numeric(values, errors="coerce").dropna()
+    finite = finite[finite.map(math.isfinite)]
+    return bool(len(finite) > 1 and (finite > 0).all() and finite.max() / finite.min() > LOG_SPREAD)
+
+
 def pareto_figure(frame: pd.DataFrame, axes: Sequence[str], directions: dict[str, str],
-                  title: str = "Pareto front") -> go.Figure:
+                  title: str = "Pareto front", log_axes: Sequence[bool] | None = None) -> go.Figure:
     """Trials on 2 or 3 metric axes: feasible Pareto / dominated / infeasible / baseline.
 
     Pareto membership comes from `study.best_trials` (all objectives), so on a 2-D view of a
     3-objective study a Pareto point may look dominated: it wins on the hidden objective.
     Each point's `customdata` is its trial number (what a chart selection returns).
+    `log_axes`: per axis, log (True) or linear; default: `suggest_log` of the axis's values.
     """
     if len(axes) not in (2, 3) or len(set(axes)) != len(axes):
         raise NoFigure("pick 2 or 3 different metrics for the Pareto axes")
@@ -122,14 +151,28 @@ def pareto_figure(frame: pd.DataFrame, axes: Sequence[str], directions: dict[str
         style = dict(BASELINE_STYLE, symbol="square-open", size=14) if len(axes) == 3 else dict(BASELINE_STYLE)
         fig.add_trace(_scatter(baseline, axes, "baseline", style))
     note = _unplotted_note(frame, measured)
+    logs = list(log_axes) if log_axes is not None else [suggest_log(measured[a]) for a in axes]
+    # A log axis cannot show zero or negative values: those axes stay linear.
+    logs = [bool(log) and bool((measured[a] > 0).all()) for a, log in zip(axes, logs, strict=True)]
     titles = {k: _axis_title(a, directions) for k, a in zip(("xaxis", "yaxis", "zaxis"), axes, strict=False)}
+    types = {k: "log" if log else "linear" for k, log in zip(("xaxis", "yaxis", "zaxis"), logs, strict=False)}
     if len(axes) == 3:
-        fig.update_layout(scene={f"{k}_title": v for k, v in titles.items()})
+        fig.update_layout(scene={k: {"title": titles[k], "type": types[k]} for k in titles})
     else:
-        fig.update_layout(xaxis_title=titles["xaxis"], yaxis_title=titles["yaxis"])
+        fig.update_layout(xaxis={"title": titles["xaxis"], "type": types["xaxis"]},
+                          yaxis={"title": titles["yaxis"], "type": types["yaxis"]})
+    note = wrap(note)
+    top = 50 + 18 * (note.count("<br>") + 1) if note else 50
     fig.update_layout(title={"text": title, "subtitle": {"text": note}} if note else title,
-                      legend={"orientation": "h", "y": -0.2}, clickmode="event+select",
-                      margin={"t": 70 if note else 50}, height=620 if len(axes) == 3 else 480)
+                      legend={"orientation": "h", "y": -0.2}, clickmode="event+select", autosize=True,
+                      # A click picks the point nearest the pointer, within a marker's radius.
+                      hovermode="closest", hoverdistance=12,
+                      margin={"t": top, "l": 10 if len(axes) == 3 else 60, "r": 10, "b": 10 if len(axes) == 3 else 60},
+                      height=(640 if len(axes) == 3 else 480) + top - 50)
+    if len(axes) == 3:
+        # A cube seen from a corner fills the frame; Plotly's default eye clips the axis titles.
+        fig.update_layout(scene={"aspectmode": "cube", "camera": {"eye": {"x": 1.6, "y": 1.6, "z": 1.1}}},
+                          legend={"orientation": "h", "y": 0.0})
     return fig
 
 
@@ -156,16 +199,25 @@ def study_compare_figure(frames: dict[str, pd.DataFrame], axes: Sequence[str], d
 def measured_study(study: optuna.Study) -> optuna.Study:
     """An in-memory copy holding only COMPLETE trials with finite objective values.
 
-    Infeasible-because-unrunnable trials carry ±inf as values (so samplers avoid them);
-    importance and parallel-coordinate models must not see those. The copy never touches the
+    Infeasible trials carry ±inf as values (so nothing ranks them best); a measured one gets
+    its measured values back from `metrics`, an unrunnable one is left out. The copy never touches the
     real storage.
     """
     copy = optuna.create_study(directions=study.directions)
     with _quiet():
         copy.set_metric_names([o.metric for o in objectives(study)])
-    copy.add_trials([t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-                     if t.values and all(math.isfinite(v) for v in t.values)])
+    names = [o.metric for o in objectives(study)]
+    trials = [_measured_values(t, names) for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))]
+    copy.add_trials([t for t in trials if t.values and all(math.isfinite(v) for v in t.values)])
     return copy
+
+
+def _measured_values(trial: optuna.trial.FrozenTrial, names: list[str]) -> optuna.trial.FrozenTrial:
+    """The trial with its measured objective values (a bound-breaking trial is told the worst)."""
+    metrics = trial.user_attrs.get("metrics") or {}
+    if trial.user_attrs.get("outcome") == "ok" and names and all(metrics.get(n) is not None for n in names):
+        trial.values = [float(metrics[n]) for n in names]
+    return trial
 
 
 def reference_point(study: optuna.Study) -> list[float]:
@@ -237,8 +289,35 @@ def parallel_figure(study: optuna.Study, metric: str) -> go.Figure:
         raise NoFigure("the study has no searched parameters")
     fig = optuna.visualization.plot_parallel_coordinate(measured, target=lambda t: t.values[index],
                                                         target_name=metric)
-    fig.update_layout(title=f"Parallel coordinates, coloured by {metric}")
+    _viridis_best_on_top(fig, measured.directions[index] == optuna.study.StudyDirection.MAXIMIZE)
+    fig.update_layout(title=f"Parallel coordinates, coloured by {metric_label(metric)} (bright = best)")
     return fig
+
+
+def _viridis_best_on_top(fig: go.Figure, better_high: bool) -> None:
+    """Recolour Optuna's white-to-blue lines with Viridis (best = bright yellow) and draw the best last.
+
+    Optuna draws one line trace per trial; its first y is the objective, normalised to 0..1.
+    """
+    def is_trial(trace: go.Scatter) -> bool:  # the feasibility legend entries have no data
+        return trace.mode == "lines" and trace.y is not None and len(trace.y) > 0 and trace.y[0] is not None
+
+    lines = [t for t in fig.data if is_trial(t)]
+    others = [t for t in fig.data if not is_trial(t)]
+
+    def goodness(trace: go.Scatter) -> float:
+        return trace.y[0] if better_high else 1.0 - trace.y[0]
+
+    lines.sort(key=goodness)
+    for trace in lines:
+        trace.line.color = px.colors.sample_colorscale("Viridis", [goodness(trace)])[0]
+        trace.line.width = 1.6
+        trace.opacity = 0.85
+    for trace in others:
+        if trace.marker is not None and trace.marker.colorscale is not None:
+            trace.marker.colorscale = "Viridis"
+            trace.marker.reversescale = not better_high
+    fig.data = tuple(lines + others)
 
 
 # ---------------------------------------------------------------- one trial's evidence

@@ -17,14 +17,15 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from runners.contract import METRICS
+from tuner.progress import broken_constraints, change_pct, overload_note, stopped_early_note
 
 # Pareto-chart categories, in drawing order (the front last, so it is on top).
 INFEASIBLE, DOMINATED, PARETO = "infeasible", "feasible dominated", "feasible Pareto"
 
 # Columns every trials frame has, even for an empty study, so callers can rely on them.
 BASE_COLUMNS = ["number", "state", "outcome", "category", "feasible", "pareto", "baseline", "reason",
-                "duration_s", "wall_s", "datetime_start", "retry_of", "device_name", "host", "gpu",
-                "artifact_dir"]
+                "overloaded", "stopped_early", "duration_s", "wall_s", "datetime_start", "retry_of",
+                "device_name", "host", "gpu", "artifact_dir"]
 
 
 @dataclass(frozen=True)
@@ -45,13 +46,23 @@ def _feasible(trial: FrozenTrial) -> bool:
     return trial.state == TrialState.COMPLETE and all(v <= 0 for v in trial.constraints.values())
 
 
-def reason(trial: FrozenTrial) -> str:
-    """Why a trial is not a feasible measurement: the recorded reason, else the violated bounds."""
+def named_constraints(trial: FrozenTrial) -> dict[str, float]:
+    """The trial's constraints by name; the positional copy kept for optuna-dashboard ("0", "1") left out."""
+    return {k: v for k, v in trial.constraints.items() if not k.isdigit()}
+
+
+def reason(trial: FrozenTrial, bounds: list[dict[str, Any]] | None = None) -> str:
+    """Why a trial is not a feasible measurement: the recorded reason, else each broken bound as
+    `metric = value > bound` (with the study's `bounds`), else the violated constraint names."""
     attrs = trial.user_attrs
     explicit = attrs.get("infeasible_reason") or attrs.get("fail_reason")
     if explicit:
         return str(explicit)
-    violated = [f"{name} (violated by {value:.3g})" for name, value in trial.constraints.items() if value > 0]
+    if bounds and attrs.get("metrics"):
+        broken = broken_constraints(attrs["metrics"], bounds)
+        if broken:
+            return "; ".join(broken)
+    violated = [f"{name} (violated by {value:.3g})" for name, value in named_constraints(trial).items() if value > 0]
     return ("constraint " + ", ".join(violated)) if violated else ""
 
 
@@ -63,7 +74,8 @@ def _category(trial: FrozenTrial, pareto: bool) -> str:
     return PARETO if pareto else DOMINATED
 
 
-def trial_row(trial: FrozenTrial, pareto_numbers: frozenset[int] = frozenset()) -> dict[str, Any]:
+def trial_row(trial: FrozenTrial, pareto_numbers: frozenset[int] = frozenset(),
+              bounds: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     attrs = trial.user_attrs
     owner = attrs.get("owner") or {}
     env = attrs.get("environment") or {}
@@ -76,7 +88,9 @@ def trial_row(trial: FrozenTrial, pareto_numbers: frozenset[int] = frozenset()) 
         "feasible": _feasible(trial),
         "pareto": pareto,
         "baseline": bool(attrs.get("baseline", False)),
-        "reason": reason(trial),
+        "reason": reason(trial, bounds),
+        "overloaded": overload_note(attrs),
+        "stopped_early": stopped_early_note(attrs),
         "duration_s": trial.duration.total_seconds() if trial.duration else None,
         "wall_s": attrs.get("wall_s"),
         "datetime_start": trial.datetime_start.isoformat(timespec="seconds") if trial.datetime_start else None,
@@ -106,7 +120,8 @@ def pareto_numbers(study: optuna.Study) -> frozenset[int]:
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
     """One row per trial: state, feasibility, params (`param_*`), metrics, provenance."""
     front = pareto_numbers(study)
-    rows = [trial_row(t, front) for t in study.get_trials(deepcopy=False)]
+    bounds = study.user_attrs.get("constraints") or []
+    rows = [trial_row(t, front, bounds) for t in study.get_trials(deepcopy=False)]
     frame = pd.DataFrame(rows)
     for column in BASE_COLUMNS:
         if column not in frame:
@@ -120,6 +135,22 @@ def pareto_frame(study: optuna.Study) -> pd.DataFrame:
     return frame[frame["pareto"].astype(bool)].reset_index(drop=True)
 
 
+# Unit suffixes of contract metric names (longest first) and words written as abbreviations.
+_UNIT_SUFFIXES = ("_j_per_tok", "_tok_s", "_rps", "_mib", "_gib", "_ms", "_mhz", "_pct", "_w", "_s")
+_WORDS = {"ttft": "TTFT", "tpot": "TPOT", "kl": "KL", "mbu": "MBU", "mfu": "MFU", "ci": "CI"}
+
+
+def metric_label(metric: str) -> str:
+    """A metric as an axis title with its unit: `throughput (tok/s)`, `p99 latency (ms)`."""
+    unit = METRICS.get(metric, ("",))[0]
+    stem = next((metric[: -len(s)] for s in _UNIT_SUFFIXES if metric.endswith(s)), metric)
+    words = stem.split("_")
+    quantile = [w for w in words if len(w) > 1 and w[0] == "p" and w[1:].isdigit()]
+    words = quantile[:1] + [_WORDS.get(w, w) for w in words if w not in quantile[:1]]
+    name = " ".join(words) or metric
+    return f"{name} ({unit})" if unit and unit not in ("1", "ratio", "") else name
+
+
 def metric_columns(frame: pd.DataFrame) -> list[str]:
     return [c for c in frame.columns if c in METRICS]
 
@@ -129,15 +160,20 @@ def param_columns(frame: pd.DataFrame) -> list[str]:
 
 
 def best_per_objective(frame: pd.DataFrame, objs: list[Objective]) -> pd.DataFrame:
-    """Best feasible value per objective, its trial, and the baseline's value for comparison."""
+    """Best feasible value per objective, its trial, the measured baseline's value and the change
+    as a signed percentage (`best_vs_baseline_pct`: +83 means 83 % more than the baseline).
+
+    The baseline counts when it was measured, feasible or not: the change says how far the best
+    config is from doing nothing, whether or not doing nothing met the bounds."""
     feasible = frame[frame["feasible"].astype(bool)] if len(frame) else frame
-    baseline = feasible[feasible["baseline"].astype(bool)] if len(feasible) else feasible
+    measured = frame[(frame["outcome"] == "ok") & (frame["state"] == "COMPLETE")] if len(frame) else frame
+    baseline = measured[measured["baseline"].astype(bool)] if len(measured) else measured
     rows = []
     for o in objs:
         values = feasible[o.metric].dropna() if o.metric in feasible else pd.Series(dtype=float)
         if values.empty:
             rows.append({"objective": o.metric, "direction": o.direction, "best": None, "trial": None,
-                         "baseline": None, "best_vs_baseline": None})
+                         "baseline": None, "best_vs_baseline_pct": None})
             continue
         index = values.idxmax() if o.direction == "maximize" else values.idxmin()
         base = baseline[o.metric].dropna() if o.metric in baseline else pd.Series(dtype=float)
@@ -145,8 +181,42 @@ def best_per_objective(frame: pd.DataFrame, objs: list[Objective]) -> pd.DataFra
         best = float(values[index])
         rows.append({"objective": o.metric, "direction": o.direction, "best": best,
                      "trial": int(frame.loc[index, "number"]), "baseline": base_value,
-                     "best_vs_baseline": best / base_value if base_value else None})
-    return pd.DataFrame(rows, columns=["objective", "direction", "best", "trial", "baseline", "best_vs_baseline"])
+                     "best_vs_baseline_pct": change_pct(best, base_value)})
+    return pd.DataFrame(rows, columns=["objective", "direction", "best", "trial", "baseline", "best_vs_baseline_pct"])
+
+
+def baseline_status(frame: pd.DataFrame) -> str:
+    """What is true of the study's baseline: measured | measured, infeasible | failed | not run."""
+    rows = frame[frame["baseline"].astype(bool)] if len(frame) else frame
+    if rows.empty:
+        return "not run"
+    measured = rows[(rows["state"] == "COMPLETE") & (rows["outcome"] == "ok")]
+    if measured.empty:
+        return "failed" if (rows["state"] == "FAIL").any() else "infeasible (not runnable)"
+    return "measured" if bool(measured["feasible"].iloc[0]) else "measured, infeasible"
+
+
+def best_delta_text(best: Any, change: Any, status: str) -> str:
+    """The line under a best-value tile: the change vs the baseline, or why there is none."""
+    if best is None or pd.isna(best):
+        return "no feasible trial yet"
+    if change is None or pd.isna(change):
+        return {"not run": "no baseline in this study", "failed": "baseline failed (no measurement)"}.get(
+            status, f"baseline {status}: no value")
+    if abs(change) < 0.05:
+        return "the baseline is best" + (" (baseline infeasible)" if status == "measured, infeasible" else "")
+    return f"{change:+.1f}% vs baseline" + (" (infeasible)" if status == "measured, infeasible" else "")
+
+
+def ordered_columns(frame: pd.DataFrame, objs: list[Objective]) -> pd.DataFrame:
+    """Columns in reading order: identity, knobs, objectives, verdict, other metrics, provenance."""
+    head = [c for c in ("number", "category", "baseline") if c in frame]
+    knobs = param_columns(frame)
+    goals = [o.metric for o in objs if o.metric in frame]
+    verdict = [c for c in ("feasible", "reason", "overloaded", "stopped_early") if c in frame]
+    metrics = [c for c in metric_columns(frame) if c not in goals]
+    first = head + knobs + goals + verdict + metrics
+    return frame[first + [c for c in frame.columns if c not in first]]
 
 
 def _distinct(trials: list[FrozenTrial], section: str, keys: tuple[str, ...]) -> list[dict[str, Any]]:

@@ -34,7 +34,9 @@ from scipy.stats import t as student_t
 
 # The pseudo-metric of a config's runs: how many repeats measured ok (a crash is a regression).
 MEASURED = "measured"
-VERDICTS = ("ok", "new", "improved", "suspect", "regression")
+VERDICTS = ("ok", "new", "improved", "suspect", "regression", "host drift")
+# A flag set aside because the control itself moved beyond its tolerance (tuner/regress.py).
+HOST_DRIFT = "host drift"
 HISTORY_COLUMNS = [
     "night", "baseline", "config", "metric", "direction", "tolerance", "reference", "now", "ratio",
     "change", "history_median", "p_value", "z", "evidence", "verdict", "flagged", "accepted",
@@ -296,13 +298,16 @@ def _fmt(value: Any, spec: str = ".4g") -> str:
 
 def _icon(verdict: str) -> str:
     return {"regression": "❌ regression", "suspect": "⚠️ suspect", "improved": "✅ improved",
-            "new": "🆕 new", "ok": "✅ ok"}.get(verdict, verdict)
+            "new": "🆕 new", "ok": "✅ ok", HOST_DRIFT: "🌡️ host drift"}.get(verdict, verdict)
 
 
 def markdown_summary(checks: pd.DataFrame, header: dict[str, Any]) -> str:
     """A table per run: metric, reference, now (median of repeats), ratio, verdict."""
     regressions = checks[checks["verdict"] == "regression"]
+    drifted = checks[checks["verdict"] == HOST_DRIFT]
     title = f"{len(regressions)} regression(s)" if len(regressions) else "no regression"
+    if len(drifted):
+        title += f"; host drift: {len(drifted)} flag(s) not judged (the control moved)"
     lines = [f"# autoglm-tune regress: {title}", ""]
     lines += [f"- **{k}**: {v}" for k, v in header.items()]
     lines += ["", "| config | metric | reference | now | ratio | vs history | p | z | verdict | why |",
@@ -321,13 +326,14 @@ def _present(value: Any) -> bool:
 
 
 def junit_xml(checks: pd.DataFrame, suite: str = "autoglm-tune regress") -> str:
-    """One testcase per config x metric; a regression is a <failure>, a suspect a note."""
+    """One testcase per config x metric; a regression is a <failure>, host drift <skipped>, a suspect a note."""
     failures = int((checks["verdict"] == "regression").sum())
     root = ET.Element("testsuites", name=suite, tests=str(len(checks)), failures=str(failures))
     for config, rows in checks.groupby("config", sort=False):
         bad = int((rows["verdict"] == "regression").sum())
+        skipped = int((rows["verdict"] == HOST_DRIFT).sum())
         ts = ET.SubElement(root, "testsuite", name=str(config), tests=str(len(rows)), failures=str(bad),
-                           errors="0", skipped="0")
+                           errors="0", skipped=str(skipped))
         for r in rows.itertuples(index=False):
             case = ET.SubElement(ts, "testcase", classname=f"regress.{config}", name=str(r.metric), time="0")
             if r.metric == MEASURED:
@@ -338,6 +344,8 @@ def junit_xml(checks: pd.DataFrame, suite: str = "autoglm-tune regress") -> str:
             if r.verdict == "regression":
                 ET.SubElement(case, "failure", message=f"{r.metric} regressed: {r.reason}",
                               type="PerformanceRegression").text = detail
+            elif r.verdict == HOST_DRIFT:  # not judged: the host, not the code, moved
+                ET.SubElement(case, "skipped", message=f"{r.metric}: {r.reason}").text = detail
             else:
                 ET.SubElement(case, "system-out").text = f"{r.verdict}: {detail}"
     ET.indent(root)

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from runners import progress_report
 from runners.artifacts import request_rows, write_rows
 from runners.base import Runner, resolve_device
 from runners.contract import InfeasibleConfig, TrialConfig, TrialResult
@@ -169,6 +170,8 @@ class GlmInferRunner(Runner):
 
     def run(self, config: TrialConfig) -> TrialResult:
         t_setup = time.perf_counter()
+        progress_report.start(config.artifact_dir)
+        progress_report.report_phase("build")
         knobs = resolve_knobs(self.name, config.knobs)
         workload = {**DEFAULT_WORKLOAD, **config.workload}
         device = resolve_device(config.device)
@@ -189,13 +192,16 @@ class GlmInferRunner(Runner):
         info.update(eval_set=text.eval_description, prompts=text.eval_description if text.is_text else "random ids")
         engine = self._engine(built, knobs, device, kind, workload, config.seed, text.eval_ids)
         compiled_before = engine.compile_s if isinstance(engine, FastEngine) else 0.0
+        progress_report.report_phase("compile")
         self._prepare(engine, knobs, workload, config.seed, eval_ids)
+        progress_report.report_phase("quality")
         quality = self._quality(built, engine, knobs, config, dtype, eval_ids)
         if isinstance(engine, FastEngine):
             # This trial's compile + capture time (buckets captured by earlier trials are reused).
             info.update(compile_s=engine.compile_s - compiled_before, compiled=engine.compiled,
                         compile_error=engine.compile_error, buckets=sorted(engine.buckets()))
         setup_s = info["setup_s"] = time.perf_counter() - t_setup  # build + compress + compile + quality
+        progress_report.report_phase("measure")
         outcome = serve(engine, device, workload, knobs, config.seed, config.slo)
 
         metrics, unavailable = outcome.metrics, outcome.unavailable

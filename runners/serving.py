@@ -17,6 +17,7 @@ from typing import Any
 
 from runners.contract import InfeasibleConfig
 from runners.monitor import ResourceSampler
+from runners.progress_report import report_requests
 from runners.scheduler import Engine, IterationEngine, RealClock, RequestTiming, run_continuous, run_dynamic
 from runners.stats import ci_relative_width, request_latencies_ms, serving_metrics
 from runners.workload import Request, make_requests
@@ -50,6 +51,7 @@ class WindowRule:
                    None if target is None else float(target), str(workload.get("ci_metric", "latency")))
 
     def __call__(self, timings: Sequence[RequestTiming]) -> bool:
+        report_requests(len(timings), self.min_requests)  # asked after every batch: live progress
         if time.perf_counter() - self.started_at >= self.max_duration_s:
             self.reason = "max_duration_s reached"
             return True

@@ -134,3 +134,34 @@ def test_running_study_updates_without_a_click(server, journal):
         live.tell(running.number, state=optuna.trial.TrialState.FAIL)  # as a worker would
         page.get_by_text("running now").first.wait_for(state="detached", timeout=60_000)
         browser.close()
+
+
+# The page's width and each figure's box, in CSS pixels.
+LAYOUT = """() => ({width: document.documentElement.scrollWidth,
+  plots: [...document.querySelectorAll('.js-plotly-plot')].map(g => {
+    const r = g.getBoundingClientRect(); return {left: r.left, right: r.right, top: r.top + window.scrollY}; }),
+  recommended: document.querySelector('.recommended').getBoundingClientRect().top + window.scrollY,
+  axes: [...document.querySelectorAll('.js-plotly-plot .xtitle, .js-plotly-plot .ytitle')].map(t => t.textContent)})"""
+
+
+def test_report_fits_a_1280_px_window(tmp_path):
+    from reports.cli import load_study, write_all
+    from tests.report_study import build
+
+    journal = build(tmp_path / "study")
+    write_all(load_study("report_demo", journal), tmp_path / "report")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto((tmp_path / "report" / "report.html").as_uri())
+        page.locator(".js-plotly-plot").first.wait_for(timeout=30_000)
+        page.wait_for_timeout(1000)  # responsive figures resize once after load
+        layout = page.evaluate(LAYOUT)
+        page.screenshot(path=str(tmp_path / "report.png"), full_page=False)
+        browser.close()
+    assert layout["width"] <= 1280  # no horizontal scrolling
+    assert layout["plots"] and all(p["left"] >= 0 and p["right"] <= 1280 for p in layout["plots"])
+    assert layout["recommended"] < min(p["top"] for p in layout["plots"])  # what to run comes first
+    assert "throughput (tok/s) ↑ better" in layout["axes"] and "p99 latency (ms) ↓ better" in layout["axes"]
+    if os.environ.get("REPORT_SCREENSHOT"):
+        shutil.copyfile(tmp_path / "report.png", os.environ["REPORT_SCREENSHOT"])

@@ -14,6 +14,10 @@ def test_batch_quant_six_trials_then_report(in_tmp, capsys):
     assert main(["--space", "batch_quant.yaml", "--trials", "6", "--device", "cpu"]) == 0
     progress = capsys.readouterr().out
     assert "[6/6]" in progress and "pareto" in progress
+    # The run ends with what to run: at least one recommended configuration, and where to look.
+    ending = progress.split("done: 6/6 trials")[1]
+    assert "recommended configuration" in ending and "  trial " in ending
+    assert "autoglm-tune report --study batch_quant" in ending and "autoglm-tune dashboard" in ending
     assert main(["report", "--study", "batch_quant"]) == 0
     out = in_tmp / "runs" / "batch_quant" / "report"
     trials = pd.read_csv(out / "trials.csv")

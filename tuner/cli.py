@@ -28,6 +28,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "dashboard": ("reports.dashboard", "main"),
     "worker": ("tuner.cli", "worker_main"),
     "make-reference": ("tuner.cli", "make_reference_main"),
+    "spaces": ("tuner.cli", "spaces_main"),
 }
 
 
@@ -180,11 +181,22 @@ def _fan_out(space: Space, storage: BaseStorage, storage_url: str, out_dir: Path
 
 
 def _exit_code(summary: RunSummary) -> int:
+    """1 when no trial of the study completed or a crash stopped the run; else 0 once done."""
+    if summary.budget and not summary.completed or summary.stopped_by:
+        return 1
     return 0 if summary.counted >= summary.budget or summary.timed_out or summary.grid_exhausted else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:  # a bare command: what it can do, not a complaint about --space
+        print(usage_text())
+        return 2
+    if argv[0] in ("--version", "-V"):
+        print(f"autoglm-tune {package_version()}")
+        return 0
+    if argv[0] == "--list-spaces":
+        return spaces_main(argv[1:])
     if argv and argv[0] in SUBCOMMANDS:
         return _guarded(lambda: _subcommand(argv[0])(argv[1:]))
     return _guarded(lambda: run_main(argv))
@@ -207,6 +219,73 @@ def _subcommand(name: str) -> Callable[[list[str]], int]:
 
     module, func = SUBCOMMANDS[name]
     return getattr(importlib.import_module(module), func)
+
+
+# ---------------------------------------------------------------- usage, version, bundled spaces
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("autoglm-tune")
+    except PackageNotFoundError:
+        return "(not installed: run pip install -e .)"
+
+
+def bundled_spaces() -> list[tuple[str, str, str]]:
+    """(name, runner, first comment line) of every bundled space file, by name."""
+    import yaml
+
+    from tuner.space import bundled_dir
+
+    spaces = []
+    for path in sorted(bundled_dir().glob("*.yaml")):
+        text = path.read_text()
+        try:
+            runner = str((yaml.safe_load(text) or {}).get("runner", "?"))
+        except yaml.YAMLError:
+            runner = "?"
+        spaces.append((path.stem, runner, _about(text)))
+    return spaces
+
+
+def _about(text: str, width: int = 78) -> str:
+    """The first sentence of a space file's opening comment, cut to one terminal line."""
+    words = []
+    for line in text.splitlines():
+        if not line.startswith("#") or not line.strip("# "):
+            break
+        words += line.strip("# ").split()
+    sentence = " ".join(words).split(". ")[0].rstrip(".")
+    return sentence if len(sentence) <= width else sentence[: width - 1].rsplit(" ", 1)[0] + "…"
+
+
+def spaces_text() -> str:
+    rows = bundled_spaces()
+    width = max((len(name) for name, _, _ in rows), default=0)
+    return "\n".join(f"  {name:<{width}}  {runner:<9}  {about}" for name, runner, about in rows)
+
+
+def usage_text() -> str:
+    return (f"{run_parser().format_help().rstrip()}\n\n"
+            "commands:\n"
+            "  autoglm-tune --space NAME_OR_FILE   run (or resume) a study\n"
+            "  autoglm-tune report --study NAME    CSV + HTML report of a study\n"
+            "  autoglm-tune dashboard              the Streamlit dashboard on 127.0.0.1\n"
+            "  autoglm-tune regress BASELINE.yaml  re-measure accepted configs (--init to write one)\n"
+            "  autoglm-tune worker --study NAME    join a running study as another worker\n"
+            "  autoglm-tune spaces                 the bundled search spaces\n"
+            "  autoglm-tune --version\n\n"
+            f"bundled spaces (--space NAME):\n{spaces_text()}\n\n"
+            "start with: autoglm-tune --space batch_quant")
+
+
+def spaces_main(argv: list[str]) -> int:
+    if argv:
+        raise UsageError(f"spaces takes no arguments, got {' '.join(argv)}")
+    print(spaces_text())
+    return 0
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@
 Each config runs R times through the tuner's own launcher and runner (no second measurement
 path), round-robin so that machine drift hits every config alike; the rule that turns repeats
 into verdicts is in reports/regression.py and docs/regress.md. Exit 0: no regression; 1: a
-regression (or a config that no longer runs); 2: usage error, naming the file and key.
+regression (or a config that no longer runs); 2: usage error, naming the file and key (also
+`--init` on a study with no feasible trial); 3: host drift: the control moved beyond its
+tolerance, so the other configs' flags say nothing about the code and are not judged.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ CONFIG_KEYS = {"name", "control", "config", "space", "params", "reference", "acc
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(TrialConfig)}
 # Per-measurement fields the regress run sets itself; a stored trial's values are dropped.
 MEASUREMENT_FIELDS = ("artifact_dir", "trial_number")
+EXIT_OK, EXIT_REGRESSION, EXIT_USAGE, EXIT_HOST_DRIFT = 0, 1, 2, 3
 
 
 # ---------------------------------------------------------------- the baseline file
@@ -297,7 +300,8 @@ def measure(baseline: Baseline, repeats: int, device: str | None, out_dir: Path,
                           flush=True)
     finally:
         launcher.close()
-    return pd.DataFrame(rows, columns=["config", "repeat", "order", "state", "reason", "wall_s", "metric", "value"])
+    return pd.DataFrame(rows, columns=["config", "repeat", "order", "state", "reason", "wall_s", "metric", "value",
+                                       "device_name"])
 
 
 def _rows(name: str, repeat: int, order: int, outcome: Any, watches: list[rr.Watch]) -> list[dict[str, Any]]:
@@ -305,6 +309,7 @@ def _rows(name: str, repeat: int, order: int, outcome: Any, watches: list[rr.Wat
     if outcome.state != "ok":
         return [{**base, "reason": outcome.reason or outcome.state, "metric": "", "value": math.nan}]
     result = outcome.result
+    base["device_name"] = (result.environment or {}).get("device_name")
     rows = [{**base, "reason": "", "metric": m, "value": float(v)} for m, v in result.metrics.items()]
     for w in watches:
         if w.metric not in result.metrics:
@@ -436,9 +441,11 @@ def init_baseline(study_name: str, storage_url: str | None, top: int) -> dict[st
         pareto = []
     sign = -1.0 if directions[0] == "maximize" else 1.0
     chosen = sorted(pareto, key=lambda t: sign * t.user_attrs["metrics"][names[0]])[:top]
-    control = next((t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("baseline") and _usable(t)), None)
-    if not chosen and control is None:
-        raise UsageError(f"study {study_name!r} has no feasible measured trial to take a baseline from")
+    control = next((t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("baseline") and _measured(t)),
+                   None)
+    if not chosen:
+        raise UsageError(f"study {study_name!r} has no feasible trial: a baseline from it would break its own "
+                         f"bounds every night (run the study until one is feasible)")
     metrics: dict[str, Any] = {n: {"direction": d, "tolerance": default_tolerance(n)}
                                for n, d in zip(names, directions, strict=True)}
     for c in study.user_attrs.get("constraints", []):
@@ -453,11 +460,29 @@ def init_baseline(study_name: str, storage_url: str | None, top: int) -> dict[st
             "rule": dataclasses.asdict(rr.Rule()), "metrics": metrics, "configs": configs}
 
 
-def _usable(trial: Any) -> bool:
-    constraints = trial.system_attrs.get("constraints") or []
+def _measured(trial: Any) -> bool:
     return (trial.state.name == "COMPLETE" and trial.user_attrs.get("outcome") == "ok"
-            and all(c <= 0 for c in constraints) and bool(trial.user_attrs.get("config"))
-            and bool(trial.user_attrs.get("metrics")))
+            and bool(trial.user_attrs.get("config")) and bool(trial.user_attrs.get("metrics")))
+
+
+def _usable(trial: Any) -> bool:
+    """Measured and feasible (named constraints, or the plain list older studies stored)."""
+    return _measured(trial) and all(c <= 0 for c in trial.constraints.values())
+
+
+def broken_references(data: dict[str, Any]) -> list[str]:
+    """Each config reference that already breaks a watched bound (it would fail every night)."""
+    broken = []
+    for entry in data["configs"]:
+        for metric, spec in data["metrics"].items():
+            value = entry["reference"].get(metric)
+            if value is None:
+                continue
+            if spec.get("max") is not None and value > spec["max"]:
+                broken.append(f"{entry['name']}: {metric} = {value:.4g} > {spec['max']:g}")
+            if spec.get("min") is not None and value < spec["min"]:
+                broken.append(f"{entry['name']}: {metric} = {value:.4g} < {spec['min']:g}")
+    return broken
 
 
 def _init_entry(name: str, trial: Any, study: str, watched: list[str], control: bool = False) -> dict[str, Any]:
@@ -533,8 +558,8 @@ def _check(baseline: Baseline, args: argparse.Namespace, repeats: int, out: Path
     measured.to_csv(out / "measurements.csv", index=False)
     history_path = Path(args.history) if args.history else out / "history.csv"
     history = rr.read_history(history_path)
-    checks = evaluate(baseline, measured, history)
-    device = args.device or ", ".join(sorted({e.config.device for e in baseline.entries}))
+    checks = mark_host_drift(baseline, evaluate(baseline, measured, history))
+    device = device_used(baseline, measured, args.device)
     kept: list[str] = []
     if args.update_baseline:
         data, kept = updated_baseline(baseline, checks, measured, night)
@@ -549,6 +574,7 @@ def _check(baseline: Baseline, args: argparse.Namespace, repeats: int, out: Path
 def _report(baseline: Baseline, checks: pd.DataFrame, out: Path, history_path: Path, repeats: int,
             kept: list[str], updated: bool, quiet: bool) -> int:
     regressions = checks[checks["verdict"] == "regression"]
+    drifted = checks[checks["verdict"] == rr.HOST_DRIFT]
     header = {"baseline": str(baseline.path), "night (UTC)": checks["night"].iloc[0],
               "device": checks["device"].iloc[0],
               "repeats": repeats, "rule": _rule_text(baseline.rule), "history": str(history_path)}
@@ -565,11 +591,51 @@ def _report(baseline: Baseline, checks: pd.DataFrame, out: Path, history_path: P
             handle.write(markdown)
     if not quiet:
         print(markdown)
-    print(f"autoglm-tune regress: {len(regressions)} regression(s) in {len(checks)} checks; "
+    drift_text = f", {len(drifted)} flag(s) set aside as host drift (exit 3)" if len(drifted) else ""
+    print(f"autoglm-tune regress: {len(regressions)} regression(s) in {len(checks)} checks{drift_text}; "
           f"wrote {out / 'summary.md'}, {out / 'junit.xml'}; history {history_path}", file=sys.stderr)
     if updated:
-        return 1 if kept else 0
-    return 1 if len(regressions) else 0
+        return EXIT_REGRESSION if kept else EXIT_OK
+    if len(regressions):
+        return EXIT_REGRESSION
+    return EXIT_HOST_DRIFT if len(drifted) else EXIT_OK
+
+
+def device_used(baseline: Baseline, measured: pd.DataFrame, override: str | None) -> str:
+    """The devices the runs really used (from each result's environment), not `auto`."""
+    named = measured["device_name"].dropna() if "device_name" in measured else pd.Series(dtype=object)
+    names = sorted({str(n) for n in named if str(n)})
+    asked = override or ", ".join(sorted({e.config.device for e in baseline.entries}))
+    return f"{', '.join(names)} (asked: {asked})" if names else asked
+
+
+def control_drift(baseline: Baseline, checks: pd.DataFrame) -> list[str]:
+    """The control's metrics that moved beyond their tolerance (either way): the host changed.
+
+    The control is the unmodified stack; when it alone moves by more than its tolerance, the
+    machine (clocks, a noisy neighbour, a driver) moved, and every other config moved with it.
+    """
+    control = next((e for e in baseline.entries if e.control), None)
+    if control is None:
+        return []
+    rows = checks[(checks["config"] == control.name) & (checks["metric"] != rr.MEASURED)]
+    return [f"{r.metric} ×{r.ratio:.3f}" for r in rows.itertuples()
+            if rr._present(r.change) and rr._present(r.ratio) and abs(r.change) > r.tolerance]
+
+
+def mark_host_drift(baseline: Baseline, checks: pd.DataFrame) -> pd.DataFrame:
+    """With the control drifted, relative flags become `host drift`; crashes and bounds stay."""
+    moved = control_drift(baseline, checks)
+    if not moved:
+        return checks
+    checks = checks.copy()
+    relative = (checks["verdict"].isin(("regression", "suspect")) & (checks["metric"] != rr.MEASURED)
+                & (checks["evidence"] != "bound"))
+    checks.loc[relative, "reason"] = (f"host drift (control moved: {', '.join(moved)}); not judged: "
+                                      + checks.loc[relative, "reason"].astype(str))
+    checks.loc[relative, "verdict"] = rr.HOST_DRIFT
+    checks.loc[relative, "flagged"] = False
+    return checks
 
 
 def _rule_text(rule: rr.Rule) -> str:
@@ -599,6 +665,9 @@ def _init_main(args: argparse.Namespace) -> int:
     data = init_baseline(args.study, args.storage, args.top)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_baseline(data, path)
+    for broken in broken_references(data):
+        print(f"autoglm-tune regress: warning: reference {broken} already breaks its bound; that config "
+              f"will be flagged every night (drop it from {path} or relax the bound)", file=sys.stderr)
     print(f"wrote {path}: {len(data['configs'])} config(s), watching {', '.join(data['metrics'])}; "
           f"check with: autoglm-tune regress --baseline {path}")
     return 0

@@ -2,7 +2,9 @@
 
 The loop is ask -> launch the runner in a child process -> tell, so every outcome becomes
 data: measured trials are COMPLETE, config failures COMPLETE-but-infeasible, crashes and hangs
-FAIL. The trial budget is the study's total; a re-run does only what is missing.
+FAIL. The trial budget is the study's total; a re-run does only what is missing. Crashes
+(FAIL) do not use the budget: a run stops after MAX_SAME_CRASH identical crashes in a row or
+`fail_limit` crashes in all, so fixing the cause and running again continues the study.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from runners.contract import TrialConfig
 from runners.knobs import RUNNER_KNOBS
 from tuner.errors import UsageError
 from tuner.launcher import LaunchOutcome, ProcessLauncher, WarmLauncher
-from tuner.progress import Progress
+from tuner.progress import Progress, final_lines
 from tuner.space import Space, apply_overrides, grid_values, validate
 from tuner.storage import heartbeat_interval
 from tuner.workers import ClaimLock, Heartbeat, PrefixedStream, worker_identity
@@ -39,6 +41,8 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
 # Seconds between looks at other workers' running trials once the budget is all claimed.
 WAIT_POLL_S = 1.0
+# The same crash this many times in a row stops the study with that error.
+MAX_SAME_CRASH = 3
 
 
 @dataclass
@@ -60,6 +64,8 @@ class RunSummary:
     feasible_pareto: int
     timed_out: bool
     grid_exhausted: bool = False
+    completed: int = 0  # trials of the study that reached COMPLETE (feasible or not)
+    stopped_by: str = ""  # why this run stopped short of the budget: the repeated crash, the fail limit
 
 
 # ---------------------------------------------------------------- samplers and studies
@@ -145,22 +151,32 @@ def _owner_alive(owner: dict[str, Any]) -> bool:
 
 
 def counted_trials(study: optuna.Study) -> int:
-    """Trials that used budget: those running now, finished ones, and runner failures.
+    """Trials that used budget: those running now and finished ones (COMPLETE, PRUNED).
 
-    A FAIL counts only when the runner itself failed (crash, hang: the tuner recorded an
-    `outcome`). A trial whose worker died or was interrupted does not: it is queued again
-    (by `_requeue`, or by Optuna's RetryHeartbeatStaleTrialCallback, whose copy lists it in
-    `retry_history`), and the copy is what counts once a worker claims it.
+    No FAIL counts. A crash or hang says nothing about the config's merit, so after the cause
+    is fixed a re-run must still have budget for it; a run bounds its crashes instead
+    (MAX_SAME_CRASH in a row, `fail_limit` in all). A trial whose worker died or was
+    interrupted is queued again (by `_requeue`, or by Optuna's RetryHeartbeatStaleTrialCallback),
+    and the copy is what counts once a worker claims it.
     """
-    trials = study.get_trials(deepcopy=False)
-    retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
-    count = 0
-    for t in trials:
-        if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING):
-            count += 1
-        elif t.state == TrialState.FAIL and _runner_failed(t) and t.number not in retried:
-            count += 1
-    return count
+    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    return sum(1 for t in study.get_trials(deepcopy=False) if t.state in states)
+
+
+def fail_limit(budget: int) -> int:
+    """Crashes one run tolerates before it stops (they do not use the budget, so bound them)."""
+    return max(MAX_SAME_CRASH, budget)
+
+
+def repeated_crash(study: optuna.Study) -> str:
+    """The fail reason when the last MAX_SAME_CRASH finished trials all crashed the same way."""
+    finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
+    last = sorted(finished, key=lambda t: t.datetime_complete or t.datetime_start)[-MAX_SAME_CRASH:]
+    if len(last) < MAX_SAME_CRASH or not all(t.state == TrialState.FAIL and _runner_failed(t) for t in last):
+        return ""
+    # Crash reasons end with the child's last stderr line; hang reasons name only the timeout.
+    reasons = {str(t.user_attrs.get("fail_reason", "")).strip() for t in last}
+    return last[-1].user_attrs.get("fail_reason", "") if len(reasons) == 1 else ""
 
 
 def _runner_failed(trial: optuna.trial.FrozenTrial) -> bool:
@@ -213,10 +229,14 @@ def _requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
 
 
 def ensure_baseline(study: optuna.Study, space: Space) -> None:
-    """Enqueue the unmodified default configuration once, as the study's first trial."""
+    """Enqueue the unmodified default configuration once, as the study's first trial.
+
+    A baseline that crashed (FAIL) is queued again on the next run, so fixing the cause brings
+    the study its reference point back.
+    """
     if not space.search.baseline or not space.params:
         return
-    if any(t.user_attrs.get("baseline") for t in study.get_trials(deepcopy=False)):
+    if any(t.user_attrs.get("baseline") and t.state != TrialState.FAIL for t in study.get_trials(deepcopy=False)):
         return
     study.enqueue_trial(space.baseline_params(), user_attrs={"baseline": True})
 
@@ -259,15 +279,21 @@ def tell_outcome(study: optuna.Study, trial: optuna.Trial, space: Space, outcome
         values.append(_worst(objective.direction) if value is None else float(value))
     runnable = result.status == "ok" and not reason
     trial.set_constraint("runnable", 0.0 if runnable else 1.0)
+    violations = [0.0 if runnable else 1.0]
     for c in space.constraints:
         value = result.metrics.get(c.metric)
         if runnable and value is None:
             reason = f"constraint metric {c.metric} not measured: {result.unavailable.get(c.metric, 'not reported')}"
         violation = c.violation(float(value)) if value is not None else 1.0
+        violations.append(violation)
         trial.set_constraint(f"{c.metric}{'<=' + str(c.max) if c.max is not None else ''}"
                              f"{'>=' + str(c.min) if c.min is not None else ''}", violation)
-    if not runnable:
+    store_constraint_list(study, trial, violations)
+    if not runnable or any(v > 0 for v in violations):
+        # The measured values stay in `metrics`. Told as the worst, an infeasible trial can never
+        # dominate: optuna-dashboard's "Best Trial" is the Pareto front of values alone.
         values = [_worst(o.direction) for o in space.objectives]
+    if not runnable:
         trial.set_user_attr("infeasible_reason", reason)
     try:
         study.tell(trial, values)
@@ -278,6 +304,17 @@ def tell_outcome(study: optuna.Study, trial: optuna.Trial, space: Space, outcome
         if not isinstance(study.sampler, optuna.samplers.GridSampler):
             raise
     return reason
+
+
+def store_constraint_list(study: optuna.Study, trial: optuna.Trial, violations: list[float]) -> None:
+    """Also write the violations as the list Optuna's `constraints_func` stores.
+
+    Optuna 5's samplers read the named `constraints:<name>` attributes `set_constraint` writes;
+    optuna-dashboard reads only the plain `constraints` list (a trial without it is drawn as
+    feasible). The trial's `constraints` view then holds both (named keys and "0", "1", ...),
+    with the same values; `reports.frames.named_constraints` shows the named ones.
+    """
+    study._storage.set_trial_system_attr(trial._trial_id, "constraints", [float(v) for v in violations])
 
 
 def grid_exhausted(study: optuna.Study) -> bool:
@@ -308,7 +345,7 @@ def run_study(space: Space, storage: optuna.storages.BaseStorage, options: RunOp
     launcher = (WarmLauncher(space.search.trial_timeout_s, options.out_dir / "runner-stderr.log")
                 if options.warm else ProcessLauncher(space.search.trial_timeout_s))
     deadline = time.monotonic() + space.search.timeout_min * 60 if space.search.timeout_min else math.inf
-    ran, timed_out, waiting, exhausted = 0, False, False, False
+    ran, timed_out, waiting, exhausted, fails, stopped_by = 0, False, False, False, 0, ""
     try:
         while True:
             if time.monotonic() >= deadline:
@@ -332,14 +369,33 @@ def run_study(space: Space, storage: optuna.storages.BaseStorage, options: RunOp
                 time.sleep(WAIT_POLL_S)
                 continue
             waiting = False
-            _one_trial(study, storage, trial, space, options, launcher, progress, budget)
+            state = _one_trial(study, storage, trial, space, options, launcher, progress, budget)
             ran += 1
+            fails += state == "fail"
+            stopped_by = _crash_stop(study, fails, budget)
+            if stopped_by:
+                progress.say(f"stopping: {stopped_by}")
+                break
     finally:
         launcher.close()
     pareto = _pareto_size(study)
-    progress.say(f"done: {counted_trials(study)}/{budget} trials, {pareto} on the feasible Pareto front. "
-                 f"Report: autoglm-tune report --study {space.study} --storage {options.storage_url}")
-    return RunSummary(space.study, ran, counted_trials(study), budget, pareto, timed_out, exhausted)
+    completed = sum(1 for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE)
+    progress.say(f"done: {counted_trials(study)}/{budget} trials, {pareto} on the feasible Pareto front")
+    for line in final_lines(study, space, options.storage_url):
+        progress.say(line)
+    return RunSummary(space.study, ran, counted_trials(study), budget, pareto, timed_out, exhausted,
+                      completed, stopped_by)
+
+
+def _crash_stop(study: optuna.Study, fails: int, budget: int) -> str:
+    """Why this run must stop crashing: one error repeated, or too many crashes in all."""
+    same = repeated_crash(study)
+    if same:
+        return (f"the same crash in {MAX_SAME_CRASH} trials in a row: {same} "
+                f"(fix it and run the same command again: crashed trials do not use the budget)")
+    if fails >= fail_limit(budget):
+        return f"{fails} trials crashed in this run (limit {fail_limit(budget)}); see their fail_reason"
+    return ""
 
 
 def _worker_ticket(study: optuna.Study) -> int:
@@ -401,13 +457,14 @@ def _pareto_size(study: optuna.Study) -> int:
 
 
 def _one_trial(study: optuna.Study, storage: optuna.storages.BaseStorage, trial: optuna.Trial, space: Space,
-               options: RunOptions, launcher: Any, progress: Progress, budget: int) -> None:
+               options: RunOptions, launcher: Any, progress: Progress, budget: int) -> str:
+    """Run and record one trial; returns its launch state (ok | infeasible | fail | stale)."""
     artifact_dir = options.out_dir / f"trial_{trial.number:05d}"
     config = trial_config(space, trial.params, trial.number, artifact_dir)
     trial.set_user_attr("config", _plain(config))
     trial.set_user_attr("artifact_dir", config.artifact_dir)
     try:
-        with Heartbeat(storage, trial._trial_id):
+        with Heartbeat(storage, trial._trial_id), progress.running(trial.number, artifact_dir):
             outcome = launcher.run(config, artifact_dir)
     except KeyboardInterrupt:
         launcher.close()
@@ -422,10 +479,11 @@ def _one_trial(study: optuna.Study, storage: optuna.storages.BaseStorage, trial:
         # This worker was silent past the grace period (suspended, network cut): another worker
         # failed the trial and queued a retry, which will produce the result instead.
         progress.say(f"trial {trial.number} was failed as stale by another worker; its result is dropped")
-        return
+        return "stale"
     frozen = study.trials[trial.number]
     progress.trial_done(study, frozen, counted_trials(study), outcome.state, detail,
                         [o.metric for o in space.objectives], outcome.wall_s)
+    return outcome.state
 
 
 def _plain(config: TrialConfig) -> dict[str, Any]:
