@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,6 +78,14 @@ def check_attn_implementation(name: str, device: str) -> None:
                                "package, which this environment lacks")
 
 
+def _has_accelerate() -> bool:
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def build_model(model_spec: dict[str, Any], dtype: torch.dtype, device: str, seed: int,
                 attn_implementation: str = "sdpa") -> torch.nn.Module:
     """Random init directly on `device` in `dtype` (seeded), or a local checkpoint."""
@@ -87,7 +94,7 @@ def build_model(model_spec: dict[str, Any], dtype: torch.dtype, device: str, see
         # A local checkpoint directory only: run time never reaches the hub.
         arch_cls = ARCHS[checkpoint_arch(model_spec)][1]
         # device_map (straight onto the device) needs `accelerate`; without it, load then move.
-        placement = {"device_map": device} if importlib.util.find_spec("accelerate") else {}
+        placement = {"device_map": device} if _has_accelerate() else {}
         model = arch_cls.from_pretrained(
             model_spec["path"], dtype=dtype, local_files_only=True,
             attn_implementation=attn_implementation, **placement)
