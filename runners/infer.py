@@ -261,7 +261,7 @@ class GlmInferRunner(Runner):
         # A window that compiled is measured again; a second one that compiles too is `contaminated`.
         outcome = measure_clean(lambda: serve(engine, device, workload, knobs, config.seed, config.slo),
                                 lambda served: served.info)
-        for flag in ("contaminated", "remeasured"):
+        for flag in ("contaminated", "remeasured", "host_busy"):
             if flag in outcome.info:
                 info[flag] = outcome.info[flag]
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from runners.compile_watch import CompileWatch
 from runners.contract import InfeasibleConfig
+from runners.host_load import HostLoad
 from runners.monitor import ResourceSampler
 from runners.scheduler import Engine, IterationEngine, RealClock, RequestTiming, run_continuous, run_dynamic
 from runners.stats import ci_relative_width, request_latencies_ms, serving_metrics
@@ -96,7 +97,7 @@ def serve(engine: Engine, device: str, workload: dict[str, Any], knobs: dict[str
     # Garbage of model build and warm-up is collected now, not as a pause inside the window.
     gc.collect()
     with (ResourceSampler(device, sample_interval_s, nvml=nvml, use_nvml=sample_resources) as sampler,
-          CompileWatch(run.engine) as compile_watch):
+          CompileWatch(run.engine) as compile_watch, HostLoad(device, nvml) as host):
         t0 = time.perf_counter()
         rule.started_at = t0
         timings = run.serve(measured, concurrency, rule)
@@ -114,6 +115,8 @@ def serve(engine: Engine, device: str, workload: dict[str, Any], knobs: dict[str
             "issued_requests": count, "engine_work": work, **sampler.info}
     info.update(load_check(timings, metrics, concurrency is not None))
     info["compile_events"] = compile_watch.events  # {} = nothing compiled/captured/autotuned in the window
+    if host.busy:
+        info["host_busy"] = host.busy  # other processes on this GPU / CPU during the window
     if ceilings is not None:
         info["ceilings"] = {"copy_gb_s": ceilings.copy_bytes_per_s / 1e9,
                             "matmul_tflop_s": ceilings.matmul_flops_per_s / 1e12,

@@ -249,6 +249,7 @@ def tell_outcome(study: optuna.Study, trial: optuna.Trial, space: Space, outcome
     result = outcome.result
     for key in ("metrics", "unavailable", "environment", "artifacts", "info"):
         trial.set_user_attr(key, getattr(result, key))
+    record_window_flags(trial, result.info)
     reason = outcome.reason
     values: list[float] = []
     for objective in space.objectives:
@@ -278,6 +279,18 @@ def tell_outcome(study: optuna.Study, trial: optuna.Trial, space: Space, outcome
         if not isinstance(study.sampler, optuna.samplers.GridSampler):
             raise
     return reason
+
+
+# Runner info keys lifted to trial user attrs, so a reader sees at once whether a number is clean.
+WINDOW_FLAGS = ("contaminated", "host_busy")
+
+
+def record_window_flags(trial: optuna.Trial, info: dict[str, Any]) -> None:
+    """`contaminated`: the window compiled/captured/autotuned even when measured again (the
+    evidence of both windows); `host_busy`: other processes used this GPU / CPU meanwhile."""
+    for flag in WINDOW_FLAGS:
+        if info.get(flag):
+            trial.set_user_attr(flag, info[flag])
 
 
 def grid_exhausted(study: optuna.Study) -> bool:
