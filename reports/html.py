@@ -6,6 +6,7 @@ from __future__ import annotations
 import html
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pandas as pd
@@ -68,6 +69,16 @@ def _pareto_table(study: optuna.Study, pareto: pd.DataFrame) -> str:
     return pareto[[c for c in columns if c in pareto.columns]].to_html(index=False, na_rep="", float_format="%.4g")
 
 
+def drift_sentence(summary: dict[str, Any]) -> str:
+    """The baseline re-measurement in words: how far the first figures can be trusted."""
+    checks = [c for c in summary.get("drift_checks", []) if "ratio" in c]
+    if summary.get("drift") is None or not checks:
+        return "Drift: the baseline was not measured again (no drift figure)."
+    ratios = ", ".join(f"{c['ratio']:.3f} after {c['after_trials']} trials" for c in checks)
+    return (f"Drift: baseline throughput re-measured / first = {summary['drift']:.3f} "
+            f"({ratios}); 1.0 means the machine and the first measurement agree.")
+
+
 def write_report(study: optuna.Study, trials: pd.DataFrame, pareto: pd.DataFrame, path: Path) -> None:
     summary = study_summary(study)
     best = best_per_objective(trials, objectives(study))
@@ -81,6 +92,7 @@ td,th{{border:1px solid #ccc;padding:2px 6px}} .nofigure{{color:#666;font-style:
 <p>{len(trials)} trials ({html.escape(states)}); {len(pareto)} on the feasible Pareto front.
 Objectives: {html.escape(', '.join(f"{o['metric']} ({o['direction']})" for o in summary['objectives']))}.
 Device: {html.escape(devices)}. Space: {html.escape(str(summary['space_source'] or 'unknown'))}.</p>
+<p>{html.escape(drift_sentence(summary))}</p>
 <h2>Best per objective (feasible) vs baseline</h2>{best.to_html(index=False, na_rep="", float_format="%.4g")}
 <h2>Figures</h2>
 {_figure_sections(study, trials)}

@@ -28,7 +28,7 @@ from tuner.errors import UsageError
 from tuner.launcher import LaunchOutcome, ProcessLauncher, WarmLauncher
 from tuner.progress import Progress
 from tuner.space import Space, apply_overrides, grid_values, validate
-from tuner.storage import heartbeat_interval
+from tuner.storage import heartbeat_interval, journal_path, sqlite_path, storage_kind
 from tuner.workers import ClaimLock, Heartbeat, PrefixedStream, worker_identity
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -318,8 +318,9 @@ def run_study(space: Space, storage: optuna.storages.BaseStorage, options: RunOp
     budget = space.search.trials
     progress.say(f"study {space.study}: {counted_trials(study)}/{budget} trials done; runner {space.runner} on "
                  f"{space.device}; storage {options.storage_url}; artifacts {options.out_dir}")
-    launcher = (WarmLauncher(space.search.trial_timeout_s, options.out_dir / "runner-stderr.log")
-                if options.warm else ProcessLauncher(space.search.trial_timeout_s))
+    cache = cache_dir_for(options.storage_url, options.out_dir)
+    launcher = (WarmLauncher(space.search.trial_timeout_s, options.out_dir / "runner-stderr.log", cache_dir=cache)
+                if options.warm else ProcessLauncher(space.search.trial_timeout_s, cache_dir=cache))
     deadline = time.monotonic() + space.search.timeout_min * 60 if space.search.timeout_min else math.inf
     ran, timed_out, waiting, exhausted = 0, False, False, False
     try:
@@ -347,12 +348,88 @@ def run_study(space: Space, storage: optuna.storages.BaseStorage, options: RunOp
             waiting = False
             _one_trial(study, storage, trial, space, options, launcher, progress, budget)
             ran += 1
+            if space.search.drift_every and ran % space.search.drift_every == 0:
+                measure_drift(study, space, launcher, options, progress, claims)
+        if ran and not timed_out:
+            measure_drift(study, space, launcher, options, progress, claims)
+        elif ran:
+            progress.say("drift not measured again: the time budget is used")
     finally:
         launcher.close()
     pareto = _pareto_size(study)
     progress.say(f"done: {counted_trials(study)}/{budget} trials, {pareto} on the feasible Pareto front. "
                  f"Report: autoglm-tune report --study {space.study} --storage {options.storage_url}")
     return RunSummary(space.study, ran, counted_trials(study), budget, pareto, timed_out, exhausted)
+
+
+def cache_dir_for(storage_url: str, out_dir: Path) -> Path:
+    """Where the children's compile caches and quality references live: beside the study's
+    storage file (`runs/.cache` for the default journal), so every study stored there shares
+    them and a second study of the same model starts warm; beside the artifacts for a database
+    server. `AUTOGLM_CACHE_DIR` overrides it (see `tuner.launcher.cache_env`)."""
+    kind = storage_kind(storage_url)
+    if kind == "journal":
+        return journal_path(storage_url).parent / ".cache"
+    path = sqlite_path(storage_url) if kind == "sqlite" else None
+    return path.parent / ".cache" if path is not None else out_dir / ".cache"
+
+
+# ---------------------------------------------------------------- drift
+
+
+DRIFT_METRIC = "throughput_tok_s"
+
+
+def _baseline_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if t.user_attrs.get("baseline") and not t.user_attrs.get("retry_of"):
+            return t
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if t.user_attrs.get("baseline"):
+            return t
+    return None
+
+
+def measure_drift(study: optuna.Study, space: Space, launcher: Any, options: RunOptions, progress: Progress,
+                  claims: ClaimLock) -> float | None:
+    """Measure the baseline configuration again and store `drift` = throughput now / first.
+
+    The first baseline trial of the study is the reference. The re-measure is no trial (it uses
+    no budget and joins no Pareto front); each one is kept in the study attr `drift_checks`.
+    Done once per trial count: a second worker finishing at the same count does not repeat it.
+    """
+    if not space.search.baseline or not space.params:
+        return None
+    first = _baseline_trial(study)
+    if first is None or DRIFT_METRIC not in (first.user_attrs.get("metrics") or {}):
+        progress.say(f"drift not measured: no baseline trial with {DRIFT_METRIC} to compare with")
+        return None
+    with claims:
+        done = counted_trials(study)
+        checks = list(study.user_attrs.get("drift_checks", []))
+        if checks and checks[-1].get("after_trials") == done:
+            return study.user_attrs.get("drift")
+        study.set_user_attr("drift_checks", [*checks, {"after_trials": done, "pending": True}])
+    config = trial_config(space, first.params, -1, options.out_dir / f"drift_{done:05d}")
+    outcome = launcher.run(config, Path(config.artifact_dir))
+    reference = float(first.user_attrs["metrics"][DRIFT_METRIC])
+    value = outcome.result.metrics.get(DRIFT_METRIC) if outcome.result is not None else None
+    check: dict[str, Any] = {"after_trials": done, "first": reference}
+    if value is None or reference <= 0:
+        check["unavailable"] = outcome.reason or f"{DRIFT_METRIC} not measured"
+        progress.say(f"drift not measured: the baseline re-run gave no {DRIFT_METRIC} ({check['unavailable']})")
+        ratio = None
+    else:
+        ratio = float(value) / reference
+        check.update(now=float(value), ratio=ratio)
+        if outcome.result.info.get("host_busy"):
+            check["host_busy"] = outcome.result.info["host_busy"]
+        study.set_user_attr("drift", ratio)
+        progress.say(f"drift: baseline {DRIFT_METRIC} {reference:.4g} at trial {first.number}, {float(value):.4g} "
+                     f"after {done} trials (ratio {ratio:.3f})")
+    checks = [c for c in study.user_attrs.get("drift_checks", []) if not c.get("pending")]
+    study.set_user_attr("drift_checks", [*checks, check])
+    return ratio
 
 
 def _worker_ticket(study: optuna.Study) -> int:
