@@ -113,3 +113,19 @@ def _refuse(*args, **kwargs):
 def test_reference_path_needs_a_cache_dir(monkeypatch):
     monkeypatch.delenv("AUTOGLM_CACHE_DIR", raising=False)
     assert reference_path("any") is None
+
+
+def test_nvrtc_images_are_compiled_once_per_key(tmp_path):
+    from runners.glm.kernel_cache import cached_image, image_key
+
+    compiles = []
+
+    def compile_image():
+        compiles.append(1)
+        return b"\x7fELF image", "_Z6kernelv"
+
+    key = image_key("__global__ void kernel() {}", "kernel", ["-std=c++17"], "90", "torch 2.11 cuda 13.0")
+    assert cached_image(tmp_path, key, compile_image) == (b"\x7fELF image", "_Z6kernelv")
+    assert cached_image(tmp_path, key, compile_image) == (b"\x7fELF image", "_Z6kernelv")  # read back
+    assert len(compiles) == 1
+    assert key != image_key("__global__ void kernel() {}", "kernel", ["-std=c++17"], "89", "torch 2.11 cuda 13.0")

@@ -25,10 +25,11 @@ DESCRIBE_TIMEOUT_S = 120.0
 _NOTHING = dataclasses.replace(cpu_facts(), packages={})
 
 
-def device_table(runner: str, device: str, python: str = sys.executable) -> dict[str, dict[Any, str]]:
-    """knob -> {value: reason} for `device`, from the runner's capability table."""
+def device_table(runner: str, device: str, python: str = sys.executable) -> tuple[str, dict[str, dict[Any, str]]]:
+    """The device `device` resolves to (`auto` -> cuda:0 or cpu) and knob -> {value: reason}
+    of what it cannot run, from the runner's capability table."""
     if device == "cpu":
-        return impossible_values(runner, cpu_facts())
+        return "cpu", impossible_values(runner, cpu_facts())
     from tuner.launcher import _child_env
 
     try:
@@ -39,7 +40,8 @@ def device_table(runner: str, device: str, python: str = sys.executable) -> dict
     if done.returncode != 0:
         last = [line for line in done.stderr.splitlines() if line.strip()]
         raise UsageError(f"device {device} could not be described: {last[-1] if last else 'no output'}")
-    return from_json(done.stdout.strip().splitlines()[-1])[1]
+    facts, table = from_json(done.stdout.strip().splitlines()[-1])
+    return (f"{facts.device} ({facts.name})" if facts.cuda else facts.device), table
 
 
 def might_not_fit(space: Space) -> bool:
@@ -63,27 +65,29 @@ def _reason(value: Any, values: dict[Any, str]) -> str:
     return next(why for v, why in values.items() if value == v and type(value) is type(v))
 
 
-def fit_space(space: Space, table: dict[str, dict[Any, str]], say: Callable[[str], None]) -> Space:
+def fit_space(space: Space, table: dict[str, dict[Any, str]], say: Callable[[str], None],
+              device: str | None = None) -> Space:
     """The space without the impossible choices; UsageError if a fixed value or a whole knob is
     impossible (every trial would be infeasible)."""
+    device = device or space.device
     raw = dict(space.raw)
     params = {name: dict(spec) for name, spec in (raw.get("params") or {}).items()}
     for knob, values in table.items():
         if knob in space.fixed and _in(space.fixed[knob], values):
-            raise UsageError(f"{space.source}: fixed.{knob}: {space.fixed[knob]!r} cannot run on {space.device}: "
+            raise UsageError(f"{space.source}: fixed.{knob}: {space.fixed[knob]!r} cannot run on {device}: "
                              f"{_reason(space.fixed[knob], values)} (--keep-infeasible runs it anyway)")
         param = space.params.get(knob)
         if param is None or param.type != "categorical":
             continue
         kept = [c for c in param.choices if not _in(c, values)]
         if not kept:
-            raise UsageError(f"{space.source}: params.{knob}: no choice can run on {space.device} "
+            raise UsageError(f"{space.source}: params.{knob}: no choice can run on {device} "
                              f"({'; '.join(_reason(c, values) for c in param.choices)}); nothing is left to "
                              f"search (--keep-infeasible runs them anyway)")
         for choice in param.choices:
             if not _in(choice, values):
                 continue
-            say(f"device {space.device}: {knob}={choice!r} removed from the space: {_reason(choice, values)}")
+            say(f"device {device}: {knob}={choice!r} removed from the space: {_reason(choice, values)}")
         if len(kept) < len(param.choices):
             params[knob]["choices"] = kept
     raw["params"] = params
@@ -91,8 +95,9 @@ def fit_space(space: Space, table: dict[str, dict[Any, str]], say: Callable[[str
 
 
 def fit_to_device(space: Space, keep_infeasible: bool, say: Callable[[str], None],
-                  table: Callable[[str, str], dict[str, dict[Any, str]]] = device_table) -> Space:
+                  table: Callable[[str, str], tuple[str, dict[str, dict[Any, str]]]] = device_table) -> Space:
     """The space to search on its device (unchanged with `keep_infeasible` or when it fits any)."""
     if keep_infeasible or not might_not_fit(space):
         return space
-    return fit_space(space, table(space.runner, space.device), say)
+    device, impossible = table(space.runner, space.device)
+    return fit_space(space, impossible, say, device)
