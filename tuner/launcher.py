@@ -84,14 +84,16 @@ def _child_env(cache_dir: Path | None = None) -> dict[str, str]:
 def cache_env(env: dict[str, str], cache_dir: Path | None) -> dict[str, str]:
     """Persistent compile caches for the child, under `cache_dir` (AUTOGLM_CACHE_DIR wins):
     Inductor's FX graph and autotune caches (TORCHINDUCTOR_CACHE_DIR; both on by default, the
-    FX graph cache forced on here), Triton's compiled kernels (TRITON_CACHE_DIR), and our own
-    (the quality reference). A later process, or another study sharing the folder, starts warm.
-    Variables the user set already are left alone."""
+    FX graph cache forced on here), Triton's compiled kernels (TRITON_CACHE_DIR) and the tile
+    choices of our `@triton.autotune` kernels (TRITON_CACHE_AUTOTUNING, Triton >= 3.4), and our
+    own (the quality reference, NVRTC images). A later process, or another study sharing the
+    folder, starts warm. Variables the user set already are left alone."""
     root = env.get("AUTOGLM_CACHE_DIR") or (str(cache_dir.resolve()) if cache_dir is not None else "")
     if not root:
         return {}
     wanted = {"AUTOGLM_CACHE_DIR": root, "TORCHINDUCTOR_CACHE_DIR": str(Path(root) / "inductor"),
-              "TRITON_CACHE_DIR": str(Path(root) / "triton"), "TORCHINDUCTOR_FX_GRAPH_CACHE": "1"}
+              "TRITON_CACHE_DIR": str(Path(root) / "triton"), "TORCHINDUCTOR_FX_GRAPH_CACHE": "1",
+              "TRITON_CACHE_AUTOTUNING": "1"}
     return {key: value for key, value in wanted.items() if not env.get(key)}
 
 
