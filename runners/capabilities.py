@@ -87,9 +87,11 @@ def _infer_rules(facts: DeviceFacts) -> dict[str, dict[Any, str]]:
         no("decode_attention", "cuda", "decode_attention=cuda is a CUDA kernel; not on CPU")
         no("attn_implementation", "flash_attention_2", "flash_attention_2 needs a CUDA GPU")
     else:
+        sm = f"{facts.name} is SM {facts.capability[0]}.{facts.capability[1]}" if facts.capability else ""
         if facts.capability is not None and tuple(facts.capability) < (8, 9):
-            no("quant_scheme", "fp8", f"fp8 needs fp8 tensor cores (SM 8.9+); {facts.name} is "
-                                      f"SM {facts.capability[0]}.{facts.capability[1]}")
+            no("quant_scheme", "fp8", f"fp8 needs fp8 tensor cores (SM 8.9+); {sm}")
+        if facts.capability is not None and tuple(facts.capability) < (8, 0):
+            no("sparsity_kind", "2:4", f"2:4 sparse tensor cores (cuSPARSELt/CUTLASS) need SM 8.0+; {sm}")
         if not facts.has("triton"):
             for kernel in ("triton", "cuda"):
                 no("quant_kernel", kernel, f"quant_kernel={kernel} needs the `triton` package, absent here")

@@ -39,6 +39,9 @@ def test_gpu_facts_decide_gpu_values():
     assert "quant_scheme" not in impossible_values("glm-infer", H200)  # SM 9.0 has fp8
     assert "SM 8.0" in impossible_values("glm-infer", A100)["quant_scheme"]["fp8"]
     assert "quant_bits" not in impossible_values("glm-infer", H200)
+    assert "sparsity_kind" not in impossible_values("glm-infer", A100)
+    t4 = DeviceFacts("cuda:0", (7, 5), "Tesla T4", PACKAGES)
+    assert "SM 7.5" in impossible_values("glm-infer", t4)["sparsity_kind"]["2:4"]
     no_triton = DeviceFacts("cuda:0", (9, 0), "H200", {**PACKAGES, "triton": False})
     assert set(impossible_values("glm-infer", no_triton)["quant_kernel"]) == {"triton", "cuda"}
 
