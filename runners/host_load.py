@@ -83,10 +83,20 @@ def gpu_neighbours(device: str, nvml: Any | None = None) -> dict[str, Any]:
 
     try:
         module = load_nvml(nvml)
+    except Exception:  # noqa: BLE001 - NVML absent: no evidence either way
+        return {}
+    try:
         handle = NvmlReader.open(module, **_nvml_target(device, nvml)).handle
         procs = list(module.nvmlDeviceGetComputeRunningProcesses(handle))
-    except Exception:  # noqa: BLE001 - NVML absent or failing: no evidence either way
+    except Exception:  # noqa: BLE001 - NVML failing: no evidence either way
         return {}
+    finally:
+        shutdown = getattr(module, "nvmlShutdown", None)
+        if callable(shutdown):
+            try:
+                shutdown()  # balances nvmlInit (reference-counted)
+            except Exception:  # noqa: BLE001 - best effort
+                pass
     mine = os.getpid()
     others = [p for p in procs if p.pid != mine]
     if len(others) == len(procs) and others:
