@@ -282,12 +282,13 @@ def tell_outcome(study: optuna.Study, trial: optuna.Trial, space: Space, outcome
 
 
 # Runner info keys lifted to trial user attrs, so a reader sees at once whether a number is clean.
-WINDOW_FLAGS = ("contaminated", "host_busy")
+WINDOW_FLAGS = ("contaminated", "remeasured", "host_busy")
 
 
 def record_window_flags(trial: optuna.Trial, info: dict[str, Any]) -> None:
     """`contaminated`: the window compiled/captured/autotuned even when measured again (the
-    evidence of both windows); `host_busy`: other processes used this GPU / CPU meanwhile."""
+    evidence of both windows); `remeasured`: the first window did, the stored one did not (a
+    shape set-up missed); `host_busy`: other processes used this GPU / CPU meanwhile."""
     for flag in WINDOW_FLAGS:
         if info.get(flag):
             trial.set_user_attr(flag, info[flag])
