@@ -99,6 +99,8 @@ def trial_row(trial: FrozenTrial, pareto_numbers: frozenset[int] = frozenset(),
         "host": owner.get("host"),
         "gpu": None if owner.get("gpu") is None else str(owner.get("gpu")),
         "artifact_dir": attrs.get("artifact_dir"),
+        "contaminated": bool(attrs.get("contaminated")),  # its window compiled, even measured again
+        "host_busy": bool(attrs.get("host_busy")),
     }
     row.update({f"param_{k}": v for k, v in trial.params.items()})
     metrics = attrs.get("metrics") or {}
@@ -246,6 +248,8 @@ def study_summary(study: optuna.Study) -> dict[str, Any]:
         "devices": _distinct(trials, "environment", ("device_name", "driver", "device")),
         "versions": _distinct(trials, "environment", ("torch", "transformers", "torchao", "python")),
         "workers": _distinct(trials, "owner", ("host", "gpu")),
+        "drift": study.user_attrs.get("drift"),  # baseline throughput, last re-measure / first
+        "drift_checks": study.user_attrs.get("drift_checks") or [],
     }
 
 

@@ -169,6 +169,16 @@ def _trials_table(study: optuna.Study, trials: pd.DataFrame) -> str:
     return _table(trials[[c for c in columns if c in trials]].rename(columns=_param_label))
 
 
+def drift_sentence(summary: dict[str, Any]) -> str:
+    """The baseline re-measurement in words: how far the first figures can be trusted."""
+    checks = [c for c in summary.get("drift_checks", []) if "ratio" in c]
+    if summary.get("drift") is None or not checks:
+        return "Drift: the baseline was not measured again (no drift figure)."
+    ratios = ", ".join(f"{c['ratio']:.3f} after {c['after_trials']} trials" for c in checks)
+    return (f"Drift: baseline throughput re-measured / first = {summary['drift']:.3f} "
+            f"({ratios}); 1.0 means the machine and the first measurement agree.")
+
+
 def write_report(study: optuna.Study, trials: pd.DataFrame, pareto: pd.DataFrame, path: Path) -> None:
     summary = study_summary(study)
     objs = objectives(study)
@@ -185,6 +195,7 @@ Device: {html.escape(devices)}. Space: {html.escape(str(summary['space_source'] 
 <h2>Recommended configurations</h2>
 {_recommended_section(study, trials)}
 <h2>Best per objective (feasible) vs baseline</h2>{_best_table(trials, objs)}
+<p>{html.escape(drift_sentence(summary))}</p>
 <h2>Figures</h2>
 {_figure_sections(study, trials)}
 <h2>Feasible Pareto set</h2>{_pareto_table(study, pareto, trials)}

@@ -38,6 +38,10 @@ METRICS: dict[str, tuple[str, str]] = {
     "prefix_hit_rate": ("ratio", "maximize"),
     "measured_requests": ("requests", "maximize"),
     "setup_s": ("s", "minimize"),
+    "setup_build_s": ("s", "minimize"),
+    "setup_compress_s": ("s", "minimize"),
+    "setup_compile_s": ("s", "minimize"),
+    "setup_quality_s": ("s", "minimize"),
     # training runner
     "train_tokens_s": ("tok/s", "maximize"),
     "train_step_ms": ("ms", "minimize"),

@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import torch
 from runners import progress_report
 from runners.artifacts import request_rows, write_rows
 from runners.base import Runner, resolve_device
+from runners.compile_watch import measure_clean
 from runners.contract import InfeasibleConfig, TrialConfig, TrialResult
 from runners.environment import describe
 from runners.glm.compress import CALIBRATION_SEQUENCES, CALIBRATION_TOKENS, apply_quantization, apply_sparsity
@@ -23,7 +25,17 @@ from runners.glm.engine import HFEngine
 from runners.glm.fast_engine import FastEngine
 from runners.glm.fast_model import FastGlm
 from runners.glm.model import build_model, model_config, model_info, resolve_dtype
-from runners.glm.model_cache import MODELS, REFERENCES, model_key
+from runners.glm.model_cache import (
+    BASES,
+    MODELS,
+    REFERENCES,
+    base_key,
+    derive_model,
+    keep_weights,
+    load_reference,
+    model_key,
+    store_reference,
+)
 from runners.glm.quality import Fidelity, calibration_set, eval_batch, fidelity, log_probs, text_source, text_windows
 from runners.knobs import resolve_knobs
 from runners.scheduler import Engine
@@ -52,6 +64,68 @@ def reference_key(config: TrialConfig, dtype: Any, device: str, eval_ids: torch.
     return json.dumps({"model": config.model, "dtype": str(dtype), "device": device, "seed": config.seed,
                        "eval": list(eval_ids.shape), "eval_text": text_source(config.model, config.workload).eval_description},
                       sort_keys=True, default=str)
+
+
+SETUP_PHASES = ("build", "compress", "compile", "quality")
+
+
+class SetupClock:
+    """Seconds of set-up per phase, stored as `setup_<phase>_s`; `setup_s` is the whole set-up.
+
+    build: the base model (built, or derived from kept weights) and its fast-path conversion;
+    compress: sparsity and quantisation; compile: engine creation, compile and graph capture of
+    every bucket; quality: the reference log-probs (when not cached) and the KL / top-1 pass.
+    """
+
+    def __init__(self) -> None:
+        self.seconds = dict.fromkeys(SETUP_PHASES, 0.0)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - t0
+
+    def metrics(self) -> dict[str, float]:
+        return {f"setup_{name}_s": seconds for name, seconds in self.seconds.items()}
+
+
+def keeps_base(model_spec: dict[str, Any], device: str) -> bool:
+    """Whether keeping the base weights beats building them again: a checkpoint is loaded from
+    disk, and random init on CPU is slower than a copy; seeded random init on a GPU (0.2 s for
+    glm-4-9b on the H200) is faster than copying 18 GB back from host memory."""
+    return "path" in model_spec or not device.startswith("cuda")
+
+
+def base_model(model_spec: dict[str, Any], dtype: Any, device: str, seed: int, attn: str) -> tuple[Any, str]:
+    """The unquantised model, fresh for compression in place: derived from the kept base weights
+    when this process has them ("derived"), else built and, if it fits, kept ("built")."""
+    key = base_key(model_spec, str(dtype), device, seed, attn)
+    kept = BASES.get(key)
+    if kept is not None:
+        return derive_model(kept, device), "derived"
+    BASES.clear()  # another model's base: its host memory is needed more by this one
+    model = build_model(model_spec, dtype, device, seed, attn)
+    if keeps_base(model_spec, device):
+        kept = keep_weights(model)
+        if kept is not None:
+            BASES.put(key, kept)
+    return model, "built"
+
+
+def reference_log_probs(key: str, plain_model: Callable[[], Any], eval_ids: torch.Tensor) -> torch.Tensor:
+    """The unoptimised model's log-probs on the eval set: from memory, else from the on-disk
+    cache, else computed on `plain_model()` and kept in both."""
+    reference = REFERENCES.get(key)
+    if reference is None:
+        reference = load_reference(key)
+        if reference is None:
+            reference = log_probs(plain_model(), eval_ids).cpu()
+            store_reference(key, reference)
+        REFERENCES.put(key, reference)
+    return reference
 
 
 class PromptBank:
@@ -172,6 +246,7 @@ class GlmInferRunner(Runner):
         t_setup = time.perf_counter()
         progress_report.start(config.artifact_dir)
         progress_report.report_phase("build")
+        clock = SetupClock()
         knobs = resolve_knobs(self.name, config.knobs)
         workload = {**DEFAULT_WORKLOAD, **config.workload}
         device = resolve_device(config.device)
@@ -183,7 +258,7 @@ class GlmInferRunner(Runner):
         reused = built is not None
         if built is None:
             MODELS.clear()  # free the previous model before building the next one
-            built = self._build(config, knobs, dtype, device, kind, eval_ids)
+            built = self._build(config, knobs, dtype, device, kind, eval_ids, clock)
             MODELS.put(key, built)
         info: dict[str, Any] = {**built.info, "model_reused": reused, "engine": kind,
                                 "dtype": str(dtype).removeprefix("torch."), "device": device}
@@ -192,17 +267,24 @@ class GlmInferRunner(Runner):
         info.update(eval_set=text.eval_description, prompts=text.eval_description if text.is_text else "random ids")
         engine = self._engine(built, knobs, device, kind, workload, config.seed, text.eval_ids)
         compiled_before = engine.compile_s if isinstance(engine, FastEngine) else 0.0
-        progress_report.report_phase("compile")
-        self._prepare(engine, knobs, workload, config.seed, eval_ids)
-        progress_report.report_phase("quality")
-        quality = self._quality(built, engine, knobs, config, dtype, eval_ids)
+        with clock.phase("compile"):
+            progress_report.report_phase("compile")
+            self._prepare(engine, knobs, workload, config.seed, eval_ids)
+        with clock.phase("quality"):
+            progress_report.report_phase("quality")
+            quality = self._quality(built, engine, knobs, config, dtype, eval_ids)
         if isinstance(engine, FastEngine):
             # This trial's compile + capture time (buckets captured by earlier trials are reused).
             info.update(compile_s=engine.compile_s - compiled_before, compiled=engine.compiled,
                         compile_error=engine.compile_error, buckets=sorted(engine.buckets()))
         setup_s = info["setup_s"] = time.perf_counter() - t_setup  # build + compress + compile + quality
         progress_report.report_phase("measure")
-        outcome = serve(engine, device, workload, knobs, config.seed, config.slo)
+        # A window that compiled is measured again; a second one that compiles too is `contaminated`.
+        outcome = measure_clean(lambda: serve(engine, device, workload, knobs, config.seed, config.slo),
+                                lambda served: served.info)
+        for flag in ("contaminated", "remeasured", "host_busy"):
+            if flag in outcome.info:
+                info[flag] = outcome.info[flag]
 
         metrics, unavailable = outcome.metrics, outcome.unavailable
         metrics["kl_divergence"] = quality.kl_divergence
@@ -217,6 +299,7 @@ class GlmInferRunner(Runner):
         info["engine_counters"] = engine.counters()
         info["serving"] = outcome.info
         metrics["setup_s"] = setup_s
+        metrics.update(clock.metrics())
 
         artifacts = self._write_artifacts(config, outcome)
         return TrialResult("ok", metrics, environment=describe(device), unavailable=unavailable,
@@ -224,24 +307,27 @@ class GlmInferRunner(Runner):
 
     @staticmethod
     def _build(config: TrialConfig, knobs: dict[str, Any], dtype: Any, device: str, kind: str,
-               eval_ids: Any) -> BuiltModel:
-        """Build, take the reference (if not cached), convert for the fast path, compress."""
-        model = build_model(config.model, dtype, device, config.seed, knobs["attn_implementation"])
-        ref_key = reference_key(config, dtype, device, eval_ids)
-        if REFERENCES.get(ref_key) is None:
-            REFERENCES.put(ref_key, log_probs(model, eval_ids).cpu())
-        info: dict[str, Any] = {"model_before": dataclasses.asdict(model_info(model))}
-        if kind == "fast":
-            model = FastGlm(model)
-        info.update(apply_sparsity(model, knobs, device, lambda: calibration_set(
-            config.model, config.workload, int(model.config.vocab_size), config.seed, device,
-            CALIBRATION_SEQUENCES, CALIBRATION_TOKENS)))
-        apply_quantization(model, knobs, device)
+               eval_ids: Any, clock: SetupClock) -> BuiltModel:
+        """Derive (or build) the base, take the reference (if not cached), convert, compress."""
+        with clock.phase("build"):
+            model, origin = base_model(config.model, dtype, device, config.seed, knobs["attn_implementation"])
+        with clock.phase("quality"):
+            reference_log_probs(reference_key(config, dtype, device, eval_ids), lambda: model, eval_ids)
+        info: dict[str, Any] = {"model_before": dataclasses.asdict(model_info(model)), "base_model": origin}
+        with clock.phase("build"):
+            if kind == "fast":
+                model = FastGlm(model)
+        with clock.phase("compress"):
+            info.update(apply_sparsity(model, knobs, device, lambda: calibration_set(
+                config.model, config.workload, int(model.config.vocab_size), config.seed, device,
+                CALIBRATION_SEQUENCES, CALIBRATION_TOKENS)))
+            apply_quantization(model, knobs, device)
         info["model_after"] = dataclasses.asdict(model_info(model))
         fast = None
-        if kind == "fast":
-            fast = FastEngine(model, device, bool(knobs["compile"]), graph_min_batch(knobs), inductor_options(knobs),
-                              fused_attention=knobs["decode_attention"] == "cuda")
+        with clock.phase("compile"):
+            if kind == "fast":
+                fast = FastEngine(model, device, bool(knobs["compile"]), graph_min_batch(knobs),
+                                  inductor_options(knobs), fused_attention=knobs["decode_attention"] == "cuda")
         return BuiltModel(model, info, fast)
 
     @staticmethod
@@ -274,12 +360,13 @@ class GlmInferRunner(Runner):
         """KL / top-1 of this stack (weights and KV path) vs the unoptimised reference."""
         kv_key = f"{knobs['kv_cache']}:{knobs['kv_bits'] if knobs['kv_cache'] == 'quantized' else ''}"
         if kv_key not in built.quality:
-            reference = REFERENCES.get(reference_key(config, dtype, str(eval_ids.device), eval_ids))
-            if reference is None:  # evicted: the model is already compressed, so rebuild it once
-                plain = build_model(config.model, dtype, str(eval_ids.device), config.seed,
-                                    knobs["attn_implementation"])
-                reference = log_probs(plain, eval_ids).cpu()
-                del plain
+            device = str(eval_ids.device)
+            # Evicted from memory and absent on disk: the model is already compressed, so take a
+            # fresh base (derived from the kept weights where this process has them).
+            reference = reference_log_probs(
+                reference_key(config, dtype, device, eval_ids),
+                lambda: base_model(config.model, dtype, device, config.seed, knobs["attn_implementation"])[0],
+                eval_ids)
             prefill = max(1, eval_ids.shape[1] // 2)
             candidate = engine.teacher_forced_log_probs(eval_ids, prefill)  # type: ignore[attr-defined]
             text = text_source(config.model, config.workload).is_text

@@ -15,7 +15,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from runners.compile_watch import CompileWatch
 from runners.contract import InfeasibleConfig
+from runners.host_load import HostLoad
 from runners.monitor import ResourceSampler
 from runners.progress_report import report_requests
 from runners.scheduler import Engine, IterationEngine, RealClock, RequestTiming, run_continuous, run_dynamic
@@ -96,7 +98,8 @@ def serve(engine: Engine, device: str, workload: dict[str, Any], knobs: dict[str
     before = _counters(run.engine)
     # Garbage of model build and warm-up is collected now, not as a pause inside the window.
     gc.collect()
-    with ResourceSampler(device, sample_interval_s, nvml=nvml, use_nvml=sample_resources) as sampler:
+    with (ResourceSampler(device, sample_interval_s, nvml=nvml, use_nvml=sample_resources) as sampler,
+          CompileWatch(run.engine) as compile_watch, HostLoad(device, nvml) as host):
         t0 = time.perf_counter()
         rule.started_at = t0
         timings = run.serve(measured, concurrency, rule)
@@ -113,6 +116,9 @@ def serve(engine: Engine, device: str, workload: dict[str, Any], knobs: dict[str
     info = {"window_s": window_s, "scheduler": run.name, "window_end": rule.reason or "all requests served",
             "issued_requests": count, "engine_work": work, **sampler.info}
     info.update(load_check(timings, metrics, concurrency is not None))
+    info["compile_events"] = compile_watch.events  # {} = nothing compiled/captured/autotuned in the window
+    if host.busy:
+        info["host_busy"] = host.busy  # other processes on this GPU / CPU during the window
     if ceilings is not None:
         info["ceilings"] = {"copy_gb_s": ceilings.copy_bytes_per_s / 1e9,
                             "matmul_tflop_s": ceilings.matmul_flops_per_s / 1e12,

@@ -18,11 +18,16 @@ def test_batch_quant_six_trials_then_report(in_tmp, capsys):
     ending = progress.split("done: 6/6 trials")[1]
     assert "recommended configuration" in ending and "  trial " in ending
     assert "autoglm-tune report --study batch_quant" in ending and "autoglm-tune dashboard" in ending
+    # The space was fitted to the CPU first (issue 17): no trial spent on values it cannot run.
+    assert "quant_bits=4 removed from the space" in progress and "'offloaded' removed" in progress
+    assert "drift: baseline throughput_tok_s" in progress
     assert main(["report", "--study", "batch_quant"]) == 0
     out = in_tmp / "runs" / "batch_quant" / "report"
     trials = pd.read_csv(out / "trials.csv")
     pareto = pd.read_csv(out / "pareto.csv")
     assert len(trials) == 6 and trials["baseline"].sum() == 1
+    assert not (trials["param_quant_bits"] == 4).any() and not (trials["param_kv_cache"] == "offloaded").any()
+    assert "Drift: baseline throughput re-measured / first" in (out / "report.html").read_text()
     assert len(pareto) >= 1 and pareto["feasible"].all()
     for metric in ("throughput_tok_s", "latency_p99_ms", "peak_memory_mib", "kl_divergence"):
         assert metric in pareto.columns and metric in METRICS

@@ -50,6 +50,9 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto | cpu | cuda | cuda:K")
     p.add_argument("--out", help="artifact folder (default runs/<study>/)")
     p.add_argument("--seed", type=int, help="sampler and workload seed")
+    p.add_argument("--keep-infeasible", action="store_true",
+                   help="keep knob values the device can never run (int4 on CPU, ...) in the space; "
+                        "their trials are recorded as infeasible")
     _worker_flags(p)
     return p
 
@@ -96,6 +99,9 @@ def run_main(argv: list[str]) -> int:
     storage_url = args.storage or DEFAULT_STORAGE
     storage_kind(storage_url)
     check_parallel(storage_url, len(gpus) if gpus else 1)
+    from tuner.device_fit import fit_to_device
+
+    space = fit_to_device(space, args.keep_infeasible, (lambda _: None) if args.quiet else print)
     out_dir = Path(args.out) if args.out else Path("runs") / space.study
 
     from tuner.study import RunOptions, open_study, run_study

@@ -71,21 +71,39 @@ def _classify(result: TrialResult | None, returncode: int | None, stderr: str, w
     return LaunchOutcome("fail", None, reason, stderr, wall_s)
 
 
-def _child_env() -> dict[str, str]:
+def _child_env(cache_dir: Path | None = None) -> dict[str, str]:
     env = dict(os.environ)
     # The child must import this checkout's packages even when the CLI runs from elsewhere.
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.update(cache_env(env, cache_dir))
     return env
+
+
+def cache_env(env: dict[str, str], cache_dir: Path | None) -> dict[str, str]:
+    """Persistent compile caches for the child, under `cache_dir` (AUTOGLM_CACHE_DIR wins):
+    Inductor's FX graph and autotune caches (TORCHINDUCTOR_CACHE_DIR; both on by default, the
+    FX graph cache forced on here), Triton's compiled kernels (TRITON_CACHE_DIR) and the tile
+    choices of our `@triton.autotune` kernels (TRITON_CACHE_AUTOTUNING, Triton >= 3.4), and our
+    own (the quality reference, NVRTC images). A later process, or another study sharing the
+    folder, starts warm. Variables the user set already are left alone."""
+    root = env.get("AUTOGLM_CACHE_DIR") or (str(cache_dir.resolve()) if cache_dir is not None else "")
+    if not root:
+        return {}
+    wanted = {"AUTOGLM_CACHE_DIR": root, "TORCHINDUCTOR_CACHE_DIR": str(Path(root) / "inductor"),
+              "TRITON_CACHE_DIR": str(Path(root) / "triton"), "TORCHINDUCTOR_FX_GRAPH_CACHE": "1",
+              "TRITON_CACHE_AUTOTUNING": "1"}
+    return {key: value for key, value in wanted.items() if not env.get(key)}
 
 
 class ProcessLauncher:
     """A fresh child process per trial: the cleanest measurement (memory starts from zero)."""
 
-    def __init__(self, timeout_s: float, python: str = sys.executable) -> None:
+    def __init__(self, timeout_s: float, python: str = sys.executable, cache_dir: Path | None = None) -> None:
         self.timeout_s = timeout_s
         self.python = python
+        self.cache_dir = cache_dir
 
     def run(self, config: TrialConfig, workdir: Path) -> LaunchOutcome:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -97,7 +115,7 @@ class ProcessLauncher:
         with stderr_path.open("wb") as stderr:
             proc = subprocess.Popen(
                 [self.python, "-m", "runners.child", str(config_path), str(result_path)],
-                stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr, env=_child_env(),
+                stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr, env=_child_env(self.cache_dir),
                 start_new_session=True)  # own process group: a timeout kills its helpers too
             try:
                 returncode = proc.wait(timeout=self.timeout_s)
@@ -119,9 +137,11 @@ class WarmLauncher:
     touched CUDA, so one bad config cannot poison the measurements of the next.
     """
 
-    def __init__(self, timeout_s: float, stderr_path: Path, python: str = sys.executable) -> None:
+    def __init__(self, timeout_s: float, stderr_path: Path, python: str = sys.executable,
+                 cache_dir: Path | None = None) -> None:
         self.timeout_s = timeout_s
         self.python = python
+        self.cache_dir = cache_dir
         self.stderr_path = stderr_path
         self._proc: subprocess.Popen | None = None
         self._stderr: IO[bytes] | None = None
@@ -132,13 +152,14 @@ class WarmLauncher:
             self._stderr = self.stderr_path.open("ab")
             self._proc = subprocess.Popen(
                 [self.python, "-m", "runners.child", "--serve"], stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE, stderr=self._stderr, env=_child_env(), start_new_session=True)
+                stdout=subprocess.PIPE, stderr=self._stderr, env=_child_env(self.cache_dir),
+                start_new_session=True)
         return self._proc
 
     def run(self, config: TrialConfig, workdir: Path) -> LaunchOutcome:
         if float(config.knobs.get("memory_limit_mib", 0) or 0) > 0:
             # A memory cap is applied to the whole process and cannot be lifted again.
-            return ProcessLauncher(self.timeout_s, self.python).run(config, workdir)
+            return ProcessLauncher(self.timeout_s, self.python, self.cache_dir).run(config, workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         config_path, result_path = workdir / "config.json", workdir / "result.json"
         config_path.write_text(config.to_json())

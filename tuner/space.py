@@ -36,7 +36,7 @@ WORKLOAD_KEYS = {
 }
 PARAM_KEYS = {"type", "low", "high", "step", "log", "choices"}
 SEARCH_KEYS = {"sampler", "trials", "timeout_min", "seed", "trial_timeout_s", "baseline",
-               "n_startup_trials"}
+               "n_startup_trials", "drift_every"}
 SLO_METRICS = {"ttft_ms", "tpot_ms", "latency_ms"}
 
 
@@ -91,6 +91,7 @@ class SearchSpec:
     trial_timeout_s: float = 900.0
     baseline: bool = True
     n_startup_trials: int | None = None
+    drift_every: int | None = None  # re-measure the baseline every N trials (and always at the end)
 
 
 @dataclass
@@ -507,6 +508,9 @@ def _search(raw: dict[str, Any], source: str) -> SearchSpec:
     spec.trial_timeout_s = _get(raw, "trial_timeout_s", float, source, "search", spec.trial_timeout_s)
     spec.baseline = _get(raw, "baseline", bool, source, "search", spec.baseline)
     spec.n_startup_trials = _get(raw, "n_startup_trials", int, source, "search", None)
+    spec.drift_every = _get(raw, "drift_every", int, source, "search", None)
+    if spec.drift_every is not None and spec.drift_every < 1:
+        raise SpaceError(source, "search.drift_every", f"must be >= 1, got {spec.drift_every}")
     _check_search(spec, source)
     return spec
 

@@ -30,7 +30,7 @@ from tuner.errors import UsageError
 from tuner.launcher import LaunchOutcome, ProcessLauncher, WarmLauncher
 from tuner.progress import Progress, final_lines
 from tuner.space import Space, apply_overrides, grid_values, validate
-from tuner.storage import heartbeat_interval
+from tuner.storage import heartbeat_interval, journal_path, sqlite_path, storage_kind
 from tuner.workers import ClaimLock, Heartbeat, PrefixedStream, worker_identity
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -269,6 +269,7 @@ def tell_outcome(study: optuna.Study, trial: optuna.Trial, space: Space, outcome
     result = outcome.result
     for key in ("metrics", "unavailable", "environment", "artifacts", "info"):
         trial.set_user_attr(key, getattr(result, key))
+    record_window_flags(trial, result.info)
     reason = outcome.reason
     values: list[float] = []
     for objective in space.objectives:
@@ -317,6 +318,19 @@ def store_constraint_list(study: optuna.Study, trial: optuna.Trial, violations: 
     study._storage.set_trial_system_attr(trial._trial_id, "constraints", [float(v) for v in violations])
 
 
+# Runner info keys lifted to trial user attrs, so a reader sees at once whether a number is clean.
+WINDOW_FLAGS = ("contaminated", "remeasured", "host_busy")
+
+
+def record_window_flags(trial: optuna.Trial, info: dict[str, Any]) -> None:
+    """`contaminated`: the window compiled/captured/autotuned even when measured again (the
+    evidence of both windows); `remeasured`: the first window did, the stored one did not (a
+    shape set-up missed); `host_busy`: other processes used this GPU / CPU meanwhile."""
+    for flag in WINDOW_FLAGS:
+        if info.get(flag):
+            trial.set_user_attr(flag, info[flag])
+
+
 def grid_exhausted(study: optuna.Study) -> bool:
     """Every point of a grid study has been tried (more trials would repeat points)."""
     sampler = study.sampler
@@ -342,8 +356,9 @@ def run_study(space: Space, storage: optuna.storages.BaseStorage, options: RunOp
     budget = space.search.trials
     progress.say(f"study {space.study}: {counted_trials(study)}/{budget} trials done; runner {space.runner} on "
                  f"{space.device}; storage {options.storage_url}; artifacts {options.out_dir}")
-    launcher = (WarmLauncher(space.search.trial_timeout_s, options.out_dir / "runner-stderr.log")
-                if options.warm else ProcessLauncher(space.search.trial_timeout_s))
+    cache = cache_dir_for(options.storage_url, options.out_dir)
+    launcher = (WarmLauncher(space.search.trial_timeout_s, options.out_dir / "runner-stderr.log", cache_dir=cache)
+                if options.warm else ProcessLauncher(space.search.trial_timeout_s, cache_dir=cache))
     deadline = time.monotonic() + space.search.timeout_min * 60 if space.search.timeout_min else math.inf
     ran, timed_out, waiting, exhausted, fails, stopped_by = 0, False, False, False, 0, ""
     try:
@@ -376,6 +391,12 @@ def run_study(space: Space, storage: optuna.storages.BaseStorage, options: RunOp
             if stopped_by:
                 progress.say(f"stopping: {stopped_by}")
                 break
+            if space.search.drift_every and ran % space.search.drift_every == 0:
+                measure_drift(study, space, launcher, options, progress, claims)
+        if ran and not timed_out and not stopped_by:
+            measure_drift(study, space, launcher, options, progress, claims)
+        elif ran and timed_out:
+            progress.say("drift not measured again: the time budget is used")
     finally:
         launcher.close()
     pareto = _pareto_size(study)
@@ -396,6 +417,76 @@ def _crash_stop(study: optuna.Study, fails: int, budget: int) -> str:
     if fails >= fail_limit(budget):
         return f"{fails} trials crashed in this run (limit {fail_limit(budget)}); see their fail_reason"
     return ""
+
+
+def cache_dir_for(storage_url: str, out_dir: Path) -> Path:
+    """Where the children's compile caches and quality references live: beside the study's
+    storage file (`runs/.cache` for the default journal), so every study stored there shares
+    them and a second study of the same model starts warm; beside the artifacts for a database
+    server. `AUTOGLM_CACHE_DIR` overrides it (see `tuner.launcher.cache_env`)."""
+    kind = storage_kind(storage_url)
+    if kind == "journal":
+        return journal_path(storage_url).parent / ".cache"
+    path = sqlite_path(storage_url) if kind == "sqlite" else None
+    return path.parent / ".cache" if path is not None else out_dir / ".cache"
+
+
+# ---------------------------------------------------------------- drift
+
+
+DRIFT_METRIC = "throughput_tok_s"
+
+
+def _baseline_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if t.user_attrs.get("baseline") and not t.user_attrs.get("retry_of"):
+            return t
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if t.user_attrs.get("baseline"):
+            return t
+    return None
+
+
+def measure_drift(study: optuna.Study, space: Space, launcher: Any, options: RunOptions, progress: Progress,
+                  claims: ClaimLock) -> float | None:
+    """Measure the baseline configuration again and store `drift` = throughput now / first.
+
+    The first baseline trial of the study is the reference. The re-measure is no trial (it uses
+    no budget and joins no Pareto front); each one is kept in the study attr `drift_checks`.
+    Done once per trial count: a second worker finishing at the same count does not repeat it.
+    """
+    if not space.search.baseline or not space.params:
+        return None
+    first = _baseline_trial(study)
+    if first is None or DRIFT_METRIC not in (first.user_attrs.get("metrics") or {}):
+        progress.say(f"drift not measured: no baseline trial with {DRIFT_METRIC} to compare with")
+        return None
+    with claims:
+        done = counted_trials(study)
+        checks = list(study.user_attrs.get("drift_checks", []))
+        if checks and checks[-1].get("after_trials") == done:
+            return study.user_attrs.get("drift")
+        study.set_user_attr("drift_checks", [*checks, {"after_trials": done, "pending": True}])
+    config = trial_config(space, first.params, -1, options.out_dir / f"drift_{done:05d}")
+    outcome = launcher.run(config, Path(config.artifact_dir))
+    reference = float(first.user_attrs["metrics"][DRIFT_METRIC])
+    value = outcome.result.metrics.get(DRIFT_METRIC) if outcome.result is not None else None
+    check: dict[str, Any] = {"after_trials": done, "first": reference}
+    if value is None or reference <= 0:
+        check["unavailable"] = outcome.reason or f"{DRIFT_METRIC} not measured"
+        progress.say(f"drift not measured: the baseline re-run gave no {DRIFT_METRIC} ({check['unavailable']})")
+        ratio = None
+    else:
+        ratio = float(value) / reference
+        check.update(now=float(value), ratio=ratio)
+        if outcome.result.info.get("host_busy"):
+            check["host_busy"] = outcome.result.info["host_busy"]
+        study.set_user_attr("drift", ratio)
+        progress.say(f"drift: baseline {DRIFT_METRIC} {reference:.4g} at trial {first.number}, {float(value):.4g} "
+                     f"after {done} trials (ratio {ratio:.3f})")
+    checks = [c for c in study.user_attrs.get("drift_checks", []) if not c.get("pending")]
+    study.set_user_attr("drift_checks", [*checks, check])
+    return ratio
 
 
 def _worker_ticket(study: optuna.Study) -> int:

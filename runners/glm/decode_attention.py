@@ -27,6 +27,7 @@ import torch
 from transformers.models.glm.modeling_glm import apply_rotary_pos_emb
 
 from runners.glm import cuda_launch
+from runners.glm.kernel_cache import compile_kernel
 
 _SOURCE = Path(__file__).with_name("decode_attention.cu")
 HEAD_DIMS = (32, 64, 128)
@@ -73,7 +74,7 @@ def _kernel(macros: Macros, device: int) -> Callable[..., None]:
                f"#define WARPS {macros.warps}\n#define X_FP16 {int(macros.fp16)}\n"
                f"#define SCALE {macros.head_dim ** -0.5!r}f\n")
     with torch.cuda.device(device):  # the module is loaded into this device's context
-        return torch.cuda._compile_kernel(defines + _SOURCE.read_text(), "decode_attention", nvcc_options=["-std=c++17"])
+        return compile_kernel(defines + _SOURCE.read_text(), "decode_attention", nvcc_options=["-std=c++17"])
 
 
 @functools.cache

@@ -26,6 +26,7 @@ from typing import NamedTuple
 import torch
 
 from runners.glm import cuda_launch
+from runners.glm.kernel_cache import compile_kernel
 
 _SOURCE = Path(__file__).with_name("woq_gemv.cu")
 
@@ -78,7 +79,7 @@ def _kernel(name: str, variant: Variant, fp16: bool, norm: bool, gated: bool, de
     defines = "".join(f"#define {field.upper()} {value}\n" for field, value in variant._asdict().items())
     defines += f"#define X_FP16 {int(fp16)}\n#define NORM {int(norm)}\n#define GATED {int(gated)}\n"
     with torch.cuda.device(device):  # the module is loaded into this device's context
-        return torch.cuda._compile_kernel(defines + _SOURCE.read_text(), name, nvcc_options=["-std=c++17"])
+        return compile_kernel(defines + _SOURCE.read_text(), name, nvcc_options=["-std=c++17"])  # cached on disk
 
 
 class Fusion(NamedTuple):
