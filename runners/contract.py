@@ -38,6 +38,9 @@ METRICS: dict[str, tuple[str, str]] = {
     "prefix_hit_rate": ("ratio", "maximize"),
     "measured_requests": ("requests", "maximize"),
     "setup_s": ("s", "minimize"),
+    # capacity mode: the highest Poisson rate whose p99 TTFT and TPOT meet the `slo:` section
+    "capacity_rps": ("req/s", "maximize"),
+    "capacity_tok_s": ("tok/s", "maximize"),
     # training runner
     "train_tokens_s": ("tok/s", "maximize"),
     "train_step_ms": ("ms", "minimize"),
@@ -79,6 +82,8 @@ class TrialConfig:
     trial_number: int = -1
     study: str = ""
     slo: dict[str, float] = field(default_factory=dict)
+    # The study's constraints as `{metric, max|min}`: a window stops early once one is decided.
+    constraints: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
