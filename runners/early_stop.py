@@ -5,7 +5,9 @@ nothing (issue 17: saturated trials ran 60 s past a 2 s constraint decided after
 requests). While the window runs, `EarlyStop` checks:
 
 - `constraint`: a latency-percentile constraint (`ttft_p99_ms <= 1000`, ...) whose
-  distribution-free confidence interval lies entirely beyond its bound. Requests still waiting
+  distribution-free confidence interval lies entirely beyond its bound, and whose share of
+  requests beyond the bound is surely above 1 - q by block means (requests of one window are
+  correlated; the order-statistic interval alone assumes they are not). Requests still waiting
   count with the wait they have had so far (a lower bound of their TTFT and latency), so a
   growing queue decides `max` bounds early without biasing the test towards stopping.
 - `over_saturation`: the offered rate is above the served rate, read from the trend of the
@@ -78,33 +80,68 @@ class Decision:
         return asdict(self)
 
 
-def constraint_broken(bounds: Sequence[Bound], samples: dict[str, np.ndarray], censored: dict[str, np.ndarray],
-                      confidence: float = DEFAULT_CONFIDENCE, min_samples: int = 10) -> Decision | None:
-    """The first bound whose CI lies entirely beyond it, or None.
+def exceedance_bounds(beyond: np.ndarray, blocks: int = 10, confidence: float = DEFAULT_CONFIDENCE
+                      ) -> tuple[float, float, float] | None:
+    """(fraction, low, high) of requests beyond a bound, with a one-sided `confidence` bound on
+    each side from batch means: the requests in arrival order, cut into `blocks` consecutive
+    blocks; Student t over the block fractions. Requests of one window are not independent (a
+    burst makes many neighbours slow at once), which a binomial interval ignores and block
+    means absorb. None with fewer than 2 requests per block."""
+    if beyond.size < 2 * blocks:
+        return None
+    means = np.array([part.mean() for part in np.array_split(beyond.astype(float), blocks)])
+    fraction = float(means.mean())
+    margin = float(sps.t.ppf(confidence, blocks - 1) * means.std(ddof=1) / math.sqrt(blocks))
+    return fraction, fraction - margin, fraction + margin
 
-    For a `max` bound the finished requests' values plus the waiting requests' waits so far
-    (each below its true value) form a sample no larger than the true one, so a lower CI bound
-    above `max` proves the percentile is above it. A `min` bound uses finished requests only.
+
+def constraint_broken(bounds: Sequence[Bound], samples: dict[str, np.ndarray], censored: dict[str, np.ndarray],
+                      confidence: float = DEFAULT_CONFIDENCE) -> Decision | None:
+    """The first bound that the data show broken, or None.
+
+    `samples` are in arrival order. Broken (`max`): the percentile's order-statistic CI lies
+    above `max` and the fraction of requests above `max` is, by block means, surely more than
+    1 - q. For `max`, the finished requests' values plus the waiting requests' waits so far
+    (each below its true value; `censored`, the latest arrivals) form a sample no larger than
+    the true one, so the test stays conservative. A `min` bound uses finished requests only.
     """
     for bound in bounds:
         values = samples[bound.base]
         if bound.max is not None:
             sample = np.concatenate([values, censored.get(bound.base, np.zeros(0))])
-            if sample.size >= min_samples:
-                ci = quantile_ci(sample, bound.q, confidence)
-                if ci.low is not None and ci.low > bound.max:
-                    return Decision("constraint", _evidence(bound, ci, confidence, values.size,
-                                                            sample.size - values.size, "max"))
-        if bound.min is not None and values.size >= min_samples:
-            ci = quantile_ci(values, bound.q, confidence)
-            if ci.high is not None and ci.high < bound.min:
-                return Decision("constraint", _evidence(bound, ci, confidence, values.size, 0, "min"))
+            decided = _beyond(sample, bound, sample > bound.max, 1 - bound.q, "max", confidence)
+            if decided is not None:
+                return Decision("constraint", {**decided, "finished_requests": int(values.size),
+                                               "waiting_requests": int(sample.size - values.size)})
+        if bound.min is not None:
+            decided = _beyond(values, bound, values < bound.min, bound.q, "min", confidence)
+            if decided is not None:
+                return Decision("constraint", {**decided, "finished_requests": int(values.size),
+                                               "waiting_requests": 0})
     return None
+
+
+def _beyond(sample: np.ndarray, bound: Bound, beyond: np.ndarray, allowed: float, side: str,
+            confidence: float) -> dict[str, Any] | None:
+    """Evidence that more than `allowed` of the requests lie beyond the bound, or None."""
+    fractions = exceedance_bounds(beyond, confidence=confidence)
+    if fractions is None or fractions[1] <= allowed:
+        return None
+    ci = quantile_ci(sample, bound.q, confidence)
+    limit = getattr(bound, side)
+    if side == "max" and (ci.low is None or ci.low <= limit):
+        return None
+    if side == "min" and (ci.high is None or ci.high >= limit):
+        return None
+    return {"metric": bound.metric, side: limit, "estimate": ci.value, "ci_low": ci.low, "ci_high": ci.high,
+            "fraction_beyond": fractions[0], "fraction_beyond_low": fractions[1], "allowed_fraction": allowed,
+            "confidence": confidence}
 
 
 def constraints_met(bounds: Sequence[Bound], samples: dict[str, np.ndarray],
                     confidence: float = DEFAULT_CONFIDENCE) -> Decision | None:
-    """Every bound's CI lies inside it (a capacity probe that clearly passes), or None."""
+    """Every bound surely met (a capacity probe that clearly passes), or None: the percentile's
+    CI inside the bound, and the block-means bound on the fraction beyond it below 1 - q."""
     if not bounds:
         return None
     evidence = {}
@@ -113,19 +150,18 @@ def constraints_met(bounds: Sequence[Bound], samples: dict[str, np.ndarray],
         if values.size == 0:
             return None
         ci = quantile_ci(values, bound.q, confidence)
-        inside_max = bound.max is None or (ci.high is not None and ci.high <= bound.max)
-        inside_min = bound.min is None or (ci.low is not None and ci.low >= bound.min)
-        if not (inside_max and inside_min):
-            return None
+        checks = []
+        if bound.max is not None:
+            checks.append((ci.high is not None and ci.high <= bound.max, values > bound.max, 1 - bound.q))
+        if bound.min is not None:
+            checks.append((ci.low is not None and ci.low >= bound.min, values < bound.min, bound.q))
+        for inside, beyond, allowed in checks:
+            fractions = exceedance_bounds(beyond, confidence=confidence)
+            if not inside or fractions is None or fractions[2] >= allowed:
+                return None
         evidence[bound.metric] = {"estimate": ci.value, "ci_low": ci.low, "ci_high": ci.high,
                                   "max": bound.max, "min": bound.min, "samples": int(values.size)}
     return Decision("met", {"bounds": evidence, "confidence": confidence})
-
-
-def _evidence(bound: Bound, ci: Any, confidence: float, finished: int, waiting: int, side: str) -> dict[str, Any]:
-    return {"metric": bound.metric, side: getattr(bound, side), "estimate": ci.value, "ci_low": ci.low,
-            "ci_high": ci.high, "confidence": confidence, "finished_requests": finished,
-            "waiting_requests": waiting}
 
 
 @dataclass
@@ -221,7 +257,7 @@ class EarlyStop:
                 return decision
         if not self.bounds or not timings:
             return None
-        samples = request_latencies_ms(timings)
+        samples = request_latencies_ms(sorted(timings, key=lambda t: t.arrival_s))
         broken = constraint_broken(self.bounds, samples, self._censored(now_s), self.confidence)
         if broken is not None or not self.stop_when_met:
             return broken

@@ -15,6 +15,7 @@ import torch
 
 from runners.artifacts import request_rows, write_rows
 from runners.base import Runner, resolve_device
+from runners.capacity import serve_workload
 from runners.contract import InfeasibleConfig, TrialConfig, TrialResult
 from runners.environment import describe
 from runners.glm.compress import apply_quantization, apply_sparsity
@@ -26,7 +27,7 @@ from runners.glm.model_cache import MODELS, REFERENCES, model_key
 from runners.glm.quality import Fidelity, eval_batch, fidelity, log_probs
 from runners.knobs import resolve_knobs
 from runners.scheduler import Engine
-from runners.serving import ServeOutcome, serve
+from runners.serving import ServeOutcome
 from runners.workload import Request, make_requests
 
 DEFAULT_WORKLOAD: dict[str, Any] = {
@@ -181,7 +182,9 @@ class GlmInferRunner(Runner):
             info.update(compile_s=engine.compile_s - compiled_before, compiled=engine.compiled,
                         compile_error=engine.compile_error, buckets=sorted(engine.buckets()))
         setup_s = info["setup_s"] = time.perf_counter() - t_setup  # build + compress + compile + quality
-        outcome = serve(engine, device, workload, knobs, config.seed, config.slo)
+        outcome = serve_workload(engine, device, workload, knobs, config.seed, config.slo, config.constraints)
+        if "stopped_early" in outcome.info:  # a partial window: the tuner makes the trial infeasible
+            info["stopped_early"] = outcome.info["stopped_early"]
 
         metrics, unavailable = outcome.metrics, outcome.unavailable
         metrics["kl_divergence"] = quality.kl_divergence

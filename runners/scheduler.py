@@ -156,7 +156,8 @@ def run_dynamic(requests: Sequence[Request], engine: Engine, clock: Clock, batch
                     nxt = unsent.pop(0)
                     nxt.arrival_s = steps[req.output_tokens - 1]
                     pending.append(nxt)
-            pending.sort(key=lambda r: r.arrival_s)
+            if concurrency is not None:  # only the closed loop adds arrivals out of order
+                pending.sort(key=lambda r: r.arrival_s)
             batch_index += 1
             if window_should_stop(stop, timings, clock.now(), queue, pending, 0):
                 _stop_issuing(pending, unsent, clock.now())

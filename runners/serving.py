@@ -94,7 +94,9 @@ class WindowRule:
             return True
         if self.early is not None:
             decision = self.early.decide(timings, elapsed)
-            if decision is not None:
+            # Requests of one window are not independent (a queue carries over), so "clearly
+            # met" ends a probe only once its minimum is measured; "clearly broken" may end it at once.
+            if decision is not None and (decision.rule != "met" or len(timings) >= self.min_requests):
                 self._decided(decision)
                 return True
         if len(timings) < self.min_requests:
