@@ -102,13 +102,24 @@ def judge(rate: float, outcome: ServeOutcome, bounds: Sequence[Bound]) -> Probe:
     common = {"p99_ms": p99, "measured_requests": int(outcome.metrics.get("measured_requests", 0)),
               "window_s": float(outcome.info.get("window_s", 0.0))}
     stopped = outcome.info.get("stopped_early")
-    if stopped:
+    if stopped and not _kept_up(stopped):
         return Probe(rate, False, stopped["rule"], evidence=stopped["evidence"], **common)
     if "decided" in outcome.info:
         return Probe(rate, True, "met", evidence=outcome.info["decided"]["evidence"], **common)
     # A bound without samples (TPOT of one-token outputs) cannot fail the probe.
     over = {m: v for m, v in p99.items() if v is not None and v > _max(bounds, m)}
-    return Probe(rate, not over, "estimate", evidence={"over": over} if over else {}, **common)
+    evidence = {"over": over} if over else {}
+    if stopped:  # ran out of time at a low rate: judged on the requests it measured
+        evidence["window_end"] = stopped
+    return Probe(rate, not over, "estimate", evidence=evidence, **common)
+
+
+def _kept_up(stopped: dict[str, Any]) -> bool:
+    """A probe at a low rate whose window ran out of time while the engine kept up (nearly all
+    arrived requests finished): too few requests arrived, not too slow a server."""
+    evidence = stopped["evidence"]
+    arrived = evidence.get("arrived_requests")
+    return stopped["rule"] == "max_duration_s" and bool(arrived) and evidence["measured_requests"] >= 0.9 * arrived
 
 
 def _max(bounds: Sequence[Bound], metric: str) -> float:

@@ -56,6 +56,9 @@ for _base in ("ttft", "tpot", "latency"):
         for _side in ("low", "high"):
             METRICS[f"{_base}_p{_p}_ms_ci_{_side}"] = ("ms", "minimize")
 
+# A measured window's hard length when the workload names no `max_duration_s` (seconds).
+DEFAULT_MAX_DURATION_S = 120.0
+
 Direction = Literal["maximize", "minimize"]
 TrialStatus = Literal["ok", "infeasible"]
 

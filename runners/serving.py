@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from runners.contract import InfeasibleConfig
+from runners.contract import DEFAULT_MAX_DURATION_S, InfeasibleConfig
 from runners.early_stop import DEFAULT_MIN_QUEUE, Bound, Decision, EarlyStop, SaturationTest, latency_bounds
 from runners.monitor import ResourceSampler
 from runners.scheduler import (
@@ -40,9 +40,6 @@ class ServeOutcome:
     metrics: dict[str, float] = field(default_factory=dict)
     unavailable: dict[str, str] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)  # window, ceilings, cross-checks
-
-
-DEFAULT_MAX_DURATION_S = 120.0  # the hard window length when the workload names none
 
 
 @dataclass
@@ -69,6 +66,7 @@ class WindowRule:
     decision: Decision | None = None
     _next_check: int = 0
     _finished: int = 0  # finished requests at the last call, for `observe`
+    _arrived: int | None = None  # requests arrived by the last `observe`
 
     @classmethod
     def from_workload(cls, workload: dict[str, Any], early: EarlyStop | None = None) -> WindowRule:
@@ -78,6 +76,7 @@ class WindowRule:
 
     def observe(self, state: QueueState) -> None:
         """The scheduler's queue, just before each `__call__` (early stop reads it)."""
+        self._arrived = self._finished + state.running + len(state.waiting_arrivals())
         if self.early is not None:
             self.early.observe(state, self._finished)
 
@@ -90,6 +89,7 @@ class WindowRule:
             if len(timings) < self.min_requests:
                 self._decided(Decision("max_duration_s", {"max_duration_s": self.max_duration_s,
                                                           "measured_requests": len(timings),
+                                                          "arrived_requests": self._arrived,
                                                           "requests": self.min_requests}))
             return True
         if self.early is not None:

@@ -99,3 +99,30 @@ def test_a_plain_window_is_one_serve_and_capacity_needs_bounds():
     assert "capacity" not in plain.info and plain.metrics["measured_requests"] == 50
     with pytest.raises(ValueError, match="slo"):
         find_capacity(lambda w: None, _workload("poisson", 10), slo_bounds({}))
+
+
+def test_a_low_rate_probe_that_runs_out_of_time_is_judged_on_what_it_measured():
+    # 1 req/s for 400 requests would take 400 s; the 30 s window measures ~30 and kept up with them.
+    outcome = _search(_workload("constant", 400, capacity_max_rps=1000.0, capacity_min_rps=1.0,
+                                max_duration_s=30.0), {"ttft_ms": 50.0})
+    low = next(p for p in outcome.info["capacity"]["probes"] if p["rate_rps"] == 1.0)
+    assert low["passed"] and low["how"] == "estimate" and low["measured_requests"] <= 31
+    assert outcome.metrics["capacity_rps"] == pytest.approx(1 / SERVICE_S, rel=0.05)
+
+
+def test_space_keys_of_capacity_and_the_window():
+    from tuner.space import SpaceError, validate
+
+    base = {"objectives": [{"metric": "capacity_rps"}], "slo": {"ttft_ms": 1000, "tpot_ms": 50}}
+    space = validate({**base, "workload": {"mode": "capacity", "capacity_min_rps": 1, "capacity_max_rps": 64,
+                                           "ci_metric": "ttft", "early_stop": True}}, "c.yaml", "c")
+    assert space.workload["mode"] == "capacity" and space.objectives[0].direction == "maximize"
+    refusals = [({"workload": {"mode": "capacity"}, "slo": {}}, "needs ttft_ms"),
+                ({"workload": {"mode": "capacity", "arrival": "closed"}}, "open-loop"),
+                ({"workload": {"mode": "fastest"}}, "workload.mode"),
+                ({"workload": {"ci_metric": "p99"}}, "workload.ci_metric"),
+                ({"workload": {"capacity_min_rps": 8, "capacity_max_rps": 4}}, "capacity_min_rps"),
+                ({"workload": {"rate_rps": 0.5, "requests": 200}}, "past the window's hard length")]
+    for extra, message in refusals:
+        with pytest.raises(SpaceError, match=message):
+            validate({**base, **extra}, "c.yaml", "c")

@@ -15,7 +15,7 @@ from typing import Any
 import optuna
 import yaml
 
-from runners.contract import METRICS
+from runners.contract import DEFAULT_MAX_DURATION_S, METRICS
 from runners.knobs import RUNNER_KNOBS
 
 SAMPLERS = ("auto", "tpe", "nsga2", "gp", "random", "grid")
@@ -355,6 +355,12 @@ def _serving_keys(w: dict[str, Any], source: str) -> None:
     if mode == "capacity" and w.get("arrival", "poisson") not in ("poisson", "constant", "gamma"):
         raise SpaceError(source, "workload.arrival", "mode: capacity searches an open-loop rate "
                          f"(poisson, constant or gamma), not {w['arrival']!r}")
+    rate, requests = w.get("rate_rps"), w.get("requests")
+    longest = w.get("max_duration_s", DEFAULT_MAX_DURATION_S)
+    if mode == "window" and rate and requests and w.get("arrival", "poisson") in ("poisson", "constant", "gamma") \
+            and (requests - 1) / rate > longest:
+        raise SpaceError(source, "workload.requests", f"{requests} requests at {rate:g} req/s arrive over "
+                         f"{(requests - 1) / rate:.0f} s, past the window's hard length max_duration_s={longest:g}")
     low, high = w.get("capacity_min_rps"), w.get("capacity_max_rps")
     if low is not None and high is not None and low >= high:
         raise SpaceError(source, "workload.capacity_min_rps", "must be < capacity_max_rps")
