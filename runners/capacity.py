@@ -27,6 +27,7 @@ DEFAULT_MIN_RPS = 0.25
 DEFAULT_MAX_RPS = 64.0
 DEFAULT_TOLERANCE = 0.05
 DEFAULT_PROBES = 10
+DEFAULT_PROBE_S = 10.0  # the shortest arrival span of a probe
 
 
 @dataclass
@@ -72,7 +73,7 @@ def find_capacity(probe: Callable[[dict[str, Any]], ServeOutcome], workload: dic
 
     def run(rate: float) -> bool:
         # Warm-up once, before the first probe; later probes start on a warm engine.
-        outcome = probe({**workload, "rate_rps": rate,
+        outcome = probe({**workload, "rate_rps": rate, "requests": probe_requests(workload, rate),
                          "warmup_requests": workload.get("warmup_requests", 0) if not probes else 0})
         verdict = judge(rate, outcome, bounds)
         probes.append(verdict)
@@ -94,6 +95,16 @@ def find_capacity(probe: Callable[[dict[str, Any]], ServeOutcome], workload: dic
     else:
         failing = low
     return _report(outcomes, probes, best, failing, low, high, tolerance, bounds)
+
+
+def probe_requests(workload: dict[str, Any], rate: float) -> int:
+    """Requests of a probe at `rate`: `requests`, or more so that arrivals span at least
+    `capacity_probe_s` (a short burst at a high rate is served within any SLO, a sustained rate
+    is not), at most `max_requests` when set."""
+    requests = int(workload["requests"])
+    spanned = math.ceil(rate * float(workload.get("capacity_probe_s", DEFAULT_PROBE_S)))
+    cap = int(workload.get("max_requests") or spanned)
+    return max(requests, min(spanned, cap))
 
 
 def judge(rate: float, outcome: ServeOutcome, bounds: Sequence[Bound]) -> Probe:

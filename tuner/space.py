@@ -34,6 +34,7 @@ WORKLOAD_KEYS = {
     "max_requests", "shared_prefix_tokens", "shared_prefix_groups", "eval_sequences",
     "eval_tokens", "train_steps", "warmup_steps", "data_path", "ci_metric", "early_stop",
     "mode", "capacity_min_rps", "capacity_max_rps", "capacity_tolerance", "capacity_probes",
+    "capacity_probe_s",
 }
 CI_METRICS = ("ttft", "tpot", "latency")
 WORKLOAD_MODES = ("window", "capacity")
@@ -349,7 +350,7 @@ def _serving_keys(w: dict[str, Any], source: str) -> None:
     mode = _get(w, "mode", str, source, "workload", "window")
     if mode not in WORKLOAD_MODES:
         raise SpaceError(source, "workload.mode", f"must be one of {list(WORKLOAD_MODES)}, got {mode!r}")
-    for key in ("capacity_min_rps", "capacity_max_rps", "capacity_tolerance"):
+    for key in ("capacity_min_rps", "capacity_max_rps", "capacity_tolerance", "capacity_probe_s"):
         _positive(w, key, float, source, "workload", None)
     _positive(w, "capacity_probes", int, source, "workload", None)
     if mode == "capacity" and w.get("arrival", "poisson") not in ("poisson", "constant", "gamma"):
