@@ -239,5 +239,6 @@ def test_stopped_trial_is_complete_infeasible_and_never_on_the_front(tmp_path):
     fast, slow = study.trials
     assert fast.state == TrialState.COMPLETE and fast.values == [900.0]  # the partial value is kept
     assert fast.user_attrs["stopped_early"] == stopped
+    assert fast.user_attrs["infeasible_reason"] == "window stopped early: constraint"
     assert fast.constraints["stopped_early"] == 1.0 and "stopped_early" not in slow.constraints
     assert [t.number for t in study.best_trials] == [slow.number]

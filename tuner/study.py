@@ -271,6 +271,8 @@ def tell_outcome(study: optuna.Study, trial: optuna.Trial, space: Space, outcome
         # A window stopped once its outcome was decided: measured, but partial, so never on a front.
         trial.set_user_attr("stopped_early", stopped)
         trial.set_constraint("stopped_early", 1.0)
+        reason = f"window stopped early: {stopped['rule']}"
+        trial.set_user_attr("infeasible_reason", reason)
     if not runnable:
         values = [_worst(o.direction) for o in space.objectives]
         trial.set_user_attr("infeasible_reason", reason)
