@@ -242,3 +242,25 @@ def test_stopped_trial_is_complete_infeasible_and_never_on_the_front(tmp_path):
     assert fast.user_attrs["infeasible_reason"] == "window stopped early: constraint"
     assert fast.constraints["stopped_early"] == 1.0 and "stopped_early" not in slow.constraints
     assert [t.number for t in study.best_trials] == [slow.number]
+
+
+# ---------------------------------------------------------------- the real runner
+
+
+@pytest.mark.parametrize("device, preset, rate", [
+    pytest.param("cpu", "glm-tiny", 400.0, marks=pytest.mark.slow),
+    pytest.param("cuda", "glm-1b", 2000.0, marks=pytest.mark.gpu),
+])
+def test_overloaded_trial_of_the_real_runner_stops_within_15_s(device, preset, rate):
+    from runners.contract import TrialConfig
+    from runners.infer import GlmInferRunner
+
+    workload = {"arrival": "poisson", "rate_rps": rate, "requests": 4000, "warmup_requests": 2,
+                "prompt_tokens": 64, "output_tokens": 16}
+    config = TrialConfig("glm-infer", {"preset": preset}, device, workload, {"batch_size": 4},
+                         constraints=[{"metric": "ttft_p99_ms", "max": 50.0}])
+    result = GlmInferRunner().run(config)
+    serving = result.info["serving"]
+    assert result.info["stopped_early"]["rule"] in ("constraint", "over_saturation")
+    assert serving["partial"] is True and serving["window_s"] < 15.0
+    assert result.metrics["measured_requests"] < 4000
