@@ -236,12 +236,12 @@ class EarlyStop:
     _next_time: float = -math.inf
     _next_count: int = 0
 
-    def observe(self, state: QueueState, finished: int) -> None:
+    def observe(self, state: QueueState) -> None:
         self._state = state
         if self.saturation is None:
             return
         waiting = len(state.waiting_arrivals())
-        arrived = finished + state.running + waiting
+        arrived = state.finished + state.running + waiting
         if self.total_requests is None or arrived < self.total_requests:
             self.saturation.add(state.now_s, waiting)
 

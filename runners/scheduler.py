@@ -88,6 +88,7 @@ class QueueState:
     queue: Sequence[Request]
     pending: Sequence[Request]  # sorted by arrival
     running: int
+    finished: int = 0
 
     def waiting_arrivals(self) -> list[float]:
         """Arrival times of every request that arrived and has not started."""
@@ -102,7 +103,7 @@ def window_should_stop(stop: StopRule | None, timings: Sequence[RequestTiming], 
         return False
     observe = getattr(stop, "observe", None)
     if observe is not None:
-        observe(QueueState(now_s, queue, pending, running))
+        observe(QueueState(now_s, queue, pending, running, len(timings)))
     return stop(timings)
 
 

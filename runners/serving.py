@@ -65,7 +65,6 @@ class WindowRule:
     stopped_early: dict[str, Any] | None = None
     decision: Decision | None = None
     _next_check: int = 0
-    _finished: int = 0  # finished requests at the last call, for `observe`
     _arrived: int | None = None  # requests arrived by the last `observe`
 
     @classmethod
@@ -76,13 +75,12 @@ class WindowRule:
 
     def observe(self, state: QueueState) -> None:
         """The scheduler's queue, just before each `__call__` (early stop reads it)."""
-        self._arrived = self._finished + state.running + len(state.waiting_arrivals())
+        self._arrived = state.finished + state.running + len(state.waiting_arrivals())
         if self.early is not None:
-            self.early.observe(state, self._finished)
+            self.early.observe(state)
 
     def __call__(self, timings: Sequence[RequestTiming]) -> bool:
         elapsed = self.clock() - self.started_at
-        self._finished = len(timings)
         if elapsed >= self.max_duration_s:
             self.reason = "max_duration_s reached"
             self.abandon = True  # a hard length: nothing is served past it
