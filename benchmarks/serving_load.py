@@ -2,6 +2,7 @@
 
     python -m benchmarks.serving_load --model glm-4-9b --device cuda --out /tmp/serving_load
     python -m benchmarks.serving_load --configs fast_continuous,hf --out DIR     # a subset
+    python -m benchmarks.serving_load --configs hf --no-curve --out DIR          # capacity only
     python -m benchmarks.serving_load --quick --out /tmp/serving_load_quick      # CPU, glm-tiny, minutes
 
 Every point is a trial of the `glm-infer` runner (`GlmInferRunner.run`, in this process so the
@@ -254,11 +255,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--configs", default="", help="comma-separated names (default: all)")
     parser.add_argument("--rates", default="2,4,8,16,24,32,48", help="offered rates of the curve (req/s)")
     parser.add_argument("--no-curve", action="store_true", help="capacity only")
+    parser.add_argument("--no-capacity", action="store_true", help="the latency curve only")
     parser.add_argument("--point-s", type=float, default=15.0, help="arrival span of one curve point (s)")
     parser.add_argument("--min-requests", type=int, default=64, help="fewest requests of one curve point")
     parser.add_argument("--probe-requests", type=int, default=400, help="fewest requests of one capacity probe")
     parser.add_argument("--probe-s", type=float, default=10.0, help="shortest arrival span of one capacity probe")
-    parser.add_argument("--max-duration-s", type=float, default=60.0, help="hard length of one window")
+    parser.add_argument("--max-duration-s", type=float, default=40.0, help="hard length of one window")
     parser.add_argument("--capacity-range", default="1,128", help="min,max rate of the capacity search")
     parser.add_argument("--tolerance", type=float, default=0.05, help="relative bracket of the capacity")
     parser.add_argument("--slo-ttft-ms", type=float, default=1000.0)
@@ -317,14 +319,17 @@ def main(argv: list[str]) -> int:
             print(json.dumps(curve[-1], default=str), flush=True)
             if why.startswith("infeasible"):
                 refused = why.removeprefix("infeasible: ")  # the other rates cannot run either
+        if args.no_capacity:
+            continue
         result, why = (None, f"infeasible: {refused}") if refused else run_trial(
             runner, args, config.knobs, {**base, "mode": "capacity", "requests": args.probe_requests,
                                          "capacity_min_rps": low, "capacity_max_rps": high,
                                          "capacity_tolerance": args.tolerance, "capacity_probe_s": args.probe_s})
         capacity.append(capacity_row(config, result, why, ceilings[config.workload]))
         print(json.dumps(capacity[-1], default=str), flush=True)
-    write_csv(out / "curve.csv", curve) if curve else None
-    write_csv(out / "capacity.csv", capacity)
+    for name, rows in (("curve.csv", curve), ("capacity.csv", capacity)):
+        if rows:
+            write_csv(out / name, rows)
     write_csv(out / "ceilings.csv", [{"workload": w, **c} for w, c in ceilings.items()])
     text = summary(args, describe(args.device), ceilings, capacity, curve, measured)
     (out / "summary.md").write_text(text)
