@@ -42,6 +42,9 @@ METRICS: dict[str, tuple[str, str]] = {
     "setup_compress_s": ("s", "minimize"),
     "setup_compile_s": ("s", "minimize"),
     "setup_quality_s": ("s", "minimize"),
+    # capacity mode: the highest Poisson rate whose p99 TTFT and TPOT meet the `slo:` section
+    "capacity_rps": ("req/s", "maximize"),
+    "capacity_tok_s": ("tok/s", "maximize"),
     # training runner
     "train_tokens_s": ("tok/s", "maximize"),
     "train_step_ms": ("ms", "minimize"),
@@ -56,6 +59,9 @@ for _base in ("ttft", "tpot", "latency"):
     for _p in (50, 90, 99):
         for _side in ("low", "high"):
             METRICS[f"{_base}_p{_p}_ms_ci_{_side}"] = ("ms", "minimize")
+
+# A measured window's hard length when the workload names no `max_duration_s` (seconds).
+DEFAULT_MAX_DURATION_S = 120.0
 
 Direction = Literal["maximize", "minimize"]
 TrialStatus = Literal["ok", "infeasible"]
@@ -83,6 +89,8 @@ class TrialConfig:
     trial_number: int = -1
     study: str = ""
     slo: dict[str, float] = field(default_factory=dict)
+    # The study's constraints as `{metric, max|min}`: a window stops early once one is decided.
+    constraints: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)

@@ -17,6 +17,7 @@ import torch
 from runners import progress_report
 from runners.artifacts import request_rows, write_rows
 from runners.base import Runner, resolve_device
+from runners.capacity import serve_workload
 from runners.compile_watch import measure_clean
 from runners.contract import InfeasibleConfig, TrialConfig, TrialResult
 from runners.environment import describe
@@ -39,7 +40,7 @@ from runners.glm.model_cache import (
 from runners.glm.quality import Fidelity, calibration_set, eval_batch, fidelity, log_probs, text_source, text_windows
 from runners.knobs import resolve_knobs
 from runners.scheduler import Engine
-from runners.serving import ServeOutcome, serve
+from runners.serving import ServeOutcome
 from runners.workload import Request, make_requests
 
 DEFAULT_WORKLOAD: dict[str, Any] = {
@@ -280,9 +281,11 @@ class GlmInferRunner(Runner):
         setup_s = info["setup_s"] = time.perf_counter() - t_setup  # build + compress + compile + quality
         progress_report.report_phase("measure")
         # A window that compiled is measured again; a second one that compiles too is `contaminated`.
-        outcome = measure_clean(lambda: serve(engine, device, workload, knobs, config.seed, config.slo),
+        # A window stopped once decided carries `stopped_early` (the tuner makes the trial infeasible).
+        outcome = measure_clean(lambda: serve_workload(engine, device, workload, knobs, config.seed, config.slo,
+                                                       config.constraints),
                                 lambda served: served.info)
-        for flag in ("contaminated", "remeasured", "host_busy"):
+        for flag in ("contaminated", "remeasured", "host_busy", "stopped_early"):
             if flag in outcome.info:
                 info[flag] = outcome.info[flag]
 

@@ -6,6 +6,7 @@ engine, and run for real with `RealClock`.
 
 from __future__ import annotations
 
+import bisect
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -76,6 +77,42 @@ def batch_is_ready(queue: Sequence[Request], now: float, batch_size: int, timeou
 StopRule = Callable[[Sequence[RequestTiming]], bool]
 
 
+@dataclass(frozen=True)
+class QueueState:
+    """What a stop rule may see of the scheduler besides finished requests (early stop,
+    `runners.early_stop`). `queue` and `pending` are the scheduler's live lists, read only
+    during the call: a pending request whose arrival is <= `now_s` has arrived too (the
+    scheduler moves it to the queue at its next iteration)."""
+
+    now_s: float
+    queue: Sequence[Request]
+    pending: Sequence[Request]  # sorted by arrival
+    running: int
+    finished: int = 0
+
+    def waiting_arrivals(self) -> list[float]:
+        """Arrival times of every request that arrived and has not started."""
+        arrived = bisect.bisect_right(self.pending, self.now_s, key=lambda r: r.arrival_s)
+        return [r.arrival_s for r in self.queue] + [r.arrival_s for r in self.pending[:arrived]]
+
+
+def window_should_stop(stop: StopRule | None, timings: Sequence[RequestTiming], now_s: float,
+                       queue: Sequence[Request], pending: Sequence[Request], running: int) -> bool:
+    """Ask the stop rule; a rule with `observe` sees the queue first."""
+    if stop is None:
+        return False
+    observe = getattr(stop, "observe", None)
+    if observe is not None:
+        observe(QueueState(now_s, queue, pending, running, len(timings)))
+    return stop(timings)
+
+
+def abandons(stop: StopRule | None) -> bool:
+    """A rule that stopped on a decided outcome (or the hard window length) sets `abandon`:
+    waiting and running requests are dropped rather than served, so the window ends now."""
+    return bool(getattr(stop, "abandon", False))
+
+
 def _split_closed_loop(requests: Sequence[Request], clock: Clock, concurrency: int | None
                        ) -> tuple[list[Request], list[Request]]:
     """(pending, unsent): closed loop sends `concurrency` requests now and the rest one per
@@ -120,10 +157,14 @@ def run_dynamic(requests: Sequence[Request], engine: Engine, clock: Clock, batch
                     nxt = unsent.pop(0)
                     nxt.arrival_s = steps[req.output_tokens - 1]
                     pending.append(nxt)
-            pending.sort(key=lambda r: r.arrival_s)
+            if concurrency is not None:  # only the closed loop adds arrivals out of order
+                pending.sort(key=lambda r: r.arrival_s)
             batch_index += 1
-            if stop is not None and stop(timings):
+            if window_should_stop(stop, timings, clock.now(), queue, pending, 0):
                 _stop_issuing(pending, unsent, clock.now())
+                if abandons(stop):
+                    pending.clear()
+                    queue.clear()
             continue
         wake = math.inf
         if pending:
@@ -249,8 +290,14 @@ def run_continuous(requests: Sequence[Request], engine: IterationEngine, clock: 
                 nxt.arrival_s = t
                 pending.append(nxt)
         pending.sort(key=lambda r: r.arrival_s)
-        if stop is not None and stop(timings):
+        if window_should_stop(stop, timings, clock.now(), queue, pending, len(running)):
             _stop_issuing(pending, unsent, clock.now())
+            if abandons(stop):
+                pending.clear()
+                queue.clear()
+                if running:
+                    engine.leave(list(running))
+                    running.clear()
     return timings
 
 

@@ -1,9 +1,10 @@
 """Drive an engine with the workload and turn what happened into contract metrics.
 
 The measured window follows LoadGen's rules: warm-up requests run first, outside it; then at
-least `requests` are measured, and the window goes on issuing requests (up to `max_requests`,
-until `max_duration_s`) while the p99 confidence interval is wider than
-`target_p99_ci_ratio` of p99. Requests already issued when it stops are still served.
+least `requests` are measured, and the window goes on issuing requests (up to `max_requests`)
+while the p99 confidence interval is wider than `target_p99_ci_ratio` of p99. Requests already
+issued when it stops are still served. It ends at once, partial, when its outcome is decided
+(`runners.early_stop`) or it reaches `max_duration_s` (default 120 s).
 """
 
 from __future__ import annotations
@@ -11,16 +12,26 @@ from __future__ import annotations
 import gc
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from runners.compile_watch import CompileWatch
-from runners.contract import InfeasibleConfig
+from runners.contract import DEFAULT_MAX_DURATION_S, InfeasibleConfig
+from runners.early_stop import DEFAULT_MIN_QUEUE, Bound, Decision, EarlyStop, SaturationTest, latency_bounds
 from runners.host_load import HostLoad
 from runners.monitor import ResourceSampler
 from runners.progress_report import report_requests
-from runners.scheduler import Engine, IterationEngine, RealClock, RequestTiming, run_continuous, run_dynamic
+from runners.scheduler import (
+    Clock,
+    Engine,
+    IterationEngine,
+    QueueState,
+    RealClock,
+    RequestTiming,
+    run_continuous,
+    run_dynamic,
+)
 from runners.stats import ci_relative_width, request_latencies_ms, serving_metrics
 from runners.workload import Request, make_requests
 
@@ -36,27 +47,60 @@ class ServeOutcome:
 
 @dataclass
 class WindowRule:
-    """When the measured window may end (LoadGen-style extension)."""
+    """When the measured window may end (LoadGen-style extension, plus early stop).
+
+    It ends normally once `min_requests` are measured (and, with `target_ci_ratio`, the p99 CI
+    is narrow enough); requests already issued are then still served. It ends early, dropping
+    waiting and running requests (`abandon`), when `early` decides the outcome or the window
+    reaches `max_duration_s`; `stopped_early` then holds the decision (a `met` decision of a
+    capacity probe is a normal end and is not `stopped_early`).
+    """
 
     min_requests: int
-    max_duration_s: float = math.inf
+    max_duration_s: float = DEFAULT_MAX_DURATION_S
     target_ci_ratio: float | None = None  # (p99 CI high - low) / p99
     metric: str = "latency"  # ttft | tpot | latency
+    early: EarlyStop | None = None
+    clock: Callable[[], float] = time.perf_counter
     started_at: float = field(default_factory=time.perf_counter)
     reason: str = ""
+    abandon: bool = False
+    stopped_early: dict[str, Any] | None = None
+    decision: Decision | None = None
     _next_check: int = 0
+    _arrived: int | None = None  # requests arrived by the last `observe`
 
     @classmethod
-    def from_workload(cls, workload: dict[str, Any]) -> WindowRule:
+    def from_workload(cls, workload: dict[str, Any], early: EarlyStop | None = None) -> WindowRule:
         target = workload.get("target_p99_ci_ratio")
-        return cls(int(workload["requests"]), float(workload.get("max_duration_s") or math.inf),
-                   None if target is None else float(target), str(workload.get("ci_metric", "latency")))
+        return cls(int(workload["requests"]), float(workload.get("max_duration_s") or DEFAULT_MAX_DURATION_S),
+                   None if target is None else float(target), str(workload.get("ci_metric", "latency")), early)
+
+    def observe(self, state: QueueState) -> None:
+        """The scheduler's queue, just before each `__call__` (early stop reads it)."""
+        self._arrived = state.finished + state.running + len(state.waiting_arrivals())
+        if self.early is not None:
+            self.early.observe(state)
 
     def __call__(self, timings: Sequence[RequestTiming]) -> bool:
         report_requests(len(timings), self.min_requests)  # asked after every batch: live progress
-        if time.perf_counter() - self.started_at >= self.max_duration_s:
+        elapsed = self.clock() - self.started_at
+        if elapsed >= self.max_duration_s:
             self.reason = "max_duration_s reached"
+            self.abandon = True  # a hard length: nothing is served past it
+            if len(timings) < self.min_requests:
+                self._decided(Decision("max_duration_s", {"max_duration_s": self.max_duration_s,
+                                                          "measured_requests": len(timings),
+                                                          "arrived_requests": self._arrived,
+                                                          "requests": self.min_requests}))
             return True
+        if self.early is not None:
+            decision = self.early.decide(timings, elapsed)
+            # Requests of one window are not independent (a queue carries over), so "clearly
+            # met" ends a probe only once its minimum is measured; "clearly broken" may end it at once.
+            if decision is not None and (decision.rule != "met" or len(timings) >= self.min_requests):
+                self._decided(decision)
+                return True
         if len(timings) < self.min_requests:
             return False
         if self.target_ci_ratio is None:
@@ -72,38 +116,55 @@ class WindowRule:
             return True
         return False
 
+    def _decided(self, decision: Decision) -> None:
+        self.decision = decision
+        self.abandon = True
+        self.reason = f"early stop: {decision.rule}"
+        if decision.rule != "met":
+            self.stopped_early = decision.as_dict()
+
 
 def serve(engine: Engine, device: str, workload: dict[str, Any], knobs: dict[str, Any], seed: int,
           slo: dict[str, float], ceilings: Any | None = None, nvml: Any | None = None,
-          sample_resources: bool = True, sample_interval_s: float = 0.025) -> ServeOutcome:
+          sample_resources: bool = True, sample_interval_s: float = 0.025,
+          constraints: Sequence[dict[str, Any]] = (), bounds: Sequence[Bound] | None = None,
+          stop_when_met: bool = False, clock_factory: Callable[[], Clock] = RealClock) -> ServeOutcome:
     """Warm up, then serve the measured requests inside the resource sampler.
 
     `ceilings`: a `runners.ceilings.Ceilings` (default: measured once per device and cached);
     `nvml`: an NVML module for the sampler (tests); `sample_resources=False` turns the NVML
     sampler off (overhead benchmarks; power/energy metrics then absent with that reason).
+    `constraints`: the study's `[{metric, max|min}]`; latency-percentile ones can stop the window
+    early (`runners.early_stop`), as `bounds` do (capacity probes, with `stop_when_met`).
+    `clock_factory`: a new clock per phase (warm-up, window); tests pass a simulated one.
     """
     warmup = int(workload.get("warmup_requests", 0))
-    rule = WindowRule.from_workload(workload)
-    count = max(rule.min_requests, int(workload.get("max_requests") or 0))
+    count = max(int(workload["requests"]), int(workload.get("max_requests") or 0))
+    concurrency = int(workload.get("concurrency", 8)) if workload["arrival"] == "closed" else None
+    early = early_stop_rules(workload, knobs, latency_bounds(constraints) if bounds is None else list(bounds),
+                             count, concurrency is not None, stop_when_met)
+    rule = WindowRule.from_workload(workload, early)
     requests = make_requests(workload, warmup + count, seed)
     measured = _rebase(requests[warmup:])
-    concurrency = int(workload.get("concurrency", 8)) if workload["arrival"] == "closed" else None
     run = _scheduler(engine, knobs)
     ceilings, ceilings_reason = _ceilings(device, ceilings)
     if warmup:
         # Warm-up (allocator, kernels, any compile) runs back to back, outside the window.
         for req in requests[:warmup]:
             req.arrival_s = 0.0
-        run.serve(requests[:warmup], None, None)
+        run.serve(requests[:warmup], None, None, clock_factory())
     before = _counters(run.engine)
     # Garbage of model build and warm-up is collected now, not as a pause inside the window.
     gc.collect()
     with (ResourceSampler(device, sample_interval_s, nvml=nvml, use_nvml=sample_resources) as sampler,
           CompileWatch(run.engine) as compile_watch, HostLoad(device, nvml) as host):
-        t0 = time.perf_counter()
-        rule.started_at = t0
-        timings = run.serve(measured, concurrency, rule)
-        window_s = time.perf_counter() - t0
+        clock = clock_factory()
+        rule.clock, rule.started_at = clock.now, clock.now()
+        timings = run.serve(measured, concurrency, rule, clock)
+        window_s = clock.now() - rule.started_at
+    if not timings:
+        raise InfeasibleConfig(f"no request finished in the measured window ({rule.reason or 'no reason'}); "
+                               f"{_stop_summary(rule.stopped_early)}")
     metrics, unavailable = serving_metrics(timings, slo)
     tokens = float(sum(t.output_tokens for t in timings))
     resources, resources_unavailable = sampler.summary(tokens)
@@ -115,6 +176,11 @@ def serve(engine: Engine, device: str, workload: dict[str, Any], knobs: dict[str
     unavailable.update(efficiency_unavailable)
     info = {"window_s": window_s, "scheduler": run.name, "window_end": rule.reason or "all requests served",
             "issued_requests": count, "engine_work": work, **sampler.info}
+    if rule.stopped_early is not None:
+        # Metrics of a stopped window describe the requests that finished before the stop only.
+        info.update(stopped_early=rule.stopped_early, partial=True, abandoned_requests=count - len(timings))
+    if rule.decision is not None and rule.decision.rule == "met":
+        info["decided"] = rule.decision.as_dict()
     info.update(load_check(timings, metrics, concurrency is not None))
     info["compile_events"] = compile_watch.events  # {} = nothing compiled/captured/autotuned in the window
     if host.busy:
@@ -124,6 +190,25 @@ def serve(engine: Engine, device: str, workload: dict[str, Any], knobs: dict[str
                             "matmul_tflop_s": ceilings.matmul_flops_per_s / 1e12,
                             "device_name": ceilings.device_name, "driver": ceilings.driver}
     return ServeOutcome(timings, sampler.samples, metrics, unavailable, info)
+
+
+def early_stop_rules(workload: dict[str, Any], knobs: dict[str, Any], bounds: list[Bound], count: int,
+                     closed: bool, stop_when_met: bool = False) -> EarlyStop | None:
+    """The window's early-stop rules; None with `early_stop: false` in the workload.
+
+    The queue test needs an open loop (a closed loop's queue is bounded by its concurrency); a
+    dynamic batcher's queue fills to `batch_size` by design, so its minimum is above that.
+    """
+    if not workload.get("early_stop", True):
+        return None
+    saturation = None if closed else SaturationTest(min_queue=max(DEFAULT_MIN_QUEUE, 2 * int(knobs["batch_size"])))
+    return EarlyStop(bounds, saturation, stop_when_met, total_requests=count)
+
+
+def _stop_summary(stopped: dict[str, Any] | None) -> str:
+    if not stopped:
+        return "nothing stopped it early"
+    return f"stopped early by {stopped['rule']}: {stopped['evidence']}"
 
 
 def _rebase(requests: list[Request]) -> list[Request]:
@@ -141,12 +226,12 @@ class _Run:
     engine: Any
     knobs: dict[str, Any]
 
-    def serve(self, requests: list[Request], concurrency: int | None, stop: Any) -> list[RequestTiming]:
+    def serve(self, requests: list[Request], concurrency: int | None, stop: Any, clock: Clock) -> list[RequestTiming]:
         batch_size = int(self.knobs["batch_size"])
         timeout_s = float(self.knobs["batch_timeout_ms"]) / 1e3
         if self.name == "continuous":
-            return run_continuous(requests, self.engine, RealClock(), batch_size, timeout_s, concurrency, stop)
-        return run_dynamic(requests, self.engine, RealClock(), batch_size, timeout_s, concurrency, stop)
+            return run_continuous(requests, self.engine, clock, batch_size, timeout_s, concurrency, stop)
+        return run_dynamic(requests, self.engine, clock, batch_size, timeout_s, concurrency, stop)
 
 
 def _scheduler(engine: Engine, knobs: dict[str, Any]) -> _Run:

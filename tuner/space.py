@@ -15,7 +15,7 @@ from typing import Any
 import optuna
 import yaml
 
-from runners.contract import METRICS
+from runners.contract import DEFAULT_MAX_DURATION_S, METRICS
 from runners.knobs import RUNNER_KNOBS
 
 SAMPLERS = ("auto", "tpe", "nsga2", "gp", "random", "grid")
@@ -32,8 +32,12 @@ WORKLOAD_KEYS = {
     "arrival", "rate_rps", "concurrency", "requests", "warmup_requests", "prompt_tokens",
     "output_tokens", "seed", "burstiness", "trace", "max_duration_s", "target_p99_ci_ratio",
     "max_requests", "shared_prefix_tokens", "shared_prefix_groups", "eval_sequences",
-    "eval_tokens", "train_steps", "warmup_steps", "data_path", "eval_text", "calibration_text",
+    "eval_tokens", "train_steps", "warmup_steps", "data_path", "eval_text", "calibration_text", "ci_metric", "early_stop",
+    "mode", "capacity_min_rps", "capacity_max_rps", "capacity_tolerance", "capacity_probes",
+    "capacity_probe_s",
 }
+CI_METRICS = ("ttft", "tpot", "latency")
+WORKLOAD_MODES = ("window", "capacity")
 PARAM_KEYS = {"type", "low", "high", "step", "log", "choices"}
 SEARCH_KEYS = {"sampler", "trials", "timeout_min", "seed", "trial_timeout_s", "baseline",
                "n_startup_trials", "drift_every"}
@@ -235,6 +239,8 @@ def validate(data: dict[str, Any], source: str, default_study: str) -> Space:
     constraints = _constraints(_get(data, "constraints", list, source, "", []) or [], source)
     search = _search(_get(data, "search", dict, source, "", {}) or {}, source)
     slo = _slo(_get(data, "slo", dict, source, "", {}) or {}, source)
+    if workload.get("mode") == "capacity" and not {"ttft_ms", "tpot_ms"} & set(slo):
+        raise SpaceError(source, "slo", "workload mode: capacity needs ttft_ms and/or tpot_ms (the p99 bounds)")
     if search.sampler == "grid":
         for name, p in params.items():
             if p.type == "float" and p.step is None:
@@ -328,6 +334,7 @@ def _workload(w: dict[str, Any], source: str, runner: str) -> dict[str, Any]:
     for key in ("warmup_requests", "seed", "shared_prefix_tokens", "shared_prefix_groups",
                 "warmup_steps"):
         _positive(w, key, int, source, "workload", None, allow_zero=True)
+    _serving_keys(w, source)
     if arrival == "trace" and "trace" not in w:
         raise SpaceError(source, "workload.trace", "arrival: trace needs a `trace` file path")
     for key in ("prompt_tokens", "output_tokens"):
@@ -353,6 +360,32 @@ def _text_files(workload: dict[str, Any], model: dict[str, Any], source: str) ->
             raise SpaceError(source, f"workload.{key}", "needs a tokenizer: set model.path to a checkpoint "
                              "folder with tokenizer.json or tokenizer_config.json")
         workload[key] = str(path.resolve())
+
+
+def _serving_keys(w: dict[str, Any], source: str) -> None:
+    """The window's CI metric, early stop, and capacity mode (a rate search: Poisson only)."""
+    metric = _get(w, "ci_metric", str, source, "workload", "latency")
+    if metric not in CI_METRICS:
+        raise SpaceError(source, "workload.ci_metric", f"must be one of {list(CI_METRICS)}, got {metric!r}")
+    _get(w, "early_stop", bool, source, "workload", True)
+    mode = _get(w, "mode", str, source, "workload", "window")
+    if mode not in WORKLOAD_MODES:
+        raise SpaceError(source, "workload.mode", f"must be one of {list(WORKLOAD_MODES)}, got {mode!r}")
+    for key in ("capacity_min_rps", "capacity_max_rps", "capacity_tolerance", "capacity_probe_s"):
+        _positive(w, key, float, source, "workload", None)
+    _positive(w, "capacity_probes", int, source, "workload", None)
+    if mode == "capacity" and w.get("arrival", "poisson") not in ("poisson", "constant", "gamma"):
+        raise SpaceError(source, "workload.arrival", "mode: capacity searches an open-loop rate "
+                         f"(poisson, constant or gamma), not {w['arrival']!r}")
+    rate, requests = w.get("rate_rps"), w.get("requests")
+    longest = w.get("max_duration_s", DEFAULT_MAX_DURATION_S)
+    if mode == "window" and rate and requests and w.get("arrival", "poisson") in ("poisson", "constant", "gamma") \
+            and (requests - 1) / rate > longest:
+        raise SpaceError(source, "workload.requests", f"{requests} requests at {rate:g} req/s arrive over "
+                         f"{(requests - 1) / rate:.0f} s, past the window's hard length max_duration_s={longest:g}")
+    low, high = w.get("capacity_min_rps"), w.get("capacity_max_rps")
+    if low is not None and high is not None and low >= high:
+        raise SpaceError(source, "workload.capacity_min_rps", "must be < capacity_max_rps")
 
 
 def _length_dist(value: Any, source: str, where: str) -> Any:

@@ -250,7 +250,7 @@ def trial_config(space: Space, params: dict[str, Any], number: int, artifact_dir
     return TrialConfig(runner=space.runner, model=dict(space.model), device=space.device,
                        workload=dict(space.workload), knobs={**defaults, **knobs}, seed=space.search.seed,
                        artifact_dir=str(artifact_dir.resolve()), trial_number=number, study=space.study,
-                       slo=dict(space.slo))
+                       slo=dict(space.slo), constraints=[_constraint_dict(c) for c in space.constraints])
 
 
 def _worst(direction: str) -> float:
@@ -289,6 +289,14 @@ def tell_outcome(study: optuna.Study, trial: optuna.Trial, space: Space, outcome
         violations.append(violation)
         trial.set_constraint(f"{c.metric}{'<=' + str(c.max) if c.max is not None else ''}"
                              f"{'>=' + str(c.min) if c.min is not None else ''}", violation)
+    stopped = result.info.get("stopped_early") if runnable else None
+    if stopped:
+        # A window stopped once its outcome was decided: measured, but partial, so never on a front.
+        trial.set_user_attr("stopped_early", stopped)
+        trial.set_constraint("stopped_early", 1.0)
+        violations.append(1.0)
+        reason = f"window stopped early: {stopped['rule']}"
+        trial.set_user_attr("infeasible_reason", reason)
     store_constraint_list(study, trial, violations)
     if not runnable or any(v > 0 for v in violations):
         # The measured values stay in `metrics`. Told as the worst, an infeasible trial can never
