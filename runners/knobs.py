@@ -66,8 +66,19 @@ INFER_KNOBS: dict[str, Knob] = {
                   "NVRTC-compiled kernel for all of them (GPU)"),
         Knob("sparsity", 0.0, _NUMBER, help="fraction of linear weights set to zero"),
         Knob("sparsity_kind", "unstructured", str, ("unstructured", "2:4")),
-        Knob("kv_cache", "dynamic", str, ("dynamic", "static", "offloaded", "quantized")),
-        Knob("kv_bits", 4, int, (2, 4, 8)),
+        Knob("engine", "auto", str, ("auto", "fast", "hf"),
+             help="fast: our static-KV engine (CUDA-graph decode; slot pool for scheduler=continuous); hf: "
+                  "transformers' own loop (the untuned baseline); auto: fast wherever the other knobs allow"),
+        Knob("kv_cache", "dynamic", str, ("dynamic", "static", "offloaded", "quantized"),
+             help="fast engine: static (model-dtype slots), quantized (int8 + per-token scales, kv_bits=8), "
+                  "offloaded (preempted sequences park in pinned host memory; continuous, CUDA); "
+                  "dynamic: transformers' DynamicCache (engine hf)"),
+        Knob("kv_bits", 4, int, (2, 4, 8), help="quantized KV: 8 on the fast engine, 2/4 (quanto) on hf"),
+        Knob("kv_slots", 0, int, help="fast engine, continuous: sequences whose KV fits the GPU pool; "
+                                      "0 = batch_size. With kv_cache=offloaded, admitted sequences beyond it "
+                                      "wait preempted in host memory"),
+        Knob("prefill_chunk_tokens", 0, int, help="fast engine, continuous: prefill prompts in chunks of this "
+                                                  "many tokens, interleaved with decode steps; 0 = whole prompt"),
         Knob("prefix_cache", "off", str, ("off", "lru", "lfu")),
         Knob("prefix_cache_mib", 256, _NUMBER),
         Knob("dtype", None, (str, type(None)), (None, "float32", "float16", "bfloat16")),

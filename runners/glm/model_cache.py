@@ -15,6 +15,9 @@ import json
 from collections import OrderedDict
 from typing import Any
 
+# Knobs that change the built model. `engine` enters the key as the resolved kind (fast | hf,
+# the `engine_kind` argument), so auto and fast share a build; kv_cache, kv_bits, kv_slots and
+# prefill_chunk_tokens are properties of the engine's cache, not of the weights.
 MODEL_KNOBS = ("quant_bits", "quant_scheme", "quant_group_size", "quantize_lm_head", "quant_kernel", "sparsity",
                "sparsity_kind", "attn_implementation", "compile", "decode_attention")
 
