@@ -9,16 +9,17 @@ drives it through `join`/`begin`+`advance`/`step`/`leave`):
   moving the last decoding row into it (one device copy of that row's valid positions), so a
   decode step only ever reads a prefix of the pool and no per-step gather is needed (a gather by
   an index tensor would copy every row's whole KV each step).
-- A decode step of n rows runs the batch bucket b = next power of two >= n and the length bucket
-  l = next power of two >= the longest row (>= 256): one CUDA graph per (b, l), captured in
+- A decode step of n rows runs the batch bucket b = next power of two >= n and the shortest
+  length bucket l (`length_buckets`) >= the longest row + 1: one CUDA graph per (b, l), captured in
   `prepare()` on the compiled layer (the same `fast_model.layer_forward` as `FastEngine`, with
   per-row write slots [b, 1]). Rows n..b-1 of a bucket are idle: their position is parked at the
-  scratch slot L-1, which no sequence ever uses (prompt + output <= L - 1 positions... the last
-  token is never written), so the idle rows' writes land there and nothing valid is touched.
+  scratch slot L-1, which no sequence uses (the pool holds prompt + output + 1 positions), so
+  the idle rows' writes land there and nothing valid is touched.
 - Prefill runs in a staging row (the pool's last row, never a decoding row), one request at a
   time, in chunks of `prefill_chunk_tokens` (0: the whole prompt) padded to a width bucket, each
   chunk a captured graph per (width, attend length) bucket. When the prompt is done its first
-  token exists; its KV is copied into row n and it joins the decode batch.
+  token exists; its KV is copied into row n (one device copy of its positions) and it joins the
+  decode batch. Prefill chunks run eagerly inside their graphs (see `_prefill_step`).
 - Prefix cache: a hit copies the cached prefix KV into the staging row and prefill starts after
   it. Misses store their prefix once their prefill is done.
 - `kv_cache: offloaded`: the GPU pool has `gpu_rows` decoding rows and up to `max_sequences`
@@ -62,13 +63,23 @@ def bucket(n: int, minimum: int = 1) -> int:
     return 1 << (n - 1).bit_length()
 
 
+DECODE_LENGTH_STEP = 4  # decode attend lengths: L, L/4, L/16, ... (>= 256)
+
+
 def length_buckets(length: int) -> list[int]:
-    """Decode attend lengths up to the pool's `length`: 256, 512, ... length."""
-    out, size = [], MIN_LENGTH_BUCKET
-    while size < length:
+    """Decode attend lengths of a pool of `length` positions, ascending: L, L/4, L/16, ... >= 256.
+
+    Every length is one more compiled + captured decode graph per batch bucket, and compile time
+    is set-up time (issue 17). A step reads the KV of its whole attend length, so a coarser step
+    reads more padding; but at large batches the longest row sets the bucket and it is nearly
+    always the top one, while at small batches the KV is a small part of the weight bytes. 4x
+    keeps two or three lengths per batch bucket.
+    """
+    out, size = [], length
+    while size >= MIN_LENGTH_BUCKET:
         out.append(size)
-        size *= 2
-    return [*out, length]
+        size //= DECODE_LENGTH_STEP
+    return sorted(out or [length])
 
 
 def chunk_shapes(prompt_len: int, start: int, chunk: int, pool_len: int) -> list[tuple[int, int, int, int]]:
@@ -400,12 +411,18 @@ class SlotEngine:
 
     @torch.inference_mode()
     def _prefill_step(self, s: _PrefillShape) -> None:
-        """One prefill chunk into the staging row; the logits of its last real token."""
+        """One prefill chunk into the staging row; the logits of its last real token.
+
+        The layers run eagerly (captured in a CUDA graph on GPU), not compiled: with W >= 16
+        tokens the matmuls are cuBLAS GEMMs at the matmul rate and the unfused elementwise ops
+        move a few MB, while every (width, attend) bucket compiled would add an Inductor compile
+        to set-up. The head (one position) is the decode step's compiled batch-1 head.
+        """
         assert self.pool is not None
         bias = row_bias(s.pos, s.attend, self.model.dtype)  # [1, 1, 1, W, A]
         ks, vs = self.pool.views(self.pool.rows - 1, 1)
         rope = s.pos.clamp(max=self._rope_max)
-        h = self.model.run_layers(s.ids, rope, s.pos[0], bias, ks, vs, s.attend, self._layer_fn)
+        h = self.model.run_layers(s.ids, rope, s.pos[0], bias, ks, vs, s.attend, self._eager_layer_fn)
         last = h.index_select(1, s.last)  # [1, 1, H]
         logits = self._head_fn(last, self.model.final_norm, self.model.lm_head.weight, self.model.dims.eps)
         self.prefill_logits.copy_(logits)
@@ -494,8 +511,9 @@ class SlotEngine:
         if not self.rows:
             return
         n = len(self.rows)
-        attend = bucket(max(self.lengths) + 1, MIN_LENGTH_BUCKET)
-        assert self.pool is not None and attend <= self.pool.length
+        assert self.pool is not None
+        need = max(self.lengths) + 1  # the step writes at each row's length and attends up to it
+        attend = next(a for a in length_buckets(self.pool.length) if a >= need)
         d = self._decode_for(n, attend)
         self._run(d.graph, lambda: self._decode_step(d))
         self.work.add_forward(n, n, cache_positions=n * attend)
