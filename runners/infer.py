@@ -165,6 +165,8 @@ def _hf_refusal(knobs: dict[str, Any], device: str) -> str:
         return "prefill_chunk_tokens is the fast engine's chunked prefill (use engine=fast, scheduler=continuous)"
     if kv == "offloaded" and not device.startswith("cuda"):
         return "kv_cache=offloaded moves GPU KV to CPU memory: needs a CUDA device"
+    if kv == "quantized" and int(knobs["kv_bits"]) not in (2, 4):
+        return f"kv_cache=quantized in transformers' loop is quanto's 2/4-bit cache, not kv_bits={knobs['kv_bits']}"
     if knobs.get("scheduler", "dynamic") == "continuous" and kv != "dynamic":
         return f"scheduler=continuous in transformers' loop runs on kv_cache=dynamic only, not {kv}"
     return ""
@@ -326,8 +328,9 @@ class GlmInferRunner(Runner):
             prefixes = [shared] if shared and knobs["prefix_cache"] != "off" else []
             engine.prepare(min(rows, batch), max_prompt + max_output, max_prompt, prefixes, max_sequences=batch)
             return
-        longest = max(r.prompt_tokens for r in requests) + max(r.output_tokens for r in requests)
-        engine.prepare(min(int(knobs["batch_size"]), count), longest)
+        # The spec's bounds, not only this draw's: a later window (another rate, more requests)
+        # draws other lengths from the same spec and must not meet a new bucket.
+        engine.prepare(min(int(knobs["batch_size"]), count), max_prompt + max_output)
         engine.prepare(eval_ids.shape[0], eval_ids.shape[1], batches=[eval_ids.shape[0]])
 
     @staticmethod
