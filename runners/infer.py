@@ -40,9 +40,12 @@ def _length_bound(spec: Any, drawn: list[int]) -> int:
     """The longest length a workload's spec allows (its `max`), else the longest drawn."""
     if isinstance(spec, int):
         return spec
-    if isinstance(spec, dict) and spec.get("max") is not None:
-        return int(spec["max"])
-    return max(drawn)
+    bounds = []
+    if isinstance(spec, dict):
+        bounds = [int(spec[k]) for k in ("max",) if spec.get(k) is not None]
+        if spec.get("dist") == "uniform":
+            bounds.append(int(spec["high"]))
+    return min(bounds) if bounds else max(drawn)
 
 
 def eval_set(config: TrialConfig, workload: dict[str, Any], device: str) -> torch.Tensor:
