@@ -146,6 +146,8 @@ def test_chunk_shapes_cover_the_prompt_once():
     assert [(o, w) for o, w, _, _ in shapes] == [(0, 16), (16, 16), (32, 8)]
     assert [(p, a) for _, _, p, a in shapes] == [(16, 256), (16, 256), (16, 256)]
     assert chunk_shapes(10, 12, 0, 256) == [(9, 1, 16, 256)]  # a fully cached prompt still runs its last token
+    assert [(o, w, a) for o, w, _, a in chunk_shapes(2500, 0, 0, 4096)] == [
+        (0, 1024, 1024), (1024, 1024, 2048), (2048, 452, 4096)]  # widest piece: MAX_PREFILL_WIDTH
 
 
 def test_chunked_prefill_equals_whole_prompt_prefill(fast, prompts, alone):
@@ -320,7 +322,8 @@ gpu = pytest.mark.gpu
 def cuda_fast():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    model = build_model(TINY, torch.bfloat16, "cuda:0", seed=0)
+    # float32 (no TF32 by default): batch composition must not flip a greedy token by rounding.
+    model = build_model(TINY, torch.float32, "cuda:0", seed=0)
     return FastEngine(FastGlm(model), "cuda:0", compile_step=True)
 
 
@@ -343,8 +346,7 @@ def test_gpu_graphs_and_compile_keep_each_requests_greedy_tokens_and_capture_not
     run_continuous(requests, Timed(engine, clock), clock, 4, 0.0)
     assert engine.counters()["shape_misses"] == 0
     for rid, tokens in alone.items():
-        # bf16: batch composition changes rounding; the first tokens agree, later a near-tie may flip.
-        assert engine.generated[rid][:2] == tokens[:2], rid
+        assert engine.generated[rid][:len(tokens)] == tokens, rid
     if kv_cache == "offloaded":
         assert engine.counters()["preemptions"] > 0
 

@@ -50,6 +50,10 @@ from runners.workload import Request
 
 MIN_LENGTH_BUCKET = 256  # as FastEngine: shortest attended length of a decode step
 MIN_PREFILL_WIDTH = 16  # narrowest prefill chunk (the prompt is padded up to a power of two)
+# Widest prefill chunk, chunked or not: the prefill attention materialises fp32 scores
+# [Hq, W, A] (2 GB per layer at W = A = 8192 on glm-4-9b), and a captured graph keeps that memory.
+# Longer prompts run in pieces of this width back to back; chunked prefill equals unchunked.
+MAX_PREFILL_WIDTH = 1024
 PREFIX_L2_FACTOR = 4
 POLICIES = ("static", "quantized", "offloaded")
 
@@ -84,11 +88,13 @@ def length_buckets(length: int) -> list[int]:
 
 def chunk_shapes(prompt_len: int, start: int, chunk: int, pool_len: int) -> list[tuple[int, int, int, int]]:
     """(offset, real width, padded width, attend length) of each prefill chunk of a prompt whose
-    first `start` positions are already cached; `chunk` 0 = the rest in one piece."""
+    first `start` positions are already cached; `chunk` 0 = the rest in one piece (of at most
+    MAX_PREFILL_WIDTH tokens)."""
     out = []
     offset = min(start, prompt_len - 1)  # the last prompt token always runs: its logits
+    limit = MAX_PREFILL_WIDTH if chunk <= 0 else min(chunk, MAX_PREFILL_WIDTH)
     while offset < prompt_len:
-        width = prompt_len - offset if chunk <= 0 else min(chunk, prompt_len - offset)
+        width = min(limit, prompt_len - offset)
         padded = bucket(width, MIN_PREFILL_WIDTH)
         attend = min(bucket(offset + padded, MIN_LENGTH_BUCKET), pool_len)
         out.append((offset, width, padded, attend))
