@@ -15,11 +15,12 @@ import json
 from collections import OrderedDict
 from typing import Any
 
-# Knobs that change the built model. `engine` enters the key as the resolved kind (fast | hf,
-# the `engine_kind` argument), so auto and fast share a build; kv_cache, kv_bits, kv_slots and
-# prefill_chunk_tokens are properties of the engine's cache, not of the weights.
+# Knobs that change the built model. The resolved engine kind (fast | hf, the `engine_kind`
+# argument) is keyed too: under `engine: auto` the kv_cache policy picks it (dynamic -> hf).
+# kv_cache, kv_bits, kv_slots and prefill_chunk_tokens are otherwise properties of the engine's
+# cache and scheduler, not of the weights (quality is cached per KV policy in the built model).
 MODEL_KNOBS = ("quant_bits", "quant_scheme", "quant_group_size", "quantize_lm_head", "quant_kernel", "sparsity",
-               "sparsity_kind", "attn_implementation", "compile", "decode_attention")
+               "sparsity_kind", "attn_implementation", "compile", "decode_attention", "engine")
 
 
 def model_key(model_spec: dict[str, Any], dtype: str, device: str, seed: int, knobs: dict[str, Any],

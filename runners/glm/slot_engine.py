@@ -271,6 +271,8 @@ class SlotEngine:
             if self.pool is None or (self.pool.rows, self.pool.length) != (rows, length):
                 self._new_pool(rows, length)
             self.gpu_rows = gpu_rows
+            # MBU counts the KV bytes this pool really stores (int8 codes + scales when quantized).
+            self.work.kv_bytes_per_token = self.pool.bytes_per_token()
             self.max_sequences = max(gpu_rows, int(max_sequences or gpu_rows))
             if self.kv_cache != "offloaded":
                 self.max_sequences = gpu_rows
