@@ -358,3 +358,24 @@ def test_gpu_continuous_trial_compiled_has_no_capture_in_the_window():
     result = GlmInferRunner().run(TrialConfig("glm-infer", TINY, "cuda:0", WORKLOAD, knobs, seed=0))
     assert result.status == "ok" and result.info["compiled"]
     assert result.info["serving"]["engine_work"]["shape_misses"] == 0.0
+
+
+@gpu
+def test_gpu_int8_kv_in_graphs_stays_close_to_model_dtype_kv(cuda_fast):
+    prompts = PromptBank(1024, 0, 0)
+    requests = _requests([0.0] * len(SPECS))[:4]
+    generated, logits = {}, {}
+    for kv in ("static", "quantized"):
+        engine = cuda_fast.slot_engine(kv, 8, 0)
+        engine.begin_trial(prompts, None, "off", 0)
+        engine.prepare(4, 64, 48)
+        engine.record_tokens = True
+        engine.join(requests)
+        logits[kv] = engine.logits[:4].float().clone()
+        for _ in range(7):
+            engine.step()
+        generated[kv] = engine.generated
+        assert engine.counters()["shape_misses"] == 0
+    agree = [generated["quantized"][r.rid][:r.output_tokens] == generated["static"][r.rid][:r.output_tokens]
+             for r in requests]
+    assert sum(agree) >= 3
