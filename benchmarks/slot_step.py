@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from runners.glm import fast_model
 from runners.glm.fast_engine import FastEngine
 from runners.glm.fast_model import FastGlm
 from runners.glm.model import build_model
@@ -114,7 +115,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--prefill", default="64,256,1024")
     parser.add_argument("--json", default="")
     parser.add_argument("--device", default="cuda:0", help="cpu: a smoke run (eager, wall-clock times)")
+    parser.add_argument("--int8-attention", default="reduction", choices=["reduction", "matmul"],
+                        help="fast_model.INT8_DECODE_ATTENTION for the compiled int8-KV decode step")
     args = parser.parse_args(argv)
+    fast_model.INT8_DECODE_ATTENTION = args.int8_attention
     batches = [int(b) for b in args.batches.split(",")]
     prefill = [int(w) for w in args.prefill.split(",") if w]
     device = args.device
@@ -133,7 +137,7 @@ def main(argv: list[str]) -> int:
         print("compile error:", fast.compile_error)
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"preset": args.preset, "prompt": args.prompt, "device": torch.cuda.get_device_name() if cuda else "cpu",
+            json.dump({"preset": args.preset, "prompt": args.prompt, "int8_attention": args.int8_attention, "device": torch.cuda.get_device_name() if cuda else "cpu",
                        "torch": torch.__version__, "rows": rows}, handle, indent=2)
     return 0
 

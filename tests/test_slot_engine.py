@@ -378,3 +378,16 @@ def test_gpu_int8_kv_in_graphs_stays_close_to_model_dtype_kv(cuda_fast):
     agree = [generated["quantized"][r.rid][:r.output_tokens] == generated["static"][r.rid][:r.output_tokens]
              for r in requests]
     assert sum(agree) >= 3
+
+
+def test_compiled_int8_decode_attention_reads_codes_like_the_eager_matmuls():
+    from runners.glm.fast_model import grouped_attention, quantize_kv, row_bias
+
+    torch.manual_seed(0)
+    q = torch.randn(3, 4, 1, 32)
+    k, k_scale = quantize_kv(torch.randn(3, 2, 64, 32), torch.float32)
+    v, v_scale = quantize_kv(torch.randn(3, 2, 64, 32), torch.float32)
+    bias = row_bias(torch.tensor([[5], [40], [63]]), 64, torch.float32)  # rows at their own lengths
+    eager = grouped_attention(q, k, v, bias, 64, k_scale, v_scale)  # cast + matmuls
+    compiled = torch.compile(grouped_attention, fullgraph=True, dynamic=False)(q, k, v, bias, 64, k_scale, v_scale)
+    assert torch.allclose(compiled, eager, atol=1e-5)

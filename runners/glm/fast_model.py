@@ -57,6 +57,8 @@ def grouped_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     kv_heads = k_cache.shape[1]
     k = k_cache[:, :, :attend_len]
     v = v_cache[:, :, :attend_len]
+    if k_scale is not None and seq == 1 and INT8_DECODE_ATTENTION == "reduction" and torch.compiler.is_compiling():
+        return _int8_decode_attention(q, k, v, bias, k_scale[:, :, :attend_len], v_scale[:, :, :attend_len])
     if k_scale is not None:
         k, v = k.to(q.dtype), v.to(q.dtype)
     qg = q.reshape(batch, kv_heads, (heads // kv_heads) * seq, head_dim)  # [B, Hkv, G*S, D]
@@ -70,6 +72,28 @@ def grouped_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         probs = probs * v_scale[:, :, None, :attend_len]
     out = torch.matmul(probs.to(q.dtype), v)  # [B, Hkv, G*S, D]
     return out.view(batch, heads, seq, head_dim)
+
+
+# How a compiled decode step (one new token) attends over int8 K/V. "matmul": cast the codes to
+# the model dtype and run the two batched matmuls (cuBLAS); the cast writes a model-dtype copy of
+# the attended KV first, so a step moves more KV bytes than with model-dtype KV. "reduction": the
+# products written as broadcast multiply + sum, which Inductor fuses into reductions that read the
+# int8 codes directly (CUDA cores, no copy). Eager runs (CPU, compile=false) always use "matmul".
+INT8_DECODE_ATTENTION = "reduction"
+
+
+def _int8_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                           k_scale: torch.Tensor, v_scale: torch.Tensor) -> torch.Tensor:
+    """One query token per row over int8 codes: q [B, Hq, 1, D]; k/v [B, Hkv, L, D] int8;
+    scales [B, Hkv, L]; bias [B, 1, 1, 1, L]. Returns [B, Hq, 1, D]."""
+    batch, heads, _, head_dim = q.shape
+    kv_heads, length = k.shape[1], k.shape[2]
+    qg = q.reshape(batch, kv_heads, heads // kv_heads, head_dim).float()  # [B, Hkv, G, D]
+    scores = (qg[:, :, :, None, :] * k[:, :, None, :, :].float()).sum(-1)  # [B, Hkv, G, L]
+    scores = scores * (k_scale[:, :, None, :].float() * head_dim**-0.5) + bias.view(batch, 1, 1, length)
+    probs = torch.softmax(scores, dim=-1) * v_scale[:, :, None, :].float()  # [B, Hkv, G, L]
+    out = (probs[..., None] * v[:, :, None, :, :].float()).sum(-2)  # [B, Hkv, G, D]
+    return out.to(q.dtype).view(batch, heads, 1, head_dim)
 
 
 # A layer's KV cache: a tensor [B, Hkv, L, D] of the model dtype, or int8 codes and their
