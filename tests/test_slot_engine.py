@@ -16,7 +16,7 @@ from runners.contract import InfeasibleConfig, TrialConfig
 from runners.glm.fast_engine import FastEngine
 from runners.glm.fast_model import FastGlm
 from runners.glm.model import build_model
-from runners.glm.slot_engine import SlotEngine, chunk_shapes
+from runners.glm.slot_engine import SlotEngine, chunk_shapes, prefill_width
 from runners.infer import GlmInferRunner, PromptBank, engine_kind, prefix_length
 from runners.knobs import resolve_knobs
 from runners.scheduler import StepRecord, run_continuous
@@ -145,6 +145,7 @@ def test_chunk_shapes_cover_the_prompt_once():
     shapes = chunk_shapes(40, 0, 16, 256)
     assert [(o, w) for o, w, _, _ in shapes] == [(0, 16), (16, 16), (32, 8)]
     assert [(p, a) for _, _, p, a in shapes] == [(16, 256), (16, 256), (16, 256)]
+    assert [prefill_width(n) for n in (1, 17, 64, 65, 300)] == [16, 32, 64, 128, 320]
     assert chunk_shapes(10, 12, 0, 256) == [(9, 1, 16, 256)]  # a fully cached prompt still runs its last token
     assert [(o, w, a) for o, w, _, a in chunk_shapes(2500, 0, 0, 4096)] == [
         (0, 1024, 1024), (1024, 1024, 2048), (2048, 452, 4096)]  # widest piece: MAX_PREFILL_WIDTH

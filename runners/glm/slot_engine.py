@@ -16,7 +16,8 @@ drives it through `join`/`begin`+`advance`/`step`/`leave`):
   scratch slot L-1, which no sequence uses (the pool holds prompt + output + 1 positions), so
   the idle rows' writes land there and nothing valid is touched.
 - Prefill runs in a staging row (the pool's last row, never a decoding row), one request at a
-  time, in chunks of `prefill_chunk_tokens` (0: the whole prompt) padded to a width bucket, each
+  time, in chunks of `prefill_chunk_tokens` (0: the whole prompt) padded to a width bucket
+  (`prefill_width`), each
   chunk a captured graph per (width, attend length) bucket. When the prompt is done its first
   token exists; its KV is copied into row n (one device copy of its positions) and it joins the
   decode batch. Prefill chunks run eagerly inside their graphs (see `_prefill_step`).
@@ -86,6 +87,18 @@ def length_buckets(length: int) -> list[int]:
     return sorted(out or [length])
 
 
+PREFILL_WIDTH_STEP = 64  # prefill widths above this are padded to a multiple of it
+
+
+def prefill_width(tokens: int) -> int:
+    """Padded width of a prefill piece: 16, 32, 64, then multiples of 64. Prefill pieces run
+    eagerly inside CUDA graphs (no compile per width), so fine widths cost only a capture each,
+    while powers of two would waste up to half of a piece's FLOPs on padding."""
+    if tokens <= PREFILL_WIDTH_STEP:
+        return bucket(tokens, MIN_PREFILL_WIDTH)
+    return -(-tokens // PREFILL_WIDTH_STEP) * PREFILL_WIDTH_STEP
+
+
 def chunk_shapes(prompt_len: int, start: int, chunk: int, pool_len: int) -> list[tuple[int, int, int, int]]:
     """(offset, real width, padded width, attend length) of each prefill chunk of a prompt whose
     first `start` positions are already cached; `chunk` 0 = the rest in one piece (of at most
@@ -95,7 +108,7 @@ def chunk_shapes(prompt_len: int, start: int, chunk: int, pool_len: int) -> list
     limit = MAX_PREFILL_WIDTH if chunk <= 0 else min(chunk, MAX_PREFILL_WIDTH)
     while offset < prompt_len:
         width = min(limit, prompt_len - offset)
-        padded = bucket(width, MIN_PREFILL_WIDTH)
+        padded = prefill_width(width)
         attend = min(bucket(offset + padded, MIN_LENGTH_BUCKET), pool_len)
         out.append((offset, width, padded, attend))
         offset += width
