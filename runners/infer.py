@@ -141,6 +141,8 @@ def _fast_refusal(knobs: dict[str, Any], device: str) -> str:
                 "(on CPU the static-cache engine runs eager with compile=false)")
     if chunk < 0 or int(knobs.get("kv_slots", 0)) < 0:
         return "prefill_chunk_tokens and kv_slots must be >= 0"
+    if int(knobs.get("kv_slots", 0)) and scheduler != "continuous":
+        return "kv_slots sizes the slot pool of scheduler=continuous; scheduler=dynamic holds each whole batch"
     if chunk and scheduler != "continuous":
         return ("prefill_chunk_tokens interleaves prefill chunks with decode steps of scheduler=continuous; "
                 "scheduler=dynamic prefills each batch whole")
