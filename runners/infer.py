@@ -168,6 +168,8 @@ def _hf_refusal(knobs: dict[str, Any], device: str) -> str:
         return f"prefix_cache reuses KV in the static-KV fast engine; kv_cache={kv} has none (use kv_cache=static)"
     if int(knobs.get("prefill_chunk_tokens", 0)):
         return "prefill_chunk_tokens is the fast engine's chunked prefill (use engine=fast, scheduler=continuous)"
+    if int(knobs.get("kv_slots", 0)):
+        return "kv_slots sizes the fast engine's KV slot pool (use engine=fast, scheduler=continuous)"
     if kv == "offloaded" and not device.startswith("cuda"):
         return "kv_cache=offloaded moves GPU KV to CPU memory: needs a CUDA device"
     if kv == "quantized" and int(knobs["kv_bits"]) not in (2, 4):
