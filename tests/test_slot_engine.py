@@ -392,3 +392,25 @@ def test_compiled_int8_decode_attention_reads_codes_like_the_eager_matmuls():
     eager = grouped_attention(q, k, v, bias, 64, k_scale, v_scale)  # cast + matmuls
     compiled = torch.compile(grouped_attention, fullgraph=True, dynamic=False)(q, k, v, bias, 64, k_scale, v_scale)
     assert torch.allclose(compiled, eager, atol=1e-5)
+
+
+@gpu
+def test_gpu_fused_decode_attention_serves_single_rows_through_the_slot_pool():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = build_model(TINY, torch.bfloat16, "cuda:0", seed=0)
+    fast = FastEngine(FastGlm(model), "cuda:0", compile_step=True, fused_attention=True)
+    prompts = PromptBank(1024, 0, 0)
+    fast.begin_trial(prompts, None, "off", 0)
+    requests = _requests([0.0, 1.0, 2.0, 3.0, 4.0, 5.0])
+    alone = {r.rid: torch.cat(list(fast.decode([prompts(r)], r.output_tokens)), 1)[0].tolist() for r in requests}
+    engine = fast.slot_engine("static", 8, 0)
+    engine.begin_trial(prompts, None, "off", 0)
+    engine.prepare(1, 64, 48)  # one row: every decode step is the batch-1 (fused kernel) bucket
+    engine.record_tokens = True
+    clock = FakeClock()
+    run_continuous(requests, Timed(engine, clock), clock, 1, 0.0)
+    assert engine.decode_buckets() == [(1, 256)] and engine.counters()["shape_misses"] == 0
+    for rid, tokens in alone.items():
+        # bf16: the prefill GEMMs differ in width (padded vs exact), so only the first tokens are pinned.
+        assert engine.generated[rid][:2] == tokens[:2], rid
