@@ -285,6 +285,17 @@ def test_every_engine_pairing_selects_an_engine_or_names_the_reason(device):
                                                      "prefill_chunk_tokens": 64})
 
 
+def test_model_key_keeps_the_resolved_engine_kind_and_the_engine_knob():
+    from runners.glm.model_cache import model_key
+
+    auto = resolve_knobs("glm-infer", {})
+    keys = {model_key(TINY, "float32", "cpu", 0, auto, "fast"), model_key(TINY, "float32", "cpu", 0, auto, "hf"),
+            model_key(TINY, "float32", "cpu", 0, {**auto, "engine": "fast"}, "fast")}
+    assert len(keys) == 3
+    assert model_key(TINY, "float32", "cpu", 0, {**auto, "kv_cache": "static", "prefill_chunk_tokens": 64},
+                     "fast") == model_key(TINY, "float32", "cpu", 0, auto, "fast")  # cache knobs share a build
+
+
 def _reason(knobs: dict) -> str:
     with pytest.raises(InfeasibleConfig) as info:
         engine_kind(resolve_knobs("glm-infer", knobs), "cpu")

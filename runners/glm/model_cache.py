@@ -35,7 +35,7 @@ def model_key(model_spec: dict[str, Any], dtype: str, device: str, seed: int, kn
     if not float(relevant["sparsity"] or 0.0):
         relevant["sparsity_kind"] = None
     return json.dumps({"model": model_spec, "dtype": dtype, "device": device, "seed": seed,
-                       "engine": engine_kind, **relevant}, sort_keys=True, default=str)
+                       "engine_kind": engine_kind, **relevant}, sort_keys=True, default=str)
 
 
 class LruCache:
