@@ -16,16 +16,16 @@ drives it through `join`/`begin`+`advance`/`step`/`leave`):
   scratch slot L-1, which no sequence uses (the pool holds prompt + output + 1 positions), so
   the idle rows' writes land there and nothing valid is touched.
 - Prefill runs in a staging row (the pool's last row, never a decoding row), one request at a
-  time, in chunks of `prefill_chunk_tokens` (0: the whole prompt) padded to a width bucket
-  (`prefill_width`), each
-  chunk a captured graph per (width, attend length) bucket. When the prompt is done its first
-  token exists; its KV is copied into row n (one device copy of its positions) and it joins the
-  decode batch. Prefill chunks run eagerly inside their graphs (see `_prefill_step`).
+  time, in chunks of `prefill_chunk_tokens` (0: the whole prompt, in pieces of at most
+  MAX_PREFILL_WIDTH) padded to a width bucket (`prefill_width`), each chunk a captured graph per
+  (width, attend length) bucket, its ops eager inside the graph (see `_prefill_step`). When the
+  prompt is done its first token exists; its KV is copied into row n (one device copy of its
+  positions) and it joins the decode batch.
 - Prefix cache: a hit copies the cached prefix KV into the staging row and prefill starts after
   it. Misses store their prefix once their prefill is done.
 - `kv_cache: offloaded`: the GPU pool has `gpu_rows` decoding rows and up to `max_sequences`
-  sequences are admitted. A prefill finishing with no free row preempts the most recently joined
-  running sequence: its KV goes to pinned host memory; it comes back (FIFO) when a row frees.
+  sequences are admitted. A prefill finishing with no free row preempts the sequence in the last
+  decoding row: its KV goes to pinned host memory; it comes back (FIFO) when a row frees.
   A parked sequence keeps its last token and length, so it resumes with the same tokens.
 - Nothing is compiled or captured in a measured window when `prepare()` saw the trial's shapes;
   any shape met later is captured on the spot and counted in `counters()["shape_misses"]`.
@@ -50,9 +50,9 @@ from runners.scheduler import Clock
 from runners.workload import Request
 
 MIN_LENGTH_BUCKET = 256  # as FastEngine: shortest attended length of a decode step
-MIN_PREFILL_WIDTH = 16  # narrowest prefill chunk (the prompt is padded up to a power of two)
+MIN_PREFILL_WIDTH = 16  # narrowest padded prefill piece
 # Widest prefill chunk, chunked or not: the prefill attention materialises fp32 scores
-# [Hq, W, A] (2 GB per layer at W = A = 8192 on glm-4-9b), and a captured graph keeps that memory.
+# [Hq, W, A] (8.6 GB per layer at W = A = 8192 on glm-4-9b), and a captured graph keeps it.
 # Longer prompts run in pieces of this width back to back; chunked prefill equals unchunked.
 MAX_PREFILL_WIDTH = 1024
 PREFIX_L2_FACTOR = 4
