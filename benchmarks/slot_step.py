@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from runners.glm import fast_model
+from runners.glm import fast_model, slot_engine
 from runners.glm.fast_engine import FastEngine
 from runners.glm.fast_model import FastGlm
 from runners.glm.model import build_model
@@ -117,8 +117,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--device", default="cuda:0", help="cpu: a smoke run (eager, wall-clock times)")
     parser.add_argument("--int8-attention", default="reduction", choices=["reduction", "matmul"],
                         help="fast_model.INT8_DECODE_ATTENTION for the compiled int8-KV decode step")
+    parser.add_argument("--length-step", type=int, default=0, help="slot_engine.DECODE_LENGTH_STEP (0: one length)")
     args = parser.parse_args(argv)
     fast_model.INT8_DECODE_ATTENTION = args.int8_attention
+    slot_engine.DECODE_LENGTH_STEP = args.length_step
     batches = [int(b) for b in args.batches.split(",")]
     prefill = [int(w) for w in args.prefill.split(",") if w]
     device = args.device

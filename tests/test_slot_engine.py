@@ -16,7 +16,7 @@ from runners.contract import InfeasibleConfig, TrialConfig
 from runners.glm.fast_engine import FastEngine
 from runners.glm.fast_model import FastGlm
 from runners.glm.model import build_model
-from runners.glm.slot_engine import SlotEngine, chunk_shapes, prefill_width
+from runners.glm.slot_engine import SlotEngine, chunk_shapes, length_buckets, prefill_width
 from runners.infer import GlmInferRunner, PromptBank, engine_kind, prefix_length
 from runners.knobs import resolve_knobs
 from runners.scheduler import StepRecord, run_continuous
@@ -140,7 +140,34 @@ def test_scheduler_with_arrivals_mid_run_keeps_greedy_tokens_and_known_order(fas
     assert engine.batch == 0
 
 
+def test_decode_length_buckets_follow_the_longest_row(fast, prompts, monkeypatch):
+    from runners.glm import slot_engine
+
+    monkeypatch.setattr(slot_engine, "DECODE_LENGTH_STEP", 4)
+    engine = SlotEngine(fast.model, "cpu", fast._layer_fn, fast._head_fn, fast._eager_layer_fn, fast._head_fn)
+    engine.begin_trial(prompts, None, "off", 0)
+    engine.prepare(2, 600, 300)  # pool of 1024 positions: attend 256 or 1024
+    assert engine.decode_buckets() == [(1, 256), (1, 1024), (2, 256), (2, 1024)]
+    engine.record_tokens = True
+    short, long = Request(0, 0.0, 20, 4), Request(1, 0.0, 300, 4)
+    fast.begin_trial(prompts, None, "off", 0)
+    alone = {r.rid: torch.cat(list(fast.decode([prompts(r)], 4)), 1)[0].tolist() for r in (short, long)}
+    engine.join([short])
+    engine.step()
+    engine.join([long])  # from now on the longest row (300) needs the 1024 bucket
+    for _ in range(3):
+        engine.step()
+    assert engine.counters()["shape_misses"] == 0
+    assert engine.generated[0][:4] == alone[0] and engine.generated[1][:4] == alone[1]
+
+
 # --- chunked prefill ----------------------------------------------------------------------------
+def test_length_buckets_default_to_the_pool_length_and_step_down_when_asked():
+    assert length_buckets(2048) == [2048]
+    assert length_buckets(16384, 4) == [256, 1024, 4096, 16384]
+    assert length_buckets(512, 4) == [512]
+
+
 def test_chunk_shapes_cover_the_prompt_once():
     shapes = chunk_shapes(40, 0, 16, 256)
     assert [(o, w) for o, w, _, _ in shapes] == [(0, 16), (16, 16), (32, 8)]

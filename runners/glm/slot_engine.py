@@ -10,7 +10,8 @@ drives it through `join`/`begin`+`advance`/`step`/`leave`):
   decode step only ever reads a prefix of the pool and no per-step gather is needed (a gather by
   an index tensor would copy every row's whole KV each step).
 - A decode step of n rows runs the batch bucket b = next power of two >= n and the shortest
-  length bucket l (`length_buckets`) >= the longest row + 1: one CUDA graph per (b, l), captured in
+  length bucket l (`length_buckets`; by default the pool's length only) >= the longest row + 1:
+  one CUDA graph per (b, l), captured in
   `prepare()` on the compiled layer (the same `fast_model.layer_forward` as `FastEngine`, with
   per-row write slots [b, 1]). Rows n..b-1 of a bucket are idle: their position is parked at the
   scratch slot L-1, which no sequence uses (the pool holds prompt + output + 1 positions), so
@@ -68,23 +69,26 @@ def bucket(n: int, minimum: int = 1) -> int:
     return 1 << (n - 1).bit_length()
 
 
-DECODE_LENGTH_STEP = 4  # decode attend lengths: L, L/4, L/16, ... (>= 256)
+# Decode attend lengths: 0 = one, the pool's length L; k > 1 = L, L/k, L/k^2, ... (>= 256).
+DECODE_LENGTH_STEP = 0
 
 
-def length_buckets(length: int) -> list[int]:
-    """Decode attend lengths of a pool of `length` positions, ascending: L, L/4, L/16, ... >= 256.
+def length_buckets(length: int, step: int | None = None) -> list[int]:
+    """Decode attend lengths of a pool of `length` positions, ascending (see DECODE_LENGTH_STEP).
 
-    Every length is one more compiled + captured decode graph per batch bucket, and compile time
-    is set-up time (issue 17). A step reads the KV of its whole attend length, so a coarser step
-    reads more padding; but at large batches the longest row sets the bucket and it is nearly
-    always the top one, while at small batches the KV is a small part of the weight bytes. 4x
-    keeps two or three lengths per batch bucket.
+    Each length is one more compiled + captured decode graph per batch bucket, and compile time
+    is set-up time (issue 17: 112 s for one trial's new batch buckets of glm-4-9b). Shorter lengths
+    read less padding KV, but they are chosen by the longest running row: at large batches that
+    is nearly always in the top bucket (lognormal prompts), and at small batches the KV is a few
+    percent of the weight bytes a step reads (glm-4-9b: 40 KB per position, 18 GB of weights).
+    So one length by default; `DECODE_LENGTH_STEP = 4` buys the saving where rows stay short.
     """
-    out, size = [], length
+    step = DECODE_LENGTH_STEP if step is None else step
+    out, size = [length], length // step if step > 1 else 0
     while size >= MIN_LENGTH_BUCKET:
         out.append(size)
-        size //= DECODE_LENGTH_STEP
-    return sorted(out or [length])
+        size //= step
+    return sorted(out)
 
 
 PREFILL_WIDTH_STEP = 64  # prefill widths above this are padded to a multiple of it
