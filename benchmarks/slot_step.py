@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from runners.glm import fast_model, slot_engine
+from runners.glm import fast_model
 from runners.glm.fast_engine import FastEngine
 from runners.glm.fast_model import FastGlm
 from runners.glm.model import build_model
@@ -68,8 +68,9 @@ def fast_step_ms(engine: FastEngine, batch: int, prompt: int) -> float:
     return _event_ms(lambda: engine.step(slot))
 
 
-def slot_rows(fast: FastEngine, kv: str, batches: list[int], prompt: int, prefill: list[int]) -> list[dict[str, Any]]:
-    engine = fast.slot_engine(kv, 8, 0)
+def slot_rows(fast: FastEngine, kv: str, batches: list[int], prompt: int, prefill: list[int],
+              length_step: int = 0) -> list[dict[str, Any]]:
+    engine = fast.slot_engine(kv, 8, 0, length_step)
     bank = {}
     engine.begin_trial(lambda r: bank[r.rid], None, "off", 0)
     longest = max([prompt, *prefill])
@@ -117,10 +118,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--device", default="cuda:0", help="cpu: a smoke run (eager, wall-clock times)")
     parser.add_argument("--int8-attention", default="reduction", choices=["reduction", "matmul"],
                         help="fast_model.INT8_DECODE_ATTENTION for the compiled int8-KV decode step")
-    parser.add_argument("--length-step", type=int, default=0, help="slot_engine.DECODE_LENGTH_STEP (0: one length)")
+    parser.add_argument("--length-step", type=int, default=0, help="the decode_length_step knob (0: one length)")
     args = parser.parse_args(argv)
     fast_model.INT8_DECODE_ATTENTION = args.int8_attention
-    slot_engine.DECODE_LENGTH_STEP = args.length_step
     batches = [int(b) for b in args.batches.split(",")]
     prefill = [int(w) for w in args.prefill.split(",") if w]
     device = args.device
@@ -132,7 +132,7 @@ def main(argv: list[str]) -> int:
         rows.append({"engine": "FastEngine", "batch": batch, "fast_ms": fast_step_ms(fast, batch, args.prompt)})
         print(rows[-1], flush=True)
     for kv in args.kv.split(","):
-        for row in slot_rows(fast, kv, batches, args.prompt, prefill):
+        for row in slot_rows(fast, kv, batches, args.prompt, prefill, args.length_step):
             rows.append(row)
             print(row, flush=True)
     if fast.compile_error:

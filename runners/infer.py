@@ -143,6 +143,9 @@ def _fast_refusal(knobs: dict[str, Any], device: str) -> str:
         return "prefill_chunk_tokens and kv_slots must be >= 0"
     if int(knobs.get("kv_slots", 0)) and scheduler != "continuous":
         return "kv_slots sizes the slot pool of scheduler=continuous; scheduler=dynamic holds each whole batch"
+    if int(knobs.get("decode_length_step", 0)) and scheduler != "continuous" and kv == "static":
+        return ("decode_length_step shapes the slot pool's decode graphs; scheduler=dynamic with kv_cache=static "
+                "runs static batches (FastEngine)")
     if chunk and scheduler != "continuous":
         return ("prefill_chunk_tokens interleaves prefill chunks with decode steps of scheduler=continuous; "
                 "scheduler=dynamic prefills each batch whole")
@@ -168,8 +171,8 @@ def _hf_refusal(knobs: dict[str, Any], device: str) -> str:
         return f"prefix_cache reuses KV in the static-KV fast engine; kv_cache={kv} has none (use kv_cache=static)"
     if int(knobs.get("prefill_chunk_tokens", 0)):
         return "prefill_chunk_tokens is the fast engine's chunked prefill (use engine=fast, scheduler=continuous)"
-    if int(knobs.get("kv_slots", 0)):
-        return "kv_slots sizes the fast engine's KV slot pool (use engine=fast, scheduler=continuous)"
+    if int(knobs.get("kv_slots", 0)) or int(knobs.get("decode_length_step", 0)):
+        return "kv_slots and decode_length_step shape the fast engine's KV slot pool (use engine=fast)"
     if kv == "offloaded" and not device.startswith("cuda"):
         return "kv_cache=offloaded moves GPU KV to CPU memory: needs a CUDA device"
     if kv == "quantized" and int(knobs["kv_bits"]) not in (2, 4):
@@ -312,7 +315,8 @@ class GlmInferRunner(Runner):
             engine: Any = built.fast_engine
             if knobs.get("scheduler", "dynamic") == "continuous" or knobs["kv_cache"] != "static":
                 engine = engine.slot_engine(knobs["kv_cache"], int(knobs["kv_bits"]),
-                                            int(knobs.get("prefill_chunk_tokens", 0)))
+                                            int(knobs.get("prefill_chunk_tokens", 0)),
+                                            int(knobs.get("decode_length_step", 0)))
             engine.begin_trial(prompts, prefix_length(shared), knobs["prefix_cache"], float(knobs["prefix_cache_mib"]))
             return engine
         return HFEngine(built.model, device, knobs["kv_cache"], int(knobs["kv_bits"]), prompts)

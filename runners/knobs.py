@@ -77,6 +77,9 @@ INFER_KNOBS: dict[str, Knob] = {
         Knob("kv_slots", 0, int, help="fast engine, continuous: sequences whose KV fits the GPU pool; "
                                       "0 = batch_size. With kv_cache=offloaded, admitted sequences beyond it "
                                       "wait preempted in host memory"),
+        Knob("decode_length_step", 0, int, (0, 2, 4),
+             help="fast engine, continuous: decode graphs per attend length; 0 = one (the KV pool's length), "
+                  "2 or 4 = L, L/2.. or L/4.. (>= 256): less KV read while rows are short, more graphs to compile"),
         Knob("prefill_chunk_tokens", 0, int, help="fast engine, continuous: prefill prompts in chunks of this "
                                                   "many tokens, interleaved with decode steps; 0 = whole prompt"),
         Knob("prefix_cache", "off", str, ("off", "lru", "lfu")),

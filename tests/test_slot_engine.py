@@ -140,11 +140,9 @@ def test_scheduler_with_arrivals_mid_run_keeps_greedy_tokens_and_known_order(fas
     assert engine.batch == 0
 
 
-def test_decode_length_buckets_follow_the_longest_row(fast, prompts, monkeypatch):
-    from runners.glm import slot_engine
-
-    monkeypatch.setattr(slot_engine, "DECODE_LENGTH_STEP", 4)
-    engine = SlotEngine(fast.model, "cpu", fast._layer_fn, fast._head_fn, fast._eager_layer_fn, fast._head_fn)
+def test_decode_length_buckets_follow_the_longest_row(fast, prompts):
+    engine = SlotEngine(fast.model, "cpu", fast._layer_fn, fast._head_fn, fast._eager_layer_fn, fast._head_fn,
+                        decode_length_step=4)
     engine.begin_trial(prompts, None, "off", 0)
     engine.prepare(2, 600, 300)  # pool of 1024 positions: attend 256 or 1024
     assert engine.decode_buckets() == [(1, 256), (1, 1024), (2, 256), (2, 1024)]

@@ -153,19 +153,20 @@ class FastEngine:
             self._preparing = False
         return time.perf_counter() - start
 
-    def slot_engine(self, kv_cache: str, kv_bits: int, prefill_chunk_tokens: int) -> Any:
+    def slot_engine(self, kv_cache: str, kv_bits: int, prefill_chunk_tokens: int, decode_length_step: int = 0) -> Any:
         """The continuous-batching engine (`runners.glm.slot_engine.SlotEngine`) over this model,
         sharing its compiled layer and head and its CUDA graph memory pool. One is kept: a new
         KV policy or chunk size replaces it (and frees its pool)."""
         from runners.glm.slot_engine import SlotEngine
 
-        key = (kv_cache, int(kv_bits) if kv_cache == "quantized" else 0, int(prefill_chunk_tokens))
+        key = (kv_cache, int(kv_bits) if kv_cache == "quantized" else 0, int(prefill_chunk_tokens),
+               int(decode_length_step))
         if self._slot_engine is None or self._slot_engine_key != key:
             self._slot_engine = None
             self._slot_engine = SlotEngine(self.model, self.device, self._layer_fn, self._head_fn,
                                            self._eager_layer_fn, head_forward, kv_cache, kv_bits,
                                            prefill_chunk_tokens, self.graph_min_batch, self._graph_pool,
-                                           self._compile_failed)
+                                           self._compile_failed, decode_length_step)
             self._slot_engine_key = key
         return self._slot_engine
 

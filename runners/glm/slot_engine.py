@@ -10,7 +10,7 @@ drives it through `join`/`begin`+`advance`/`step`/`leave`):
   decode step only ever reads a prefix of the pool and no per-step gather is needed (a gather by
   an index tensor would copy every row's whole KV each step).
 - A decode step of n rows runs the batch bucket b = next power of two >= n and the shortest
-  length bucket l (`length_buckets`; by default the pool's length only) >= the longest row + 1:
+  length bucket l (`length_buckets`; by default only the pool's length) >= the longest row + 1:
   one CUDA graph per (b, l), captured in
   `prepare()` on the compiled layer (the same `fast_model.layer_forward` as `FastEngine`, with
   per-row write slots [b, 1]). Rows n..b-1 of a bucket are idle: their position is parked at the
@@ -69,21 +69,16 @@ def bucket(n: int, minimum: int = 1) -> int:
     return 1 << (n - 1).bit_length()
 
 
-# Decode attend lengths: 0 = one, the pool's length L; k > 1 = L, L/k, L/k^2, ... (>= 256).
-DECODE_LENGTH_STEP = 0
-
-
-def length_buckets(length: int, step: int | None = None) -> list[int]:
-    """Decode attend lengths of a pool of `length` positions, ascending (see DECODE_LENGTH_STEP).
+def length_buckets(length: int, step: int = 0) -> list[int]:
+    """Decode attend lengths of a pool of `length` positions, ascending: step 0 = one, the pool's
+    length L; step k > 1 = L, L/k, L/k^2, ... (>= 256). The `decode_length_step` knob.
 
     Each length is one more compiled + captured decode graph per batch bucket, and compile time
-    is set-up time (issue 17: 112 s for one trial's new batch buckets of glm-4-9b). Shorter lengths
-    read less padding KV, but they are chosen by the longest running row: at large batches that
-    is nearly always in the top bucket (lognormal prompts), and at small batches the KV is a few
+    is set-up time (issue 17: 112 s for one trial's new batch buckets of glm-4-9b). Shorter
+    lengths read less KV padding per step, but the longest running row picks the length, so at
+    large batches it is mostly the top one or next to it; at small batches the KV is a few
     percent of the weight bytes a step reads (glm-4-9b: 40 KB per position, 18 GB of weights).
-    So one length by default; `DECODE_LENGTH_STEP = 4` buys the saving where rows stay short.
     """
-    step = DECODE_LENGTH_STEP if step is None else step
     out, size = [length], length // step if step > 1 else 0
     while size >= MIN_LENGTH_BUCKET:
         out.append(size)
@@ -204,7 +199,7 @@ class SlotEngine:
                  head_fn: Callable[..., torch.Tensor], eager_layer_fn: Callable[..., torch.Tensor],
                  eager_head_fn: Callable[..., torch.Tensor], kv_cache: str = "static", kv_bits: int = 8,
                  prefill_chunk_tokens: int = 0, graph_min_batch: int = 1, graph_pool: Any = None,
-                 compile_failed: Callable[[BaseException], None] | None = None) -> None:
+                 compile_failed: Callable[[BaseException], None] | None = None, decode_length_step: int = 0) -> None:
         if kv_cache not in POLICIES:
             raise InfeasibleConfig(f"the slot engine keeps kv_cache in {list(POLICIES)}, not {kv_cache!r}")
         if kv_cache == "quantized" and kv_bits != 8:
@@ -215,6 +210,7 @@ class SlotEngine:
         self.kv_cache = kv_cache
         self.prefill_chunk_tokens = int(prefill_chunk_tokens)
         self.chunked = self.prefill_chunk_tokens > 0
+        self.decode_length_step = int(decode_length_step)
         self.use_graphs = device.startswith("cuda")
         self.graph_min_batch = graph_min_batch
         self._graph_pool = graph_pool
@@ -294,7 +290,7 @@ class SlotEngine:
             if self.kv_cache != "offloaded":
                 self.max_sequences = gpu_rows
             for size in [1 << i for i in range(bucket(gpu_rows).bit_length())]:
-                for attend in length_buckets(length):
+                for attend in length_buckets(length, self.decode_length_step):
                     self._decode_for(size, attend)
             for shape in sorted(self.prefill_shapes(max_prompt, prefix_lens)):
                 self._prefill_for(*shape)
@@ -538,7 +534,7 @@ class SlotEngine:
         n = len(self.rows)
         assert self.pool is not None
         need = max(self.lengths) + 1  # the step writes at each row's length and attends up to it
-        attend = next(a for a in length_buckets(self.pool.length) if a >= need)
+        attend = next(a for a in length_buckets(self.pool.length, self.decode_length_step) if a >= need)
         d = self._decode_for(n, attend)
         self._run(d.graph, lambda: self._decode_step(d))
         self.work.add_forward(n, n, cache_positions=n * attend)
