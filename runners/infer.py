@@ -38,6 +38,7 @@ from runners.glm.model_cache import (
     store_reference,
 )
 from runners.glm.quality import Fidelity, calibration_set, eval_batch, fidelity, log_probs, text_source, text_windows
+from runners.glm.slot_engine import SlotEngine
 from runners.knobs import resolve_knobs
 from runners.scheduler import Engine
 from runners.serving import ServeOutcome
@@ -47,6 +48,18 @@ DEFAULT_WORKLOAD: dict[str, Any] = {
     "arrival": "poisson", "rate_rps": 8.0, "requests": 64, "warmup_requests": 4,
     "prompt_tokens": 32, "output_tokens": 16, "eval_sequences": 4, "eval_tokens": 64,
 }
+
+
+def _length_bound(spec: Any, drawn: list[int]) -> int:
+    """The longest length a workload's spec allows (its `max`), else the longest drawn."""
+    if isinstance(spec, int):
+        return spec
+    bounds = []
+    if isinstance(spec, dict):
+        bounds = [int(spec[k]) for k in ("max",) if spec.get(k) is not None]
+        if spec.get("dist") == "uniform":
+            bounds.append(int(spec["high"]))
+    return min(bounds) if bounds else max(drawn)
 
 
 def eval_set(config: TrialConfig, workload: dict[str, Any], device: str) -> torch.Tensor:
@@ -167,28 +180,103 @@ def prefix_length(shared_prefix_tokens: int) -> Callable[[Request], int]:
 
 
 def engine_kind(knobs: dict[str, Any], device: str) -> str:
-    """`fast` (static KV, CUDA-graph decode; compiled with compile=true) or `hf` (transformers'
-    eager loop with its dynamic / offloaded / quantized caches).
+    """The one place that decides which engine runs a trial: `fast` or `hf` (the `engine` knob),
+    or raises InfeasibleConfig naming why the pairing cannot run.
 
-    kv_cache=static always takes the fast path (H200, glm-4-9b, batch 1: 5.0 ms/step compiled,
-    8.4 ms without compile, vs 51 ms in transformers' eager loop; BENCHMARKS.md). The growing,
-    offloaded and quantized caches exist only as transformers Cache objects, which the fast path
-    does not use, so they run eagerly.
+    fast: `FastGlm` with static KV buffers and CUDA-graph decode (H200, glm-4-9b, batch 1: 5.0
+    ms/step compiled, 8.4 ms without compile, vs 51 ms in transformers' eager loop;
+    BENCHMARKS.md). scheduler=dynamic runs `FastEngine.run_batch` (static KV) or the slot pool's
+    `run_batch` (quantized KV); scheduler=continuous runs the slot pool
+    (`runners.glm.slot_engine.SlotEngine`), with every fast KV policy.
+    hf: transformers' own loop (`HFEngine` / `runners.continuous`) with its Cache objects.
+    auto: fast wherever the other knobs allow, else hf.
     """
-    if knobs["kv_cache"] == "static":
-        if knobs["decode_attention"] == "cuda":
-            _check_decode_attention(device)
+    want = knobs.get("engine", "auto")
+    fast_reason = _fast_refusal(knobs, device)
+    if want == "fast":
+        if fast_reason:
+            raise InfeasibleConfig(f"engine=fast: {fast_reason}")
         return "fast"
+    hf_reason = _hf_refusal(knobs, device)
+    if want == "hf":
+        if hf_reason:
+            raise InfeasibleConfig(f"engine=hf: {hf_reason}")
+        return "hf"
+    if want != "auto":
+        raise InfeasibleConfig(f"unknown engine {want!r}")
+    if not fast_reason:
+        return "fast"
+    if not hf_reason:
+        return "hf"
+    raise InfeasibleConfig(f"neither engine runs these knobs: fast engine: {fast_reason}; hf engine: {hf_reason}")
+
+
+def _fast_refusal(knobs: dict[str, Any], device: str) -> str:
+    """Why the fast engine cannot run these knobs on `device` ('' when it can)."""
+    kv, scheduler = knobs["kv_cache"], knobs.get("scheduler", "dynamic")
+    chunk = int(knobs.get("prefill_chunk_tokens", 0))
+    if kv == "dynamic":
+        return "kv_cache=dynamic is transformers' growing DynamicCache, which only engine=hf runs"
+    if kv == "quantized" and int(knobs["kv_bits"]) != 8:
+        return (f"kv_cache=quantized on the fast engine stores int8 codes with per-(token, head) scales: "
+                f"kv_bits=8 only, not {knobs['kv_bits']} (engine=hf has quanto's 2/4-bit cache)")
+    if kv == "offloaded" and scheduler != "continuous":
+        return ("kv_cache=offloaded preempts sequences of the continuous scheduler to host memory; "
+                "scheduler=dynamic runs each batch to completion in the GPU pool (use scheduler=continuous)")
+    if kv == "offloaded" and not device.startswith("cuda"):
+        return "kv_cache=offloaded parks preempted sequences in pinned host memory: needs a CUDA device"
+    if knobs["compile"] and not device.startswith("cuda"):
+        return ("compile=true captures the decode step in CUDA graphs; this device has none "
+                "(on CPU the static-cache engine runs eager with compile=false)")
+    if chunk < 0 or int(knobs.get("kv_slots", 0)) < 0:
+        return "prefill_chunk_tokens and kv_slots must be >= 0"
+    if int(knobs.get("kv_slots", 0)) and scheduler != "continuous":
+        return "kv_slots sizes the slot pool of scheduler=continuous; scheduler=dynamic holds each whole batch"
+    if int(knobs.get("decode_length_step", 0)) and scheduler != "continuous" and kv == "static":
+        return ("decode_length_step shapes the slot pool's decode graphs; scheduler=dynamic with kv_cache=static "
+                "runs static batches (FastEngine)")
+    if chunk and scheduler != "continuous":
+        return ("prefill_chunk_tokens interleaves prefill chunks with decode steps of scheduler=continuous; "
+                "scheduler=dynamic prefills each batch whole")
+    if knobs["decode_attention"] == "cuda":
+        if kv == "quantized":
+            return "decode_attention=cuda reads model-dtype K/V; kv_cache=quantized stores int8 codes"
+        if not device.startswith("cuda"):
+            return "decode_attention=cuda is a CUDA kernel; not on CPU (use decode_attention=torch)"
+        return _decode_attention_error(device)
+    return ""
+
+
+def _hf_refusal(knobs: dict[str, Any], device: str) -> str:
+    """Why transformers' own loop cannot run these knobs ('' when it can)."""
+    kv = knobs["kv_cache"]
     if knobs["decode_attention"] != "torch":
-        raise InfeasibleConfig(f"decode_attention={knobs['decode_attention']} is a kernel of the static-KV fast "
-                               f"engine; kv_cache={knobs['kv_cache']} runs transformers' attention (use kv_cache=static)")
+        return (f"decode_attention={knobs['decode_attention']} is a kernel of the static-KV fast engine; "
+                f"transformers' loop runs its own attention (use engine=fast, kv_cache=static)")
     if knobs["compile"]:
-        raise InfeasibleConfig(f"compile=true compiles the static-KV decode step into CUDA graphs; "
-                               f"kv_cache={knobs['kv_cache']} runs in transformers' eager loop (use kv_cache=static)")
+        return (f"compile=true compiles the static-KV decode step into CUDA graphs; kv_cache={kv} in "
+                f"transformers' loop runs eagerly (use kv_cache=static)")
     if knobs["prefix_cache"] != "off":
-        raise InfeasibleConfig("prefix_cache reuses KV in the static-KV fast engine; "
-                               f"kv_cache={knobs['kv_cache']} has none (use kv_cache=static)")
-    return "hf"
+        return f"prefix_cache reuses KV in the static-KV fast engine; kv_cache={kv} has none (use kv_cache=static)"
+    if int(knobs.get("prefill_chunk_tokens", 0)):
+        return "prefill_chunk_tokens is the fast engine's chunked prefill (use engine=fast, scheduler=continuous)"
+    if int(knobs.get("kv_slots", 0)) or int(knobs.get("decode_length_step", 0)):
+        return "kv_slots and decode_length_step shape the fast engine's KV slot pool (use engine=fast)"
+    if kv == "offloaded" and not device.startswith("cuda"):
+        return "kv_cache=offloaded moves GPU KV to CPU memory: needs a CUDA device"
+    if kv == "quantized" and int(knobs["kv_bits"]) not in (2, 4):
+        return f"kv_cache=quantized in transformers' loop is quanto's 2/4-bit cache, not kv_bits={knobs['kv_bits']}"
+    if knobs.get("scheduler", "dynamic") == "continuous" and kv != "dynamic":
+        return f"scheduler=continuous in transformers' loop runs on kv_cache=dynamic only, not {kv}"
+    return ""
+
+
+def _decode_attention_error(device: str) -> str:
+    try:
+        _check_decode_attention(device)
+    except InfeasibleConfig as exc:
+        return str(exc)
+    return ""
 
 
 def _check_decode_attention(device: str) -> None:
@@ -267,14 +355,14 @@ class GlmInferRunner(Runner):
         text = text_source(config.model, workload)
         info.update(eval_set=text.eval_description, prompts=text.eval_description if text.is_text else "random ids")
         engine = self._engine(built, knobs, device, kind, workload, config.seed, text.eval_ids)
-        compiled_before = engine.compile_s if isinstance(engine, FastEngine) else 0.0
+        compiled_before = engine.compile_s if isinstance(engine, (FastEngine, SlotEngine)) else 0.0
         with clock.phase("compile"):
             progress_report.report_phase("compile")
             self._prepare(engine, knobs, workload, config.seed, eval_ids)
         with clock.phase("quality"):
             progress_report.report_phase("quality")
             quality = self._quality(built, engine, knobs, config, dtype, eval_ids)
-        if isinstance(engine, FastEngine):
+        if isinstance(engine, (FastEngine, SlotEngine)):
             # This trial's compile + capture time (buckets captured by earlier trials are reused).
             info.update(compile_s=engine.compile_s - compiled_before, compiled=engine.compiled,
                         compile_error=engine.compile_error, buckets=sorted(engine.buckets()))
@@ -336,25 +424,41 @@ class GlmInferRunner(Runner):
     @staticmethod
     def _engine(built: BuiltModel, knobs: dict[str, Any], device: str, kind: str,
                 workload: dict[str, Any], seed: int, text: Any = None) -> Engine:
+        """The engine serving this trial: transformers' loop, `FastEngine` (static KV, static
+        batches) or its slot pool (`SlotEngine`: continuous batching, or a non-static KV policy)."""
         shared = int(workload.get("shared_prefix_tokens", 0))
         prompts = PromptBank(built.model.config.vocab_size, seed, shared, text)
         if built.fast_engine is not None:
-            built.fast_engine.begin_trial(prompts, prefix_length(shared), knobs["prefix_cache"],
-                                          float(knobs["prefix_cache_mib"]))
-            return built.fast_engine
+            engine: Any = built.fast_engine
+            if knobs.get("scheduler", "dynamic") == "continuous" or knobs["kv_cache"] != "static":
+                engine = engine.slot_engine(knobs["kv_cache"], int(knobs["kv_bits"]),
+                                            int(knobs.get("prefill_chunk_tokens", 0)),
+                                            int(knobs.get("decode_length_step", 0)))
+            engine.begin_trial(prompts, prefix_length(shared), knobs["prefix_cache"], float(knobs["prefix_cache_mib"]))
+            return engine
         return HFEngine(built.model, device, knobs["kv_cache"], int(knobs["kv_bits"]), prompts)
 
     @staticmethod
     def _prepare(engine: Engine, knobs: dict[str, Any], workload: dict[str, Any], seed: int,
                  eval_ids: Any) -> None:
         """Compile/capture every bucket the trial can hit, before any measured window."""
-        if not isinstance(engine, FastEngine):
+        if not isinstance(engine, (FastEngine, SlotEngine)):
             return
         count = int(workload.get("warmup_requests", 0)) + max(
             int(workload["requests"]), int(workload.get("max_requests") or 0))
         requests = make_requests(workload, count, seed)
-        longest = max(r.prompt_tokens for r in requests) + max(r.output_tokens for r in requests)
-        engine.prepare(min(int(knobs["batch_size"]), count), longest)
+        max_prompt = _length_bound(workload.get("prompt_tokens", 32), [r.prompt_tokens for r in requests])
+        max_output = _length_bound(workload.get("output_tokens", 16), [r.output_tokens for r in requests])
+        if isinstance(engine, SlotEngine):
+            batch = int(knobs["batch_size"])
+            rows = int(knobs.get("kv_slots", 0)) or batch
+            shared = int(workload.get("shared_prefix_tokens", 0))
+            prefixes = [shared] if shared and knobs["prefix_cache"] != "off" else []
+            engine.prepare(min(rows, batch), max_prompt + max_output, max_prompt, prefixes, max_sequences=batch)
+            return
+        # The spec's bounds, not only this draw's: a later window (another rate, more requests)
+        # draws other lengths from the same spec and must not meet a new bucket.
+        engine.prepare(min(int(knobs["batch_size"]), count), max_prompt + max_output)
         engine.prepare(eval_ids.shape[0], eval_ids.shape[1], batches=[eval_ids.shape[0]])
 
     @staticmethod

@@ -69,8 +69,22 @@ INFER_KNOBS: dict[str, Knob] = {
         Knob("sparsity_method", "magnitude", str, ("magnitude", "wanda"),
              help="which weights sparsity removes: smallest |W| per layer (magnitude), or smallest "
                   "|W| * ||x|| per output row with input norms from calibration text (wanda)"),
-        Knob("kv_cache", "dynamic", str, ("dynamic", "static", "offloaded", "quantized")),
-        Knob("kv_bits", 4, int, (2, 4, 8)),
+        Knob("engine", "auto", str, ("auto", "fast", "hf"),
+             help="fast: our static-KV engine (CUDA-graph decode; slot pool for scheduler=continuous); hf: "
+                  "transformers' own loop (the untuned baseline); auto: fast wherever the other knobs allow"),
+        Knob("kv_cache", "dynamic", str, ("dynamic", "static", "offloaded", "quantized"),
+             help="fast engine: static (model-dtype slots), quantized (int8 + per-token scales, kv_bits=8), "
+                  "offloaded (preempted sequences park in pinned host memory; continuous, CUDA); "
+                  "dynamic: transformers' DynamicCache (engine hf)"),
+        Knob("kv_bits", 4, int, (2, 4, 8), help="quantized KV: 8 on the fast engine, 2/4 (quanto) on hf"),
+        Knob("kv_slots", 0, int, help="fast engine, continuous: sequences whose KV fits the GPU pool; "
+                                      "0 = batch_size. With kv_cache=offloaded, admitted sequences beyond it "
+                                      "wait preempted in host memory"),
+        Knob("decode_length_step", 0, int, (0, 2, 4),
+             help="fast engine, continuous: decode graphs per attend length; 0 = one (the KV pool's length), "
+                  "2 or 4 = L, L/2.. or L/4.. (>= 256): less KV read while rows are short, more graphs to compile"),
+        Knob("prefill_chunk_tokens", 0, int, help="fast engine, continuous: prefill prompts in chunks of this "
+                                                  "many tokens, interleaved with decode steps; 0 = whole prompt"),
         Knob("prefix_cache", "off", str, ("off", "lru", "lfu")),
         Knob("prefix_cache_mib", 256, _NUMBER),
         Knob("dtype", None, (str, type(None)), (None, "float32", "float16", "bfloat16")),

@@ -196,13 +196,30 @@ class IterationEngine(Protocol):
         """Prefill `requests` and add them to the running batch; each then has its first token."""
         ...
 
-    def step(self) -> None:
-        """One decode step: every running sequence gains one token."""
+    def step(self) -> Sequence[int] | None:
+        """One decode step: every running sequence gains one token. An engine that may hold
+        some admitted sequences back (preempted, KV offloaded) returns the rids that did gain
+        one; None means all of them."""
         ...
 
     def leave(self, rids: Sequence[int]) -> None:
         """Drop these finished sequences from the running batch."""
         ...
+
+
+class ChunkedPrefillEngine(IterationEngine, Protocol):
+    """An iteration engine whose prefill advances in chunks between decode steps.
+
+    `chunked` says whether it does (a knob); when it does, the scheduler calls `begin` to queue
+    admitted requests and `advance` for one chunk of prefill work, which returns the rids whose
+    prompt is done (they have their first token and decode from the next step on).
+    """
+
+    chunked: bool
+
+    def begin(self, requests: Sequence[Request]) -> None: ...
+
+    def advance(self) -> Sequence[int]: ...
 
 
 @dataclass
@@ -211,7 +228,7 @@ class StepRecord:
     step of the running batch (`rids`), ending at `t_s`."""
 
     t_s: float
-    kind: str  # "join" | "decode"
+    kind: str  # "join" | "decode" | "prefill" (a chunk; rids = the requests it completed)
     rids: tuple[int, ...]
 
 
@@ -242,20 +259,33 @@ def run_continuous(requests: Sequence[Request], engine: IterationEngine, clock: 
     sequences) when `admission_due`; a finished sequence leaves at once, freeing its slot.
     An idle engine waits for arrivals like the dynamic batcher. Loops and `stop` as in
     `run_dynamic`; `steps`, when given, receives every iteration's composition.
+
+    Chunked prefill (`engine.chunked`): admitted requests are queued in the engine (`begin`) and
+    their prefill advances one chunk per iteration, alternating with decode steps of the running
+    batch while both have work, so a long prompt never stalls the running sequences for more
+    than one chunk. A request's first token (TTFT) is when its last chunk ends.
     """
     pending, unsent = _split_closed_loop(requests, clock, concurrency)
+    chunked = bool(getattr(engine, "chunked", False))
     queue: list[Request] = []
+    prefilling: dict[int, tuple[Request, float, int]] = {}  # rid -> (request, start_s, join index)
     running: dict[int, _Running] = {}
     timings: list[RequestTiming] = []
     joins = 0
-    while pending or queue or running:
+    last_was_prefill = False
+    while pending or queue or running or prefilling:
         now = clock.now()
         while pending and pending[0].arrival_s <= now:
             queue.append(pending.pop(0))
-        free = max_batch - len(running)
+        free = max_batch - len(running) - len(prefilling)
         if admission_due(queue, now, free, admission_wait_s):
             batch, queue = queue[:free], queue[free:]
             start_s = clock.now()
+            if chunked:
+                engine.begin(batch)  # type: ignore[attr-defined]
+                prefilling.update({r.rid: (r, start_s, joins) for r in batch})
+                joins += 1
+                continue
             engine.join(batch)
             t = clock.now()
             size = len(running) + len(batch)
@@ -263,23 +293,34 @@ def run_continuous(requests: Sequence[Request], engine: IterationEngine, clock: 
                 running[req.rid] = _Running(req, start_s, t, joins, size)
             joins += 1
             _record(steps, t, "join", batch)
-        elif running:
-            engine.step()
+        elif prefilling and not (running and last_was_prefill):
+            done = engine.advance()  # type: ignore[attr-defined]
             t = clock.now()
-            for state in running.values():
+            last_was_prefill = True
+            size = len(running) + len(done)
+            for rid in done:
+                req, start_s, index = prefilling.pop(rid)
+                running[rid] = _Running(req, start_s, t, index, size)
+            _record(steps, t, "prefill", [running[rid].request for rid in done])
+        elif running:
+            advanced = engine.step()
+            t = clock.now()
+            last_was_prefill = False
+            moved = running.values() if advanced is None else [running[rid] for rid in advanced if rid in running]
+            for state in moved:
                 state.produced += 1
-            _record(steps, t, "decode", [s.request for s in running.values()])
+            _record(steps, t, "decode", [s.request for s in moved])
         else:
             wake = pending[0].arrival_s if pending else math.inf
             if queue:
                 wake = min(wake, queue[0].arrival_s + admission_wait_s)
             clock.sleep_until(wake)
             continue
-        done = [s for s in running.values() if s.produced >= s.request.output_tokens]
-        if not done:
+        done_states = [s for s in running.values() if s.produced >= s.request.output_tokens]
+        if not done_states:
             continue
-        engine.leave([s.request.rid for s in done])
-        for state in done:
+        engine.leave([s.request.rid for s in done_states])
+        for state in done_states:
             del running[state.request.rid]
             req = state.request
             timings.append(RequestTiming(req.rid, req.arrival_s, state.start_s, state.first_token_s, t,

@@ -230,6 +230,8 @@ class _Run:
         batch_size = int(self.knobs["batch_size"])
         timeout_s = float(self.knobs["batch_timeout_ms"]) / 1e3
         if self.name == "continuous":
+            # A slot pool admits at most its `max_sequences` (GPU rows, or more when offloaded).
+            batch_size = min(batch_size, int(getattr(self.engine, "max_sequences", 0) or batch_size))
             return run_continuous(requests, self.engine, clock, batch_size, timeout_s, concurrency, stop)
         return run_dynamic(requests, self.engine, clock, batch_size, timeout_s, concurrency, stop)
 
@@ -244,7 +246,8 @@ def _scheduler(engine: Engine, knobs: dict[str, Any]) -> _Run:
 
 
 def iteration_engine(engine: Any, knobs: dict[str, Any]) -> IterationEngine:
-    """The engine itself when it batches per iteration, else `ContinuousEngine` over its model."""
+    """The engine itself when it batches per iteration (the fast engine's `SlotEngine`), else
+    `ContinuousEngine` over its transformers model (engine=hf)."""
     if all(hasattr(engine, verb) for verb in ("join", "step", "leave")):
         return engine
     model = getattr(engine, "model", None)
@@ -254,7 +257,8 @@ def iteration_engine(engine: Any, knobs: dict[str, Any]) -> IterationEngine:
         raise InfeasibleConfig(f"scheduler=continuous: {type(engine).__name__} cannot add sequences between "
                                "steps and exposes no transformers model to batch per iteration")
     if knobs.get("kv_cache", "dynamic") != "dynamic":
-        raise InfeasibleConfig(f"scheduler=continuous runs on kv_cache=dynamic only, not {knobs['kv_cache']}")
+        raise InfeasibleConfig(f"scheduler=continuous in transformers' loop runs on kv_cache=dynamic only, "
+                               f"not {knobs['kv_cache']} (engine=fast batches every other policy per iteration)")
     from runners.continuous import ContinuousEngine
 
     return ContinuousEngine(engine.model, engine.device, engine.prompt_fn)

@@ -108,6 +108,10 @@ class FastEngine:
         self._slots: dict[tuple[int, int], DecodeSlot] = {}
         self._graph_pool: Any = None
         self.compile_s = 0.0
+        # Buckets compiled/captured outside `prepare()` (inside a window they contaminate it).
+        self.shape_misses = 0
+        self._preparing = False
+        self._slot_engine: Any = None
         self.pad_id = int(model.config.pad_token_id or 0)
         self.work = WorkCounter(model)
         self.begin_trial(lambda r: [], None, "off", 0)
@@ -129,6 +133,7 @@ class FastEngine:
 
     def counters(self) -> dict[str, float]:
         counts = self.work.snapshot()
+        counts["shape_misses"] = float(self.shape_misses)
         if self.prefix_cache is not None:  # serving takes the window's delta of these too
             stats = self.prefix_cache.stats
             counts.update(prefix_lookups=float(stats.lookups), prefix_hits=float(stats.hits_l1 + stats.hits_l2),
@@ -140,9 +145,36 @@ class FastEngine:
         """Compile and capture every batch bucket up to `max_batch` at `max_len`; returns seconds."""
         start = time.perf_counter()
         sizes = batches or [1 << i for i in range(bucket(max_batch).bit_length())]
-        for size in sizes:
-            self._slot_for(size, max_len)
+        self._preparing = True
+        try:
+            for size in sizes:
+                self._slot_for(size, max_len)
+        finally:
+            self._preparing = False
         return time.perf_counter() - start
+
+    def slot_engine(self, kv_cache: str, kv_bits: int, prefill_chunk_tokens: int, decode_length_step: int = 0) -> Any:
+        """The continuous-batching engine (`runners.glm.slot_engine.SlotEngine`) over this model,
+        sharing its compiled layer and head and its CUDA graph memory pool. One is kept: a new
+        KV policy or chunk size replaces it (and frees its pool)."""
+        from runners.glm.slot_engine import SlotEngine
+
+        key = (kv_cache, int(kv_bits) if kv_cache == "quantized" else 0, int(prefill_chunk_tokens),
+               int(decode_length_step))
+        if self._slot_engine is None or self._slot_engine_key != key:
+            self._slot_engine = None
+            self._slot_engine = SlotEngine(self.model, self.device, self._layer_fn, self._head_fn,
+                                           self._eager_layer_fn, head_forward, kv_cache, kv_bits,
+                                           prefill_chunk_tokens, self.graph_min_batch, self._graph_pool,
+                                           self._compile_failed, decode_length_step)
+            self._slot_engine_key = key
+        return self._slot_engine
+
+    def _compile_failed(self, exc: BaseException) -> None:
+        """A compiled step failed to build: record why and run eager from now on."""
+        self.compile_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        self.compiled = False
+        self._layer_fn, self._head_fn = self._eager_layer_fn, head_forward
 
     def buckets(self) -> list[tuple[int, int]]:
         """(batch, length) buckets compiled and captured so far."""
@@ -152,6 +184,8 @@ class FastEngine:
         key = (bucket(batch), bucket(length, MIN_LENGTH_BUCKET))
         slot = self._slots.get(key)
         if slot is None:
+            if not self._preparing:
+                self.shape_misses += 1
             t0 = time.perf_counter()
             slot = self._allocate(*key)
             if self.use_graphs:

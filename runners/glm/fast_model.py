@@ -43,22 +43,103 @@ class Dims:
 
 
 def grouped_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      bias: torch.Tensor, attend_len: int) -> torch.Tensor:
+                      bias: torch.Tensor, attend_len: int, k_scale: torch.Tensor | None = None,
+                      v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """GQA without repeating K/V: each KV head's group of query heads shares one matmul.
 
     q: [B, Hq, S, D]; k_cache/v_cache: [B, Hkv, L, D]; bias: [B, 1, 1, S, attend_len] additive.
     Returns [B, Hq, S, D]. Only the first `attend_len` cache slots are read.
+    `k_scale`/`v_scale` [B, Hkv, L]: the caches hold int8 codes, value = code * scale (per token
+    and head); the scales are folded into the scores and the probabilities, so the codes enter
+    the matmuls only cast, never rescaled element by element.
     """
     batch, heads, seq, head_dim = q.shape
     kv_heads = k_cache.shape[1]
     k = k_cache[:, :, :attend_len]
     v = v_cache[:, :, :attend_len]
+    if k_scale is not None and seq == 1 and INT8_DECODE_ATTENTION == "reduction" and torch.compiler.is_compiling():
+        return _int8_decode_attention(q, k, v, bias, k_scale[:, :, :attend_len], v_scale[:, :, :attend_len])
+    if k_scale is not None:
+        k, v = k.to(q.dtype), v.to(q.dtype)
     qg = q.reshape(batch, kv_heads, (heads // kv_heads) * seq, head_dim)  # [B, Hkv, G*S, D]
     scores = torch.matmul(qg, k.transpose(-1, -2)) * head_dim**-0.5  # [B, Hkv, G*S, L]
+    if k_scale is not None:
+        scores = scores * k_scale[:, :, None, :attend_len]
     scores = scores.view(batch, kv_heads, heads // kv_heads, seq, attend_len) + bias
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    out = torch.matmul(probs.view(batch, kv_heads, -1, attend_len), v)  # [B, Hkv, G*S, D]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    probs = probs.view(batch, kv_heads, -1, attend_len)
+    if v_scale is not None:
+        probs = probs * v_scale[:, :, None, :attend_len]
+    out = torch.matmul(probs.to(q.dtype), v)  # [B, Hkv, G*S, D]
     return out.view(batch, heads, seq, head_dim)
+
+
+# How a compiled decode step (one new token) attends over int8 K/V. "matmul": cast the codes to
+# the model dtype and run the two batched matmuls (cuBLAS); the cast writes a model-dtype copy of
+# the attended KV first, so a step moves more KV bytes than with model-dtype KV. "reduction": the
+# products written as broadcast multiply + sum, which Inductor fuses into reductions that read the
+# int8 codes directly (CUDA cores, no copy). Eager runs (CPU, compile=false) always use "matmul".
+INT8_DECODE_ATTENTION = "reduction"
+
+
+def _int8_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                           k_scale: torch.Tensor, v_scale: torch.Tensor) -> torch.Tensor:
+    """One query token per row over int8 codes: q [B, Hq, 1, D]; k/v [B, Hkv, L, D] int8;
+    scales [B, Hkv, L]; bias [B, 1, 1, 1, L]. Returns [B, Hq, 1, D]."""
+    batch, heads, _, head_dim = q.shape
+    kv_heads, length = k.shape[1], k.shape[2]
+    qg = q.reshape(batch, kv_heads, heads // kv_heads, head_dim).float()  # [B, Hkv, G, D]
+    scores = (qg[:, :, :, None, :] * k[:, :, None, :, :].float()).sum(-1)  # [B, Hkv, G, L]
+    scores = scores * (k_scale[:, :, None, :].float() * head_dim**-0.5) + bias.view(batch, 1, 1, length)
+    probs = torch.softmax(scores, dim=-1) * v_scale[:, :, None, :].float()  # [B, Hkv, G, L]
+    out = (probs[..., None] * v[:, :, None, :, :].float()).sum(-2)  # [B, Hkv, G, D]
+    return out.to(q.dtype).view(batch, heads, 1, head_dim)
+
+
+# A layer's KV cache: a tensor [B, Hkv, L, D] of the model dtype, or int8 codes and their
+# per-(token, head) scales: (codes [B, Hkv, L, D] int8, scales [B, Hkv, L]).
+KvCache = Any
+INT8_MAX = 127.0
+
+
+def quantize_kv(x: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per (token, head): x [..., D] -> codes [..., D] int8, scales [...]."""
+    scale = (x.abs().amax(-1).float() / INT8_MAX).clamp(min=1e-8)
+    codes = torch.round(x.float() / scale[..., None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return codes, scale.to(scale_dtype)
+
+
+def _store(cache: KvCache, x: torch.Tensor, slots: torch.Tensor) -> None:
+    """Write x [B, Hkv, S, D] at `slots`: [S] shared by every row, or [B, S] per row."""
+    if slots.dim() == 1:
+        # Index assignment (index_put_) is what Inductor re-inplaces into the cache buffer;
+        # an out-of-place update would copy the whole cache every step.
+        if isinstance(cache, tuple):
+            codes, scale = quantize_kv(x, cache[1].dtype)
+            cache[0][:, :, slots] = codes
+            cache[1][:, :, slots] = scale
+        else:
+            cache[:, :, slots] = x
+        return
+    # Per-row slots (continuous batching: each row at its own length). Advanced indices on
+    # dims 0 and 2 put their broadcast shape [B, S] first: values are [B, S, Hkv, (D)].
+    rows = torch.arange(x.shape[0], device=slots.device)[:, None]  # [B, 1]
+    if isinstance(cache, tuple):
+        codes, scale = quantize_kv(x, cache[1].dtype)
+        cache[0][rows, :, slots] = codes.transpose(1, 2)
+        cache[1][rows, :, slots] = scale.transpose(1, 2)
+    else:
+        cache[rows, :, slots] = x.transpose(1, 2)
+
+
+def cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, bias: torch.Tensor,
+                    k_cache: KvCache, v_cache: KvCache, attend_len: int) -> torch.Tensor:
+    """Write this step's k/v [B, Hkv, S, D] into the caches at `slots`, then attend: [B, Hq, S, D]."""
+    _store(k_cache, k, slots)
+    _store(v_cache, v, slots)
+    if isinstance(k_cache, tuple):
+        return grouped_attention(q, k_cache[0], v_cache[0], bias, attend_len, k_cache[1], v_cache[1])
+    return grouped_attention(q, k_cache, v_cache, bias, attend_len)
 
 
 def layer_forward(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
@@ -66,7 +147,9 @@ def layer_forward(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: 
                   weights: LayerTensors, dims: Dims, attend_len: int, fused_attention: bool = False) -> torch.Tensor:
     """One GLM decoder layer; writes this step's K/V into the caches at `slots`.
 
-    h: [B, S, H]; cos/sin: [B, S, rotary]; slots: [S] cache positions of the S new tokens.
+    h: [B, S, H]; cos/sin: [B, S, rotary]; slots: [S] cache positions of the S new tokens, the
+    same for every row, or [B, S] per row (the slot engine's rows are at different lengths).
+    k_cache/v_cache: `KvCache` (plain or int8 with scales).
     `fused_attention`: one sequence decoding one token runs bias, rope, cache write and attention
     as one CUDA kernel (`decode_attention`); other shapes and devices, the ops below.
     """
@@ -77,7 +160,7 @@ def layer_forward(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: 
     # becomes Inductor's bandwidth-tuned fused reduction (3.6-4.3 TB/s). `linear` takes the
     # norms and residual adds so the CUDA GEMV can fuse them (elsewhere they are plain ops).
     qkv = linear(h, w_qkv, norm=w_in, eps=dims.eps)
-    if fused_attention and batch == seq == 1 and h.is_cuda:
+    if fused_attention and batch == seq == 1 and h.is_cuda and slots.dim() == 1 and not isinstance(k_cache, tuple):
         attn = decode_attention(qkv, b_qkv, cos, sin, slots, k_cache, v_cache, bias, attend_len, hq, hkv, d)
     else:
         if b_qkv is not None:
@@ -87,11 +170,7 @@ def layer_forward(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: 
         k = k.view(batch, seq, hkv, d).transpose(1, 2)  # [B, Hkv, S, D]
         v = v.view(batch, seq, hkv, d).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        # Index assignment (index_put_) is what Inductor re-inplaces into the cache buffer;
-        # an out-of-place update would copy the whole cache every step.
-        k_cache[:, :, slots] = k
-        v_cache[:, :, slots] = v
-        attn = grouped_attention(q, k_cache, v_cache, bias, attend_len)
+        attn = cache_attention(q, k, v, slots, bias, k_cache, v_cache, attend_len)
         attn = attn.transpose(1, 2).reshape(batch, seq, hq * d)
     if w_post_attn_out is None:
         h = linear(attn, w_o, residual=h)
@@ -204,6 +283,16 @@ def head_forward(h: torch.Tensor, norm_weight: torch.Tensor, head_weight: Any, e
     """Final norm + output projection of the last position: logits [B, V]. A pure function so
     the fast path can compile it like a layer (a quantised lm_head then fuses its dequant)."""
     return linear(h[:, -1], head_weight, norm=norm_weight, eps=eps)
+
+
+def row_bias(positions: torch.Tensor, attend_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask [B, 1, 1, S, attend_len] for rows without padding: key j is visible to a
+    query at absolute position p when j <= p (`positions` [B, S], or [S] shared by the rows)."""
+    keys = torch.arange(attend_len, device=positions.device)
+    pos = positions if positions.dim() == 2 else positions[None]
+    visible = keys[None, None] <= pos[:, :, None]  # [B, S, L]
+    bias = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+    return bias.masked_fill(~visible, torch.finfo(dtype).min)[:, None, None]
 
 
 def attention_bias(query_slots: torch.Tensor, pad_len: torch.Tensor, attend_len: int,

@@ -24,8 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# Knobs that change the built model. The resolved engine kind (fast | hf, the `engine_kind`
+# argument) is keyed too: under `engine: auto` the kv_cache policy picks it (dynamic -> hf).
+# kv_cache, kv_bits, kv_slots and prefill_chunk_tokens are otherwise properties of the engine's
+# cache and scheduler, not of the weights (quality is cached per KV policy in the built model).
 MODEL_KNOBS = ("quant_bits", "quant_scheme", "quant_group_size", "quantize_lm_head", "quant_kernel", "sparsity",
-               "sparsity_kind", "attn_implementation", "compile", "decode_attention", "sparsity_method")
+               "sparsity_kind", "attn_implementation", "compile", "decode_attention", "engine",
+               "sparsity_method")
 
 
 def model_key(model_spec: dict[str, Any], dtype: str, device: str, seed: int, knobs: dict[str, Any],
@@ -40,7 +45,7 @@ def model_key(model_spec: dict[str, Any], dtype: str, device: str, seed: int, kn
     if not float(relevant["sparsity"] or 0.0):
         relevant.update(sparsity_kind=None, sparsity_method=None)
     return json.dumps({"model": model_spec, "dtype": dtype, "device": device, "seed": seed,
-                       "engine": engine_kind, **relevant}, sort_keys=True, default=str)
+                       "engine_kind": engine_kind, **relevant}, sort_keys=True, default=str)
 
 
 class LruCache:

@@ -1,0 +1,452 @@
+"""The fast engine's slot pool (continuous batching) on the tiny preset: every request gets
+exactly the greedy tokens it gets alone, whatever joins and leaves around it; chunked prefill
+equals whole-prompt prefill; int8 KV stays close to model-dtype KV at about half the bytes;
+preempted (offloaded) sequences resume with the same tokens; the prefix cache skips cached
+prefill; the scheduler's chunked-prefill interleaving on a fake engine; every pairing of the
+engine knobs runs or names why not. GPU tests are marked `gpu`."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from runners.contract import InfeasibleConfig, TrialConfig
+from runners.glm.fast_engine import FastEngine
+from runners.glm.fast_model import FastGlm
+from runners.glm.model import build_model
+from runners.glm.slot_engine import SlotEngine, chunk_shapes, length_buckets, prefill_width
+from runners.infer import GlmInferRunner, PromptBank, engine_kind, prefix_length
+from runners.knobs import resolve_knobs
+from runners.scheduler import StepRecord, run_continuous
+from runners.workload import Request
+
+TINY = {"preset": "glm-tiny"}
+SPECS = [(5, 6), (19, 4), (3, 7), (40, 5), (7, 3), (33, 8)]  # (prompt, output) tokens per request
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def now(self) -> float:
+        return self.t
+
+    def sleep_until(self, t: float) -> None:
+        assert math.isfinite(t)
+        self.t = max(self.t, t)
+
+
+class Timed:
+    """An iteration engine whose every call takes one second of a fake clock."""
+
+    def __init__(self, engine: SlotEngine, clock: FakeClock) -> None:
+        self.engine, self.clock = engine, clock
+        self.device, self.chunked = engine.device, engine.chunked
+        self.max_sequences = engine.max_sequences
+
+    def counters(self):
+        return self.engine.counters()
+
+    def _tick(self, result):
+        self.clock.t += 1.0
+        return result
+
+    def join(self, requests):
+        return self._tick(self.engine.join(requests))
+
+    def begin(self, requests):
+        self.engine.begin(requests)
+
+    def advance(self):
+        return self._tick(self.engine.advance())
+
+    def step(self):
+        return self._tick(self.engine.step())
+
+    def leave(self, rids):
+        self.engine.leave(rids)
+
+
+@pytest.fixture(scope="module")
+def fast() -> FastEngine:
+    model = build_model(TINY, torch.float32, "cpu", seed=0)
+    return FastEngine(FastGlm(model), "cpu", compile_step=False)
+
+
+@pytest.fixture(scope="module")
+def prompts() -> PromptBank:
+    return PromptBank(1024, 0, 0)
+
+
+@pytest.fixture(scope="module")
+def alone(fast, prompts) -> dict[int, list[int]]:
+    """Each request's greedy tokens decoded by itself (batch 1, the static-batch engine)."""
+    fast.begin_trial(prompts, None, "off", 0)
+    requests = [Request(i, 0.0, p, o) for i, (p, o) in enumerate(SPECS)]
+    return {r.rid: torch.cat(list(fast.decode([prompts(r)], r.output_tokens)), 1)[0].tolist() for r in requests}
+
+
+def _slots(fast: FastEngine, prompts, kv_cache: str = "static", chunk: int = 0, rows: int = 4,
+           max_sequences: int | None = None, prefix: tuple[int, ...] = ()) -> SlotEngine:
+    engine = SlotEngine(fast.model, "cpu", fast._layer_fn, fast._head_fn, fast._eager_layer_fn, fast._head_fn,
+                        kv_cache, 8, chunk)
+    engine.begin_trial(prompts, prefix_length(prefix[0]) if prefix else None, "lru" if prefix else "off", 64)
+    engine.prepare(rows, 64, 48, prefix, max_sequences=max_sequences)
+    engine.record_tokens = True
+    return engine
+
+
+def _requests(arrivals: list[float]) -> list[Request]:
+    return [Request(i, a, p, o) for i, ((p, o), a) in enumerate(zip(SPECS, arrivals, strict=True))]
+
+
+# --- continuous batching == each request alone ---------------------------------------------------
+def test_joins_and_leaves_in_any_order_give_each_request_its_own_greedy_tokens(fast, prompts, alone):
+    engine = _slots(fast, prompts)
+    r = _requests([0.0] * len(SPECS))
+    joins = {0: r[:2], 1: r[2:4], 4: r[4:5], 6: r[5:]}  # decode step -> requests joining before it
+    left: list[int] = []
+    for step in range(14):
+        if step in joins:
+            engine.join(joins[step])  # rows at different lengths decode together: per-row positions
+        engine.step()
+        done = [rid for rid in engine.rows if len(engine.generated[rid]) >= SPECS[rid][1]]
+        engine.leave(done[::-1])  # first, middle and last rows leave: the last row moves into the hole
+        left += done[::-1]
+    assert left == [1, 3, 0, 4, 2, 5]  # finish order of the outputs above (3 and 0 in one step)
+    for req in r:
+        assert engine.generated[req.rid][:req.output_tokens] == alone[req.rid], req.rid
+    assert engine.counters()["shape_misses"] == 0
+
+
+def test_scheduler_with_arrivals_mid_run_keeps_greedy_tokens_and_known_order(fast, prompts, alone):
+    clock = FakeClock()
+    engine = _slots(fast, prompts, rows=2)
+    steps: list[StepRecord] = []
+    timings = run_continuous(_requests([0.0, 0.5, 0.5, 2.5, 9.0, 9.0]), Timed(engine, clock), clock, 2, 0.0,
+                             steps=steps)
+    assert [(s.t_s, s.kind, s.rids) for s in steps][:6] == [
+        (1.0, "join", (0,)), (2.0, "join", (1,)),  # one free row each time
+        (3.0, "decode", (0, 1)), (4.0, "decode", (0, 1)),
+        (5.0, "decode", (0, 1)),  # request 1 (4 tokens) leaves here
+        (6.0, "join", (2,)),  # request 2 takes the freed row; request 3 still waits
+    ]
+    assert {t.rid for t in timings} == set(range(len(SPECS)))
+    assert max(t.batch_size for t in timings) <= 2
+    for rid, tokens in alone.items():
+        assert engine.generated[rid][:len(tokens)] == tokens, rid
+    assert engine.batch == 0
+
+
+def test_decode_length_buckets_follow_the_longest_row(fast, prompts):
+    engine = SlotEngine(fast.model, "cpu", fast._layer_fn, fast._head_fn, fast._eager_layer_fn, fast._head_fn,
+                        decode_length_step=4)
+    engine.begin_trial(prompts, None, "off", 0)
+    engine.prepare(2, 600, 300)  # pool of 1024 positions: attend 256 or 1024
+    assert engine.decode_buckets() == [(1, 256), (1, 1024), (2, 256), (2, 1024)]
+    engine.record_tokens = True
+    short, long = Request(0, 0.0, 20, 4), Request(1, 0.0, 300, 4)
+    fast.begin_trial(prompts, None, "off", 0)
+    alone = {r.rid: torch.cat(list(fast.decode([prompts(r)], 4)), 1)[0].tolist() for r in (short, long)}
+    engine.join([short])
+    engine.step()
+    engine.join([long])  # from now on the longest row (300) needs the 1024 bucket
+    for _ in range(3):
+        engine.step()
+    assert engine.counters()["shape_misses"] == 0
+    assert engine.generated[0][:4] == alone[0] and engine.generated[1][:4] == alone[1]
+
+
+# --- chunked prefill ----------------------------------------------------------------------------
+def test_length_buckets_default_to_the_pool_length_and_step_down_when_asked():
+    assert length_buckets(2048) == [2048]
+    assert length_buckets(16384, 4) == [256, 1024, 4096, 16384]
+    assert length_buckets(512, 4) == [512]
+
+
+def test_chunk_shapes_cover_the_prompt_once():
+    shapes = chunk_shapes(40, 0, 16, 256)
+    assert [(o, w) for o, w, _, _ in shapes] == [(0, 16), (16, 16), (32, 8)]
+    assert [(p, a) for _, _, p, a in shapes] == [(16, 256), (16, 256), (16, 256)]
+    assert [prefill_width(n) for n in (1, 17, 64, 65, 300)] == [16, 32, 64, 128, 320]
+    assert chunk_shapes(10, 12, 0, 256) == [(9, 1, 16, 256)]  # a fully cached prompt still runs its last token
+    assert [(o, w, a) for o, w, _, a in chunk_shapes(2500, 0, 0, 4096)] == [
+        (0, 1024, 1024), (1024, 1024, 2048), (2048, 452, 4096)]  # widest piece: MAX_PREFILL_WIDTH
+
+
+def test_chunked_prefill_equals_whole_prompt_prefill(fast, prompts, alone):
+    whole, chunked = _slots(fast, prompts), _slots(fast, prompts, chunk=8)
+    req = _requests([0.0] * len(SPECS))[3]  # 40 prompt tokens: 5 chunks of 8
+    whole.join([req])
+    chunked.begin([req])
+    done = [chunked.advance() for _ in range(5)]
+    assert done == [[], [], [], [], [3]]  # it joins when its last chunk is done
+    assert torch.allclose(chunked.prefill_logits, whole.prefill_logits, atol=1e-4)
+    for _ in range(req.output_tokens - 1):
+        whole.step()
+        chunked.step()
+    assert torch.allclose(chunked.logits[:1], whole.logits[:1], atol=1e-4)
+    assert chunked.generated[3] == whole.generated[3] == alone[3]
+
+
+def test_scheduler_interleaves_prefill_chunks_with_decode_steps(fast, prompts, alone):
+    clock = FakeClock()
+    engine = _slots(fast, prompts, chunk=16)
+    steps: list[StepRecord] = []
+    requests = [Request(0, 0.0, 5, 6), Request(3, 0.5, 40, 5)]  # request 3's prompt: 3 chunks
+    timings = {t.rid: t for t in run_continuous(requests, Timed(engine, clock), clock, 4, 0.0, steps=steps)}
+    kinds = [(s.t_s, s.kind, s.rids) for s in steps]
+    assert kinds[:8] == [
+        (1.0, "prefill", (0,)),  # one chunk: request 0 joins
+        (2.0, "decode", (0,)),  # request 3 arrived: decode steps of the running batch...
+        (3.0, "prefill", ()),  # ...alternate with its chunks
+        (4.0, "decode", (0,)),
+        (5.0, "prefill", ()),
+        (6.0, "decode", (0,)),
+        (7.0, "prefill", (3,)),  # last chunk: its first token (TTFT) is here
+        (8.0, "decode", (0, 3)),
+    ]
+    assert timings[3].first_token_s == 7.0
+    assert engine.generated[3] == alone[3] and engine.generated[0] == alone[0]
+
+
+# --- KV policies --------------------------------------------------------------------------------
+def test_int8_kv_is_close_to_model_dtype_kv_at_about_half_the_bytes(fast, prompts):
+    static, quantized = _slots(fast, prompts), _slots(fast, prompts, kv_cache="quantized")
+    ids = torch.randint(3, 1024, (3, 40), generator=torch.Generator().manual_seed(0))
+    ref = static.teacher_forced_log_probs(ids, 20)
+    got = quantized.teacher_forced_log_probs(ids, 20)
+    kl = torch.nn.functional.kl_div(got, ref, log_target=True, reduction="none").sum(-1).mean()
+    assert 0 < kl < 1e-3
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.95
+    head_dim = fast.model.dims.head_dim
+    # int8 codes + one model-dtype scale per (token, head) vs head_dim model-dtype values.
+    element = fast.model.dtype.itemsize
+    expected = (head_dim + element) / (head_dim * element)
+    assert quantized.pool.bytes_per_token() / static.pool.bytes_per_token() == pytest.approx(expected)
+    bf16_ratio = (128 + 2) / (128 * 2)  # glm-4-9b's head_dim in bf16: half the bytes, plus 1.6 %
+    assert bf16_ratio < 0.51
+
+
+def test_quantized_kv_serves_greedy_tokens_close_to_alone(fast, prompts, alone):
+    engine = _slots(fast, prompts, kv_cache="quantized")
+    engine.join(_requests([0.0] * len(SPECS))[:4])
+    for _ in range(7):
+        engine.step()
+    agree = [engine.generated[rid][:len(alone[rid])] == alone[rid] for rid in range(4)]
+    assert sum(agree) >= 3  # int8 KV may flip a near-tie, not the whole stream
+
+
+def test_offloaded_preemption_resumes_with_identical_tokens(fast, prompts, alone):
+    engine = _slots(fast, prompts, kv_cache="offloaded", rows=2, max_sequences=4)
+    clock = FakeClock()
+    timings = run_continuous(_requests([0.0, 0.0, 1.5, 1.5, 2.5, 2.5]), Timed(engine, clock), clock, 4, 0.0)
+    assert engine.counters()["preemptions"] > 0
+    assert {t.rid for t in timings} == set(range(len(SPECS)))
+    for rid, tokens in alone.items():
+        assert engine.generated[rid][:len(tokens)] == tokens, rid
+
+
+def test_prefix_cache_hit_prefills_only_the_rest(fast):
+    prompts = PromptBank(1024, 0, 12)  # group members share their first 12 tokens
+    engine = _slots(fast, prompts, prefix=(12,))
+    first, second = Request(0, 0.0, 30, 4, prefix_group=0), Request(1, 0.0, 20, 4, prefix_group=0)
+    engine.join([first])
+    flops_first = engine.counters()["flops"]
+    engine.join([second])
+    stats = engine.prefix_cache.stats
+    assert (stats.lookups, stats.hits_l1, stats.tokens_reused) == (2, 1, 12)
+    assert engine.counters()["flops"] - flops_first == pytest.approx(flops_first * 8 / 30)  # 20 - 12 tokens
+    for _ in range(3):
+        engine.step()
+    plain = _slots(fast, prompts)
+    plain.join([first, second])
+    for _ in range(3):
+        plain.step()
+    assert engine.generated == plain.generated
+
+
+def test_run_batch_on_the_pool_matches_alone(fast, prompts, alone):
+    engine = _slots(fast, prompts, kv_cache="quantized")
+    requests = _requests([0.0] * len(SPECS))[:3]
+    times = engine.run_batch(requests, FakeClock())
+    assert len(times) == max(r.output_tokens for r in requests)
+    assert engine.batch == 0
+
+
+# --- every pairing runs or says why ---------------------------------------------------------------
+PAIRS = [(e, s, kv, c, p) for e in ("auto", "fast", "hf") for s in ("dynamic", "continuous")
+         for kv in ("dynamic", "static", "quantized", "offloaded") for c in (False, True) for p in ("off", "lru")]
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda:0"])
+def test_every_engine_pairing_selects_an_engine_or_names_the_reason(device):
+    kinds = {}
+    for e, s, kv, c, p in PAIRS:
+        knobs = resolve_knobs("glm-infer", {"engine": e, "scheduler": s, "kv_cache": kv, "compile": c,
+                                            "prefix_cache": p, "kv_bits": 8})
+        try:
+            kinds[(e, s, kv, c, p)] = engine_kind(knobs, device)
+        except InfeasibleConfig as exc:
+            assert len(str(exc)) > 30, (e, s, kv, c, p)
+            kinds[(e, s, kv, c, p)] = str(exc)
+    on_gpu = device.startswith("cuda")
+    assert kinds[("fast", "continuous", "static", on_gpu, "lru")] == "fast"
+    assert kinds[("auto", "continuous", "quantized", False, "off")] == "fast"
+    assert kinds[("hf", "dynamic", "static", False, "off")] == "hf"
+    assert kinds[("auto", "dynamic", "dynamic", False, "off")] == "hf"
+    assert "only engine=hf" in kinds[("fast", "dynamic", "dynamic", False, "off")]
+    assert "kv_cache=dynamic only" in kinds[("hf", "continuous", "static", False, "off")]
+    assert "scheduler=continuous" in kinds[("fast", "dynamic", "offloaded", False, "off")]
+    offloaded = kinds[("fast", "continuous", "offloaded", False, "off")]
+    assert (offloaded == "fast") if on_gpu else ("CUDA" in offloaded)
+    if not on_gpu:
+        assert "CUDA graphs" in kinds[("fast", "dynamic", "static", True, "off")]
+    assert "kv_bits=8 only" in _reason({"engine": "fast", "kv_cache": "quantized", "kv_bits": 4})
+    assert engine_kind(resolve_knobs("glm-infer", {"kv_cache": "quantized", "kv_bits": 4}), device) == "hf"
+    assert "scheduler=dynamic prefills" in _reason({"engine": "fast", "kv_cache": "static",
+                                                     "prefill_chunk_tokens": 64})
+
+
+def test_model_key_keeps_the_resolved_engine_kind_and_the_engine_knob():
+    from runners.glm.model_cache import model_key
+
+    auto = resolve_knobs("glm-infer", {})
+    keys = {model_key(TINY, "float32", "cpu", 0, auto, "fast"), model_key(TINY, "float32", "cpu", 0, auto, "hf"),
+            model_key(TINY, "float32", "cpu", 0, {**auto, "engine": "fast"}, "fast")}
+    assert len(keys) == 3
+    assert model_key(TINY, "float32", "cpu", 0, {**auto, "kv_cache": "static", "prefill_chunk_tokens": 64},
+                     "fast") == model_key(TINY, "float32", "cpu", 0, auto, "fast")  # cache knobs share a build
+
+
+def _reason(knobs: dict) -> str:
+    with pytest.raises(InfeasibleConfig) as info:
+        engine_kind(resolve_knobs("glm-infer", knobs), "cpu")
+    return str(info.value)
+
+
+WORKLOAD = {"arrival": "poisson", "rate_rps": 200.0, "requests": 6, "warmup_requests": 1,
+            "prompt_tokens": {"dist": "uniform", "low": 4, "high": 40, "max": 40},
+            "output_tokens": {"dist": "uniform", "low": 1, "high": 6, "max": 6}, "eval_sequences": 2,
+            "eval_tokens": 16, "shared_prefix_tokens": 8, "shared_prefix_groups": 2}
+
+
+@pytest.mark.parametrize("knobs", [
+    {"scheduler": "continuous", "kv_cache": "static"},
+    {"scheduler": "continuous", "kv_cache": "static", "prefill_chunk_tokens": 16, "prefix_cache": "lru"},
+    {"scheduler": "continuous", "kv_cache": "quantized", "kv_bits": 8},
+    {"scheduler": "dynamic", "kv_cache": "quantized", "kv_bits": 8},
+    {"scheduler": "dynamic", "kv_cache": "static", "engine": "hf"},
+], ids=lambda k: ",".join(f"{n}={v}" for n, v in k.items()))
+def test_engine_pairings_run_a_trial_with_nothing_captured_in_the_window(knobs):
+    config = TrialConfig("glm-infer", TINY, "cpu", WORKLOAD, {"batch_size": 3, **knobs}, seed=0)
+    result = GlmInferRunner().run(config)
+    assert result.status == "ok" and result.metrics["throughput_tok_s"] > 0
+    assert result.info["engine"] == ("hf" if knobs.get("engine") == "hf" else "fast")
+    work = result.info["serving"]["engine_work"]
+    assert work.get("shape_misses", 0.0) == 0.0  # prepare() saw every shape of the trial
+    if knobs.get("prefix_cache") == "lru":
+        assert result.metrics["prefix_hit_rate"] > 0
+
+
+# --- GPU --------------------------------------------------------------------------------------------
+gpu = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def cuda_fast():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    # float32 (no TF32 by default): batch composition must not flip a greedy token by rounding.
+    model = build_model(TINY, torch.float32, "cuda:0", seed=0)
+    return FastEngine(FastGlm(model), "cuda:0", compile_step=True)
+
+
+@gpu
+@pytest.mark.parametrize("chunk", [0, 16])
+@pytest.mark.parametrize("kv_cache", ["static", "offloaded"])
+def test_gpu_graphs_and_compile_keep_each_requests_greedy_tokens_and_capture_nothing_late(cuda_fast, kv_cache,
+                                                                                           chunk):
+    prompts = PromptBank(1024, 0, 0)
+    cuda_fast.begin_trial(prompts, None, "off", 0)
+    requests = _requests([0.0, 0.0, 1.5, 1.5, 2.5, 2.5])
+    alone = {r.rid: torch.cat(list(cuda_fast.decode([prompts(r)], r.output_tokens)), 1)[0].tolist()
+             for r in requests}
+    engine = cuda_fast.slot_engine(kv_cache, 8, chunk)
+    engine.begin_trial(prompts, None, "off", 0)
+    engine.prepare(2 if kv_cache == "offloaded" else 4, 64, 48, max_sequences=4)
+    engine.record_tokens = True
+    assert engine.decode_buckets() and all(d.graph is not None for d in engine._decode.values())
+    clock = FakeClock()
+    run_continuous(requests, Timed(engine, clock), clock, 4, 0.0)
+    assert engine.counters()["shape_misses"] == 0
+    for rid, tokens in alone.items():
+        assert engine.generated[rid][:len(tokens)] == tokens, rid
+    if kv_cache == "offloaded":
+        assert engine.counters()["preemptions"] > 0
+
+
+@gpu
+def test_gpu_continuous_trial_compiled_has_no_capture_in_the_window():
+    knobs = {"scheduler": "continuous", "kv_cache": "static", "compile": True, "batch_size": 4,
+             "prefill_chunk_tokens": 16, "prefix_cache": "lru"}
+    result = GlmInferRunner().run(TrialConfig("glm-infer", TINY, "cuda:0", WORKLOAD, knobs, seed=0))
+    assert result.status == "ok" and result.info["compiled"]
+    assert result.info["serving"]["engine_work"]["shape_misses"] == 0.0
+
+
+@gpu
+def test_gpu_int8_kv_in_graphs_stays_close_to_model_dtype_kv(cuda_fast):
+    prompts = PromptBank(1024, 0, 0)
+    requests = _requests([0.0] * len(SPECS))[:4]
+    generated = {}
+    for kv in ("static", "quantized"):
+        engine = cuda_fast.slot_engine(kv, 8, 0)
+        engine.begin_trial(prompts, None, "off", 0)
+        engine.prepare(4, 64, 48)
+        engine.record_tokens = True
+        engine.join(requests)
+        for _ in range(7):
+            engine.step()
+        generated[kv] = engine.generated
+        assert engine.counters()["shape_misses"] == 0
+    agree = [generated["quantized"][r.rid][:r.output_tokens] == generated["static"][r.rid][:r.output_tokens]
+             for r in requests]
+    assert sum(agree) >= 3
+
+
+def test_compiled_int8_decode_attention_reads_codes_like_the_eager_matmuls():
+    from runners.glm.fast_model import grouped_attention, quantize_kv, row_bias
+
+    torch.manual_seed(0)
+    q = torch.randn(3, 4, 1, 32)
+    k, k_scale = quantize_kv(torch.randn(3, 2, 64, 32), torch.float32)
+    v, v_scale = quantize_kv(torch.randn(3, 2, 64, 32), torch.float32)
+    bias = row_bias(torch.tensor([[5], [40], [63]]), 64, torch.float32)  # rows at their own lengths
+    eager = grouped_attention(q, k, v, bias, 64, k_scale, v_scale)  # cast + matmuls
+    compiled = torch.compile(grouped_attention, fullgraph=True, dynamic=False)(q, k, v, bias, 64, k_scale, v_scale)
+    assert torch.allclose(compiled, eager, atol=1e-5)
+
+
+@gpu
+def test_gpu_fused_decode_attention_serves_single_rows_through_the_slot_pool():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = build_model(TINY, torch.bfloat16, "cuda:0", seed=0)
+    fast = FastEngine(FastGlm(model), "cuda:0", compile_step=True, fused_attention=True)
+    prompts = PromptBank(1024, 0, 0)
+    fast.begin_trial(prompts, None, "off", 0)
+    requests = _requests([0.0, 1.0, 2.0, 3.0, 4.0, 5.0])
+    alone = {r.rid: torch.cat(list(fast.decode([prompts(r)], r.output_tokens)), 1)[0].tolist() for r in requests}
+    engine = fast.slot_engine("static", 8, 0)
+    engine.begin_trial(prompts, None, "off", 0)
+    engine.prepare(1, 64, 48)  # one row: every decode step is the batch-1 (fused kernel) bucket
+    engine.record_tokens = True
+    clock = FakeClock()
+    run_continuous(requests, Timed(engine, clock), clock, 1, 0.0)
+    assert engine.decode_buckets() == [(1, 256)] and engine.counters()["shape_misses"] == 0
+    for rid, tokens in alone.items():
+        # bf16: the prefill GEMMs differ in width (padded vs exact), so only the first tokens are pinned.
+        assert engine.generated[rid][:2] == tokens[:2], rid
