@@ -16,8 +16,9 @@ the difference of every compile-event counter the process exposes:
   entries in their per-key config caches. Triton keeps no global event counter, so autotuning
   of other Triton kernels is not observable here; Inductor's own Triton kernels are covered by
   the Inductor counters above.
-- CUDA graph captures: the engine's `counters()["graph_captures"]` (the fast engine counts its
-  captures under this key); an engine without that key captures nothing we can see.
+- CUDA graph captures: the engine's `counters()["shape_misses"]`, the shapes the fast engines
+  (`FastEngine`, `SlotEngine`) compiled and captured outside `prepare()`; an engine without that
+  key captures nothing we can see.
 
 Only modules already imported are read: watching never imports torch's compiler or Triton.
 """
@@ -29,8 +30,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-# The engine counter a CUDA-graph-capturing engine increments once per captured graph.
-GRAPH_CAPTURES = "graph_captures"
+# The engine counter a CUDA-graph-capturing engine increments once per shape it had to compile
+# and capture outside its set-up (`prepare`).
+GRAPH_CAPTURES = "shape_misses"
 
 # (counter group, key) in torch._dynamo.utils.counters -> our event name.
 _TORCH_COUNTERS: dict[tuple[str, str], str] = {

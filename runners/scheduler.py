@@ -336,9 +336,12 @@ def run_continuous(requests: Sequence[Request], engine: IterationEngine, clock: 
             if abandons(stop):
                 pending.clear()
                 queue.clear()
-                if running:
-                    engine.leave(list(running))
-                    running.clear()
+                # A stopped window finishes nothing: running and half-prefilled requests leave.
+                gone = [*running, *prefilling]
+                if gone:
+                    engine.leave(gone)
+                running.clear()
+                prefilling.clear()
     return timings
 
 
