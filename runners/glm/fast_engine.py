@@ -105,6 +105,8 @@ class FastEngine:
             options = inductor_options or None
             self._layer_fn = torch.compile(self._eager_layer_fn, fullgraph=True, dynamic=False, options=options)
             self._head_fn = torch.compile(head_forward, fullgraph=True, dynamic=False, options=options)
+        self._inductor_options = inductor_options or None
+        self._batched_fns: tuple[LayerFn, Callable[..., torch.Tensor]] | None = None
         self._slots: dict[tuple[int, int], DecodeSlot] = {}
         self._graph_pool: Any = None
         self.compile_s = 0.0
@@ -166,9 +168,28 @@ class FastEngine:
             self._slot_engine = SlotEngine(self.model, self.device, self._layer_fn, self._head_fn,
                                            self._eager_layer_fn, head_forward, kv_cache, kv_bits,
                                            prefill_chunk_tokens, self.graph_min_batch, self._graph_pool,
-                                           self._compile_failed, decode_length_step)
+                                           self._compile_failed, decode_length_step, self.batched_fns())
             self._slot_engine_key = key
         return self._slot_engine
+
+    def batched_fns(self) -> tuple[LayerFn, Callable[..., torch.Tensor]] | None:
+        """Layer and head compiled once with dynamic shapes, for the slot pool's multi-row decode.
+
+        Compiled per (batch, length) bucket, as the batch-1 path is, a 9B model's continuous
+        engine spends 20-30 s of set-up per bucket (H200: 6 batch buckets took minutes). With
+        more than one row the projections are cuBLAS GEMMs whatever the compile mode, so one
+        graph with symbolic batch and attend length serves every multi-row bucket; each bucket
+        is still captured in its own CUDA graph. Batch 1 keeps its shape-specialised compile:
+        there the matmuls become Inductor's bandwidth-tuned reductions (the roofline path).
+        None when not compiled."""
+        if not self.compiled:
+            return None
+        if self._batched_fns is None:
+            options = self._inductor_options
+            self._batched_fns = (
+                torch.compile(self._eager_layer_fn, fullgraph=True, dynamic=True, options=options),
+                torch.compile(head_forward, fullgraph=True, dynamic=True, options=options))
+        return self._batched_fns
 
     def _compile_failed(self, exc: BaseException) -> None:
         """A compiled step failed to build: record why and run eager from now on."""

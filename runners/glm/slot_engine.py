@@ -199,7 +199,8 @@ class SlotEngine:
                  head_fn: Callable[..., torch.Tensor], eager_layer_fn: Callable[..., torch.Tensor],
                  eager_head_fn: Callable[..., torch.Tensor], kv_cache: str = "static", kv_bits: int = 8,
                  prefill_chunk_tokens: int = 0, graph_min_batch: int = 1, graph_pool: Any = None,
-                 compile_failed: Callable[[BaseException], None] | None = None, decode_length_step: int = 0) -> None:
+                 compile_failed: Callable[[BaseException], None] | None = None, decode_length_step: int = 0,
+                 batched_fns: tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]] | None = None) -> None:
         if kv_cache not in POLICIES:
             raise InfeasibleConfig(f"the slot engine keeps kv_cache in {list(POLICIES)}, not {kv_cache!r}")
         if kv_cache == "quantized" and kv_bits != 8:
@@ -216,6 +217,8 @@ class SlotEngine:
         self._graph_pool = graph_pool
         self._layer_fn, self._head_fn = layer_fn, head_fn
         self._eager_layer_fn, self._eager_head_fn = eager_layer_fn, eager_head_fn
+        # Multi-row decode steps: one dynamic-shape compile for every bucket (FastEngine.batched_fns).
+        self._batched_fns = batched_fns
         self._on_compile_failed = compile_failed
         self.compile_error = ""
         self.pad_id = int(model.config.pad_token_id or 0)
@@ -378,20 +381,14 @@ class SlotEngine:
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         try:
-            try:
-                with torch.cuda.stream(stream):
-                    for _ in range(2):
-                        fn()
-            except Exception as exc:  # noqa: BLE001 - compile failed: fall back to eager, say why
-                if self._layer_fn is self._eager_layer_fn:
-                    raise
-                self.compile_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
-                if self._on_compile_failed is not None:
-                    self._on_compile_failed(exc)
-                self._layer_fn, self._head_fn = self._eager_layer_fn, self._eager_head_fn
-                with torch.cuda.stream(stream):
-                    for _ in range(2):
-                        fn()
+            while True:
+                try:
+                    with torch.cuda.stream(stream):
+                        for _ in range(2):
+                            fn()
+                    break
+                except Exception as exc:  # noqa: BLE001 - compile failed: fall back a step, say why
+                    self._compile_fallback(exc)
             torch.cuda.current_stream(self.device).wait_stream(stream)
             if not capture:
                 return None
@@ -410,6 +407,22 @@ class SlotEngine:
             self.tok.copy_(saved[0])
             self.pos.copy_(saved[1])
 
+    def _compile_fallback(self, exc: BaseException) -> None:
+        """A compiled step failed to build. The dynamic-shape multi-row compile falls back to
+        per-bucket compiles; a failing per-bucket compile to eager (recorded, and the owner told);
+        an eager step that fails is the config's failure (re-raised)."""
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        if self._batched_fns is not None:
+            self.compile_error = f"dynamic-shape decode compile failed, compiling per bucket: {reason}"
+            self._batched_fns = None
+            return
+        if self._layer_fn is self._eager_layer_fn:
+            raise exc
+        self.compile_error = reason
+        if self._on_compile_failed is not None:
+            self._on_compile_failed(exc)
+        self._layer_fn, self._head_fn = self._eager_layer_fn, self._eager_head_fn
+
     # --- the device steps (what the graphs hold) ----------------------------------------------
     @torch.inference_mode()
     def _decode_step(self, d: _Decode) -> None:
@@ -423,8 +436,10 @@ class SlotEngine:
         bias = row_bias(pos[:, None], d.length, self.model.dtype)  # [b, 1, 1, 1, l]
         ks, vs = self.pool.views(0, b)
         rope = pos.clamp(max=self._rope_max)[:, None]
-        h = self.model.run_layers(self.tok[:b], rope, slots, bias, ks, vs, d.length, self._layer_fn)
-        logits = self._head_fn(h, self.model.final_norm, self.model.lm_head.weight, self.model.dims.eps)
+        layer_fn, head_fn = (self._layer_fn, self._head_fn) if b == 1 or self._batched_fns is None \
+            else self._batched_fns
+        h = self.model.run_layers(self.tok[:b], rope, slots, bias, ks, vs, d.length, layer_fn)
+        logits = head_fn(h, self.model.final_norm, self.model.lm_head.weight, self.model.dims.eps)
         self.logits[:b].copy_(logits)
         self.tok[:b].copy_(logits.argmax(-1, keepdim=True))
         # Idle rows stay on the scratch slot; a live row never reaches it.
