@@ -237,7 +237,9 @@ def test_stopped_trial_is_complete_infeasible_and_never_on_the_front(tmp_path):
         result = TrialResult("ok", {"throughput_tok_s": throughput, "ttft_p99_ms": 500.0}, info=info)
         tell_outcome(study, trial, space, LaunchOutcome("ok", result))
     fast, slow = study.trials
-    assert fast.state == TrialState.COMPLETE and fast.values == [900.0]  # the partial value is kept
+    # Told the worst value (an infeasible trial never ranks as best anywhere); the partial value is kept.
+    assert fast.state == TrialState.COMPLETE and fast.values == [float("-inf")]
+    assert fast.user_attrs["metrics"]["throughput_tok_s"] == 900.0
     assert fast.user_attrs["stopped_early"] == stopped
     assert fast.user_attrs["infeasible_reason"] == "window stopped early: constraint"
     assert fast.constraints["stopped_early"] == 1.0 and "stopped_early" not in slow.constraints
