@@ -7,6 +7,7 @@ one line and exit code 2 before anything (study, output folder) is created.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -38,6 +39,9 @@ PARAM_KEYS = {"type", "low", "high", "step", "log", "choices"}
 SEARCH_KEYS = {"sampler", "trials", "timeout_min", "seed", "trial_timeout_s", "baseline",
                "n_startup_trials"}
 SLO_METRICS = {"ttft_ms", "tpot_ms", "latency_ms"}
+# A study name is also a folder name (runs/<study>/) and a storage key.
+STUDY_NAME_MAX = 100
+_STUDY_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
 class SpaceError(ValueError):
@@ -221,8 +225,10 @@ def validate(data: dict[str, Any], source: str, default_study: str) -> Space:
     if runner not in RUNNER_KNOBS:
         raise SpaceError(source, "runner", f"must be one of {sorted(RUNNER_KNOBS)}, got {runner!r}")
     study = _get(data, "study", str, source, "", default_study)
-    if not study.strip():
-        raise SpaceError(source, "study", "must not be empty")
+    problem = study_name_problem(study)
+    if problem:
+        hint = "" if "study" in data else " (the file's stem; set `study:` or pass --study)"
+        raise SpaceError(source, "study", problem + hint)
     device = _get(data, "device", str, source, "", "auto")
     _check_device(device, source)
     model = _model(_get(data, "model", dict, source, "", {"preset": "glm-tiny"}), source)
@@ -240,6 +246,17 @@ def validate(data: dict[str, Any], source: str, default_study: str) -> Space:
     description = _get(data, "description", str, source, "", "")
     return Space(source, study, runner, model, device, workload, params, fixed, objectives,
                  constraints, search, slo, description, raw=data)
+
+
+def study_name_problem(name: str) -> str | None:
+    """Why `name` cannot name a study (it becomes a folder name), or None."""
+    if not name:
+        return "must not be empty"
+    if len(name) > STUDY_NAME_MAX:
+        return f"longer than {STUDY_NAME_MAX} characters"
+    if not _STUDY_NAME.fullmatch(name) or name in (".", ".."):
+        return f"{name!r} is not a name: use letters, digits and . _ - only (not . or ..)"
+    return None
 
 
 def _no_unknown(data: dict[str, Any], allowed: set[str], source: str, prefix: str) -> None:

@@ -26,6 +26,7 @@ from runners.contract import TrialConfig
 from runners.knobs import RUNNER_KNOBS
 from tuner.errors import UsageError
 from tuner.launcher import LaunchOutcome, ProcessLauncher, WarmLauncher
+from tuner.paths import inside
 from tuner.progress import Progress
 from tuner.space import Space, apply_overrides, grid_values, validate
 from tuner.storage import heartbeat_interval
@@ -332,8 +333,11 @@ def run_study(space: Space, storage: optuna.storages.BaseStorage, options: RunOp
                 time.sleep(WAIT_POLL_S)
                 continue
             waiting = False
-            _one_trial(study, storage, trial, space, options, launcher, progress, budget)
+            fatal = _one_trial(study, storage, trial, space, options, launcher, progress, budget)
             ran += 1
+            if fatal:  # the trial's files could not be written (read-only or full disk): stop cleanly
+                progress.say(f"stopping: {fatal}")
+                break
     finally:
         launcher.close()
     pareto = _pareto_size(study)
@@ -401,8 +405,9 @@ def _pareto_size(study: optuna.Study) -> int:
 
 
 def _one_trial(study: optuna.Study, storage: optuna.storages.BaseStorage, trial: optuna.Trial, space: Space,
-               options: RunOptions, launcher: Any, progress: Progress, budget: int) -> None:
-    artifact_dir = options.out_dir / f"trial_{trial.number:05d}"
+               options: RunOptions, launcher: Any, progress: Progress, budget: int) -> str:
+    """Run and record one trial; returns the reason when the study must stop, else ""."""
+    artifact_dir = inside(options.out_dir, f"trial_{trial.number:05d}")
     config = trial_config(space, trial.params, trial.number, artifact_dir)
     trial.set_user_attr("config", _plain(config))
     trial.set_user_attr("artifact_dir", config.artifact_dir)
@@ -422,10 +427,11 @@ def _one_trial(study: optuna.Study, storage: optuna.storages.BaseStorage, trial:
         # This worker was silent past the grace period (suspended, network cut): another worker
         # failed the trial and queued a retry, which will produce the result instead.
         progress.say(f"trial {trial.number} was failed as stale by another worker; its result is dropped")
-        return
+        return ""
     frozen = study.trials[trial.number]
     progress.trial_done(study, frozen, counted_trials(study), outcome.state, detail,
                         [o.metric for o in space.objectives], outcome.wall_s)
+    return outcome.reason if outcome.fatal else ""
 
 
 def _plain(config: TrialConfig) -> dict[str, Any]:
