@@ -44,7 +44,7 @@ def out_dir_problem(path: Path) -> str | None:
         try:
             mode = existing.stat().st_mode
             break
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             if existing.parent == existing:
                 return "no existing parent folder"
             existing = existing.parent

@@ -84,7 +84,7 @@ def check_storage(url: str, must_exist: bool = False) -> None:
 def _file_problem(path: Path, must_exist: bool) -> str | None:
     try:
         mode = path.stat().st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         if must_exist:
             return "no such file (run a study first)"
         return out_dir_problem(path.parent if str(path.parent) else Path("."))
