@@ -242,7 +242,10 @@ def _read_text(path: Path, source: str) -> str:
         info = os.fstat(handle.fileno())
         if not stat.S_ISREG(info.st_mode):
             raise SpaceError(source, "", "not a regular file")
-        data = handle.read(MAX_FILE_BYTES + 1)
+        try:
+            data = handle.read(MAX_FILE_BYTES + 1)
+        except OSError as exc:
+            raise SpaceError(source, "", f"cannot read file ({exc.strerror})") from None
     if len(data) > MAX_FILE_BYTES:
         raise SpaceError(source, "", f"larger than {MAX_FILE_BYTES // 1024} KiB; a space file is a few lines")
     try:
@@ -336,7 +339,9 @@ def validate(data: dict[str, Any], source: str, default_study: str) -> Space:
     """The checked Space of a file's data; SpaceError naming the key for anything unusable."""
     try:
         return _validate(data, source, default_study)
-    except (TypeError, KeyError, AttributeError, IndexError, OverflowError, RecursionError) as exc:
+    except SpaceError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, OverflowError, RecursionError) as exc:
         # A combination no check above foresaw: still one line and exit 2, never a traceback.
         raise SpaceError(source, "", f"cannot be validated ({type(exc).__name__}: {exc})") from None
 
