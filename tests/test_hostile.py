@@ -92,6 +92,8 @@ def test_storages_and_folders_that_cannot_work_are_refused_up_front(in_tmp, caps
              ("--storage", str(in_tmp), "not a regular file"),
              ("--storage", str(in_tmp / "a_file" / "j.journal"), "not a folder"),
              ("--storage", "postgresql://u@host:notaport/db", "malformed URL"),
+             ("--storage", str(in_tmp / "a_file"), "not an Optuna journal"),  # never "repaired" (cut)
+             ("--storage", f"sqlite:///{in_tmp / 'a_file'}", "not an SQLite database"),
              ("--out", "/dev/full", "not a folder"), ("--out", str(in_tmp / "a_file" / "sub"), "not a folder"),
              ("--out", str(in_tmp / ("n" * 300)), "longer than 255")]
     missing = _missing_pg_driver()
@@ -102,6 +104,7 @@ def test_storages_and_folders_that_cannot_work_are_refused_up_front(in_tmp, caps
         err = capsys.readouterr().err
         assert why in err and err.count("\n") == 1 and "secret" not in err, (flag, value, err)
     assert _created(in_tmp, {"s.yaml", "fifo.journal", "a_file"}) == []
+    assert (in_tmp / "a_file").read_text() == "x"
     assert main(["report", "--study", "x", "--storage", str(fifo)]) == 2  # a reader does not hang either
 
 

@@ -76,9 +76,22 @@ def check_storage(url: str, must_exist: bool = False) -> None:
     if path is None or not str(path).strip():
         raise UsageError(f"--storage {url}: no file named (an in-memory database would lose the study; "
                          f"give sqlite:///FILE.db or a journal file path)")
-    problem = _file_problem(path, must_exist)
+    problem = _file_problem(path, must_exist) or (_content_problem(path, kind) if path.exists() else None)
     if problem:
         raise UsageError(f"--storage {url}: {problem}")
+
+
+def _content_problem(path: Path, kind: str) -> str | None:
+    """An existing file must be what the URL says (a torn-tail repair must never cut another file)."""
+    with path.open("rb") as handle:
+        head = handle.read(_TAIL_CHUNK)
+    if not head:
+        return None
+    if kind == "sqlite":
+        return None if head.startswith(b"SQLite format 3\x00") else "not an SQLite database"
+    first, newline, _ = head.partition(b"\n")
+    looks = _is_record(first) and b'"op_code"' in first if newline else first.startswith(b'{"op_code"')
+    return None if looks else "not an Optuna journal file"
 
 
 def _file_problem(path: Path, must_exist: bool) -> str | None:
