@@ -182,9 +182,12 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
     seen: set[Any] = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
-        if not isinstance(key, str):
+        try:
+            hash(key)
+        except TypeError:  # `[a, b]: 1`; other non-string keys are refused by `check_plain`, by key
             raise yaml.constructor.ConstructorError(
-                None, None, f"keys must be strings, got {type(key).__name__} {_short(key)}", key_node.start_mark)
+                None, None, f"keys must be strings, got {type(key).__name__} {_short(key)}",
+                key_node.start_mark) from None
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r}", key_node.start_mark
