@@ -124,7 +124,7 @@ def test_the_cli_resumes_a_torn_journal(in_tmp):
     whole = journal.read_bytes()
     done = _complete(journal)
     body, last = whole[:-1].rsplit(b"\n", 1)
-    for n, cut in enumerate((1, len(last) // 2, len(last))):
+    for cut in (1, len(last) // 2, len(last)):
         journal.write_bytes(body + b"\n" + last[:cut])
         run = subprocess.run([*command, "--trials", "4"], timeout=120, capture_output=True, text=True)
         assert run.returncode == 0, run.stderr
