@@ -445,9 +445,10 @@ def run_kills(seed: int, kills: int, trials: int) -> dict[str, Any]:
     for i in range(kills):
         tuner = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                  stderr=subprocess.DEVNULL, start_new_session=True)
-        moment = rng.choice(["child_start", "child_start", "random"])
+        moment = rng.choice(["child_start", "child_start", "child_start", "random", "random_long"])
         seen: list[int] = []
-        deadline = time.monotonic() + (60 if moment == "child_start" else rng.uniform(0.2, 12.0))
+        wait_s = {"child_start": 60.0, "random": rng.uniform(0.2, 12.0), "random_long": rng.uniform(15.0, 60.0)}
+        deadline = time.monotonic() + wait_s[moment]  # long waits let trials complete between kills
         while time.monotonic() < deadline and tuner.poll() is None:
             seen = _children_of(tuner.pid) or seen
             if moment == "child_start" and seen:

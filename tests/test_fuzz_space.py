@@ -106,10 +106,10 @@ def _where(path: tuple[Any, ...]) -> str:
     return out
 
 
-def _nested(depth: int) -> Any:
+def _nested(depth: int, lists_only: bool = False) -> Any:
     value: Any = 1
     for i in range(depth):
-        value = [value] if i % 2 else {"k": value}
+        value = [value] if i % 2 or lists_only else {"k": value}
     return value
 
 
@@ -118,6 +118,7 @@ NEVER_MEANT = st.one_of(
     st.sampled_from([math.nan, math.inf, -math.inf, 1e30, -1e30, 10**40, -(10**40), datetime.date(2026, 1, 1),
                      b"\x00bytes", {1: "int key"}, "nul\x00char"]),
     st.integers(min_value=schema.MAX_DEPTH + 1, max_value=40).map(_nested),
+    st.integers(min_value=schema.MAX_DEPTH + 1, max_value=2000).map(lambda d: _nested(d, lists_only=True)),
     st.floats(min_value=1e13, max_value=1e300), st.integers(min_value=10**13, max_value=10**60),
 )
 

@@ -218,5 +218,12 @@ def test_a_write_failure_mid_study_fails_the_trial_and_stops(in_tmp):
     assert run.returncode == 1 and "Traceback" not in run.stderr
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     trials = optuna.load_study(study_name="orphans", storage=open_storage(str(in_tmp / "j.journal"))).trials
-    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL]
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]
     assert "cannot write the trial's files" in trials[1].user_attrs["fail_reason"]
+    # Once the disk is fixed, the same command finishes the budget; the failed write used none of it.
+    (out / "trial_00001").unlink()
+    again = subprocess.run(run.args, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    trials = optuna.load_study(study_name="orphans", storage=open_storage(str(in_tmp / "j.journal"))).trials
+    assert [t.state for t in trials].count(TrialState.COMPLETE) == 3
+    assert trials[2].params == trials[1].params  # the failed trial's config ran again

@@ -290,24 +290,24 @@ def check_plain(data: Any, source: str) -> None:
     Runs first, so the checks after it meet only the kinds of values JSON can hold.
     """
     budget = [MAX_VALUES]
-    _walk(data, (), source, budget)
+    _walk(data, (), 0, source, budget)
 
 
-def _walk(value: Any, path: tuple[str, ...], source: str, budget: list[int]) -> None:
+def _walk(value: Any, path: tuple[str, ...], depth: int, source: str, budget: list[int]) -> None:
     where = _where(path)
     budget[0] -= 1
     if budget[0] < 0:
         raise SpaceError(source, where, f"more than {MAX_VALUES} values (YAML aliases expanded): not a space file")
-    if len(path) > MAX_DEPTH:
+    if depth > MAX_DEPTH:
         raise SpaceError(source, where, f"nested deeper than {MAX_DEPTH} levels")
     if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str):
                 raise SpaceError(source, where, f"keys must be strings, got {type(key).__name__} {_short(key)}")
-            _walk(item, (*path, key), source, budget)
+            _walk(item, (*path, key), depth + 1, source, budget)
     elif isinstance(value, list):
         for i, item in enumerate(value):
-            _walk(item, (*path[:-1], f"{path[-1]}[{i}]") if path else (f"[{i}]",), source, budget)
+            _walk(item, (*path[:-1], f"{path[-1]}[{i}]") if path else (f"[{i}]",), depth + 1, source, budget)
     elif value is None:
         if not _null_ok(path):
             raise SpaceError(source, where, "must not be null (leave the key out for its default)")

@@ -421,6 +421,9 @@ def _one_trial(study: optuna.Study, storage: optuna.storages.BaseStorage, trial:
         study.tell(trial, state=TrialState.FAIL)
         _requeue(study, study.trials[trial.number])
         raise
+    if outcome.fatal:
+        # Not the config's fault: the trial does not use budget and runs again on the next start.
+        trial.set_user_attr("interrupted", True)
     try:
         detail = tell_outcome(study, trial, space, outcome)
     except optuna.exceptions.UpdateFinishedTrialError:
@@ -431,7 +434,10 @@ def _one_trial(study: optuna.Study, storage: optuna.storages.BaseStorage, trial:
     frozen = study.trials[trial.number]
     progress.trial_done(study, frozen, counted_trials(study), outcome.state, detail,
                         [o.metric for o in space.objectives], outcome.wall_s)
-    return outcome.reason if outcome.fatal else ""
+    if outcome.fatal:
+        _requeue(study, frozen)
+        return outcome.reason
+    return ""
 
 
 def _plain(config: TrialConfig) -> dict[str, Any]:
