@@ -492,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", type=int, default=420)
     p.add_argument("--kills", type=int, default=30)
-    p.add_argument("--trials", type=int, default=8, help="budget of the tortured study")
+    p.add_argument("--trials", type=int, default=20, help="budget of the tortured study (> what 30 kills let finish)")
     p.add_argument("--seed", type=int, default=20261201)
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--json", help="write the whole summary here")
