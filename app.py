@@ -286,15 +286,17 @@ def table_filters(frame: pd.DataFrame, chart_pick: list[int]) -> pd.DataFrame:
     keep = cols[0].multiselect("Class", categories, default=categories, key=f"filter_class_{'|'.join(categories)}")
     only_chart = cols[1].toggle("Only chart selection", value=bool(chart_pick), disabled=not chart_pick,
                                 key=f"only_chart_{bool(chart_pick)}")
-    query = cols[2].text_input("Filter (pandas query)", key="table_query",
-                               placeholder="param_batch_size >= 4 and latency_p99_ms < 500")
+    query = cols[2].text_input("Filter (columns, comparisons, and/or/not)", key="table_query",
+                               placeholder="batch_size >= 4 and latency_p99_ms < 500")
     shown = frame[frame["category"].isin(keep)]
     if only_chart and chart_pick:
         shown = shown[shown["number"].isin(chart_pick)]
     if query:
+        from reports.filter_expr import FilterError, filter_frame  # parsed and checked, never evaluated
+
         try:
-            shown = shown.query(query)
-        except Exception as exc:  # a user's expression: say what is wrong, keep the table
+            shown = filter_frame(shown, query)
+        except FilterError as exc:  # a user's expression: say what is wrong, keep the table
             cols[2].error(f"filter ignored: {exc}")
     cols[3].caption(f"{len(shown)} of {len(frame)} trials")
     return shown

@@ -48,9 +48,13 @@ def write_all(study: optuna.Study, out: Path) -> list[Path]:
 
 
 def main(argv: list[str]) -> int:
+    from tuner.cli import check_study_flag
+    from tuner.paths import check_out_dir, default_out
+
     args = parser().parse_args(argv)
+    check_study_flag(args.study)  # it names the default folder: a name, not a path
+    out = check_out_dir(Path(args.out) if args.out else default_out(args.study, "report"))
     study = load_study(args.study, args.storage)
-    out = Path(args.out) if args.out else Path("runs") / args.study / "report"
     written = write_all(study, out)
     trials = len(study.get_trials(deepcopy=False))
     print(f"wrote {', '.join(str(p) for p in written)} ({trials} trials)")

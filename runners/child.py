@@ -11,23 +11,50 @@ exits non-zero with the traceback on stderr, which the tuner records as a FAIL.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import threading
-import time
-import traceback
-from pathlib import Path
 
-from runners import load_runner
-from runners.contract import InfeasibleConfig, TrialConfig, TrialResult
+# The tuner's pid, set by tuner.launcher; checked before anything heavy is imported.
+PARENT_PID_ENV = "AUTOGLM_TUNE_PARENT_PID"
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _bind_to_parent() -> None:
+    """Die with the tuner, from the first instruction on.
+
+    On Linux the kernel sends SIGKILL when the parent goes (even by kill -9); the pid check
+    covers the window before the prctl, when the tuner may already have died and this process
+    been re-parented. Runs before torch (or anything slow) is imported.
+    """
+    expected = os.environ.get(PARENT_PID_ENV, "")
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if expected.isdigit() and os.getppid() != int(expected):
+        os._exit(3)  # the tuner is gone already: nobody would read our result
+
+
+if __name__ == "__main__":
+    _bind_to_parent()
+
+import json  # noqa: E402 - after the binding above, on purpose
+import threading  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from runners import load_runner  # noqa: E402
+from runners.contract import InfeasibleConfig, TrialConfig, TrialResult  # noqa: E402
 
 OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory")
 
 
 def _watch_parent() -> None:
-    """Exit when the tuner that started us dies (kill -9 gives it no chance to clean up)."""
-    parent = os.getppid()
+    """Exit when the tuner that started us dies, where there is no PR_SET_PDEATHSIG (not Linux)."""
+    expected = os.environ.get(PARENT_PID_ENV, "")
+    parent = int(expected) if expected.isdigit() else os.getppid()
 
     def loop() -> None:
         while True:

@@ -147,3 +147,24 @@ def test_regression_history_tab(app, monkeypatch, tmp_path):
     at = _pick_study(AppTest.from_file(APP, default_timeout=60), "populated")
     assert "No regression history" not in _text(at)
     assert any(str(tmp_path / "history.csv") in str(c.value) for c in at.caption)
+
+
+def test_table_filter_filters_and_refuses_code(app, journal, tmp_path):
+    """The filter box: a checked expression filters the table; code is refused and never runs."""
+    from reports.frames import trials_frame
+
+    at = _pick_study(app, "populated")
+    frame = trials_frame(optuna.load_study(study_name="populated", storage=open_storage(journal)))
+    expected = int(((frame["param_batch_size"] >= 4) & (frame["latency_p99_ms"] < 500)).sum())
+    at.text_input(key="table_query").input("batch_size >= 4 and latency_p99_ms < 500").run()
+    assert not at.exception, at.exception
+    assert not at.error
+    assert any(c.value == f"{expected} of 4 trials" for c in at.caption)
+    assert 0 < expected < 4  # the grid has both batch sizes: the filter really narrows
+    target = tmp_path / "pwned"
+    for attack in (f'@os.system("touch {target}")', f'__import__("os").system("touch {target}") == 0'):
+        at.text_input(key="table_query").input(attack).run()
+        assert not at.exception, at.exception
+        assert any(e.value.startswith("filter ignored:") for e in at.error)
+        assert any(c.value == "4 of 4 trials" for c in at.caption)  # the table is kept whole
+    assert not target.exists()

@@ -165,3 +165,27 @@ def test_report_fits_a_1280_px_window(tmp_path):
     assert "throughput (tok/s) ↑ better" in layout["axes"] and "p99 latency (ms) ↓ better" in layout["axes"]
     if os.environ.get("REPORT_SCREENSHOT"):
         shutil.copyfile(tmp_path / "report.png", os.environ["REPORT_SCREENSHOT"])
+
+
+def test_filter_box_refuses_code_and_filters(server, journal, tmp_path):
+    """Typed into the real page: an injection is refused (and runs nothing), a comparison filters."""
+    import optuna
+
+    from reports.frames import trials_frame
+    from tuner.storage import open_storage
+
+    frame = trials_frame(optuna.load_study(study_name="populated", storage=open_storage(journal)))
+    expected = int(((frame["param_batch_size"] >= 4) & (frame["latency_p99_ms"] < 500)).sum())
+    target = tmp_path / "pwned"
+    with sync_api.sync_playwright() as pw:
+        browser, page = _open(pw, f"{server}/?study=populated", height=1500)
+        page.get_by_text("4 of 4 trials").wait_for(timeout=90_000)
+        box = page.get_by_label("Filter (columns, comparisons, and/or/not)")
+        box.fill(f'@os.system("touch {target}")')
+        box.press("Enter")
+        page.get_by_text("filter ignored:").first.wait_for(timeout=30_000)
+        box.fill("batch_size >= 4 and latency_p99_ms < 500")
+        box.press("Enter")
+        page.get_by_text(f"{expected} of 4 trials").wait_for(timeout=30_000)
+        browser.close()
+    assert not target.exists()

@@ -89,12 +89,13 @@ def _positive_int(text: str) -> int:
 
 def run_main(argv: list[str]) -> int:
     from tuner.space import load_space
-    from tuner.storage import DEFAULT_STORAGE, check_parallel, open_storage, storage_kind
+    from tuner.storage import DEFAULT_STORAGE, check_parallel, check_storage, open_storage, storage_kind
 
     args = run_parser().parse_args(argv)
     gpus = _gpus(args)
     overrides = {"study": args.study, "device": args.device, "trials": args.trials,
                  "timeout_min": args.timeout_min, "seed": args.seed}
+    check_study_flag(args.study)
     space = load_space(args.space, overrides)  # validated before anything is created
     storage_url = args.storage or DEFAULT_STORAGE
     storage_kind(storage_url)
@@ -102,7 +103,8 @@ def run_main(argv: list[str]) -> int:
     from tuner.device_fit import fit_to_device
 
     space = fit_to_device(space, args.keep_infeasible, (lambda _: None) if args.quiet else print)
-    out_dir = Path(args.out) if args.out else Path("runs") / space.study
+    out_dir = _out_dir(args.out, space.study)
+    check_storage(storage_url)  # the storage and the folder are checked before either is created
 
     from tuner.study import RunOptions, open_study, run_study
 
@@ -116,15 +118,19 @@ def run_main(argv: list[str]) -> int:
 
 
 def worker_main(argv: list[str]) -> int:
+    from tuner.paths import check_out_dir
     from tuner.storage import DEFAULT_STORAGE, check_parallel, open_existing_storage
 
     args = worker_parser().parse_args(argv)
     gpus = _gpus(args)
+    check_study_flag(args.study)
     storage_url = args.storage or DEFAULT_STORAGE
     check_parallel(storage_url, 2)  # a worker is one of several by definition
+    if args.out:
+        check_out_dir(Path(args.out))
     storage = open_existing_storage(storage_url, args.heartbeat_s)
     space = _joined_space(args.study, storage, storage_url, args.device)
-    out_dir = Path(args.out) if args.out else Path("runs") / space.study
+    out_dir = _out_dir(args.out, space.study)
     out_dir.mkdir(parents=True, exist_ok=True)
     if gpus:
         return _fan_out(space, storage, storage_url, out_dir, args, gpus)
@@ -141,6 +147,22 @@ def make_reference_main(argv: list[str]) -> int:
     import subprocess
 
     return subprocess.call([sys.executable, "-m", "runners.reference", *argv])
+
+
+def check_study_flag(name: str | None) -> None:
+    """`--study NAME`: a name (it becomes a folder name), checked before anything is opened."""
+    from tuner.space import study_name_problem
+
+    problem = None if name is None else study_name_problem(name)
+    if problem:
+        raise UsageError(f"--study {name!r}: {problem}")
+
+
+def _out_dir(out: str | None, study: str) -> Path:
+    """`--out`, else runs/<study>; checked to be creatable and writable (creates nothing)."""
+    from tuner.paths import check_out_dir, default_out
+
+    return check_out_dir(Path(out) if out else default_out(study))
 
 
 def _gpus(args: argparse.Namespace) -> list[str] | None:
@@ -218,6 +240,10 @@ def _guarded(command: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print("autoglm-tune: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except OSError as exc:  # the storage or the output folder failed mid-run (disk full, read-only)
+        print(f"autoglm-tune: error: {exc}; the study stopped (run the same command again to resume)",
+              file=sys.stderr)
+        return 1
 
 
 def _subcommand(name: str) -> Callable[[list[str]], int]:

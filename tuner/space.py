@@ -6,7 +6,12 @@ one line and exit code 2 before anything (study, output folder) is created.
 
 from __future__ import annotations
 
+import datetime
+import json
 import math
+import os
+import re
+import stat
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -42,6 +47,36 @@ PARAM_KEYS = {"type", "low", "high", "step", "log", "choices"}
 SEARCH_KEYS = {"sampler", "trials", "timeout_min", "seed", "trial_timeout_s", "baseline",
                "n_startup_trials", "drift_every"}
 SLO_METRICS = {"ttft_ms", "tpot_ms", "latency_ms"}
+# A study name is also a folder name (runs/<study>/) and a storage key.
+STUDY_NAME_MAX = 100
+_STUDY_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+# Bounds on what a space file can mean. Anything beyond them is a typo or an attack, refused
+# (exit 2) before anything is created. Extend a table to bound a new key.
+MAX_FILE_BYTES = 1 << 20  # a space file is a few hundred bytes; this also bounds parse time
+MAX_VALUES = 10_000  # values once YAML aliases are expanded (an alias bomb grows without bound)
+MAX_DEPTH = 10  # nesting of mappings and lists
+MAX_STRING = 4096
+ABSURD = 1e12  # no number in a space file (ms, MiB, tokens, rates) is meant beyond this
+SEED_MAX = 2**32 - 1  # numpy's and Optuna's samplers take seeds in [0, 2**32)
+# Highest allowed value of integer/number workload keys (the lowest is in `_workload`).
+WORKLOAD_MAX: dict[str, float] = {
+    "requests": 100_000, "max_requests": 100_000, "warmup_requests": 100_000, "concurrency": 10_000,
+    "eval_sequences": 10_000, "train_steps": 1_000_000, "warmup_steps": 1_000_000,
+    "shared_prefix_groups": 100_000, "seed": SEED_MAX, "rate_rps": 1e6, "burstiness": 100.0,
+    "max_duration_s": 7 * 86400.0, "target_p99_ci_ratio": 10.0,
+}
+SEARCH_MAX: dict[str, float] = {"trials": 100_000, "timeout_min": 525_600.0, "seed": SEED_MAX,
+                                "trial_timeout_s": 7 * 86400.0, "n_startup_trials": 100_000}
+# Allowed values of numeric knobs, [low, high] (high exclusive where the flag says so).
+KNOB_RANGES: dict[str, tuple[float, float, bool]] = {
+    "batch_size": (1, 65_536, False), "batch_timeout_ms": (0, 600_000, False), "sparsity": (0, 1, True),
+    "prefix_cache_mib": (0, 1e9, False), "memory_limit_mib": (0, 1e9, False),
+    "micro_batch_size": (1, 65_536, False), "grad_accum_steps": (1, 65_536, False), "seq_len": (1, 1 << 20, False),
+}
+# Keys whose value may be null: every section (read as empty), knob values (the knob decides:
+# `dtype: null` is "the model's own"), and the optional search limits.
+_NULL_OK = {("search", "timeout_min"), ("search", "n_startup_trials"), ("workload", "max_requests")}
 
 
 class SpaceError(ValueError):
@@ -152,12 +187,23 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
     seen: set[Any] = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
+        try:
+            hash(key)
+        except TypeError:  # `[a, b]: 1`; other non-string keys are refused by `check_plain`, by key
+            raise yaml.constructor.ConstructorError(
+                None, None, f"keys must be strings, got {type(key).__name__} {_short(key)}",
+                key_node.start_mark) from None
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r}", key_node.start_mark
             )
         seen.add(key)
     return loader.construct_mapping(node, deep=deep)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 _UniqueKeyLoader.add_constructor(
@@ -167,12 +213,7 @@ _UniqueKeyLoader.add_constructor(
 
 def read_yaml(path: Path) -> dict[str, Any]:
     source = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise SpaceError(source, "", f"cannot read file ({exc.strerror})") from None
-    except UnicodeDecodeError:
-        raise SpaceError(source, "", "not a UTF-8 text file") from None
+    text = _read_text(path, source)
     if not text.strip():
         raise SpaceError(source, "", "file is empty")
     try:
@@ -189,9 +230,36 @@ def read_yaml(path: Path) -> dict[str, Any]:
         line = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "malformed YAML"
         raise SpaceError(source, "", f"malformed YAML{line}: {problem}") from None
+    except (RecursionError, MemoryError):
+        raise SpaceError(source, "", f"nested too deeply (more than {MAX_DEPTH} levels)") from None
     if not isinstance(data, dict):
         raise SpaceError(source, "", "top level must be a mapping of keys")
     return data
+
+
+def _read_text(path: Path, source: str) -> str:
+    """The file's text; only a regular file of at most MAX_FILE_BYTES (a FIFO or /dev/zero
+    would block or never end). Opened non-blocking, and checked again once open."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise SpaceError(source, "", "not a regular file")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError as exc:
+        raise SpaceError(source, "", f"cannot read file ({exc.strerror})") from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise SpaceError(source, "", "not a regular file")
+        try:
+            data = handle.read(MAX_FILE_BYTES + 1)
+        except OSError as exc:
+            raise SpaceError(source, "", f"cannot read file ({exc.strerror})") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise SpaceError(source, "", f"larger than {MAX_FILE_BYTES // 1024} KiB; a space file is a few lines")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SpaceError(source, "", "not a UTF-8 text file") from None
 
 
 def load_space(name_or_path: str, overrides: dict[str, Any] | None = None) -> Space:
@@ -220,24 +288,95 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
 # ---------------------------------------------------------------- validation
 
 
+def check_plain(data: Any, source: str) -> None:
+    """Every value a plain, bounded one: string keys, no NaN/inf or absurd numbers, no dates or
+    binary, no nulls where a value is needed, bounded nesting and size (aliases expanded).
+
+    Runs first, so the checks after it meet only the kinds of values JSON can hold.
+    """
+    budget = [MAX_VALUES]
+    _walk(data, (), 0, source, budget)
+
+
+def _walk(value: Any, path: tuple[str, ...], depth: int, source: str, budget: list[int]) -> None:
+    where = _where(path)
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise SpaceError(source, where, f"more than {MAX_VALUES} values (YAML aliases expanded): not a space file")
+    if depth > MAX_DEPTH:
+        raise SpaceError(source, where, f"nested deeper than {MAX_DEPTH} levels")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise SpaceError(source, where, f"keys must be strings, got {type(key).__name__} {_short(key)}")
+            _walk(item, (*path, key), depth + 1, source, budget)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _walk(item, (*path[:-1], f"{path[-1]}[{i}]") if path else (f"[{i}]",), depth + 1, source, budget)
+    elif value is None:
+        if not _null_ok(path):
+            raise SpaceError(source, where, "must not be null (leave the key out for its default)")
+    elif isinstance(value, bool):
+        return
+    elif isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise SpaceError(source, where, f"must be a finite number, got {value}")
+        if abs(value) > ABSURD:
+            raise SpaceError(source, where, f"{value:g} is beyond any meaningful value (|x| <= {ABSURD:g})")
+    elif isinstance(value, str):
+        if len(value) > MAX_STRING:
+            raise SpaceError(source, where, f"a string longer than {MAX_STRING} characters")
+        if "\x00" in value:
+            raise SpaceError(source, where, "contains a NUL character")
+    else:
+        kind = "a date" if isinstance(value, (datetime.date, datetime.datetime)) else type(value).__name__
+        raise SpaceError(source, where, f"must be a number, string, list or mapping, got {kind}")
+
+
+def _where(path: tuple[str, ...]) -> str:
+    return ".".join(path)
+
+
+def _null_ok(path: tuple[str, ...]) -> bool:
+    head = path[0].split("[")[0] if path else ""
+    return (len(path) <= 1 or head == "fixed" or (head == "params" and "choices[" in path[-1])
+            or tuple(path) in _NULL_OK)
+
+
 def validate(data: dict[str, Any], source: str, default_study: str) -> Space:
+    """The checked Space of a file's data; SpaceError naming the key for anything unusable."""
+    try:
+        return _validate(data, source, default_study)
+    except SpaceError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, OverflowError, RecursionError) as exc:
+        # A combination no check above foresaw: still one line and exit 2, never a traceback.
+        raise SpaceError(source, "", f"cannot be validated ({type(exc).__name__}: {exc})") from None
+
+
+def _validate(data: dict[str, Any], source: str, default_study: str) -> Space:
+    check_plain(data, source)
     _no_unknown(data, TOP_KEYS, source, "")
     runner = _get(data, "runner", str, source, "", "glm-infer")
     if runner not in RUNNER_KNOBS:
         raise SpaceError(source, "runner", f"must be one of {sorted(RUNNER_KNOBS)}, got {runner!r}")
     study = _get(data, "study", str, source, "", default_study)
-    if not study.strip():
-        raise SpaceError(source, "study", "must not be empty")
+    problem = study_name_problem(study)
+    if problem:
+        hint = "" if "study" in data else " (the file's stem; set `study:` or pass --study)"
+        raise SpaceError(source, "study", problem + hint)
     device = _get(data, "device", str, source, "", "auto")
     _check_device(device, source)
     model = _model(_get(data, "model", dict, source, "", {"preset": "glm-tiny"}), source)
-    workload = _workload(_get(data, "workload", dict, source, "", {}), source, runner)
+    workload = _workload(_get(data, "workload", dict, source, "", {}) or {}, source, runner,
+                         model_positions(model))
     _text_files(workload, model, source)
-    params = _params(_get(data, "params", dict, source, "", {}), source, runner)
+    params = _params(_get(data, "params", dict, source, "", {}) or {}, source, runner)
     fixed = _fixed(_get(data, "fixed", dict, source, "", {}) or {}, source, runner, params)
     objectives = _objectives(data.get("objectives"), source)
     constraints = _constraints(_get(data, "constraints", list, source, "", []) or [], source)
     search = _search(_get(data, "search", dict, source, "", {}) or {}, source)
+    _check_window(workload, search, source)
     slo = _slo(_get(data, "slo", dict, source, "", {}) or {}, source)
     if workload.get("mode") == "capacity" and not {"ttft_ms", "tpot_ms"} & set(slo):
         raise SpaceError(source, "slo", "workload mode: capacity needs ttft_ms and/or tpot_ms (the p99 bounds)")
@@ -248,6 +387,17 @@ def validate(data: dict[str, Any], source: str, default_study: str) -> Space:
     description = _get(data, "description", str, source, "", "")
     return Space(source, study, runner, model, device, workload, params, fixed, objectives,
                  constraints, search, slo, description, raw=data)
+
+
+def study_name_problem(name: str) -> str | None:
+    """Why `name` cannot name a study (it becomes a folder name), or None."""
+    if not name:
+        return "must not be empty"
+    if len(name) > STUDY_NAME_MAX:
+        return f"longer than {STUDY_NAME_MAX} characters"
+    if not _STUDY_NAME.fullmatch(name) or name in (".", ".."):
+        return f"{name!r} is not a name: use letters, digits and . _ - only (not . or ..)"
+    return None
 
 
 def _no_unknown(data: dict[str, Any], allowed: set[str], source: str, prefix: str) -> None:
@@ -304,11 +454,27 @@ def _model(model: dict[str, Any], source: str) -> dict[str, Any]:
     dtype = _get(model, "dtype", str, source, "model", None)
     if dtype is not None and dtype not in DTYPES:
         raise SpaceError(source, "model.dtype", f"must be one of {list(DTYPES)}, got {dtype!r}")
-    for key in ("seed", "num_layers"):
+    for key, low, high in (("seed", 0, SEED_MAX), ("num_layers", 1, 1000)):
         value = _get(model, key, int, source, "model", None)
-        if value is not None and value < (1 if key == "num_layers" else 0):
-            raise SpaceError(source, f"model.{key}", f"must be >= {1 if key == 'num_layers' else 0}")
+        if value is not None and not low <= value <= high:
+            raise SpaceError(source, f"model.{key}", f"must be in [{low}, {high}], got {value}")
     return out
+
+
+def model_positions(model: dict[str, Any]) -> int | None:
+    """The model's maximum positions (prompt + output), from its preset or its config.json."""
+    from runners.presets import PRESETS  # torch-free table of preset shapes
+
+    if "path" not in model:
+        return int(PRESETS[model.get("preset", "glm-tiny")]["max_position_embeddings"])
+    config = Path(model["path"]) / "config.json"
+    try:
+        if config.is_file() and config.stat().st_size <= MAX_FILE_BYTES:
+            value = json.loads(config.read_text()).get("max_position_embeddings")
+            return int(value) if isinstance(value, int) and value > 0 else None
+    except (OSError, ValueError, AttributeError):
+        pass
+    return None  # a hub name or an unreadable folder: the runner will say
 
 
 def _positive(data: dict[str, Any], key: str, kind: type, source: str, prefix: str,
@@ -319,7 +485,7 @@ def _positive(data: dict[str, Any], key: str, kind: type, source: str, prefix: s
     return value
 
 
-def _workload(w: dict[str, Any], source: str, runner: str) -> dict[str, Any]:
+def _workload(w: dict[str, Any], source: str, runner: str, positions: int | None = None) -> dict[str, Any]:
     _no_unknown(w, WORKLOAD_KEYS, source, "workload")
     out = dict(w)
     arrival = _get(w, "arrival", str, source, "workload", "poisson")
@@ -335,11 +501,22 @@ def _workload(w: dict[str, Any], source: str, runner: str) -> dict[str, Any]:
                 "warmup_steps"):
         _positive(w, key, int, source, "workload", None, allow_zero=True)
     _serving_keys(w, source)
+    for key, top in WORKLOAD_MAX.items():
+        value = w.get(key)
+        if isinstance(value, (int, float)) and value > top:
+            raise SpaceError(source, f"workload.{key}", f"must be <= {top:g}, got {value:g}")
     if arrival == "trace" and "trace" not in w:
         raise SpaceError(source, "workload.trace", "arrival: trace needs a `trace` file path")
+    for key in ("trace", "data_path"):
+        if key in w:
+            _regular_file(_get(w, key, str, source, "workload", ""), source, f"workload.{key}")
+    longest = {}
     for key in ("prompt_tokens", "output_tokens"):
         if key in w:
             out[key] = _length_dist(w[key], source, f"workload.{key}")
+            longest[key] = _longest_length(out[key], source, f"workload.{key}")
+    if positions is not None:
+        _check_positions(w, longest, positions, source)
     return out
 
 
@@ -377,15 +554,47 @@ def _serving_keys(w: dict[str, Any], source: str) -> None:
     if mode == "capacity" and w.get("arrival", "poisson") not in ("poisson", "constant", "gamma"):
         raise SpaceError(source, "workload.arrival", "mode: capacity searches an open-loop rate "
                          f"(poisson, constant or gamma), not {w['arrival']!r}")
-    rate, requests = w.get("rate_rps"), w.get("requests")
-    longest = w.get("max_duration_s", DEFAULT_MAX_DURATION_S)
-    if mode == "window" and rate and requests and w.get("arrival", "poisson") in ("poisson", "constant", "gamma") \
-            and (requests - 1) / rate > longest:
-        raise SpaceError(source, "workload.requests", f"{requests} requests at {rate:g} req/s arrive over "
-                         f"{(requests - 1) / rate:.0f} s, past the window's hard length max_duration_s={longest:g}")
     low, high = w.get("capacity_min_rps"), w.get("capacity_max_rps")
     if low is not None and high is not None and low >= high:
         raise SpaceError(source, "workload.capacity_min_rps", "must be < capacity_max_rps")
+
+
+def _regular_file(path: str, source: str, where: str) -> None:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise SpaceError(source, where, f"{path}: {exc.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise SpaceError(source, where, f"{path}: not a regular file")
+
+
+def _check_positions(w: dict[str, Any], longest: dict[str, int], positions: int, source: str) -> None:
+    """Prompt + output, and the evaluation sequences, must fit the model's positions."""
+    prompt, output = longest.get("prompt_tokens", 32), longest.get("output_tokens", 16)
+    if prompt + output > positions:
+        key = "output_tokens" if "output_tokens" in longest else "prompt_tokens"
+        raise SpaceError(source, f"workload.{key}", f"the longest prompt ({prompt}) + output ({output}) tokens "
+                                                    f"exceed the model's {positions} positions")
+    for key in ("eval_tokens", "shared_prefix_tokens"):
+        value = w.get(key)
+        if isinstance(value, int) and value > positions:
+            raise SpaceError(source, f"workload.{key}", f"{value} exceeds the model's {positions} positions")
+
+
+def _check_window(w: dict[str, Any], search: SearchSpec, source: str) -> None:
+    """An open-loop window must be able to finish: its arrivals span requests / rate seconds."""
+    if w.get("arrival", "poisson") not in ("poisson", "constant", "gamma") or "rate_rps" not in w \
+            or w.get("mode") == "capacity":  # capacity mode searches the rate itself
+        return
+    # Warm-up requests run back to back before the window; the measured ones arrive at the rate,
+    # and the window's hard length (max_duration_s, 120 s by default) bounds them.
+    count = int(w.get("requests", 64))
+    span_s = (count - 1) / float(w["rate_rps"])
+    limit, name = ((float(w["max_duration_s"]), "max_duration_s") if "max_duration_s" in w
+                   else (min(DEFAULT_MAX_DURATION_S, search.trial_timeout_s), "the default max_duration_s"))
+    if span_s > limit:
+        raise SpaceError(source, "workload.rate_rps", f"{count} requests at {w['rate_rps']:g} req/s take "
+                                                      f"{span_s:.4g} s to arrive, beyond {name} ({limit:g} s)")
 
 
 def _length_dist(value: Any, source: str, where: str) -> Any:
@@ -398,17 +607,37 @@ def _length_dist(value: Any, source: str, where: str) -> Any:
     if not isinstance(value, dict):
         raise SpaceError(source, where, "must be an integer or a {dist: ...} mapping")
     dist = value.get("dist")
-    if dist not in DISTS:
-        raise SpaceError(source, f"{where}.dist", f"must be one of {list(DISTS)}, got {dist!r}")
+    if not isinstance(dist, str) or dist not in DISTS:
+        raise SpaceError(source, f"{where}.dist", f"must be one of {list(DISTS)}, got {_short(dist)}")
     allowed = {"dist", "min", "max", *DISTS[dist]}
     _no_unknown(value, allowed, source, where)
     for key in DISTS[dist]:
         if key not in value:
             raise SpaceError(source, f"{where}.{key}", f"required for dist {dist}")
-        _get(value, key, float, source, where, None)
+    for key in (*DISTS[dist], "min", "max"):
+        number = _get(value, key, float, source, where, None)
+        floor = 0 if key in ("sigma", "std") else 1  # a length of zero or less means nothing
+        if number is not None and number < floor:
+            raise SpaceError(source, f"{where}.{key}", f"must be >= {floor}, got {number}")
     if dist == "uniform" and value["low"] > value["high"]:
         raise SpaceError(source, f"{where}.low", "must be <= high")
+    if "min" in value and "max" in value and value["min"] > value["max"]:
+        raise SpaceError(source, f"{where}.min", "must be <= max")
     return value
+
+
+def _longest_length(spec: Any, source: str, where: str) -> int:
+    """The longest length a spec can produce (a normal/lognormal without `max`: 6 sigma out)."""
+    if isinstance(spec, int):
+        return spec
+    dist = spec["dist"]
+    if dist == "uniform":
+        tail = spec["high"]
+    elif dist == "normal":
+        tail = spec["mean"] + 6 * spec["std"]
+    else:
+        tail = spec["mean"] * math.exp(min(6 * spec["sigma"], 700))
+    return int(min(tail, spec.get("max", math.inf)))
 
 
 def _params(params: dict[str, Any], source: str, runner: str) -> dict[str, ParamSpec]:
@@ -438,10 +667,20 @@ def _categorical(spec: dict[str, Any], source: str, where: str, knob: Any, name:
     if len(set(map(repr, choices))) != len(choices):
         raise SpaceError(source, f"{where}.choices", "has duplicates")
     for choice in choices:
-        problem = knob.check(choice)
+        problem = knob.check(choice) or _range_problem(name, choice)
         if problem:
             raise SpaceError(source, f"{where}.choices", problem)
     return ParamSpec(name, "categorical", choices=tuple(choices))
+
+
+def _range_problem(name: str, value: Any) -> str | None:
+    """Why a numeric knob value is outside KNOB_RANGES, or None."""
+    if name not in KNOB_RANGES or not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    low, high, open_high = KNOB_RANGES[name]
+    if value < low or value > high or (open_high and value == high):
+        return f"{value!r} is outside [{low:g}, {high:g}{')' if open_high else ']'}"
+    return None
 
 
 def _numeric(spec: dict[str, Any], source: str, where: str, knob: Any, name: str) -> ParamSpec:
@@ -468,6 +707,10 @@ def _numeric(spec: dict[str, Any], source: str, where: str, knob: Any, name: str
         raise SpaceError(source, f"{where}.type", "this knob is not an integer")
     if ptype == "float" and float not in (knob.kind if isinstance(knob.kind, tuple) else (knob.kind,)):
         raise SpaceError(source, f"{where}.type", "this knob is not a number")
+    for key, value in (("low", low), ("high", high)):
+        problem = _range_problem(name, value)
+        if problem:
+            raise SpaceError(source, f"{where}.{key}", problem)
     return ParamSpec(name, ptype, float(low) if ptype == "float" else low,
                      float(high) if ptype == "float" else high, step, log)
 
@@ -480,7 +723,7 @@ def _fixed(fixed: dict[str, Any], source: str, runner: str, params: dict[str, Pa
             raise SpaceError(source, where, f"unknown knob for runner {runner} (known: {', '.join(knobs)})")
         if name in params:
             raise SpaceError(source, where, "is also searched in params; keep it in one place")
-        problem = knobs[name].check(value)
+        problem = knobs[name].check(value) or _range_problem(name, value)
         if problem:
             raise SpaceError(source, where, problem)
     return dict(fixed)
@@ -508,7 +751,7 @@ def _objectives(raw: Any, source: str) -> list[Objective]:
 
 
 def _metric(name: Any, source: str, where: str) -> str:
-    if name not in METRICS:
+    if not isinstance(name, str) or name not in METRICS:
         raise SpaceError(source, where, f"unknown metric {name!r} (see DESIGN.md metric names)")
     return name
 
@@ -557,11 +800,23 @@ def _check_search(spec: SearchSpec, source: str) -> None:
         raise SpaceError(source, "search.timeout_min", "must be > 0")
     if spec.trial_timeout_s <= 0:
         raise SpaceError(source, "search.trial_timeout_s", "must be > 0")
+    if spec.seed < 0:
+        raise SpaceError(source, "search.seed", f"must be >= 0, got {spec.seed}")
+    if spec.n_startup_trials is not None and spec.n_startup_trials < 0:
+        raise SpaceError(source, "search.n_startup_trials", "must be >= 0")
+    for key, top in SEARCH_MAX.items():
+        value = getattr(spec, key)
+        if value is not None and value > top:
+            raise SpaceError(source, f"search.{key}", f"must be <= {top:g}, got {value:g}")
 
 
 def _slo(raw: dict[str, Any], source: str) -> dict[str, float]:
     _no_unknown(raw, SLO_METRICS, source, "slo")
-    return {k: float(_positive(raw, k, float, source, "slo", None)) for k in raw}
+    out = {k: float(_positive(raw, k, float, source, "slo", None)) for k in raw}
+    for key, value in out.items():
+        if value > 86_400_000:
+            raise SpaceError(source, f"slo.{key}", f"{value:g} ms is more than a day")
+    return out
 
 
 # ---------------------------------------------------------------- Optuna distributions

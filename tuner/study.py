@@ -28,6 +28,7 @@ from runners.contract import TrialConfig
 from runners.knobs import RUNNER_KNOBS
 from tuner.errors import UsageError
 from tuner.launcher import LaunchOutcome, ProcessLauncher, WarmLauncher
+from tuner.paths import inside
 from tuner.progress import Progress, final_lines
 from tuner.space import Space, apply_overrides, grid_values, validate
 from tuner.storage import heartbeat_interval, journal_path, sqlite_path, storage_kind
@@ -392,10 +393,11 @@ def run_study(space: Space, storage: optuna.storages.BaseStorage, options: RunOp
                 time.sleep(WAIT_POLL_S)
                 continue
             waiting = False
-            state = _one_trial(study, storage, trial, space, options, launcher, progress, budget)
+            state, fatal = _one_trial(study, storage, trial, space, options, launcher, progress, budget)
             ran += 1
-            fails += state == "fail"
-            stopped_by = _crash_stop(study, fails, budget)
+            fails += state == "fail" and not fatal
+            # A trial whose files could not be written (read-only or full disk) stops the run cleanly.
+            stopped_by = fatal or _crash_stop(study, fails, budget)
             if stopped_by:
                 progress.say(f"stopping: {stopped_by}")
                 break
@@ -556,9 +558,10 @@ def _pareto_size(study: optuna.Study) -> int:
 
 
 def _one_trial(study: optuna.Study, storage: optuna.storages.BaseStorage, trial: optuna.Trial, space: Space,
-               options: RunOptions, launcher: Any, progress: Progress, budget: int) -> str:
-    """Run and record one trial; returns its launch state (ok | infeasible | fail | stale)."""
-    artifact_dir = options.out_dir / f"trial_{trial.number:05d}"
+               options: RunOptions, launcher: Any, progress: Progress, budget: int) -> tuple[str, str]:
+    """Run and record one trial; returns its launch state (ok | infeasible | fail | stale) and,
+    when the study must stop (its files could not be written), the reason, else ""."""
+    artifact_dir = inside(options.out_dir, f"trial_{trial.number:05d}")
     config = trial_config(space, trial.params, trial.number, artifact_dir)
     trial.set_user_attr("config", _plain(config))
     trial.set_user_attr("artifact_dir", config.artifact_dir)
@@ -572,17 +575,23 @@ def _one_trial(study: optuna.Study, storage: optuna.storages.BaseStorage, trial:
         study.tell(trial, state=TrialState.FAIL)
         _requeue(study, study.trials[trial.number])
         raise
+    if outcome.fatal:
+        # Not the config's fault: the trial does not use budget and runs again on the next start.
+        trial.set_user_attr("interrupted", True)
     try:
         detail = tell_outcome(study, trial, space, outcome)
     except optuna.exceptions.UpdateFinishedTrialError:
         # This worker was silent past the grace period (suspended, network cut): another worker
         # failed the trial and queued a retry, which will produce the result instead.
         progress.say(f"trial {trial.number} was failed as stale by another worker; its result is dropped")
-        return "stale"
+        return "stale", ""
     frozen = study.trials[trial.number]
     progress.trial_done(study, frozen, counted_trials(study), outcome.state, detail,
                         [o.metric for o in space.objectives], outcome.wall_s)
-    return outcome.state
+    if outcome.fatal:
+        _requeue(study, frozen)
+        return outcome.state, outcome.reason
+    return outcome.state, ""
 
 
 def _plain(config: TrialConfig) -> dict[str, Any]:
