@@ -27,6 +27,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "regress": ("tuner.regress", "main"),
     "dashboard": ("reports.dashboard", "main"),
     "worker": ("tuner.cli", "worker_main"),
+    "export-table": ("tuner.export", "main"),  # a study as a table for `runner: replay`
 }
 
 
@@ -94,6 +95,10 @@ def run_main(argv: list[str]) -> int:
     storage_url = args.storage or DEFAULT_STORAGE
     storage_kind(storage_url)
     check_parallel(storage_url, len(gpus) if gpus else 1)
+    if space.search.warm_start is not None:
+        from tuner.search import load_source
+
+        load_source(space.search.warm_start, storage_url)  # a missing source study: exit 2, nothing created
     out_dir = Path(args.out) if args.out else Path("runs") / space.study
 
     from tuner.study import RunOptions, open_study, run_study
@@ -171,7 +176,8 @@ def _fan_out(space: Space, storage: BaseStorage, storage_url: str, out_dir: Path
 
 
 def _exit_code(summary: RunSummary) -> int:
-    return 0 if summary.counted >= summary.budget or summary.timed_out or summary.grid_exhausted else 1
+    done = summary.counted >= summary.budget or summary.timed_out or summary.grid_exhausted or summary.plateau
+    return 0 if done else 1
 
 
 def main(argv: list[str] | None = None) -> int:

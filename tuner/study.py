@@ -23,7 +23,8 @@ import psutil
 from optuna.trial import TrialState
 
 from runners.contract import TrialConfig
-from runners.knobs import RUNNER_KNOBS
+from runners.knobs import runner_knobs
+from tuner import search as search_policy
 from tuner.errors import UsageError
 from tuner.launcher import LaunchOutcome, ProcessLauncher, WarmLauncher
 from tuner.progress import Progress
@@ -60,6 +61,7 @@ class RunSummary:
     feasible_pareto: int
     timed_out: bool
     grid_exhausted: bool = False
+    plateau: str = ""  # why the plateau rule (`search.stop`) ended the study, if it did
 
 
 # ---------------------------------------------------------------- samplers and studies
@@ -70,14 +72,18 @@ def make_sampler(space: Space, salt: str = "") -> optuna.samplers.BaseSampler:
     search = space.search
     seed = search.seed if not salt else _salted_seed(search.seed, salt)
     startup = search.n_startup_trials or min(10, max(2, search.trials // 3))
-    name = search.sampler
-    if name in ("auto", "tpe"):
-        # Multivariate TPE models the knobs jointly (batch size and quant bits interact).
+    name = search_policy.auto_sampler(space).sampler if search.sampler == "auto" else search.sampler
+    # Every sampler below reads the constraints each trial records (`trial.set_constraint`:
+    # runnable, and one per bound), so infeasible configs steer it away from their region.
+    if name == "tpe":
+        # Multivariate TPE models the knobs jointly (batch size and quant bits interact); the
+        # constant liar treats running trials as bad so parallel workers spread out.
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True,
                                           constant_liar=True)
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(50, search.trials // 4)))
     if name == "gp":
+        # Optuna's GP conditions on running trials itself (its answer to parallel suggestions).
         return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
@@ -156,6 +162,8 @@ def counted_trials(study: optuna.Study) -> int:
     retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
     count = 0
     for t in trials:
+        if t.user_attrs.get("carried_over"):
+            continue  # copied from an earlier study by a warm start: measured there, not here
         if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING):
             count += 1
         elif t.state == TrialState.FAIL and _runner_failed(t) and t.number not in retried:
@@ -226,7 +234,7 @@ def ensure_baseline(study: optuna.Study, space: Space) -> None:
 
 def trial_config(space: Space, params: dict[str, Any], number: int, artifact_dir: Path) -> TrialConfig:
     knobs = {**space.fixed, **params}
-    defaults = {k: v.default for k, v in RUNNER_KNOBS[space.runner].items()}
+    defaults = {k: v.default for k, v in runner_knobs(space.runner, space.model).items()}
     return TrialConfig(runner=space.runner, model=dict(space.model), device=space.device,
                        workload=dict(space.workload), knobs={**defaults, **knobs}, seed=space.search.seed,
                        artifact_dir=str(artifact_dir.resolve()), trial_number=number, study=space.study,
@@ -299,6 +307,7 @@ def run_study(space: Space, storage: optuna.storages.BaseStorage, options: RunOp
     with claims:
         recover_dead_workers(study, storage, progress)
         ensure_baseline(study, space)
+        apply_warm_start(study, space, options.storage_url, progress)
         ticket = _worker_ticket(study)
     if ticket:
         study.sampler = make_sampler(space, salt=f"worker {ticket}")
@@ -308,7 +317,7 @@ def run_study(space: Space, storage: optuna.storages.BaseStorage, options: RunOp
     launcher = (WarmLauncher(space.search.trial_timeout_s, options.out_dir / "runner-stderr.log")
                 if options.warm else ProcessLauncher(space.search.trial_timeout_s))
     deadline = time.monotonic() + space.search.timeout_min * 60 if space.search.timeout_min else math.inf
-    ran, timed_out, waiting, exhausted = 0, False, False, False
+    ran, timed_out, waiting, exhausted, plateau = 0, False, False, False, ""
     try:
         while True:
             if time.monotonic() >= deadline:
@@ -334,12 +343,46 @@ def run_study(space: Space, storage: optuna.storages.BaseStorage, options: RunOp
             waiting = False
             _one_trial(study, storage, trial, space, options, launcher, progress, budget)
             ran += 1
+            plateau = check_plateau(study, space, progress)
+            if plateau:
+                break
     finally:
         launcher.close()
     pareto = _pareto_size(study)
     progress.say(f"done: {counted_trials(study)}/{budget} trials, {pareto} on the feasible Pareto front. "
                  f"Report: autoglm-tune report --study {space.study} --storage {options.storage_url}")
-    return RunSummary(space.study, ran, counted_trials(study), budget, pareto, timed_out, exhausted)
+    return RunSummary(space.study, ran, counted_trials(study), budget, pareto, timed_out, exhausted, plateau)
+
+
+def apply_warm_start(study: optuna.Study, space: Space, storage_url: str, progress: Progress) -> None:
+    """`search.warm_start`, once per study (under the claim lock): seed it from the earlier study."""
+    rule = space.search.warm_start
+    if rule is None or "warm_start" in study.user_attrs:
+        return
+    source = search_policy.load_source(rule, storage_url)
+    result = search_policy.warm_start(study, space, source)
+    study.set_user_attr("warm_start", {"study": result.source, "mode": result.mode, "trials": result.carried})
+    progress.say(f"warm start from study {result.source}: {result.detail} "
+                 f"(trials {_numbers(result.carried)}; user attr warm_start_from)")
+
+
+def _numbers(numbers: list[int]) -> str:
+    return ", ".join(map(str, numbers[:20])) + (f", ... ({len(numbers)} in all)" if len(numbers) > 20 else "") \
+        if numbers else "none"
+
+
+def check_plateau(study: optuna.Study, space: Space, progress: Progress) -> str:
+    """`search.stop`: why the study stops on a hypervolume plateau now, or ""."""
+    rule = space.search.stop
+    if rule is None:
+        return ""
+    found = search_policy.study_plateau(study, rule)
+    if found is None:
+        return ""
+    evidence = found.describe(rule)
+    study.set_user_attr("stopped", {"rule": "plateau", "evidence": evidence})
+    progress.say(f"stopping on a plateau: {evidence}")
+    return evidence
 
 
 def _worker_ticket(study: optuna.Study) -> int:
