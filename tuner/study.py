@@ -349,7 +349,8 @@ def run_study(space: Space, storage: optuna.storages.BaseStorage, options: RunOp
     finally:
         launcher.close()
     pareto = _pareto_size(study)
-    progress.say(f"done: {counted_trials(study)}/{budget} trials, {pareto} on the feasible Pareto front. "
+    stop_note = " (stopped on a plateau, search.stop)" if plateau else ""
+    progress.say(f"done: {counted_trials(study)}/{budget} trials{stop_note}, {pareto} on the feasible Pareto front. "
                  f"Report: autoglm-tune report --study {space.study} --storage {options.storage_url}")
     return RunSummary(space.study, ran, counted_trials(study), budget, pareto, timed_out, exhausted, plateau)
 

@@ -1,0 +1,373 @@
+"""Search efficiency: how much of a grid's feasible front each sampler finds per trial.
+
+For every recorded grid `benchmarks/grids/NAME.csv` (a replay table, written by
+`autoglm-tune export-table` from a `sampler: grid` study of `NAME_space.yaml`), each sampler x
+20 seeds runs a study of up to 30 % of the grid's points. After every trial the feasible
+hypervolume (Optuna's hypervolume; reference point: the grid's worst feasible value of each
+objective pushed 10 % of its span out) is divided by the full grid's. Also measured: the same
+samplers with infeasible trials hidden from them (told as FAIL, constraints not recorded: what a
+tuner without constraint support does), warm starts (identical and overlapping spaces), and 4
+simulated parallel workers (ask 4, then tell 4).
+
+For speed the studies run in this process on in-memory storage, not through child processes:
+each trial is `tuner.study.make_sampler` -> `study.ask` -> `runners.replay.replay` (the very
+lookup the replay runner answers with) -> `tuner.study.tell_outcome` (the very tell the CLI
+does), so samplers see exactly what a `runner: replay` study gives them.
+
+    python -m benchmarks.search_efficiency [--seeds 20] [--grids cpu_tiny,...] [--out DIR]
+
+writes DIR/search_efficiency.json, DIR/search_efficiency.html (Plotly) and DIR/search_efficiency.md
+(the tables for BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Optuna's GP sampler runs torch on the CPU; one thread is ~10x faster than many on a shared box.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import optuna  # noqa: E402
+
+from runners.replay import ReplayTable, load_table, replay  # noqa: E402
+from tuner.launcher import LaunchOutcome  # noqa: E402
+from tuner.search import auto_sampler, feasible, hypervolume, hypervolume_history, reference_point, space_size  # noqa: E402
+from tuner.space import grid_values, read_yaml, validate  # noqa: E402
+from tuner.study import make_sampler, tell_outcome, trial_config  # noqa: E402
+
+optuna.logging.set_verbosity(optuna.logging.ERROR)
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+warnings.filterwarnings("ignore", message=".*independent sampl.*")
+
+GRIDS = Path(__file__).resolve().parent / "grids"
+SAMPLERS = ("auto", "tpe", "gp", "nsga2", "random")
+BUDGET_SHARES = (0.05, 0.10, 0.15, 0.20, 0.30)
+MAX_SHARE = 0.30
+
+
+@dataclass
+class Grid:
+    name: str
+    raw: dict[str, Any]  # the replay space (search section filled per run)
+    table: ReplayTable
+    points: int
+    directions: list[str]
+    reference: list[float]
+    full_hv: float
+    feasible_points: int
+
+
+def replay_raw(csv_path: Path) -> dict[str, Any]:
+    """The recording space with runner replay and this table; the search is set per run."""
+    recording = read_yaml(csv_path.with_name(csv_path.stem + "_space.yaml"))
+    raw = {k: v for k, v in recording.items() if k not in ("workload", "device", "search", "slo")}
+    raw.update(study=f"replay_{csv_path.stem}", runner="replay", model={"table": str(csv_path)}, device="cpu")
+    return raw
+
+
+def space_for(raw: dict[str, Any], sampler: str, seed: int, trials: int, **search: Any):
+    data = {**raw, "search": {"sampler": sampler, "seed": seed, "trials": trials, "baseline": False, **search}}
+    return validate(data, source=str(raw["model"]["table"]), default_study=raw["study"])
+
+
+def load_grid(csv_path: Path) -> Grid:
+    """Every point of the grid through the same tell as a study: the full front and its reference."""
+    raw = replay_raw(csv_path)
+    space = space_for(raw, "grid", 0, 1)
+    table = load_table(csv_path)
+    directions = [o.direction for o in space.objectives]
+    study = optuna.create_study(directions=directions)
+    names = list(space.params)
+    points = list(itertools.product(*(grid_values(space.params[n]) for n in names)))
+    for values in points:
+        study.enqueue_trial(dict(zip(names, values, strict=True)))
+        trial = study.ask(space.distributions())
+        _answer(study, trial, space, table, trial.params)
+    ok = [t.values for t in study.trials if feasible(t)]
+    # The reference is the grid's feasible front's nadir pushed 10 % of the front's span out:
+    # a point counts once it is near the front, so a worst-case outlier (one 46 ms TPOT hiccup
+    # of the CPU grid) cannot make every early trial look 60 % good.
+    ref = reference_point([t.values for t in study.best_trials], directions)
+    return Grid(csv_path.stem, raw, table, len(points), directions, ref, hypervolume(ok, directions, ref), len(ok))
+
+
+def _answer(study: optuna.Study, trial: optuna.Trial, space: Any, table: ReplayTable, params: dict[str, Any]) -> None:
+    """One trial exactly as the CLI does it, with the child process replaced by the lookup."""
+    config = trial_config(space, params, trial.number, Path(os.devnull))
+    result = replay(table, config.knobs)
+    tell_outcome(study, trial, space, LaunchOutcome("ok" if result.status == "ok" else "infeasible", result,
+                                                    result.reason))
+
+
+# ---------------------------------------------------------------- one search
+
+
+def run_search(grid: Grid, sampler: str, seed: int, trials: int, workers: int = 1, hide_infeasible: bool = False,
+               seeded: optuna.Study | None = None, warm_raw: dict[str, Any] | None = None) -> np.ndarray:
+    """[2, trials]: the feasible-hypervolume fraction after each trial of one seeded study on the
+    grid, and the number of infeasible trials run so far."""
+    space = space_for(warm_raw or grid.raw, sampler if sampler in SAMPLERS else "random", seed, trials)
+    directions = grid.directions
+    study = optuna.create_study(directions=directions, sampler=make_sampler(space))
+    samplers = [study.sampler] + [make_sampler(space, salt=f"worker {i}") for i in range(1, workers)]
+    ledger = study if not hide_infeasible else optuna.create_study(directions=directions)
+    if seeded is not None:
+        from tuner.search import warm_start
+
+        warm_start(study, space, seeded)
+    carried = len(study.trials)
+    while len(study.trials) - carried < trials:
+        batch = []
+        for sampler_of_worker in samplers[: trials - (len(study.trials) - carried)]:
+            study.sampler = sampler_of_worker  # each simulated worker asks with its own sampler
+            batch.append(study.ask(space.distributions()))
+        for trial in batch:  # ... and all of them finish before the next round
+            if hide_infeasible:
+                _tell_hidden(study, ledger, trial, space, grid.table)
+            else:
+                _answer(study, trial, space, grid.table, trial.params)
+    ran = ledger.trials[carried:] if ledger is study else ledger.trials
+    start = [t for t in ledger.trials[:carried]]
+    history = hypervolume_history(start + ran, directions, grid.reference)[len(start):]
+    return np.array([[h / grid.full_hv for h in history], np.cumsum([not feasible(t) for t in ran])])
+
+
+def _tell_hidden(study: optuna.Study, ledger: optuna.Study, trial: optuna.Trial, space: Any,
+                 table: ReplayTable) -> None:
+    """The no-constraint ablation: the ledger records the truth; the sampler's study sees a FAIL
+    for an infeasible config and plain values (no constraints) for one that ran."""
+    ledger.enqueue_trial(trial.params)
+    shadow = ledger.ask(space.distributions())
+    _answer(ledger, shadow, space, table, trial.params)
+    told = ledger.trials[shadow.number]
+    if told.user_attrs.get("infeasible_reason"):
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    else:
+        study.tell(trial, told.values)
+
+
+# ---------------------------------------------------------------- experiments
+
+
+def curves(grid: Grid, sampler: str, seeds: int, trials: int, **kw: Any) -> tuple[np.ndarray, np.ndarray]:
+    """[seeds, trials] hypervolume fractions, and [seeds, trials] infeasible trials so far."""
+    runs = np.array([run_search(grid, sampler, seed, trials, **kw) for seed in range(seeds)])
+    return runs[:, 0], runs[:, 1]
+
+
+def trials_to_reach(median: np.ndarray, target: float) -> int | None:
+    hits = np.nonzero(median >= target - 1e-12)[0]
+    return int(hits[0]) + 1 if len(hits) else None
+
+
+def budget(grid: Grid, share: float) -> int:
+    return max(1, round(share * grid.points))
+
+
+def sampler_table(grid: Grid, results: dict[str, np.ndarray]) -> dict[str, Any]:
+    out = {}
+    for name, runs in results.items():
+        median = np.median(runs, axis=0)
+        out[name] = {"median_at": {f"{share:.0%}": float(median[budget(grid, share) - 1]) for share in BUDGET_SHARES
+                                   if budget(grid, share) <= len(median)},
+                     "trials_to_95": trials_to_reach(median, 0.95),
+                     "median_curve": median.tolist()}
+    return out
+
+
+def must_show_auto(grid: Grid, results: dict[str, np.ndarray]) -> dict[str, Any]:
+    auto, rand = np.median(results["auto"], axis=0), np.median(results["random"], axis=0)
+    first, last = budget(grid, 0.05), budget(grid, 0.20)
+    reach = trials_to_reach(auto, 0.95)
+    losses = [k for k in range(first, last + 1) if not auto[k - 1] > rand[k - 1]]
+    return {"auto_trials_to_95": reach, "limit_10pct": budget(grid, 0.10),
+            "auto_95_within_10pct": reach is not None and reach <= budget(grid, 0.10),
+            "auto_beats_random_5_to_20pct": not losses, "budgets_not_beaten": losses}
+
+
+def warm_experiment(grid: Grid, seeds: int, cold_trials: int = 30, limit: int = 10) -> dict[str, Any]:
+    """A cold study's HV at 30 trials vs a warm-started one's after each of its own trials.
+
+    identical: the earlier study is a cold 30-trial study on the same space (other seed), copied
+    with add_trials. overlapping: the earlier study searched a narrower range (each categorical
+    knob's first choice dropped, as if the first study had not offered it); its Pareto set is
+    enqueued into a study over the full space.
+    """
+    cold, _ = curves(grid, "auto", seeds, cold_trials)
+    target = float(np.median(cold[:, -1]))
+    out: dict[str, Any] = {"cold_30_median": target}
+    narrow = _narrowed(grid.raw)
+    for mode, earlier_raw in (("identical", grid.raw), ("overlapping", narrow)):
+        runs = []
+        for seed in range(seeds):
+            earlier = _finished_study(grid, earlier_raw, "auto", 1000 + seed, cold_trials)
+            runs.append(run_search(grid, "auto", seed, limit, seeded=earlier)[0])
+        runs = np.array(runs)
+        median = np.median(runs, axis=0)
+        out[mode] = {"median_curve": median.tolist(), "trials_to_cold_30": trials_to_reach(median, target),
+                     "within_10": bool(median[-1] >= target - 1e-12),
+                     "carried_per_study": None}
+    out["narrowed_params"] = {k: v for k, v in narrow["params"].items() if v != grid.raw["params"][k]}
+    return out
+
+
+def _narrowed(raw: dict[str, Any]) -> dict[str, Any]:
+    params = {}
+    for name, spec in raw["params"].items():
+        if spec.get("type") == "categorical" and len(spec["choices"]) > 2:
+            spec = {**spec, "choices": spec["choices"][1:]}
+        params[name] = spec
+    return {**raw, "params": params, "study": raw["study"] + "_narrow"}
+
+
+def _finished_study(grid: Grid, raw: dict[str, Any], sampler: str, seed: int, trials: int) -> optuna.Study:
+    """An earlier study (in memory) whose stored space is `raw`, as `warm_start` reads it."""
+    space = space_for(raw, sampler, seed, trials)
+    study = optuna.create_study(study_name=space.study, directions=grid.directions, sampler=make_sampler(space))
+    study.set_metric_names([o.metric for o in space.objectives])
+    study.set_user_attr("space", space.raw)
+    for _ in range(trials):
+        trial = study.ask(space.distributions())
+        _answer(study, trial, space, grid.table, trial.params)
+    return study
+
+
+def parallel_experiment(grid: Grid, seeds: int, sampler: str, trials: int) -> dict[str, Any]:
+    """Trials 4 simulated workers need to reach the 1-worker median HV at 10 % of the grid."""
+    one, _ = curves(grid, sampler, seeds, trials)
+    four, _ = curves(grid, sampler, seeds, trials, workers=4)
+    at = budget(grid, 0.10)
+    target = float(np.median(one, axis=0)[at - 1])
+    need = trials_to_reach(np.median(four, axis=0), target)
+    return {"sampler": sampler, "one_worker_trials": at, "one_worker_median": target,
+            "four_workers_trials": need, "ratio": None if need is None else need / at,
+            "median_curve_1": np.median(one, axis=0).tolist(), "median_curve_4": np.median(four, axis=0).tolist()}
+
+
+# ---------------------------------------------------------------- output
+
+
+def figure(all_results: dict[str, Any]) -> Any:
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    names = list(all_results)
+    fig = make_subplots(rows=1, cols=len(names), subplot_titles=[
+        f"{n}: {all_results[n]['grid']['points']} points" for n in names])
+    for col, name in enumerate(names, start=1):
+        res = all_results[name]
+        points = res["grid"]["points"]
+        for sampler, row in res["samplers"].items():
+            curve = row["median_curve"]
+            x = [100 * (i + 1) / points for i in range(len(curve))]
+            fig.add_trace(go.Scatter(x=x, y=curve, mode="lines", name=sampler, legendgroup=sampler,
+                                     showlegend=col == 1), row=1, col=col)
+        fig.update_xaxes(title_text="trials, % of the grid", row=1, col=col)
+        fig.update_yaxes(title_text="feasible hypervolume / grid's", range=[0, 1.02], row=1, col=col)
+    fig.update_layout(title="Search efficiency: median over seeds (replayed grids)")
+    return fig
+
+
+def markdown(all_results: dict[str, Any]) -> str:
+    lines = []
+    for name, res in all_results.items():
+        g = res["grid"]
+        lines += [f"### Grid `{name}`: {g['points']} points, {g['feasible_points']} feasible, "
+                  f"objectives {', '.join(g['objectives'])}; {res['seeds']} seeds", "",
+                  "| sampler | " + " | ".join(f"HV at {s:.0%} ({budget_points(g, s)} trials)" for s in BUDGET_SHARES)
+                  + " | trials to 95 % |", "|---" * (len(BUDGET_SHARES) + 2) + "|"]
+        for sampler, row in res["samplers"].items():
+            cells = [f"{100 * row['median_at'][f'{s:.0%}']:.1f} %" if f"{s:.0%}" in row["median_at"] else "—"
+                     for s in BUDGET_SHARES]
+            reach = row["trials_to_95"]
+            lines.append(f"| {sampler} | " + " | ".join(cells) + f" | {reach if reach else '> ' + str(res['trials'])} |")
+        lines.append("")
+        if "hidden" in res:
+            lines += ["Infeasible trials hidden from the sampler (FAIL, no constraints) vs recorded as constraints, "
+                      "median HV at 10 % of the grid:", "", "| sampler | constraints | hidden | infeasible trials "
+                      "spent (constraints / hidden, mean) |", "|---|---|---|---|"]
+            for sampler, row in res["hidden"].items():
+                lines.append(f"| {sampler} | {100 * row['with']:.1f} % | {100 * row['hidden']:.1f} % | "
+                             f"{row['infeasible_with']:.1f} / {row['infeasible_hidden']:.1f} |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def budget_points(g: dict[str, Any], share: float) -> int:
+    return max(1, round(share * g["points"]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, default=20)
+    p.add_argument("--grids", default="", help="comma-separated grid names (default: every grids/*.csv)")
+    p.add_argument("--samplers", default=",".join(SAMPLERS))
+    p.add_argument("--skip", default="", help="comma-separated: hidden,warm,parallel")
+    p.add_argument("--out", default="runs/search_efficiency")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    wanted = [g for g in args.grids.split(",") if g]
+    skip = set(filter(None, args.skip.split(",")))
+    all_results: dict[str, Any] = {}
+    for csv_path in sorted(GRIDS.glob("*.csv")):
+        if wanted and csv_path.stem not in wanted:
+            continue
+        t0 = time.perf_counter()
+        grid = load_grid(csv_path)
+        trials = budget(grid, MAX_SHARE)
+        auto = auto_sampler(space_for(grid.raw, "auto", 0, budget(grid, 0.10)))
+        res: dict[str, Any] = {"seeds": args.seeds, "trials": trials, "grid": {
+            "points": grid.points, "feasible_points": grid.feasible_points, "full_hv": grid.full_hv,
+            "reference": grid.reference, "objectives": [f"{o['metric']} ({o.get('direction', '')})"
+                                                         for o in grid.raw["objectives"]],
+            "space_size": space_size(space_for(grid.raw, "random", 0, 1))},
+            "auto_choice": {"sampler": auto.sampler, "why": auto.why}}
+        runs, infeasible = {}, {}
+        for sampler in args.samplers.split(","):
+            t1 = time.perf_counter()
+            runs[sampler], infeasible[sampler] = curves(grid, sampler, args.seeds, trials)
+            print(f"{grid.name} {sampler}: {time.perf_counter() - t1:.0f} s", flush=True)
+        res["samplers"] = sampler_table(grid, runs)
+        if "auto" in runs and "random" in runs:
+            res["must_show"] = must_show_auto(grid, runs)
+        at10 = budget(grid, 0.10)
+        if "hidden" not in skip:
+            res["hidden"] = {}
+            for sampler in ("tpe", "gp", "nsga2"):
+                if sampler not in runs:
+                    continue
+                hidden, spent = curves(grid, sampler, args.seeds, at10, hide_infeasible=True)
+                res["hidden"][sampler] = {
+                    "with": float(np.median(runs[sampler][:, at10 - 1])), "hidden": float(np.median(hidden[:, -1])),
+                    "infeasible_with": float(np.mean(infeasible[sampler][:, at10 - 1])),
+                    "infeasible_hidden": float(np.mean(spent[:, -1]))}
+        if "warm" not in skip:
+            res["warm_start"] = warm_experiment(grid, args.seeds)
+        if "parallel" not in skip:
+            res["parallel"] = [parallel_experiment(grid, args.seeds, s, budget(grid, 0.20)) for s in ("tpe", "gp")]
+        res["wall_s"] = time.perf_counter() - t0
+        all_results[grid.name] = res
+        print(json.dumps({k: v for k, v in res.items() if k not in ("samplers",)}, default=_short, indent=1)[:3000])
+    (out / "search_efficiency.json").write_text(json.dumps(all_results, indent=1, default=float))
+    figure(all_results).write_html(out / "search_efficiency.html", include_plotlyjs="cdn")
+    (out / "search_efficiency.md").write_text(markdown(all_results))
+    print(markdown(all_results))
+    return 0
+
+
+def _short(value: Any) -> Any:
+    return float(value) if isinstance(value, (np.floating, np.integer)) else str(value)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
