@@ -127,6 +127,10 @@ def test_warm_start_identical_space_copies_every_trial(tmp_path):
     # The copies were measured there: this study's budget of 2 is spent on 2 new trials.
     assert summary.counted == counted_trials(study) == 2 and len(study.trials) == 6
     assert study.user_attrs["warm_start"] == {"study": "earlier", "mode": "identical", "trials": [0, 1, 2, 3]}
+    from reports.frames import trials_frame
+
+    origins = trials_frame(study)["warm_start_from"]
+    assert list(origins[:4]) == ["earlier#0", "earlier#1", "earlier#2", "earlier#3"] and origins[4:].isna().all()
     # Running again does not carry the trials over a second time.
     run(space, url, tmp_path)
     assert sum(bool(t.user_attrs.get("carried_over")) for t in study.get_trials()) == 4
