@@ -50,8 +50,8 @@ warnings.filterwarnings("ignore", message=".*independent sampl.*")
 
 GRIDS = Path(__file__).resolve().parent / "grids"
 SAMPLERS = ("auto", "tpe", "gp", "nsga2", "random")
-BUDGET_SHARES = (0.05, 0.10, 0.15, 0.20, 0.30)
-MAX_SHARE = 0.30
+BUDGET_SHARES = (0.05, 0.10, 0.15, 0.20)
+MAX_SHARE = 0.20
 
 
 @dataclass
@@ -64,6 +64,8 @@ class Grid:
     reference: list[float]
     full_hv: float
     feasible_points: int
+    reference_worst: list[float]  # the reports' rule: every feasible point's worst value + 10 % span
+    full_hv_worst: float
 
 
 def replay_raw(csv_path: Path) -> dict[str, Any]:
@@ -97,7 +99,9 @@ def load_grid(csv_path: Path) -> Grid:
     # a point counts once it is near the front, so a worst-case outlier (one 46 ms TPOT hiccup
     # of the CPU grid) cannot make every early trial look 60 % good.
     ref = reference_point([t.values for t in study.best_trials], directions)
-    return Grid(csv_path.stem, raw, table, len(points), directions, ref, hypervolume(ok, directions, ref), len(ok))
+    worst = reference_point(ok, directions)
+    return Grid(csv_path.stem, raw, table, len(points), directions, ref, hypervolume(ok, directions, ref), len(ok),
+                worst, hypervolume(ok, directions, worst))
 
 
 def _answer(study: optuna.Study, trial: optuna.Trial, space: Any, table: ReplayTable, params: dict[str, Any]) -> None:
@@ -113,8 +117,9 @@ def _answer(study: optuna.Study, trial: optuna.Trial, space: Any, table: ReplayT
 
 def run_search(grid: Grid, sampler: str, seed: int, trials: int, workers: int = 1, hide_infeasible: bool = False,
                seeded: optuna.Study | None = None, warm_raw: dict[str, Any] | None = None) -> np.ndarray:
-    """[2, trials]: the feasible-hypervolume fraction after each trial of one seeded study on the
-    grid, and the number of infeasible trials run so far."""
+    """[3, trials]: the feasible-hypervolume fraction after each trial of one seeded study on the
+    grid, the number of infeasible trials run so far, and the fraction under the worst-point
+    reference."""
     space = space_for(warm_raw or grid.raw, sampler if sampler in SAMPLERS else "random", seed, trials)
     directions = grid.directions
     study = optuna.create_study(directions=directions, sampler=make_sampler(space))
@@ -138,7 +143,9 @@ def run_search(grid: Grid, sampler: str, seed: int, trials: int, workers: int = 
     ran = ledger.trials[carried:] if ledger is study else ledger.trials
     start = [t for t in ledger.trials[:carried]]
     history = hypervolume_history(start + ran, directions, grid.reference)[len(start):]
-    return np.array([[h / grid.full_hv for h in history], np.cumsum([not feasible(t) for t in ran])])
+    worst = hypervolume_history(start + ran, directions, grid.reference_worst)[len(start):]
+    return np.array([[h / grid.full_hv for h in history], np.cumsum([not feasible(t) for t in ran]),
+                     [h / grid.full_hv_worst for h in worst]])
 
 
 def _tell_hidden(study: optuna.Study, ledger: optuna.Study, trial: optuna.Trial, space: Any,
@@ -160,8 +167,13 @@ def _tell_hidden(study: optuna.Study, ledger: optuna.Study, trial: optuna.Trial,
 
 def curves(grid: Grid, sampler: str, seeds: int, trials: int, **kw: Any) -> tuple[np.ndarray, np.ndarray]:
     """[seeds, trials] hypervolume fractions, and [seeds, trials] infeasible trials so far."""
+    return tuple(all_curves(grid, sampler, seeds, trials, **kw)[:2])
+
+
+def all_curves(grid: Grid, sampler: str, seeds: int, trials: int, **kw: Any) -> np.ndarray:
+    """[3, seeds, trials]: fractions (front-nadir reference), infeasible so far, fractions (worst point)."""
     runs = np.array([run_search(grid, sampler, seed, trials, **kw) for seed in range(seeds)])
-    return runs[:, 0], runs[:, 1]
+    return runs.transpose(1, 0, 2)
 
 
 def trials_to_reach(median: np.ndarray, target: float) -> int | None:
@@ -173,13 +185,18 @@ def budget(grid: Grid, share: float) -> int:
     return max(1, round(share * grid.points))
 
 
-def sampler_table(grid: Grid, results: dict[str, np.ndarray]) -> dict[str, Any]:
+def sampler_table(grid: Grid, results: dict[str, np.ndarray], worst: dict[str, np.ndarray],
+                  infeasible: dict[str, np.ndarray]) -> dict[str, Any]:
     out = {}
+    at10 = budget(grid, 0.10)
     for name, runs in results.items():
         median = np.median(runs, axis=0)
         out[name] = {"median_at": {f"{share:.0%}": float(median[budget(grid, share) - 1]) for share in BUDGET_SHARES
                                    if budget(grid, share) <= len(median)},
                      "trials_to_95": trials_to_reach(median, 0.95),
+                     "worst_reference_at_10%": float(np.median(worst[name][:, at10 - 1])),
+                     "worst_reference_trials_to_95": trials_to_reach(np.median(worst[name], axis=0), 0.95),
+                     "infeasible_at_10%": float(np.mean(infeasible[name][:, at10 - 1])),
                      "median_curve": median.tolist()}
     return out
 
@@ -204,7 +221,7 @@ def warm_experiment(grid: Grid, seeds: int, cold_trials: int = 30, limit: int = 
     """
     cold, _ = curves(grid, "auto", seeds, cold_trials)
     target = float(np.median(cold[:, -1]))
-    out: dict[str, Any] = {"cold_30_median": target}
+    out: dict[str, Any] = {"cold_30_median": target, "seeds": seeds}
     narrow = _narrowed(grid.raw)
     for mode, earlier_raw in (("identical", grid.raw), ("overlapping", narrow)):
         runs = []
@@ -214,8 +231,7 @@ def warm_experiment(grid: Grid, seeds: int, cold_trials: int = 30, limit: int = 
         runs = np.array(runs)
         median = np.median(runs, axis=0)
         out[mode] = {"median_curve": median.tolist(), "trials_to_cold_30": trials_to_reach(median, target),
-                     "within_10": bool(median[-1] >= target - 1e-12),
-                     "carried_per_study": None}
+                     "within_10": bool(median[-1] >= target - 1e-12)}
     out["narrowed_params"] = {k: v for k, v in narrow["params"].items() if v != grid.raw["params"][k]}
     return out
 
@@ -241,14 +257,18 @@ def _finished_study(grid: Grid, raw: dict[str, Any], sampler: str, seed: int, tr
     return study
 
 
-def parallel_experiment(grid: Grid, seeds: int, sampler: str, trials: int) -> dict[str, Any]:
-    """Trials 4 simulated workers need to reach the 1-worker median HV at 10 % of the grid."""
-    one, _ = curves(grid, sampler, seeds, trials)
-    four, _ = curves(grid, sampler, seeds, trials, workers=4)
+def parallel_experiment(grid: Grid, one: np.ndarray, seeds: int, sampler: str) -> dict[str, Any]:
+    """Trials 4 simulated workers need to reach the 1-worker median HV at 10 % of the grid.
+
+    `one` holds the 1-worker runs ([seeds, trials]); the 4-worker runs ask 4 trials (each worker
+    with its own sampler, seeded as `run_study` seeds workers), then tell all 4, up to as many
+    trials as `one` has.
+    """
+    four, _ = curves(grid, sampler, seeds, one.shape[1], workers=4)
     at = budget(grid, 0.10)
     target = float(np.median(one, axis=0)[at - 1])
     need = trials_to_reach(np.median(four, axis=0), target)
-    return {"sampler": sampler, "one_worker_trials": at, "one_worker_median": target,
+    return {"sampler": sampler, "seeds": seeds, "one_worker_trials": at, "one_worker_median": target,
             "four_workers_trials": need, "ratio": None if need is None else need / at,
             "median_curve_1": np.median(one, axis=0).tolist(), "median_curve_4": np.median(four, axis=0).tolist()}
 
@@ -281,24 +301,55 @@ def markdown(all_results: dict[str, Any]) -> str:
     lines = []
     for name, res in all_results.items():
         g = res["grid"]
-        lines += [f"### Grid `{name}`: {g['points']} points, {g['feasible_points']} feasible, "
-                  f"objectives {', '.join(g['objectives'])}; {res['seeds']} seeds", "",
+        at10 = budget_points(g, 0.10)
+        lines += [f"### Grid `{name}`: {g['points']} points, {g['feasible_points']} feasible; objectives "
+                  f"{', '.join(g['objectives'])}; median over {res['seeds']} seeds", "",
+                  f"`auto` chose `{res['auto_choice']['sampler']}` ({res['auto_choice']['why']}).", "",
                   "| sampler | " + " | ".join(f"HV at {s:.0%} ({budget_points(g, s)} trials)" for s in BUDGET_SHARES)
-                  + " | trials to 95 % |", "|---" * (len(BUDGET_SHARES) + 2) + "|"]
+                  + " | trials to 95 % | worst-point reference: HV at 10 % / trials to 95 % "
+                  "| infeasible trials in the first 10 % (mean) |", "|---" * (len(BUDGET_SHARES) + 4) + "|"]
         for sampler, row in res["samplers"].items():
             cells = [f"{100 * row['median_at'][f'{s:.0%}']:.1f} %" if f"{s:.0%}" in row["median_at"] else "—"
                      for s in BUDGET_SHARES]
-            reach = row["trials_to_95"]
-            lines.append(f"| {sampler} | " + " | ".join(cells) + f" | {reach if reach else '> ' + str(res['trials'])} |")
+            reach, wreach = row["trials_to_95"], row["worst_reference_trials_to_95"]
+            lines.append(f"| {sampler} | " + " | ".join(cells) + f" | {reach or '> ' + str(res['trials'])} | "
+                         f"{100 * row['worst_reference_at_10%']:.1f} % / {wreach or '> ' + str(res['trials'])} | "
+                         f"{row['infeasible_at_10%']:.1f} of {at10} |")
         lines.append("")
+        if "must_show" in res:
+            m = res["must_show"]
+            lines += [f"Must-show: `auto` reaches 95 % in {m['auto_trials_to_95'] or 'more than ' + str(res['trials'])} "
+                      f"trials (limit {m['limit_10pct']}, 10 %): {'met' if m['auto_95_within_10pct'] else 'NOT met'}; "
+                      f"beats random at every budget 5-20 %: {'met' if m['auto_beats_random_5_to_20pct'] else 'NOT met'}"
+                      + (f" (not at {m['budgets_not_beaten']})" if m["budgets_not_beaten"] else "") + ".", ""]
         if "hidden" in res:
-            lines += ["Infeasible trials hidden from the sampler (FAIL, no constraints) vs recorded as constraints, "
-                      "median HV at 10 % of the grid:", "", "| sampler | constraints | hidden | infeasible trials "
-                      "spent (constraints / hidden, mean) |", "|---|---|---|---|"]
+            lines += [f"Infeasible trials recorded as constraints (what the tuner does) vs hidden from the sampler "
+                      f"(FAIL, no constraints), at 10 % of the grid ({at10} trials):", "",
+                      "| sampler | median HV, constraints | median HV, hidden | infeasible trials, constraints "
+                      "| infeasible trials, hidden |", "|---|---|---|---|---|"]
             for sampler, row in res["hidden"].items():
                 lines.append(f"| {sampler} | {100 * row['with']:.1f} % | {100 * row['hidden']:.1f} % | "
-                             f"{row['infeasible_with']:.1f} / {row['infeasible_hidden']:.1f} |")
+                             f"{row['infeasible_with']:.1f} | {row['infeasible_hidden']:.1f} |")
             lines.append("")
+        if "warm_start" in res:
+            w = res["warm_start"]
+            lines += [f"Warm start (`auto`, {w['seeds']} seeds): a cold study's median HV after 30 trials is "
+                      f"{100 * w['cold_30_median']:.1f} %. Warm-started from an earlier 30-trial study:"]
+            for mode in ("identical", "overlapping"):
+                curve = w[mode]["median_curve"]
+                reach = w[mode]["trials_to_cold_30"]
+                lines.append(f"- {mode}: reaches it after {reach if reach else 'more than ' + str(len(curve))} of its own "
+                             f"trials (median HV after 1 / 5 / 10: {100 * curve[0]:.1f} / {100 * curve[4]:.1f} / "
+                             f"{100 * curve[-1]:.1f} %)" + (f"; earlier space narrowed to {w['narrowed_params']}"
+                                                            if mode == "overlapping" else ""))
+            lines.append("")
+        for par in res.get("parallel", []):
+            need = par["four_workers_trials"]
+            lines.append(f"Parallel (`{par['sampler']}`, {par['seeds']} seeds): 1 worker reaches a median "
+                         f"{100 * par['one_worker_median']:.1f} % in {par['one_worker_trials']} trials; 4 simulated "
+                         f"workers need {need if need else 'more than ' + str(len(par['median_curve_4']))} trials"
+                         + (f" ({par['ratio']:.2f}x)" if par["ratio"] else "") + ".")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -309,6 +360,7 @@ def budget_points(g: dict[str, Any], share: float) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=20)
+    p.add_argument("--extra-seeds", type=int, default=10, help="seeds of the warm-start and parallel runs")
     p.add_argument("--grids", default="", help="comma-separated grid names (default: every grids/*.csv)")
     p.add_argument("--samplers", default=",".join(SAMPLERS))
     p.add_argument("--skip", default="", help="comma-separated: hidden,warm,parallel")
@@ -332,12 +384,12 @@ def main(argv: list[str] | None = None) -> int:
                                                          for o in grid.raw["objectives"]],
             "space_size": space_size(space_for(grid.raw, "random", 0, 1))},
             "auto_choice": {"sampler": auto.sampler, "why": auto.why}}
-        runs, infeasible = {}, {}
+        runs, infeasible, worst = {}, {}, {}
         for sampler in args.samplers.split(","):
             t1 = time.perf_counter()
-            runs[sampler], infeasible[sampler] = curves(grid, sampler, args.seeds, trials)
+            runs[sampler], infeasible[sampler], worst[sampler] = all_curves(grid, sampler, args.seeds, trials)
             print(f"{grid.name} {sampler}: {time.perf_counter() - t1:.0f} s", flush=True)
-        res["samplers"] = sampler_table(grid, runs)
+        res["samplers"] = sampler_table(grid, runs, worst, infeasible)
         if "auto" in runs and "random" in runs:
             res["must_show"] = must_show_auto(grid, runs)
         at10 = budget(grid, 0.10)
@@ -352,9 +404,10 @@ def main(argv: list[str] | None = None) -> int:
                     "infeasible_with": float(np.mean(infeasible[sampler][:, at10 - 1])),
                     "infeasible_hidden": float(np.mean(spent[:, -1]))}
         if "warm" not in skip:
-            res["warm_start"] = warm_experiment(grid, args.seeds)
+            res["warm_start"] = warm_experiment(grid, args.extra_seeds)
         if "parallel" not in skip:
-            res["parallel"] = [parallel_experiment(grid, args.seeds, s, budget(grid, 0.20)) for s in ("tpe", "gp")]
+            res["parallel"] = [parallel_experiment(grid, runs[s][: args.extra_seeds], args.extra_seeds, s)
+                               for s in ("auto", "tpe") if s in runs]
         res["wall_s"] = time.perf_counter() - t0
         all_results[grid.name] = res
         print(json.dumps({k: v for k, v in res.items() if k not in ("samplers",)}, default=_short, indent=1)[:3000])

@@ -24,8 +24,14 @@ from tuner.space import PlateauStop, Space, WarmStart
 
 @dataclass(frozen=True)
 class AutoChoice:
-    sampler: str  # tpe | gp | nsga2 | random
+    sampler: str  # grid | gp | tpe
     why: str
+    n_startup_trials: int | None = None  # random trials before the model takes over
+
+
+# Above this budget the GP's per-suggestion cost (a cubic fit per objective and constraint)
+# grows to seconds, while TPE stays at milliseconds.
+GP_MAX_TRIALS = 200
 
 
 def space_size(space: Space) -> float:
@@ -48,23 +54,30 @@ def categorical_share(space: Space) -> float:
 
 
 def auto_sampler(space: Space) -> AutoChoice:
-    """What `sampler: auto` runs, from the space's size, objectives, constraints and kinds.
+    """What `sampler: auto` runs, from the space's size, the budget and the objectives.
 
-    Measured on the replay grids (BENCHMARKS.md): multivariate TPE with the constant liar is
-    the one choice that is never far from the best at 5-20 % of a grid, learns infeasible
-    regions through the constraints Optuna hands it, and stays cheap per suggestion; the GP
-    sampler ties or wins on small, mostly numeric spaces but models categorical knobs poorly and
-    costs seconds per suggestion at a few hundred trials; NSGA-II needs a population of
-    generations (hundreds of trials) before it beats random.
+    Measured on the replayed CPU grid (benchmarks/search_efficiency.py, BENCHMARKS.md "Search
+    efficiency"; 180 points, 4 of 5 knobs categorical, 3 objectives, 56 % infeasible), median
+    feasible hypervolume at 10 % of the grid: GP (3 random start-up trials) 0.91, GP (10) 0.79,
+    multivariate TPE 0.47, NSGA-II 0.25, random 0.29. So, in order:
+    - a space no larger than the budget is searched exhaustively (grid): nothing beats it;
+    - up to GP_MAX_TRIALS trials and 3 objectives: Optuna's GP sampler, with few start-up trials.
+      It models constraints (one GP each, so the `runnable` and bound constraints steer it away
+      from infeasible regions) and conditions on running trials (parallel workers). A large
+      categorical share did not hurt it on the measured grid, so it does not decide here;
+    - otherwise multivariate TPE with the constant liar: cheap per suggestion at any budget and
+      any number of objectives. NSGA-II is never chosen: it needs generations of a population
+      (hundreds of trials) before it beats random.
     """
     budget = space.search.trials
     size = space_size(space)
     if size <= budget:
         return AutoChoice("grid", f"the space has {size:.0f} points, no more than the {budget}-trial budget")
-    if categorical_share(space) <= 0.5 and len(space.objectives) <= 3 and budget <= 200:
-        return AutoChoice("gp", "mostly numeric knobs and a small budget: a Gaussian process models them "
-                                "best per trial")
-    return AutoChoice("tpe", "categorical-heavy or large: multivariate TPE with the constant liar")
+    if budget <= GP_MAX_TRIALS and len(space.objectives) <= 3:
+        return AutoChoice("gp", f"{budget} trials, {len(space.objectives)} objective(s): a Gaussian process "
+                                f"learns most per trial", n_startup_trials=max(3, min(10, budget // 10)))
+    return AutoChoice("tpe", f"{budget} trials, {len(space.objectives)} objective(s): multivariate TPE "
+                             f"(cheap per suggestion)")
 
 
 # ---------------------------------------------------------------- hypervolume

@@ -72,7 +72,10 @@ def make_sampler(space: Space, salt: str = "") -> optuna.samplers.BaseSampler:
     search = space.search
     seed = search.seed if not salt else _salted_seed(search.seed, salt)
     startup = search.n_startup_trials or min(10, max(2, search.trials // 3))
-    name = search_policy.auto_sampler(space).sampler if search.sampler == "auto" else search.sampler
+    name = search.sampler
+    if name == "auto":
+        choice = search_policy.auto_sampler(space)
+        name, startup = choice.sampler, search.n_startup_trials or choice.n_startup_trials or startup
     # Every sampler below reads the constraints each trial records (`trial.set_constraint`:
     # runnable, and one per bound), so infeasible configs steer it away from their region.
     if name == "tpe":
