@@ -116,14 +116,16 @@ def test_plateau_ends_a_study_and_the_summary_says_so(tmp_path, capsys):
 def test_warm_start_identical_space_copies_every_trial(tmp_path):
     table = saturating_table(tmp_path / "t.csv")
     url = str(tmp_path / "j.journal")
-    earlier, _ = run(validate(raw(table, "earlier", trials=4), "s.yaml", "s"), url, tmp_path,
-                     [{"batch_size": b} for b in (1, 2, 3, 5)])
+    earlier, _ = run(validate(raw(table, "earlier", trials=4, baseline=True), "s.yaml", "s"), url, tmp_path,
+                     [{"batch_size": b} for b in (2, 3, 5)])
     assert earlier.counted == 4
-    space = validate(raw(table, "later", trials=2, warm_start={"study": "earlier"}), "s.yaml", "s")
+    space = validate(raw(table, "later", trials=2, warm_start={"study": "earlier"}, baseline=True), "s.yaml", "s")
     summary, study = run(space, url, tmp_path)
     carried = [t for t in study.trials if t.user_attrs.get("carried_over")]
     assert [t.user_attrs["warm_start_from"] for t in carried] == [{"study": "earlier", "trial": n} for n in range(4)]
-    assert [t.values for t in carried] == [[100.0, 10.0], [200.0, 10.0], [300.0, 10.0], [400.0, 10.0]]
+    # The baseline (the table's first row: batch 1) was measured there and is not queued again.
+    assert sorted(t.values[0] for t in carried) == [100.0, 200.0, 300.0, 400.0]
+    assert [t.params for t in study.trials if t.user_attrs.get("baseline")] == [{"batch_size": 1}]
     # The copies were measured there: this study's budget of 2 is spent on 2 new trials.
     assert summary.counted == counted_trials(study) == 2 and len(study.trials) == 6
     assert study.user_attrs["warm_start"] == {"study": "earlier", "mode": "identical", "trials": [0, 1, 2, 3]}
@@ -151,11 +153,13 @@ def test_warm_start_overlapping_space_enqueues_the_earlier_front(tmp_path):
     # Another range: batch 1 is no longer searched, 8 and int4 are new.
     wide = {"batch_size": {"type": "categorical", "choices": [2, 4, 8]},
             "quant_bits": {"type": "categorical", "choices": [16, 8, 4]}}
-    space = validate(raw(table, "later", wide, trials=6, warm_start={"study": "earlier"}), "s.yaml", "s")
+    space = validate(raw(table, "later", wide, trials=6, warm_start={"study": "earlier"}, baseline=True),
+                     "s.yaml", "s")
     summary, study = run(space, url, tmp_path)
     expected = {n: p for n, p in front.items() if p["batch_size"] != 1}
     seeded = [t for t in study.trials if t.user_attrs.get("warm_start_from")]
-    assert [t.number for t in seeded] == list(range(len(expected)))  # run first
+    assert study.trials[0].user_attrs.get("baseline")  # the baseline stays first ...
+    assert [t.number for t in seeded] == list(range(1, 1 + len(expected)))  # ... then the carried configs
     assert {t.user_attrs["warm_start_from"]["trial"]: t.params for t in seeded} == expected
     assert not any(t.user_attrs.get("carried_over") for t in study.trials)
     assert summary.counted == 6 and study.user_attrs["warm_start"]["mode"] == "overlapping"

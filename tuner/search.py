@@ -8,7 +8,7 @@ grids replayed through `runner: replay` (BENCHMARKS.md, "Search efficiency").
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -198,18 +198,21 @@ def _space_signature(raw: dict[str, Any]) -> dict[str, Any]:
     return {k: raw.get(k) for k in keys}
 
 
-def warm_start(study: optuna.Study, space: Space, source: optuna.Study) -> WarmStartResult:
+def warm_start(study: optuna.Study, space: Space, source: optuna.Study,
+               before_enqueue: Callable[[], None] = lambda: None) -> WarmStartResult:
     """Seed a fresh study with `source`'s knowledge; each seeded trial carries `warm_start_from`.
 
     Identical spaces: every finished trial is copied with `add_trials` (values, constraints and
     user attributes as measured), marked `carried_over`, and does not use this study's budget.
     Overlapping spaces (another model size, GPU, range): the source's feasible Pareto set is
     enqueued first, each config cut to this space's params and dropped where a value falls
-    outside this space's ranges; those trials run here and count.
+    outside this space's ranges; those trials run here and count, after whatever
+    `before_enqueue` queues (the study's baseline, so it stays the first trial).
     """
     earlier = source.user_attrs.get("space") or {}
     if earlier and _space_signature(earlier) == _space_signature(space.raw):
         return _copy_trials(study, source)
+    before_enqueue()
     return _enqueue_front(study, space, source)
 
 

@@ -309,8 +309,8 @@ def run_study(space: Space, storage: optuna.storages.BaseStorage, options: RunOp
     claims = ClaimLock(options.storage_url, storage, space.study)
     with claims:
         recover_dead_workers(study, storage, progress)
-        ensure_baseline(study, space)
         apply_warm_start(study, space, options.storage_url, progress)
+        ensure_baseline(study, space)
         ticket = _worker_ticket(study)
     if ticket:
         study.sampler = make_sampler(space, salt=f"worker {ticket}")
@@ -359,12 +359,16 @@ def run_study(space: Space, storage: optuna.storages.BaseStorage, options: RunOp
 
 
 def apply_warm_start(study: optuna.Study, space: Space, storage_url: str, progress: Progress) -> None:
-    """`search.warm_start`, once per study (under the claim lock): seed it from the earlier study."""
+    """`search.warm_start`, once per study (under the claim lock): seed it from the earlier study.
+
+    An identical space's copies include the earlier baseline, so none is queued again; for an
+    overlapping space the baseline is queued before the carried configs, so it stays first.
+    """
     rule = space.search.warm_start
     if rule is None or "warm_start" in study.user_attrs:
         return
     source = search_policy.load_source(rule, storage_url)
-    result = search_policy.warm_start(study, space, source)
+    result = search_policy.warm_start(study, space, source, lambda: ensure_baseline(study, space))
     study.set_user_attr("warm_start", {"study": result.source, "mode": result.mode, "trials": result.carried})
     progress.say(f"warm start from study {result.source}: {result.detail} "
                  f"(trials {_numbers(result.carried)}; user attr warm_start_from)")
