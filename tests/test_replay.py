@@ -135,6 +135,20 @@ def test_replay_study_goes_through_the_launcher_and_constraints(tmp_path):
     assert [t.number for t in study.best_trials] == [trials[4, 16].number]
 
 
+@pytest.mark.slow
+def test_report_reads_a_replay_study_like_any_other(tmp_path):
+    import pandas as pd
+
+    path = write_table(tmp_path / "t.csv")
+    space = validate(replay_raw(path, sampler="grid", trials=9), "r.yaml", "r")
+    url = str(tmp_path / "j.journal")
+    run_study(space, open_storage(url), RunOptions(url, tmp_path / "out", quiet=True))
+    assert cli_main(["report", "--study", "replayed", "--storage", url, "--out", str(tmp_path / "report")]) == 0
+    frame = pd.read_csv(tmp_path / "report" / "trials.csv")
+    assert sorted(frame["throughput_tok_s"].dropna()) == [380.0, 410.0]
+    assert (frame["reason"] == "not in table").sum() == 6
+
+
 # ---------------------------------------------------------------- export round trip
 
 
