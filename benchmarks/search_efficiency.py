@@ -211,19 +211,22 @@ def must_show_auto(grid: Grid, results: dict[str, np.ndarray]) -> dict[str, Any]
             "auto_beats_random_5_to_20pct": not losses, "budgets_not_beaten": losses}
 
 
-def warm_experiment(grid: Grid, seeds: int, cold_trials: int = 30, limit: int = 10) -> dict[str, Any]:
+def warm_experiment(grid: Grid, seeds: int, cold_trials: int = 30, limit: int = 10,
+                    modes: tuple[str, ...] = ("identical", "overlapping")) -> dict[str, Any]:
     """A cold study's HV at 30 trials vs a warm-started one's after each of its own trials.
 
     identical: the earlier study is a cold 30-trial study on the same space (other seed), copied
-    with add_trials. overlapping: the earlier study searched a narrower range (each categorical
-    knob's first choice dropped, as if the first study had not offered it); its Pareto set is
-    enqueued into a study over the full space.
+    with add_trials. overlapping: the earlier study's range stopped below the largest value of the
+    first multi-valued knob (the new study extends it, e.g. batch sizes up to 16 instead of 8);
+    its Pareto set is enqueued into a study over the full space.
     """
     cold, _ = curves(grid, "auto", seeds, cold_trials)
     target = float(np.median(cold[:, -1]))
     out: dict[str, Any] = {"cold_30_median": target, "seeds": seeds}
     narrow = _narrowed(grid.raw)
     for mode, earlier_raw in (("identical", grid.raw), ("overlapping", narrow)):
+        if mode not in modes:
+            continue
         runs = []
         for seed in range(seeds):
             earlier = _finished_study(grid, earlier_raw, "auto", 1000 + seed, cold_trials)
@@ -233,15 +236,21 @@ def warm_experiment(grid: Grid, seeds: int, cold_trials: int = 30, limit: int = 
         out[mode] = {"median_curve": median.tolist(), "trials_to_cold_30": trials_to_reach(median, target),
                      "within_10": bool(median[-1] >= target - 1e-12)}
     out["narrowed_params"] = {k: v for k, v in narrow["params"].items() if v != grid.raw["params"][k]}
+    if "overlapping" not in modes:
+        out.pop("narrowed_params")
     return out
 
 
 def _narrowed(raw: dict[str, Any]) -> dict[str, Any]:
-    params = {}
-    for name, spec in raw["params"].items():
+    """The space with its first multi-valued knob's largest value left out (a shorter range)."""
+    params = dict(raw["params"])
+    for name, spec in params.items():
         if spec.get("type") == "categorical" and len(spec["choices"]) > 2:
-            spec = {**spec, "choices": spec["choices"][1:]}
-        params[name] = spec
+            params[name] = {**spec, "choices": [c for c in spec["choices"] if c != max(spec["choices"])]}
+            break
+        if spec.get("type") in ("int", "float") and spec.get("step"):
+            params[name] = {**spec, "high": spec["high"] - spec["step"]}
+            break
     return {**raw, "params": params, "study": raw["study"] + "_narrow"}
 
 
@@ -336,6 +345,8 @@ def markdown(all_results: dict[str, Any]) -> str:
             lines += [f"Warm start (`auto`, {w['seeds']} seeds): a cold study's median HV after 30 trials is "
                       f"{100 * w['cold_30_median']:.1f} %. Warm-started from an earlier 30-trial study:"]
             for mode in ("identical", "overlapping"):
+                if mode not in w:
+                    continue
                 curve = w[mode]["median_curve"]
                 reach = w[mode]["trials_to_cold_30"]
                 lines.append(f"- {mode}: reaches it after {reach if reach else 'more than ' + str(len(curve))} of its own "
@@ -364,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grids", default="", help="comma-separated grid names (default: every grids/*.csv)")
     p.add_argument("--samplers", default=",".join(SAMPLERS))
     p.add_argument("--skip", default="", help="comma-separated: hidden,warm,parallel")
+    p.add_argument("--warm-modes", default="identical,overlapping")
     p.add_argument("--out", default="runs/search_efficiency")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -404,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
                     "infeasible_with": float(np.mean(infeasible[sampler][:, at10 - 1])),
                     "infeasible_hidden": float(np.mean(spent[:, -1]))}
         if "warm" not in skip:
-            res["warm_start"] = warm_experiment(grid, args.extra_seeds)
+            res["warm_start"] = warm_experiment(grid, args.extra_seeds, modes=tuple(args.warm_modes.split(",")))
         if "parallel" not in skip:
             res["parallel"] = [parallel_experiment(grid, runs[s][: args.extra_seeds], args.extra_seeds, s)
                                for s in ("auto", "tpe") if s in runs]
