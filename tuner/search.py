@@ -80,6 +80,57 @@ def auto_sampler(space: Space) -> AutoChoice:
                              f"(cheap per suggestion)")
 
 
+class NoRepeatSampler(optuna.samplers.BaseSampler):
+    """A model-based sampler that never spends a trial on a config already tried or running.
+
+    In a finite space Optuna's GP can get stuck proposing one measured point again and again
+    (measured on the CPU grid: 16 of 22 trials of one seed were the same config), and two
+    workers can be handed the same config at once. A repeat would re-measure what is known, so
+    when the inner sampler's joint suggestion equals a finished or running trial's config, this
+    trial is drawn at random instead (a cheap exploration step).
+    """
+
+    def __init__(self, inner: optuna.samplers.BaseSampler, seed: int | None = None) -> None:
+        self._inner = inner
+        self._random = optuna.samplers.RandomSampler(seed=seed)
+        self._explore: set[int] = set()  # trial ids drawn at random instead of a repeat
+
+    def reseed_rng(self) -> None:
+        self._inner.reseed_rng()
+        self._random.reseed_rng()
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
+        return self._inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, Any]) -> dict[str, Any]:
+        params = self._inner.sample_relative(study, trial, search_space)
+        if params and _is_repeat(study, trial, params):
+            self._explore.add(trial._trial_id)
+            return {}
+        return params
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, name: str,
+                           distribution: optuna.distributions.BaseDistribution) -> Any:
+        sampler = self._random if trial._trial_id in self._explore else self._inner
+        return sampler.sample_independent(study, trial, name, distribution)
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self._inner.before_trial(study, trial)
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
+                    values: Sequence[float] | None) -> None:
+        self._explore.discard(trial._trial_id)
+        self._inner.after_trial(study, trial, state, values)
+
+
+def _is_repeat(study: optuna.Study, trial: FrozenTrial, params: dict[str, Any]) -> bool:
+    for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)):
+        if other._trial_id != trial._trial_id and all(
+                k in other.params and other.params[k] == v for k, v in params.items()):
+            return True
+    return False
+
+
 # ---------------------------------------------------------------- hypervolume
 
 

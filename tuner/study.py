@@ -72,10 +72,19 @@ def make_sampler(space: Space, salt: str = "") -> optuna.samplers.BaseSampler:
     search = space.search
     seed = search.seed if not salt else _salted_seed(search.seed, salt)
     startup = search.n_startup_trials or min(10, max(2, search.trials // 3))
-    name = search.sampler
-    if name == "auto":
+    if search.sampler == "auto":
         choice = search_policy.auto_sampler(space)
-        name, startup = choice.sampler, search.n_startup_trials or choice.n_startup_trials or startup
+        if choice.sampler == "grid":
+            return _named_sampler(space, "grid", seed, startup)
+        startup = search.n_startup_trials or choice.n_startup_trials or startup
+        # `auto` never repeats a tried or running config of a finite space (NoRepeatSampler).
+        inner = _named_sampler(space, choice.sampler, seed, startup)
+        return search_policy.NoRepeatSampler(inner, seed) if search_policy.space_size(space) < math.inf else inner
+    return _named_sampler(space, search.sampler, seed, startup)
+
+
+def _named_sampler(space: Space, name: str, seed: int, startup: int) -> optuna.samplers.BaseSampler:
+    search = space.search
     # Every sampler below reads the constraints each trial records (`trial.set_constraint`:
     # runnable, and one per bound), so infeasible configs steer it away from their region.
     if name == "tpe":
