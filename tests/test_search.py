@@ -186,3 +186,47 @@ def test_auto_takes_the_grid_when_the_budget_covers_the_space(tmp_path):
     assert space_size(small) == 12 and auto_sampler(small).sampler == "grid"
     bigger = validate(raw(table, sampler="auto", trials=6), "s.yaml", "s")
     assert auto_sampler(bigger).sampler != "grid"
+
+
+class AlwaysOne(optuna.samplers.BaseSampler):
+    """A model that always proposes x = 1 jointly (what a stuck GP does in a finite space)."""
+
+    def infer_relative_search_space(self, study, trial):
+        return {"x": optuna.distributions.IntDistribution(0, 999)}
+
+    def sample_relative(self, study, trial, search_space):
+        return {"x": 1}
+
+    def sample_independent(self, study, trial, name, distribution):
+        raise AssertionError("the joint suggestion covers every param")
+
+
+def test_no_repeat_sampler_explores_instead_of_repeating_a_tried_or_running_config():
+    from tuner.search import NoRepeatSampler
+
+    study = optuna.create_study(sampler=NoRepeatSampler(AlwaysOne(), seed=0))
+    dist = {"x": optuna.distributions.IntDistribution(0, 999)}
+    running = study.ask(dist)
+    assert running.params["x"] == 1
+    concurrent = study.ask(dist)  # x = 1 is running: another worker gets something else
+    assert concurrent.params["x"] != 1
+    study.tell(running, 1.0)
+    study.tell(concurrent, 2.0)
+    later = [study.ask(dist) for _ in range(4)]
+    xs = [t.params["x"] for t in later]
+    assert 1 not in xs and len(set(xs)) == 4
+
+
+def test_auto_wraps_only_finite_spaces(tmp_path):
+    from tuner.search import NoRepeatSampler
+    from tuner.study import make_sampler
+
+    table = saturating_table(tmp_path / "t.csv")
+    finite = validate(raw(table, sampler="auto", trials=6), "s.yaml", "s")
+    sampler = make_sampler(finite)
+    assert isinstance(sampler, NoRepeatSampler) and isinstance(sampler._inner, optuna.samplers.GPSampler)
+    table2 = tmp_path / "f.csv"
+    table2.write_text("batch_timeout_ms,throughput_tok_s\n1.0,1.0\n")
+    continuous = validate({**raw(table2, sampler="auto", trials=6),
+                           "params": {"batch_timeout_ms": {"type": "float", "low": 0.5, "high": 5.0}}}, "s.yaml", "s")
+    assert isinstance(make_sampler(continuous), optuna.samplers.GPSampler)
