@@ -38,6 +38,9 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 # Optuna warns when `ask` meets a heartbeat storage outside `optimize`; this loop runs the same
 # protocol itself (fail_stale_trials before ask, a heartbeat thread while the trial runs).
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+# Unrunnable trials carry -inf/+inf values on purpose (so every sampler ranks them last); the GP
+# sampler clips them to the worst finite value for its fit and would say so on every suggestion.
+warnings.filterwarnings("ignore", message="Clip non-finite values to the min/max finite values")
 # Seconds between looks at other workers' running trials once the budget is all claimed.
 WAIT_POLL_S = 1.0
 
