@@ -74,6 +74,12 @@ def _category(trial: FrozenTrial, pareto: bool) -> str:
     return PARETO if pareto else DOMINATED
 
 
+def _warm_start_from(attrs: dict[str, Any]) -> str | None:
+    """`STUDY#N` for a trial a warm start carried over (copied) or enqueued from an earlier study."""
+    origin = attrs.get("warm_start_from")
+    return f"{origin['study']}#{origin['trial']}" if isinstance(origin, dict) else None
+
+
 def trial_row(trial: FrozenTrial, pareto_numbers: frozenset[int] = frozenset(),
               bounds: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     attrs = trial.user_attrs
@@ -95,6 +101,7 @@ def trial_row(trial: FrozenTrial, pareto_numbers: frozenset[int] = frozenset(),
         "wall_s": attrs.get("wall_s"),
         "datetime_start": trial.datetime_start.isoformat(timespec="seconds") if trial.datetime_start else None,
         "retry_of": attrs.get("retry_of"),
+        "warm_start_from": _warm_start_from(attrs),
         "device_name": env.get("device_name"),
         "host": owner.get("host"),
         "gpu": None if owner.get("gpu") is None else str(owner.get("gpu")),

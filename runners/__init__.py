@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 RUNNERS: dict[str, str] = {
     "glm-infer": "runners.infer:GlmInferRunner",
     "glm-train": "runners.train:GlmTrainRunner",
+    "replay": "runners.replay:ReplayRunner",  # answers from a recorded table (torch-free)
 }
 
 

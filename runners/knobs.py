@@ -117,7 +117,17 @@ TRAIN_KNOBS: dict[str, Knob] = {
     ]
 }
 
-RUNNER_KNOBS: dict[str, dict[str, Knob]] = {"glm-infer": INFER_KNOBS, "glm-train": TRAIN_KNOBS}
+# `replay` has no fixed knobs: they are the columns of its table (`runner_knobs`).
+RUNNER_KNOBS: dict[str, dict[str, Knob]] = {"glm-infer": INFER_KNOBS, "glm-train": TRAIN_KNOBS, "replay": {}}
+
+
+def runner_knobs(runner: str, model: dict[str, Any] | None = None) -> dict[str, Knob]:
+    """The knobs a space for `runner` may set; the replay runner's are its table's knob columns."""
+    if runner == "replay":
+        from runners.replay import table_knobs  # torch-free
+
+        return table_knobs(model or {})
+    return RUNNER_KNOBS[runner]
 
 
 def resolve_knobs(runner: str, given: dict[str, Any]) -> dict[str, Any]:

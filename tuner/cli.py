@@ -29,6 +29,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("tuner.cli", "worker_main"),
     "make-reference": ("tuner.cli", "make_reference_main"),
     "spaces": ("tuner.cli", "spaces_main"),
+    "export-table": ("tuner.export", "main"),  # a study as a table for `runner: replay`
 }
 
 
@@ -105,6 +106,10 @@ def run_main(argv: list[str]) -> int:
     space = fit_to_device(space, args.keep_infeasible, (lambda _: None) if args.quiet else print)
     out_dir = _out_dir(args.out, space.study)
     check_storage(storage_url)  # the storage and the folder are checked before either is created
+    if space.search.warm_start is not None:
+        from tuner.search import load_source
+
+        load_source(space.search.warm_start, storage_url)  # a missing source study: exit 2, nothing created
 
     from tuner.study import RunOptions, open_study, run_study
 
@@ -212,7 +217,8 @@ def _exit_code(summary: RunSummary) -> int:
     """1 when no trial of the study completed or a crash stopped the run; else 0 once done."""
     if summary.budget and not summary.completed or summary.stopped_by:
         return 1
-    return 0 if summary.counted >= summary.budget or summary.timed_out or summary.grid_exhausted else 1
+    return 0 if summary.counted >= summary.budget or summary.timed_out or summary.grid_exhausted \
+        or summary.plateau else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,7 @@ import optuna
 import yaml
 
 from runners.contract import DEFAULT_MAX_DURATION_S, METRICS
-from runners.knobs import RUNNER_KNOBS
+from runners.knobs import RUNNER_KNOBS, runner_knobs
 
 SAMPLERS = ("auto", "tpe", "nsga2", "gp", "random", "grid")
 ARRIVALS = ("poisson", "constant", "closed", "gamma", "trace")
@@ -33,6 +33,7 @@ TOP_KEYS = {
     "objectives", "constraints", "search", "slo",
 }
 MODEL_KEYS = {"preset", "path", "dtype", "seed", "num_layers", "arch"}
+REPLAY_MODEL_KEYS = {"table"}  # runner: replay
 WORKLOAD_KEYS = {
     "arrival", "rate_rps", "concurrency", "requests", "warmup_requests", "prompt_tokens",
     "output_tokens", "seed", "burstiness", "trace", "max_duration_s", "target_p99_ci_ratio",
@@ -45,7 +46,7 @@ CI_METRICS = ("ttft", "tpot", "latency")
 WORKLOAD_MODES = ("window", "capacity")
 PARAM_KEYS = {"type", "low", "high", "step", "log", "choices"}
 SEARCH_KEYS = {"sampler", "trials", "timeout_min", "seed", "trial_timeout_s", "baseline",
-               "n_startup_trials", "drift_every"}
+               "n_startup_trials", "drift_every", "warm_start", "stop"}
 SLO_METRICS = {"ttft_ms", "tpot_ms", "latency_ms"}
 # A study name is also a folder name (runs/<study>/) and a storage key.
 STUDY_NAME_MAX = 100
@@ -131,6 +132,25 @@ class SearchSpec:
     baseline: bool = True
     n_startup_trials: int | None = None
     drift_every: int | None = None  # re-measure the baseline every N trials (and always at the end)
+    warm_start: WarmStart | None = None
+    stop: PlateauStop | None = None
+
+
+@dataclass(frozen=True)
+class WarmStart:
+    """`search.warm_start`: seed the study with an earlier study's trials (tuner/search.py)."""
+
+    study: str
+    storage: str | None = None  # default: this study's storage
+
+
+@dataclass(frozen=True)
+class PlateauStop:
+    """`search.stop`: end the study once the feasible hypervolume has not improved by
+    `min_improvement` (relative) over the last `patience` trials."""
+
+    patience: int
+    min_improvement: float = 0.0
 
 
 @dataclass
@@ -155,7 +175,7 @@ class Space:
 
     def baseline_params(self) -> dict[str, Any]:
         """The runner's default knob values, clipped into the searched ranges."""
-        defaults = {k: v.default for k, v in RUNNER_KNOBS[self.runner].items()}
+        defaults = {k: v.default for k, v in runner_knobs(self.runner, self.model).items()}
         return {name: _nearest_allowed(p, defaults[name]) for name, p in self.params.items()}
 
 
@@ -367,12 +387,16 @@ def _validate(data: dict[str, Any], source: str, default_study: str) -> Space:
         raise SpaceError(source, "study", problem + hint)
     device = _get(data, "device", str, source, "", "auto")
     _check_device(device, source)
-    model = _model(_get(data, "model", dict, source, "", {"preset": "glm-tiny"}), source)
+    if runner == "replay":
+        model = _replay_model(_get(data, "model", dict, source, "", {}), source)
+    else:
+        model = _model(_get(data, "model", dict, source, "", {"preset": "glm-tiny"}), source)
+    knobs = runner_knobs(runner, model)
     workload = _workload(_get(data, "workload", dict, source, "", {}) or {}, source, runner,
                          model_positions(model))
     _text_files(workload, model, source)
-    params = _params(_get(data, "params", dict, source, "", {}) or {}, source, runner)
-    fixed = _fixed(_get(data, "fixed", dict, source, "", {}) or {}, source, runner, params)
+    params = _params(_get(data, "params", dict, source, "", {}) or {}, source, runner, knobs)
+    fixed = _fixed(_get(data, "fixed", dict, source, "", {}) or {}, source, runner, params, knobs)
     objectives = _objectives(data.get("objectives"), source)
     constraints = _constraints(_get(data, "constraints", list, source, "", []) or [], source)
     search = _search(_get(data, "search", dict, source, "", {}) or {}, source)
@@ -465,6 +489,8 @@ def model_positions(model: dict[str, Any]) -> int | None:
     """The model's maximum positions (prompt + output), from its preset or its config.json."""
     from runners.presets import PRESETS  # torch-free table of preset shapes
 
+    if "table" in model:  # runner replay: no model, no positions
+        return None
     if "path" not in model:
         return int(PRESETS[model.get("preset", "glm-tiny")]["max_position_embeddings"])
     config = Path(model["path"]) / "config.json"
@@ -640,8 +666,7 @@ def _longest_length(spec: Any, source: str, where: str) -> int:
     return int(min(tail, spec.get("max", math.inf)))
 
 
-def _params(params: dict[str, Any], source: str, runner: str) -> dict[str, ParamSpec]:
-    knobs = RUNNER_KNOBS[runner]
+def _params(params: dict[str, Any], source: str, runner: str, knobs: dict[str, Any]) -> dict[str, ParamSpec]:
     out: dict[str, ParamSpec] = {}
     for name, spec in params.items():
         where = f"params.{name}"
@@ -715,8 +740,8 @@ def _numeric(spec: dict[str, Any], source: str, where: str, knob: Any, name: str
                      float(high) if ptype == "float" else high, step, log)
 
 
-def _fixed(fixed: dict[str, Any], source: str, runner: str, params: dict[str, ParamSpec]) -> dict[str, Any]:
-    knobs = RUNNER_KNOBS[runner]
+def _fixed(fixed: dict[str, Any], source: str, runner: str, params: dict[str, ParamSpec],
+           knobs: dict[str, Any]) -> dict[str, Any]:
     for name, value in fixed.items():
         where = f"fixed.{name}"
         if name not in knobs:
@@ -787,6 +812,8 @@ def _search(raw: dict[str, Any], source: str) -> SearchSpec:
     spec.drift_every = _get(raw, "drift_every", int, source, "search", None)
     if spec.drift_every is not None and spec.drift_every < 1:
         raise SpaceError(source, "search.drift_every", f"must be >= 1, got {spec.drift_every}")
+    spec.warm_start = _warm_start(_get(raw, "warm_start", dict, source, "search", None), source)
+    spec.stop = _plateau_stop(_get(raw, "stop", dict, source, "search", None), source)
     _check_search(spec, source)
     return spec
 
@@ -808,6 +835,48 @@ def _check_search(spec: SearchSpec, source: str) -> None:
         value = getattr(spec, key)
         if value is not None and value > top:
             raise SpaceError(source, f"search.{key}", f"must be <= {top:g}, got {value:g}")
+
+
+def _warm_start(raw: dict[str, Any] | None, source: str) -> WarmStart | None:
+    if raw is None:
+        return None
+    _no_unknown(raw, {"study", "storage"}, source, "search.warm_start")
+    study = _get(raw, "study", str, source, "search.warm_start", None)
+    if not study:
+        raise SpaceError(source, "search.warm_start.study", "required: the name of the earlier study")
+    return WarmStart(study, _get(raw, "storage", str, source, "search.warm_start", None))
+
+
+def _plateau_stop(raw: dict[str, Any] | None, source: str) -> PlateauStop | None:
+    if raw is None:
+        return None
+    _no_unknown(raw, {"patience", "min_improvement"}, source, "search.stop")
+    patience = _get(raw, "patience", int, source, "search.stop", None)
+    if patience is None or patience < 1:
+        raise SpaceError(source, "search.stop.patience", f"required, a whole number of trials >= 1, got {patience!r}")
+    gain = _get(raw, "min_improvement", float, source, "search.stop", 0.0)
+    if not math.isfinite(gain) or gain < 0:
+        raise SpaceError(source, "search.stop.min_improvement", f"must be a finite fraction >= 0, got {gain!r}")
+    return PlateauStop(patience, float(gain))
+
+
+def _replay_model(model: dict[str, Any], source: str) -> dict[str, Any]:
+    """`model: {table: FILE}`; a relative FILE is found beside the space file, else from here."""
+    from runners.replay import TableError, load_table
+
+    _no_unknown(model, REPLAY_MODEL_KEYS, source, "model")
+    table = _get(model, "table", str, source, "model", None)
+    if not table:
+        raise SpaceError(source, "model.table", "runner replay needs the recorded table: model: {table: FILE.csv}")
+    path = Path(table)
+    beside = Path(source).parent / path
+    if not path.is_absolute() and not path.exists() and beside.exists():
+        path = beside
+    try:
+        load_table(path)
+    except TableError as exc:
+        raise SpaceError(source, "model.table", str(exc)) from None
+    return {"table": str(path.resolve())}
 
 
 def _slo(raw: dict[str, Any], source: str) -> dict[str, float]:

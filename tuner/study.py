@@ -25,7 +25,8 @@ import psutil
 from optuna.trial import TrialState
 
 from runners.contract import TrialConfig
-from runners.knobs import RUNNER_KNOBS
+from runners.knobs import runner_knobs
+from tuner import search as search_policy
 from tuner.errors import UsageError
 from tuner.launcher import LaunchOutcome, ProcessLauncher, WarmLauncher
 from tuner.paths import inside
@@ -40,6 +41,9 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 # Optuna warns when `ask` meets a heartbeat storage outside `optimize`; this loop runs the same
 # protocol itself (fail_stale_trials before ask, a heartbeat thread while the trial runs).
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+# Unrunnable trials carry -inf/+inf values on purpose (so every sampler ranks them last); the GP
+# sampler clips them to the worst finite value for its fit and would say so on every suggestion.
+warnings.filterwarnings("ignore", message="Clip non-finite values to the min/max finite values")
 # Seconds between looks at other workers' running trials once the budget is all claimed.
 WAIT_POLL_S = 1.0
 # The same crash this many times in a row stops the study with that error.
@@ -67,6 +71,7 @@ class RunSummary:
     grid_exhausted: bool = False
     completed: int = 0  # trials of the study that reached COMPLETE (feasible or not)
     stopped_by: str = ""  # why this run stopped short of the budget: the repeated crash, the fail limit
+    plateau: str = ""  # why the plateau rule (`search.stop`) ended the study, if it did
 
 
 # ---------------------------------------------------------------- samplers and studies
@@ -77,14 +82,30 @@ def make_sampler(space: Space, salt: str = "") -> optuna.samplers.BaseSampler:
     search = space.search
     seed = search.seed if not salt else _salted_seed(search.seed, salt)
     startup = search.n_startup_trials or min(10, max(2, search.trials // 3))
-    name = search.sampler
-    if name in ("auto", "tpe"):
-        # Multivariate TPE models the knobs jointly (batch size and quant bits interact).
+    if search.sampler == "auto":
+        choice = search_policy.auto_sampler(space)
+        if choice.sampler == "grid":
+            return _named_sampler(space, "grid", seed, startup)
+        startup = search.n_startup_trials or choice.n_startup_trials or startup
+        # `auto` never repeats a tried or running config of a finite space (NoRepeatSampler).
+        inner = _named_sampler(space, choice.sampler, seed, startup)
+        return search_policy.NoRepeatSampler(inner, seed) if search_policy.space_size(space) < math.inf else inner
+    return _named_sampler(space, search.sampler, seed, startup)
+
+
+def _named_sampler(space: Space, name: str, seed: int, startup: int) -> optuna.samplers.BaseSampler:
+    search = space.search
+    # Every sampler below reads the constraints each trial records (`trial.set_constraint`:
+    # runnable, and one per bound), so infeasible configs steer it away from their region.
+    if name == "tpe":
+        # Multivariate TPE models the knobs jointly (batch size and quant bits interact); the
+        # constant liar treats running trials as bad so parallel workers spread out.
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True,
                                           constant_liar=True)
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(50, search.trials // 4)))
     if name == "gp":
+        # Optuna's GP conditions on running trials itself (its answer to parallel suggestions).
         return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
@@ -161,7 +182,9 @@ def counted_trials(study: optuna.Study) -> int:
     and the copy is what counts once a worker claims it.
     """
     states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
-    return sum(1 for t in study.get_trials(deepcopy=False) if t.state in states)
+    # Trials a warm start copied from an earlier study were measured there, not here.
+    return sum(1 for t in study.get_trials(deepcopy=False)
+               if t.state in states and not t.user_attrs.get("carried_over"))
 
 
 def fail_limit(budget: int) -> int:
@@ -247,7 +270,7 @@ def ensure_baseline(study: optuna.Study, space: Space) -> None:
 
 def trial_config(space: Space, params: dict[str, Any], number: int, artifact_dir: Path) -> TrialConfig:
     knobs = {**space.fixed, **params}
-    defaults = {k: v.default for k, v in RUNNER_KNOBS[space.runner].items()}
+    defaults = {k: v.default for k, v in runner_knobs(space.runner, space.model).items()}
     return TrialConfig(runner=space.runner, model=dict(space.model), device=space.device,
                        workload=dict(space.workload), knobs={**defaults, **knobs}, seed=space.search.seed,
                        artifact_dir=str(artifact_dir.resolve()), trial_number=number, study=space.study,
@@ -358,6 +381,7 @@ def run_study(space: Space, storage: optuna.storages.BaseStorage, options: RunOp
     claims = ClaimLock(options.storage_url, storage, space.study)
     with claims:
         recover_dead_workers(study, storage, progress)
+        apply_warm_start(study, space, options.storage_url, progress)
         ensure_baseline(study, space)
         ticket = _worker_ticket(study)
     if ticket:
@@ -369,7 +393,7 @@ def run_study(space: Space, storage: optuna.storages.BaseStorage, options: RunOp
     launcher = (WarmLauncher(space.search.trial_timeout_s, options.out_dir / "runner-stderr.log", cache_dir=cache)
                 if options.warm else ProcessLauncher(space.search.trial_timeout_s, cache_dir=cache))
     deadline = time.monotonic() + space.search.timeout_min * 60 if space.search.timeout_min else math.inf
-    ran, timed_out, waiting, exhausted, fails, stopped_by = 0, False, False, False, 0, ""
+    ran, timed_out, waiting, exhausted, fails, stopped_by, plateau = 0, False, False, False, 0, "", ""
     try:
         while True:
             if time.monotonic() >= deadline:
@@ -403,6 +427,9 @@ def run_study(space: Space, storage: optuna.storages.BaseStorage, options: RunOp
                 break
             if space.search.drift_every and ran % space.search.drift_every == 0:
                 measure_drift(study, space, launcher, options, progress, claims)
+            plateau = check_plateau(study, space, progress)
+            if plateau:
+                break
         if ran and not timed_out and not stopped_by:
             measure_drift(study, space, launcher, options, progress, claims)
         elif ran and timed_out:
@@ -411,11 +438,12 @@ def run_study(space: Space, storage: optuna.storages.BaseStorage, options: RunOp
         launcher.close()
     pareto = _pareto_size(study)
     completed = sum(1 for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE)
-    progress.say(f"done: {counted_trials(study)}/{budget} trials, {pareto} on the feasible Pareto front")
+    stop_note = " (stopped on a plateau, search.stop)" if plateau else ""
+    progress.say(f"done: {counted_trials(study)}/{budget} trials{stop_note}, {pareto} on the feasible Pareto front")
     for line in final_lines(study, space, options.storage_url):
         progress.say(line)
     return RunSummary(space.study, ran, counted_trials(study), budget, pareto, timed_out, exhausted,
-                      completed, stopped_by)
+                      completed, stopped_by, plateau)
 
 
 def _crash_stop(study: optuna.Study, fails: int, budget: int) -> str:
@@ -497,6 +525,41 @@ def measure_drift(study: optuna.Study, space: Space, launcher: Any, options: Run
     checks = [c for c in study.user_attrs.get("drift_checks", []) if not c.get("pending")]
     study.set_user_attr("drift_checks", [*checks, check])
     return ratio
+
+
+def apply_warm_start(study: optuna.Study, space: Space, storage_url: str, progress: Progress) -> None:
+    """`search.warm_start`, once per study (under the claim lock): seed it from the earlier study.
+
+    An identical space's copies include the earlier baseline, so none is queued again; for an
+    overlapping space the baseline is queued before the carried configs, so it stays first.
+    """
+    rule = space.search.warm_start
+    if rule is None or "warm_start" in study.user_attrs:
+        return
+    source = search_policy.load_source(rule, storage_url)
+    result = search_policy.warm_start(study, space, source, lambda: ensure_baseline(study, space))
+    study.set_user_attr("warm_start", {"study": result.source, "mode": result.mode, "trials": result.carried})
+    progress.say(f"warm start from study {result.source}: {result.detail} "
+                 f"(trials {_numbers(result.carried)}; user attr warm_start_from)")
+
+
+def _numbers(numbers: list[int]) -> str:
+    return ", ".join(map(str, numbers[:20])) + (f", ... ({len(numbers)} in all)" if len(numbers) > 20 else "") \
+        if numbers else "none"
+
+
+def check_plateau(study: optuna.Study, space: Space, progress: Progress) -> str:
+    """`search.stop`: why the study stops on a hypervolume plateau now, or ""."""
+    rule = space.search.stop
+    if rule is None:
+        return ""
+    found = search_policy.study_plateau(study, rule)
+    if found is None:
+        return ""
+    evidence = found.describe(rule)
+    study.set_user_attr("stopped", {"rule": "plateau", "evidence": evidence})
+    progress.say(f"stopping on a plateau: {evidence}")
+    return evidence
 
 
 def _worker_ticket(study: optuna.Study) -> int:

@@ -1,0 +1,232 @@
+"""Search policy: the plateau rule, warm starts, the feasible hypervolume and the `auto` choice."""
+
+from __future__ import annotations
+
+import csv
+
+import optuna
+import pytest
+import yaml
+
+from tuner.cli import _exit_code
+from tuner.cli import main as cli_main
+from tuner.search import Plateau, auto_sampler, hypervolume, plateau_reached, reference_point, space_size
+from tuner.space import PlateauStop, SpaceError, validate
+from tuner.storage import open_storage
+from tuner.study import RunOptions, counted_trials, run_study
+
+# ---------------------------------------------------------------- the plateau rule
+
+
+@pytest.mark.parametrize(("history", "stops"), [
+    ([0.0, 0.0, 0.0, 0.0, 0.0], False),  # nothing feasible yet: keep searching
+    ([1.0, 1.02, 1.03], False),  # fewer trials than the patience
+    ([1.0, 2.0, 2.04, 2.05, 2.08], True),  # +4 % over the last 3 trials, less than 5 %
+    ([1.0, 2.0, 2.04, 2.05, 2.2], False),  # +10 %
+    ([0.0, 0.0, 3.0, 3.0, 3.0, 3.0], True),
+    ([0.0, 0.0, 0.0, 3.0, 3.0, 3.0], False),  # 3 trials ago there was no front: 0 -> 3 improved
+])
+def test_plateau_rule_on_a_synthetic_sequence(history, stops):
+    found = plateau_reached(history, PlateauStop(patience=3, min_improvement=0.05))
+    assert (found is not None) == stops
+    if stops:
+        assert found == Plateau(3, history[-4], history[-1])
+        assert "over the last 3 trials (< 5 %)" in found.describe(PlateauStop(3, 0.05))
+
+
+def test_plateau_with_zero_min_improvement_needs_no_gain_at_all():
+    rule = PlateauStop(patience=2, min_improvement=0.0)
+    assert plateau_reached([1.0, 1.0, 1.0], rule) is not None
+    assert plateau_reached([1.0, 1.0, 1.0001], rule) is None
+
+
+def test_stop_and_warm_start_keys_are_validated():
+    base = {"objectives": [{"metric": "throughput_tok_s"}], "params": {}}
+    for stop, key in (({"patience": 0}, "search.stop.patience"), ({"min_improvement": 0.1}, "search.stop.patience"),
+                      ({"patience": 3, "min_improvement": -1}, "search.stop.min_improvement"),
+                      ({"patience": 3, "every": 2}, "search.stop.every")):
+        with pytest.raises(SpaceError, match=key):
+            validate({**base, "search": {"stop": stop}}, "s.yaml", "s")
+    with pytest.raises(SpaceError, match="search.warm_start.study"):
+        validate({**base, "search": {"warm_start": {"storage": "x.journal"}}}, "s.yaml", "s")
+    space = validate({**base, "search": {"stop": {"patience": 4, "min_improvement": 0.01},
+                                         "warm_start": {"study": "earlier"}}}, "s.yaml", "s")
+    assert space.search.stop == PlateauStop(4, 0.01) and space.search.warm_start.study == "earlier"
+
+
+# ---------------------------------------------------------------- hypervolume
+
+
+def test_hypervolume_of_known_boxes():
+    directions = ["maximize", "minimize"]
+    # Two points against reference (0, 10): boxes 4x8 and 2x9 overlapping in 2x8 -> 32 + 18 - 16.
+    assert hypervolume([[4.0, 2.0], [2.0, 1.0]], directions, [0.0, 10.0]) == pytest.approx(34.0)
+    assert hypervolume([[-1.0, 2.0]], directions, [0.0, 10.0]) == 0.0  # outside the reference box
+    assert hypervolume([], directions, [0.0, 10.0]) == 0.0
+    assert reference_point([[4.0, 2.0], [2.0, 1.0]], directions) == pytest.approx([1.8, 2.1])
+
+
+# ---------------------------------------------------------------- studies over a replay table
+
+
+def write_table(path, rows):
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["batch_size", "quant_bits", "throughput_tok_s", "latency_p99_ms", "infeasible_reason"])
+        writer.writerows(rows)
+    return path
+
+
+def saturating_table(path):
+    """Throughput grows with the batch up to 4 and then stays flat; latency constant."""
+    return write_table(path, [[b, 16, 100.0 * min(b, 4), 10.0, ""] for b in range(1, 13)])
+
+
+def raw(table, study="s", params=None, **search):
+    return {"study": study, "runner": "replay", "model": {"table": str(table)}, "device": "cpu",
+            "params": params or {"batch_size": {"type": "int", "low": 1, "high": 12}},
+            "objectives": [{"metric": "throughput_tok_s"}, {"metric": "latency_p99_ms"}],
+            "search": {"sampler": "random", "trials": 12, "seed": 0, "baseline": False, **search}}
+
+
+def run(space, url, tmp_path, enqueue=(), quiet=True):
+    storage = open_storage(url)
+    study = optuna.create_study(study_name=space.study, storage=storage,
+                                directions=[o.direction for o in space.objectives], load_if_exists=True)
+    for params in enqueue:
+        study.enqueue_trial(params)
+    summary = run_study(space, storage, RunOptions(url, tmp_path / space.study, quiet=quiet))
+    return summary, optuna.load_study(study_name=space.study, storage=open_storage(url))
+
+
+def test_plateau_ends_a_study_and_the_summary_says_so(tmp_path, capsys):
+    table = saturating_table(tmp_path / "t.csv")
+    space = validate(raw(table, stop={"patience": 3, "min_improvement": 0.01}), "s.yaml", "s")
+    url = str(tmp_path / "j.journal")
+    summary, study = run(space, url, tmp_path, [{"batch_size": b} for b in range(1, 13)], quiet=False)
+    # The hypervolume last grew at batch 4 (trial 3); trials 4, 5, 6 add nothing -> stop after 7.
+    assert summary.counted == 7 and summary.budget == 12
+    assert "over the last 3 trials" in summary.plateau and _exit_code(summary) == 0
+    assert study.user_attrs["stopped"]["rule"] == "plateau"
+    out = capsys.readouterr().out
+    assert "stopping on a plateau: feasible hypervolume improved by 0.00 % over the last 3 trials" in out
+    assert "done: 7/12 trials" in out and "stopped on a plateau" in out
+
+
+def test_warm_start_identical_space_copies_every_trial(tmp_path):
+    table = saturating_table(tmp_path / "t.csv")
+    url = str(tmp_path / "j.journal")
+    earlier, _ = run(validate(raw(table, "earlier", trials=4, baseline=True), "s.yaml", "s"), url, tmp_path,
+                     [{"batch_size": b} for b in (2, 3, 5)])
+    assert earlier.counted == 4
+    space = validate(raw(table, "later", trials=2, warm_start={"study": "earlier"}, baseline=True), "s.yaml", "s")
+    summary, study = run(space, url, tmp_path)
+    carried = [t for t in study.trials if t.user_attrs.get("carried_over")]
+    assert [t.user_attrs["warm_start_from"] for t in carried] == [{"study": "earlier", "trial": n} for n in range(4)]
+    # The baseline (the table's first row: batch 1) was measured there and is not queued again.
+    assert sorted(t.values[0] for t in carried) == [100.0, 200.0, 300.0, 400.0]
+    assert [t.params for t in study.trials if t.user_attrs.get("baseline")] == [{"batch_size": 1}]
+    # The copies were measured there: this study's budget of 2 is spent on 2 new trials.
+    assert summary.counted == counted_trials(study) == 2 and len(study.trials) == 6
+    assert study.user_attrs["warm_start"] == {"study": "earlier", "mode": "identical", "trials": [0, 1, 2, 3]}
+    from reports.frames import trials_frame
+
+    origins = trials_frame(study)["warm_start_from"]
+    assert list(origins[:4]) == ["earlier#0", "earlier#1", "earlier#2", "earlier#3"] and origins[4:].isna().all()
+    # Running again does not carry the trials over a second time.
+    run(space, url, tmp_path)
+    assert sum(bool(t.user_attrs.get("carried_over")) for t in study.get_trials()) == 4
+
+
+def test_warm_start_overlapping_space_enqueues_the_earlier_front(tmp_path):
+    rows = [[b, q, 100.0 * b / (1 if q == 16 else 0.8), 10.0 * b * (1 if q == 16 else 0.5), ""]
+            for b in (1, 2, 4, 8) for q in (16, 8)] + [[b, 4, "", "", "no int4 here"] for b in (1, 2, 4, 8)]
+    table = write_table(tmp_path / "t.csv", rows)
+    url = str(tmp_path / "j.journal")
+    narrow = {"batch_size": {"type": "categorical", "choices": [1, 2, 4]},
+              "quant_bits": {"type": "categorical", "choices": [16, 8]}}
+    run(validate(raw(table, "earlier", narrow, sampler="grid", trials=6), "s.yaml", "s"), url, tmp_path)
+    earlier = optuna.load_study(study_name="earlier", storage=open_storage(url))
+    front = {t.number: t.params for t in earlier.best_trials}
+    assert len(front) >= 2
+
+    # Another range: batch 1 is no longer searched, 8 and int4 are new.
+    wide = {"batch_size": {"type": "categorical", "choices": [2, 4, 8]},
+            "quant_bits": {"type": "categorical", "choices": [16, 8, 4]}}
+    space = validate(raw(table, "later", wide, trials=6, warm_start={"study": "earlier"}, baseline=True),
+                     "s.yaml", "s")
+    summary, study = run(space, url, tmp_path)
+    expected = {n: p for n, p in front.items() if p["batch_size"] != 1}
+    seeded = [t for t in study.trials if t.user_attrs.get("warm_start_from")]
+    assert study.trials[0].user_attrs.get("baseline")  # the baseline stays first ...
+    assert [t.number for t in seeded] == list(range(1, 1 + len(expected)))  # ... then the carried configs
+    assert {t.user_attrs["warm_start_from"]["trial"]: t.params for t in seeded} == expected
+    assert not any(t.user_attrs.get("carried_over") for t in study.trials)
+    assert summary.counted == 6 and study.user_attrs["warm_start"]["mode"] == "overlapping"
+
+
+def test_warm_start_from_a_missing_study_is_a_usage_error(tmp_path, capsys):
+    table = saturating_table(tmp_path / "t.csv")
+    space_file = tmp_path / "s.yaml"
+    space_file.write_text(yaml.safe_dump(raw(table, "later", warm_start={"study": "nope"})))
+    url = str(tmp_path / "j.journal")
+    open_storage(url)
+    out = tmp_path / "out"
+    assert cli_main(["--space", str(space_file), "--storage", url, "--out", str(out), "--quiet"]) == 2
+    assert "search.warm_start: no study 'nope'" in capsys.readouterr().err
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------- auto
+
+
+def test_auto_takes_the_grid_when_the_budget_covers_the_space(tmp_path):
+    table = saturating_table(tmp_path / "t.csv")
+    small = validate(raw(table, sampler="auto", trials=12), "s.yaml", "s")
+    assert space_size(small) == 12 and auto_sampler(small).sampler == "grid"
+    bigger = validate(raw(table, sampler="auto", trials=6), "s.yaml", "s")
+    assert auto_sampler(bigger).sampler != "grid"
+
+
+class AlwaysOne(optuna.samplers.BaseSampler):
+    """A model that always proposes x = 1 jointly (what a stuck GP does in a finite space)."""
+
+    def infer_relative_search_space(self, study, trial):
+        return {"x": optuna.distributions.IntDistribution(0, 999)}
+
+    def sample_relative(self, study, trial, search_space):
+        return {"x": 1}
+
+    def sample_independent(self, study, trial, name, distribution):
+        raise AssertionError("the joint suggestion covers every param")
+
+
+def test_no_repeat_sampler_explores_instead_of_repeating_a_tried_or_running_config():
+    from tuner.search import NoRepeatSampler
+
+    study = optuna.create_study(sampler=NoRepeatSampler(AlwaysOne(), seed=0))
+    dist = {"x": optuna.distributions.IntDistribution(0, 999)}
+    running = study.ask(dist)
+    assert running.params["x"] == 1
+    concurrent = study.ask(dist)  # x = 1 is running: another worker gets something else
+    assert concurrent.params["x"] != 1
+    study.tell(running, 1.0)
+    study.tell(concurrent, 2.0)
+    later = [study.ask(dist) for _ in range(4)]
+    xs = [t.params["x"] for t in later]
+    assert 1 not in xs and len(set(xs)) == 4
+
+
+def test_auto_wraps_only_finite_spaces(tmp_path):
+    from tuner.search import NoRepeatSampler
+    from tuner.study import make_sampler
+
+    table = saturating_table(tmp_path / "t.csv")
+    finite = validate(raw(table, sampler="auto", trials=6), "s.yaml", "s")
+    sampler = make_sampler(finite)
+    assert isinstance(sampler, NoRepeatSampler) and isinstance(sampler._inner, optuna.samplers.GPSampler)
+    table2 = tmp_path / "f.csv"
+    table2.write_text("batch_timeout_ms,throughput_tok_s\n1.0,1.0\n")
+    continuous = validate({**raw(table2, sampler="auto", trials=6),
+                           "params": {"batch_timeout_ms": {"type": "float", "low": 0.5, "high": 5.0}}}, "s.yaml", "s")
+    assert isinstance(make_sampler(continuous), optuna.samplers.GPSampler)

@@ -1,0 +1,356 @@
+"""How the search spends its trials: the `auto` sampler rule, the feasible hypervolume, warm
+starts from an earlier study, and stopping on a hypervolume plateau.
+
+The numbers behind the choices are measured by `benchmarks/search_efficiency.py` on recorded
+grids replayed through `runner: replay` (BENCHMARKS.md, "Search efficiency").
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna._hypervolume import compute_hypervolume  # what plot_hypervolume_history uses
+from optuna.trial import FrozenTrial, TrialState
+
+from tuner.space import PlateauStop, Space, WarmStart
+
+# ---------------------------------------------------------------- the `auto` sampler
+
+
+@dataclass(frozen=True)
+class AutoChoice:
+    sampler: str  # grid | gp | tpe
+    why: str
+    n_startup_trials: int | None = None  # random trials before the model takes over
+
+
+# Above this budget the GP's per-suggestion cost (a cubic fit per objective and constraint)
+# grows to seconds, while TPE stays at milliseconds.
+GP_MAX_TRIALS = 200
+
+
+def space_size(space: Space) -> float:
+    """Number of distinct configurations; inf when a parameter is continuous."""
+    size = 1.0
+    for p in space.params.values():
+        if p.type == "categorical":
+            size *= len(p.choices)
+        elif p.type == "int" and not p.log:
+            size *= (int(p.high) - int(p.low)) // int(p.step or 1) + 1
+        elif p.step is not None:
+            size *= math.floor((p.high - p.low) / p.step + 1e-9) + 1
+        else:
+            return math.inf
+    return size
+
+
+def categorical_share(space: Space) -> float:
+    return sum(p.type == "categorical" for p in space.params.values()) / max(1, len(space.params))
+
+
+def auto_sampler(space: Space) -> AutoChoice:
+    """What `sampler: auto` runs, from the space's size, the budget and the objectives.
+
+    Measured on the replayed CPU grid (benchmarks/search_efficiency.py, BENCHMARKS.md "Search
+    efficiency"; 180 points, 4 of 5 knobs categorical, 3 objectives, 56 % infeasible; 20 seeds),
+    median feasible hypervolume at 10 % of the grid: GP with 3 random start-up trials 0.855
+    (0.812 wrapped in NoRepeatSampler), GP with the default 10 0.624, multivariate TPE 0.318,
+    NSGA-II 0.193, random 0.294. So, in order:
+    - a space no larger than the budget is searched exhaustively (grid): nothing beats it;
+    - up to GP_MAX_TRIALS trials and 3 objectives: Optuna's GP sampler, with few start-up trials.
+      It models constraints (one GP each, so the `runnable` and bound constraints steer it away
+      from infeasible regions) and conditions on running trials (parallel workers). A large
+      categorical share did not hurt it on the measured grid, so it does not decide here;
+    - otherwise multivariate TPE with the constant liar: cheap per suggestion at any budget and
+      any number of objectives. NSGA-II is never chosen: it needs generations of a population
+      (hundreds of trials) before it beats random.
+    """
+    budget = space.search.trials
+    size = space_size(space)
+    if size <= budget:
+        return AutoChoice("grid", f"the space has {size:.0f} points, no more than the {budget}-trial budget")
+    if budget <= GP_MAX_TRIALS and len(space.objectives) <= 3:
+        return AutoChoice("gp", f"{budget} trials, {len(space.objectives)} objective(s): a Gaussian process "
+                                f"learns most per trial", n_startup_trials=max(3, min(10, budget // 10)))
+    return AutoChoice("tpe", f"{budget} trials, {len(space.objectives)} objective(s): multivariate TPE "
+                             f"(cheap per suggestion)")
+
+
+class NoRepeatSampler(optuna.samplers.BaseSampler):
+    """A model-based sampler that never spends a trial on a config already tried or running.
+
+    In a finite space Optuna's GP can get stuck proposing one measured point again and again
+    (measured on the CPU grid: 16 of 22 trials of one seed were the same config), and two
+    workers can be handed the same config at once. A repeat would re-measure what is known, so
+    when the inner sampler's joint suggestion equals a finished or running trial's config, this
+    trial is drawn at random instead (a cheap exploration step).
+    """
+
+    def __init__(self, inner: optuna.samplers.BaseSampler, seed: int | None = None) -> None:
+        self._inner = inner
+        self._random = optuna.samplers.RandomSampler(seed=seed)
+        self._explore: set[int] = set()  # trial ids drawn at random instead of a repeat
+
+    def reseed_rng(self) -> None:
+        self._inner.reseed_rng()
+        self._random.reseed_rng()
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
+        return self._inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, Any]) -> dict[str, Any]:
+        params = self._inner.sample_relative(study, trial, search_space)
+        if params and _is_repeat(study, trial, params):
+            self._explore.add(trial._trial_id)
+            return {}
+        return params
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, name: str,
+                           distribution: optuna.distributions.BaseDistribution) -> Any:
+        sampler = self._random if trial._trial_id in self._explore else self._inner
+        return sampler.sample_independent(study, trial, name, distribution)
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self._inner.before_trial(study, trial)
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
+                    values: Sequence[float] | None) -> None:
+        self._explore.discard(trial._trial_id)
+        self._inner.after_trial(study, trial, state, values)
+
+
+def _is_repeat(study: optuna.Study, trial: FrozenTrial, params: dict[str, Any]) -> bool:
+    for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)):
+        if other._trial_id != trial._trial_id and all(
+                k in other.params and other.params[k] == v for k, v in params.items()):
+            return True
+    return False
+
+
+# ---------------------------------------------------------------- hypervolume
+
+
+def feasible(trial: FrozenTrial) -> bool:
+    return (trial.state == TrialState.COMPLETE and trial.values is not None
+            and all(c <= 0 for c in trial.constraints.values()) and all(math.isfinite(v) for v in trial.values))
+
+
+def losses(values: Sequence[Sequence[float]], directions: Sequence[str]) -> np.ndarray:
+    """Objective values as losses (maximised objectives negated): [points, objectives]."""
+    sign = np.array([-1.0 if d == "maximize" else 1.0 for d in directions])
+    return np.asarray(values, dtype=float).reshape(-1, len(directions)) * sign
+
+
+def reference_point(values: Sequence[Sequence[float]], directions: Sequence[str]) -> list[float]:
+    """Each objective's worst value, pushed 10 % of its span further out (reports use the same rule)."""
+    loss = losses(values, directions)
+    worst, best = loss.max(axis=0), loss.min(axis=0)
+    span = np.where(worst - best > 0, worst - best, np.maximum(np.abs(worst), 1.0))
+    ref = worst + 0.1 * span
+    sign = np.array([-1.0 if d == "maximize" else 1.0 for d in directions])
+    return (ref * sign).tolist()
+
+
+def hypervolume(values: Sequence[Sequence[float]], directions: Sequence[str], reference: Sequence[float]) -> float:
+    """Hypervolume dominated by `values` up to `reference` (0 for no point)."""
+    if len(values) == 0:
+        return 0.0
+    loss = losses(values, directions)
+    ref = losses([reference], directions)[0]
+    inside = loss[(loss < ref).all(axis=1)]
+    if len(inside) == 0:
+        return 0.0
+    return float(compute_hypervolume(inside, ref))
+
+
+def study_directions(study: optuna.Study) -> list[str]:
+    return [d.name.lower() for d in study.directions]
+
+
+def hypervolume_history(trials: Sequence[FrozenTrial], directions: Sequence[str],
+                        reference: Sequence[float]) -> list[float]:
+    """The feasible hypervolume after each of `trials` (in the order given)."""
+    history, front = [], []
+    current = 0.0
+    for trial in trials:
+        if feasible(trial):
+            front.append(list(trial.values))
+            current = hypervolume(front, directions, reference)
+        history.append(current)
+    return history
+
+
+# ---------------------------------------------------------------- stopping on a plateau
+
+
+@dataclass(frozen=True)
+class Plateau:
+    trials: int  # trials in the window
+    before: float
+    now: float
+
+    def describe(self, rule: PlateauStop) -> str:
+        gain = (self.now - self.before) / self.before if self.before > 0 else math.inf
+        return (f"feasible hypervolume improved by {100 * gain:.2f} % over the last {rule.patience} trials "
+                f"(< {100 * rule.min_improvement:g} %)")
+
+
+def plateau_reached(history: Sequence[float], rule: PlateauStop) -> Plateau | None:
+    """The plateau rule on a hypervolume history (one value after each finished trial).
+
+    Stops when the hypervolume `patience` trials ago was positive and the latest is not more
+    than `min_improvement` (relative) above it. A study with no feasible trial yet never stops
+    on a plateau: the budget or the time limit ends it, since that is when searching on matters
+    most.
+    """
+    if len(history) <= rule.patience:
+        return None
+    before, now = history[-1 - rule.patience], history[-1]
+    if before <= 0:
+        return None
+    if now - before <= rule.min_improvement * before:
+        return Plateau(rule.patience, before, now)
+    return None
+
+
+def study_plateau(study: optuna.Study, rule: PlateauStop) -> Plateau | None:
+    """The plateau rule on a study's finished trials, in trial order.
+
+    The reference point is taken from all feasible trials so far, so the values compared in one
+    check share one reference.
+    """
+    done = [t for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.FAIL)]
+    points = [t.values for t in done if feasible(t)]
+    if not points:
+        return None
+    directions = study_directions(study)
+    return plateau_reached(hypervolume_history(done, directions, reference_point(points, directions)), rule)
+
+
+# ---------------------------------------------------------------- warm start
+
+
+@dataclass
+class WarmStartResult:
+    source: str
+    mode: str  # identical | overlapping | none
+    carried: list[int]  # trial numbers in the source study
+    detail: str = ""
+
+
+def _space_signature(raw: dict[str, Any]) -> dict[str, Any]:
+    """What makes two spaces the same search: params, fixed knobs, objectives, constraints, runner,
+    model and workload (a changed model, device or load makes earlier values another problem)."""
+    keys = ("runner", "model", "device", "workload", "params", "fixed", "objectives", "constraints")
+    return {k: raw.get(k) for k in keys}
+
+
+def warm_start(study: optuna.Study, space: Space, source: optuna.Study,
+               before_enqueue: Callable[[], None] = lambda: None) -> WarmStartResult:
+    """Seed a fresh study with `source`'s knowledge; each seeded trial carries `warm_start_from`.
+
+    Identical spaces: every finished trial is copied with `add_trials` (values, constraints and
+    user attributes as measured), marked `carried_over`, and does not use this study's budget.
+    Overlapping spaces (another model size, GPU, range): the source's feasible Pareto set is
+    enqueued first, each config cut to this space's params and dropped where a value falls
+    outside this space's ranges; those trials run here and count, after whatever
+    `before_enqueue` queues (the study's baseline, so it stays the first trial).
+    """
+    earlier = source.user_attrs.get("space") or {}
+    if earlier and _space_signature(earlier) == _space_signature(space.raw):
+        return _copy_trials(study, source)
+    before_enqueue()
+    return _enqueue_front(study, space, source)
+
+
+def _copy_trials(study: optuna.Study, source: optuna.Study) -> WarmStartResult:
+    copies = []
+    for t in source.get_trials(deepcopy=True, states=(TrialState.COMPLETE,)):
+        if t.values is None or len(t.values) != len(study.directions):
+            continue
+        attrs = {**t.user_attrs, "warm_start_from": {"study": source.study_name, "trial": t.number},
+                 "carried_over": True}
+        copies.append(optuna.trial.create_trial(
+            state=TrialState.COMPLETE, values=t.values, params=t.params, distributions=t.distributions,
+            user_attrs=attrs, system_attrs=t.system_attrs, intermediate_values=t.intermediate_values))
+    study.add_trials(copies)
+    carried = [c.user_attrs["warm_start_from"]["trial"] for c in copies]
+    return WarmStartResult(source.study_name, "identical", carried,
+                           f"copied {len(carried)} finished trial(s) of the identical space")
+
+
+def _enqueue_front(study: optuna.Study, space: Space, source: optuna.Study) -> WarmStartResult:
+    if [d.name for d in source.directions] != [d.name for d in study.directions] or \
+            (source.metric_names or []) != [o.metric for o in space.objectives]:
+        front = _feasible_front_by_names(source, space)
+    else:
+        front = [t for t in source.best_trials if feasible(t)]
+    distributions = space.distributions()
+    carried, dropped = [], 0
+    seen: set[str] = set()
+    for t in front:
+        params = {k: v for k, v in t.params.items() if k in distributions}
+        if not params or not all(_contains(distributions[k], v) for k, v in params.items()):
+            dropped += 1
+            continue
+        key = repr(sorted(params.items()))
+        if key in seen:
+            continue
+        seen.add(key)
+        study.enqueue_trial(params, user_attrs={"warm_start_from": {"study": source.study_name,
+                                                                    "trial": t.number}})
+        carried.append(t.number)
+    detail = f"enqueued {len(carried)} Pareto config(s) of the overlapping space"
+    if dropped:
+        detail += f"; {dropped} fell outside this space's ranges"
+    return WarmStartResult(source.study_name, "overlapping", carried, detail)
+
+
+def _feasible_front_by_names(source: optuna.Study, space: Space) -> list[FrozenTrial]:
+    """The Pareto set under *this* space's objectives, read from the source trials' metrics."""
+    metrics = [o.metric for o in space.objectives]
+    directions = [o.direction for o in space.objectives]
+    rows = []
+    for t in source.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        recorded = t.user_attrs.get("metrics") or {}
+        if feasible(t) and all(m in recorded for m in metrics):
+            rows.append((t, [float(recorded[m]) for m in metrics]))
+    if not rows:
+        return []
+    loss = losses([v for _, v in rows], directions)
+    keep = [i for i in range(len(rows))
+            if not any((loss[j] <= loss[i]).all() and (loss[j] < loss[i]).any() for j in range(len(rows)))]
+    return [rows[i][0] for i in keep]
+
+
+def _contains(distribution: optuna.distributions.BaseDistribution, value: Any) -> bool:
+    """Whether `value` is a point of `distribution` (in range and on its step)."""
+    if isinstance(distribution, optuna.distributions.CategoricalDistribution):
+        return value in distribution.choices
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    low, high = distribution.low, distribution.high
+    if not low - 1e-12 <= value <= high + 1e-12:
+        return False
+    step = getattr(distribution, "step", None)
+    if not step:
+        return True
+    units = (value - low) / step
+    return math.isclose(units, round(units), abs_tol=1e-9)
+
+
+def load_source(rule: WarmStart, storage_url: str) -> optuna.Study:
+    """The earlier study a warm start reads (a usage error when it does not exist)."""
+    from tuner.errors import UsageError
+    from tuner.storage import open_existing_storage
+
+    url = rule.storage or storage_url
+    try:
+        return optuna.load_study(study_name=rule.study, storage=open_existing_storage(url, None))
+    except (KeyError, UsageError):
+        raise UsageError(f"search.warm_start: no study {rule.study!r} in {url}") from None
