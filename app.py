@@ -22,9 +22,10 @@ import streamlit as st
 
 from reports import figures as figs
 from reports import frames as fr
-from reports.regression import history_figure, read_history
+from reports.regression import history_figure
 from runners.contract import METRICS
 from tuner.errors import UsageError
+from tuner.regress_rule import read_history
 from tuner.storage import DEFAULT_STORAGE, open_existing_storage
 
 TTL_S = 15  # a running study's new trials show up within this many seconds (or on Refresh)

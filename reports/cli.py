@@ -8,13 +8,12 @@ from pathlib import Path
 import optuna
 
 from reports.frames import objectives, ordered_columns, pareto_frame, trials_frame, write_table
-from tuner.errors import UsageError
 
 
 def parser() -> argparse.ArgumentParser:
-    from tuner.cli import _Parser
+    from tuner.cli import Parser
 
-    p = _Parser(prog="autoglm-tune report",
+    p = Parser(prog="autoglm-tune report",
                 description="Write trials.csv/.parquet, pareto.csv/.parquet and report.html.")
     p.add_argument("--study", required=True)
     p.add_argument("--storage", default=None, help="default: runs/optuna.journal")
@@ -23,14 +22,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def load_study(name: str, storage_url: str | None) -> optuna.Study:
-    from tuner.storage import DEFAULT_STORAGE, open_existing_storage
+    """The study `name` in `storage_url` (default: the journal file); see `tuner.load_study`."""
+    from tuner import load_study as open_study
+    from tuner.storage import DEFAULT_STORAGE
 
-    url = storage_url or DEFAULT_STORAGE
-    storage = open_existing_storage(url)
-    names = optuna.get_all_study_names(storage)
-    if name not in names:
-        raise UsageError(f"no study {name!r} in {url} (studies: {', '.join(names) or 'none'})")
-    return optuna.load_study(study_name=name, storage=storage)
+    return open_study(storage_url or DEFAULT_STORAGE, name)
 
 
 def write_all(study: optuna.Study, out: Path) -> list[Path]:

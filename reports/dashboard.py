@@ -16,9 +16,9 @@ APP = Path(__file__).resolve().parent.parent / "app.py"
 
 
 def parser() -> argparse.ArgumentParser:
-    from tuner.cli import _Parser
+    from tuner.cli import Parser
 
-    p = _Parser(prog="autoglm-tune dashboard", description="Start the Streamlit dashboard on 127.0.0.1.")
+    p = Parser(prog="autoglm-tune dashboard", description="Start the Streamlit dashboard on 127.0.0.1.")
     p.add_argument("--storage", default=None, help="default: $AUTOGLM_TUNE_STORAGE, else runs/optuna.journal")
     p.add_argument("--port", type=int, default=8501)
     return p

@@ -11,10 +11,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from reports import regression as rr
+from reports.regression import history_figure
 from runners.contract import TrialConfig, TrialResult
 from runners.knobs import RUNNER_KNOBS
 from tests.fault_runner import FAULT_KNOBS, FAULT_RUNNER
+from tuner import regress_rule as rr
 from tuner.cli import main
 from tuner.launcher import LaunchOutcome
 from tuner.regress import load_baseline, plan_rounds
@@ -162,7 +163,7 @@ def test_consecutive_nights_history_and_update_baseline(in_tmp, fault_runner):
     history = rr.read_history(in_tmp / "out" / "history.csv")
     assert len(history) == 10 and history["night"].nunique() == 5  # a `measured` and a metric row a night
     assert history["verdict"].iloc[-1] == "ok"
-    figure = rr.history_figure(rr.read_history(in_tmp / "out" / "history.csv"))
+    figure = history_figure(rr.read_history(in_tmp / "out" / "history.csv"))
     assert any(trace.name == "slower" for trace in figure.data)
     assert any(trace.name and trace.name.startswith("flagged") for trace in figure.data)
 
@@ -288,7 +289,7 @@ def test_cpu_mode_end_to_end_on_the_tiny_preset(in_tmp, monkeypatch):
 
 
 def test_history_figure_without_history_is_a_placeholder():
-    figure = rr.history_figure(pd.DataFrame(columns=rr.HISTORY_COLUMNS))
+    figure = history_figure(pd.DataFrame(columns=rr.HISTORY_COLUMNS))
     assert "No regression history" in figure.layout.title.text
 
 

@@ -32,6 +32,8 @@ def load_study(storage: str | optuna.storages.BaseStorage = "runs/optuna.journal
             raise UsageError(f"{storage}: holds {len(names)} studies ({', '.join(names) or 'none'}); "
                              f"name one: load_study(storage, study_name)")
         study_name = names[0]
+    elif study_name not in (names := optuna.get_all_study_names(opened)):
+        raise UsageError(f"no study {study_name!r} in {storage} (studies: {', '.join(names) or 'none'})")
     return optuna.load_study(study_name=study_name, storage=opened)
 
 

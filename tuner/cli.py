@@ -33,7 +33,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     """argparse that raises instead of exiting, so every usage error is exit code 2 alike."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
@@ -41,7 +41,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def run_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="autoglm-tune", description="Tune GLM serving and compression knobs with Optuna.",
+    p = Parser(prog="autoglm-tune", description="Tune GLM serving and compression knobs with Optuna.",
                 epilog=f"subcommands: {', '.join(SUBCOMMANDS)} (autoglm-tune SUB --help)")
     p.add_argument("--space", required=True, help="space file, or a bundled name (batch_quant)")
     p.add_argument("--study", help="study name (default: the file's `study`, else its stem)")
@@ -59,7 +59,7 @@ def run_parser() -> argparse.ArgumentParser:
 
 
 def worker_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="autoglm-tune worker",
+    p = Parser(prog="autoglm-tune worker",
                 description="Join a study by name and run its trials until its total budget is used.")
     p.add_argument("--study", required=True, help="the study's name")
     p.add_argument("--storage", default=None,

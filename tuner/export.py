@@ -77,9 +77,9 @@ def export_table(study: optuna.Study, path: Path) -> tuple[int, int]:
 
 
 def parser() -> argparse.ArgumentParser:
-    from tuner.cli import _Parser
+    from tuner.cli import Parser
 
-    p = _Parser(prog="autoglm-tune export-table",
+    p = Parser(prog="autoglm-tune export-table",
                 description="Write a study's trials as a CSV that `runner: replay` answers from.")
     p.add_argument("--study", required=True, help="the study's name")
     p.add_argument("--storage", default=None, help="the study's storage (default: the journal file)")

@@ -28,9 +28,9 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from reports import regression as rr
 from runners.contract import METRICS, TrialConfig
 from runners.knobs import RUNNER_KNOBS
+from tuner import regress_rule as rr
 from tuner.errors import UsageError
 from tuner.space import SpaceError, read_yaml
 
@@ -428,9 +428,10 @@ def write_baseline(data: dict[str, Any], path: Path) -> None:
 def init_baseline(study_name: str, storage_url: str | None, top: int) -> dict[str, Any]:
     """A baseline from the study's feasible Pareto set (top K by the first objective) plus its
     baseline trial as the control, with each trial's stored config and metrics."""
-    from reports.cli import load_study
+    from tuner import load_study
+    from tuner.storage import DEFAULT_STORAGE
 
-    study = load_study(study_name, storage_url)
+    study = load_study(storage_url or DEFAULT_STORAGE, study_name)
     names = study.metric_names or []
     directions = [d.name.lower() for d in study.directions]
     if not names:
@@ -503,9 +504,9 @@ def _init_entry(name: str, trial: Any, study: str, watched: list[str], control: 
 
 
 def parser() -> argparse.ArgumentParser:
-    from tuner.cli import _Parser
+    from tuner.cli import Parser
 
-    p = _Parser(prog="autoglm-tune regress", description="Re-measure a baseline's configs; exit 1 on a regression.")
+    p = Parser(prog="autoglm-tune regress", description="Re-measure a baseline's configs; exit 1 on a regression.")
     p.add_argument("--baseline", help="baseline file (YAML or JSON) to check")
     p.add_argument("--repeats", type=int, help="measurements per config (default: the file's, else 3)")
     p.add_argument("--device", help="override every config's device: auto | cpu | cuda | cuda:K")
