@@ -122,7 +122,7 @@ def test_space_keys_of_capacity_and_the_window():
                 ({"workload": {"mode": "fastest"}}, "workload.mode"),
                 ({"workload": {"ci_metric": "p99"}}, "workload.ci_metric"),
                 ({"workload": {"capacity_min_rps": 8, "capacity_max_rps": 4}}, "capacity_min_rps"),
-                ({"workload": {"rate_rps": 0.5, "requests": 200}}, "past the window's hard length")]
+                ({"workload": {"rate_rps": 0.5, "requests": 200}}, "beyond the default max_duration_s")]
     for extra, message in refusals:
         with pytest.raises(SpaceError, match=message):
             validate({**base, **extra}, "c.yaml", "c")

@@ -40,7 +40,11 @@ def test_quick_run_writes_curve_capacity_and_summary(tmp_path):
         assert float(row["ceiling_rps"]) > 0
     fast = capacity[1]
     assert fast["status"] == "ok" or fast["status"].startswith("no capacity"), fast
-    assert int(fast["probes"]) >= 2
+    # The search probes the top of the range first: met there (a quiet machine) it is done in one
+    # probe; otherwise it bisects, so a capacity below the top took at least two.
+    assert int(fast["probes"]) >= 1
+    if fast["status"] == "ok" and float(fast["capacity_rps"]) < 16:
+        assert int(fast["probes"]) >= 2
     curve = list(csv.DictReader((tmp_path / "curve.csv").open()))
     point = next(r for r in curve if r["config"] == "fast_dynamic")
     assert float(point["rate_rps"]) == 8.0 and float(point["measured_requests"]) > 0
