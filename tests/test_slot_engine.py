@@ -7,8 +7,6 @@ engine knobs runs or names why not. GPU tests are marked `gpu`."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -21,21 +19,10 @@ from runners.infer import GlmInferRunner, PromptBank, engine_kind, prefix_length
 from runners.knobs import resolve_knobs
 from runners.scheduler import StepRecord, run_continuous
 from runners.workload import Request
+from tests.test_scheduler import FakeClock
 
 TINY = {"preset": "glm-tiny"}
 SPECS = [(5, 6), (19, 4), (3, 7), (40, 5), (7, 3), (33, 8)]  # (prompt, output) tokens per request
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def now(self) -> float:
-        return self.t
-
-    def sleep_until(self, t: float) -> None:
-        assert math.isfinite(t)
-        self.t = max(self.t, t)
 
 
 class Timed:

@@ -28,7 +28,7 @@ import torch
 
 from runners.contract import InfeasibleConfig
 from runners.glm.fast_model import FastGlm, LayerFn, attention_bias, head_forward, layer_forward, rms_norm
-from runners.glm.prefix_cache import TieredPrefixCache
+from runners.glm.prefix_cache import TieredPrefixCache, engine_prefix_cache
 from runners.glm.work import WorkCounter
 from runners.monitor import StepTimer
 from runners.scheduler import Clock
@@ -37,7 +37,6 @@ from runners.workload import Request
 PromptFn = Callable[[Request], list[int]]
 PrefixLenFn = Callable[[Request], int]
 MIN_LENGTH_BUCKET = 256
-PREFIX_L2_FACTOR = 4  # host-memory tier holds this many times the device budget
 
 
 def bucket(n: int, minimum: int = 1) -> int:
@@ -125,13 +124,9 @@ class FastEngine:
         self.prompt_fn = prompt_fn
         self.prefix_len_fn = prefix_len_fn
         self.work.reset()
-        self.prefix_cache: TieredPrefixCache[torch.Tensor] | None = None
-        if prefix_policy != "off":
-            l1 = int(float(prefix_budget_mib) * 2**20)
-            self.prefix_cache = TieredPrefixCache(
-                l1, PREFIX_L2_FACTOR * l1, prefix_policy,
-                to_l1=lambda t: t.to(self.device, non_blocking=True),
-                to_l2=lambda t: t.to("cpu"))
+        self.prefix_cache: TieredPrefixCache[torch.Tensor] | None = engine_prefix_cache(
+            prefix_policy, prefix_budget_mib, to_l1=lambda t: t.to(self.device, non_blocking=True),
+            to_l2=lambda t: t.to("cpu"))
 
     def counters(self) -> dict[str, float]:
         counts = self.work.snapshot()

@@ -154,3 +154,16 @@ class TieredPrefixCache(Generic[V]):
             self.stats.evictions_l1 += 1
             dropped = self.l2.put(old_key, self._to_l2(old_value), old_size)
             self.stats.evictions_l2 += len(dropped)
+
+
+PREFIX_L2_FACTOR = 4  # the host-memory tier holds this many times the device budget
+
+
+def engine_prefix_cache(policy: str, budget_mib: float, to_l1: Callable[[V], V], to_l2: Callable[[V], V]
+                        ) -> TieredPrefixCache[V] | None:
+    """An engine's prefix cache for the `prefix_cache` / `prefix_cache_mib` knobs: `budget_mib`
+    of device memory (L1) over `PREFIX_L2_FACTOR` times that of host memory (L2); None when off."""
+    if policy == "off":
+        return None
+    l1 = int(float(budget_mib) * 2**20)
+    return TieredPrefixCache(l1, PREFIX_L2_FACTOR * l1, policy, to_l1=to_l1, to_l2=to_l2)

@@ -44,7 +44,7 @@ import torch
 
 from runners.contract import InfeasibleConfig
 from runners.glm.fast_model import FastGlm, row_bias
-from runners.glm.prefix_cache import TieredPrefixCache
+from runners.glm.prefix_cache import TieredPrefixCache, engine_prefix_cache
 from runners.glm.work import WorkCounter
 from runners.monitor import StepTimer
 from runners.scheduler import Clock
@@ -56,7 +56,6 @@ MIN_PREFILL_WIDTH = 16  # narrowest padded prefill piece
 # [Hq, W, A] (8.6 GB per layer at W = A = 8192 on glm-4-9b), and a captured graph keeps it.
 # Longer prompts run in pieces of this width back to back; chunked prefill equals unchunked.
 MAX_PREFILL_WIDTH = 1024
-PREFIX_L2_FACTOR = 4
 POLICIES = ("static", "quantized", "offloaded")
 
 PromptFn = Callable[[Request], list[int]]
@@ -243,13 +242,9 @@ class SlotEngine:
         self.prefix_len_fn = prefix_len_fn
         self.work.reset()
         self.preemptions = 0
-        self.prefix_cache: TieredPrefixCache[tuple[torch.Tensor, ...]] | None = None
-        if prefix_policy != "off":
-            l1 = int(float(prefix_budget_mib) * 2**20)
-            self.prefix_cache = TieredPrefixCache(
-                l1, PREFIX_L2_FACTOR * l1, prefix_policy,
-                to_l1=lambda kv: tuple(t.to(self.device, non_blocking=True) for t in kv),
-                to_l2=lambda kv: tuple(t.to("cpu") for t in kv))
+        self.prefix_cache: TieredPrefixCache[tuple[torch.Tensor, ...]] | None = engine_prefix_cache(
+            prefix_policy, prefix_budget_mib, to_l1=lambda kv: tuple(t.to(self.device, non_blocking=True) for t in kv),
+            to_l2=lambda kv: tuple(t.to("cpu") for t in kv))
         self._reset_batch()
 
     def _reset_batch(self) -> None:
