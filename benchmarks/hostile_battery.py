@@ -133,7 +133,7 @@ KEY_SPECIFIC: list[tuple[tuple[str, ...], list[Any]]] = [
     (("workload", "requests"), [0, -1, 10**6, 2.5, "many"]),
     (("workload", "output_tokens"), [0, -8, 10**6, {"dist": "uniform", "low": -4, "high": 8},
                                      {"dist": "lognormal", "mean": 500, "sigma": 3}, {"dist": ["x"]}]),
-    (("workload", "prompt_tokens"), [0, 5000, {"dist": "normal", "mean": 10, "std": -1},
+    (("workload", "prompt_tokens"), [0, 10**7, {"dist": "normal", "mean": 10, "std": -1},
                                      {"dist": "uniform", "low": 9, "high": 3}]),
     (("workload", "arrival"), ["poison", 7, ["poisson"]]),
     (("workload", "warmup_requests"), [-1, 10**6]),

@@ -464,7 +464,7 @@ def _check_device(device: str, source: str) -> None:
 def _model(model: dict[str, Any], source: str) -> dict[str, Any]:
     _no_unknown(model, MODEL_KEYS, source, "model")
     if "preset" in model and "path" in model:
-        raise SpaceError(source, "model", "give either `preset` or `path`, not both")
+        raise SpaceError(source, "model.preset", "give either `model.preset` or `model.path`, not both")
     out = dict(model)
     if "path" in model:
         _get(model, "path", str, source, "model", "")
