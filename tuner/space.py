@@ -577,6 +577,9 @@ def _serving_keys(w: dict[str, Any], source: str) -> None:
     for key in ("capacity_min_rps", "capacity_max_rps", "capacity_tolerance", "capacity_probe_s"):
         _positive(w, key, float, source, "workload", None)
     _positive(w, "capacity_probes", int, source, "workload", None)
+    if mode == "capacity" and "rate_rps" in w:
+        raise SpaceError(source, "workload.rate_rps", "mode: capacity searches the rate itself; bound it with "
+                         "capacity_min_rps / capacity_max_rps instead")
     if mode == "capacity" and w.get("arrival", "poisson") not in ("poisson", "constant", "gamma"):
         raise SpaceError(source, "workload.arrival", "mode: capacity searches an open-loop rate "
                          f"(poisson, constant or gamma), not {w['arrival']!r}")
@@ -598,7 +601,8 @@ def _check_positions(w: dict[str, Any], longest: dict[str, int], positions: int,
     """Prompt + output, and the evaluation sequences, must fit the model's positions."""
     prompt, output = longest.get("prompt_tokens", 32), longest.get("output_tokens", 16)
     if prompt + output > positions:
-        key = "output_tokens" if "output_tokens" in longest else "prompt_tokens"
+        # Name the length that takes more of the positions (a prompt alone may already exceed them).
+        key = "prompt_tokens" if prompt >= output or "output_tokens" not in longest else "output_tokens"
         raise SpaceError(source, f"workload.{key}", f"the longest prompt ({prompt}) + output ({output}) tokens "
                                                     f"exceed the model's {positions} positions")
     for key in ("eval_tokens", "shared_prefix_tokens"):
