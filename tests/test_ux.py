@@ -264,7 +264,7 @@ def test_optuna_dashboard_never_shows_an_infeasible_trial_as_best(tmp_path, ux_r
     raw = ux_space(2, {"x": [1.0, 4.0], "ttft_ms": [100.0, 4132.0]})
     # Trial 1 dominates trial 0 on both objectives but breaks ttft_p99_ms <= 2000.
     _, study = run(tmp_path, raw, [{"x": 1.0, "ttft_ms": 100.0}, {"x": 4.0, "ttft_ms": 4132.0}])
-    assert study.trials[1].system_attrs["constraints"] == [0.0, 2132.0, 0.0]
+    assert study.trials[1].system_attrs["constraints"] == [0.0, 2132.0, 0.0, 0.0]  # runnable, 2 bounds, stopped_early
     from wsgiref.util import setup_testing_defaults
 
     environ: dict = {"PATH_INFO": f"/api/studies/{study._study_id}"}
@@ -274,7 +274,7 @@ def test_optuna_dashboard_never_shows_an_infeasible_trial_as_best(tmp_path, ux_r
     assert statuses == ["200 OK"]
     detail = json.loads(b"".join(body))
     assert [t["number"] for t in detail["best_trials"]] == [0]
-    assert [t["constraints"] for t in detail["trials"]] == [[0.0, 0.0, 0.0], [0.0, 2132.0, 0.0]]
+    assert [t["constraints"] for t in detail["trials"]] == [[0.0, 0.0, 0.0, 0.0], [0.0, 2132.0, 0.0, 0.0]]
     # Optuna's own view agrees.
     assert [t.number for t in study.best_trials] == [0]
 

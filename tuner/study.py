@@ -314,11 +314,12 @@ def tell_outcome(study: optuna.Study, trial: optuna.Trial, space: Space, outcome
         trial.set_constraint(f"{c.metric}{'<=' + str(c.max) if c.max is not None else ''}"
                              f"{'>=' + str(c.min) if c.min is not None else ''}", violation)
     stopped = result.info.get("stopped_early") if runnable else None
+    # Every trial carries the same constraints (samplers refuse a study whose trials differ).
+    trial.set_constraint("stopped_early", 1.0 if stopped else 0.0)
+    violations.append(1.0 if stopped else 0.0)
     if stopped:
         # A window stopped once its outcome was decided: measured, but partial, so never on a front.
         trial.set_user_attr("stopped_early", stopped)
-        trial.set_constraint("stopped_early", 1.0)
-        violations.append(1.0)
         reason = f"window stopped early: {stopped['rule']}"
         trial.set_user_attr("infeasible_reason", reason)
     store_constraint_list(study, trial, violations)
