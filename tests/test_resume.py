@@ -71,3 +71,20 @@ def test_kill_9_then_resume(in_tmp):
     # A third run has nothing left to do.
     assert subprocess.run(command(space), timeout=60).returncode == 0
     assert len(optuna.load_study(study_name="resume", storage=open_storage(str(journal))).trials) == len(trials)
+
+
+def test_a_trial_left_running_before_its_owner_was_recorded_is_recovered(tmp_path):
+    """A kill -9 between `ask` and recording the owner left a RUNNING trial nobody could claim:
+    it held a unit of budget forever (the resume then ran one trial short)."""
+    from tuner.progress import Progress
+    from tuner.study import counted_trials, recover_stale_trials
+
+    study = optuna.create_study(storage=open_storage(str(tmp_path / "j.journal")), study_name="s")
+    orphan = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})  # no owner attribute
+    assert counted_trials(study) == 1
+    assert recover_stale_trials(study, Progress(1, quiet=True)) == 1
+    frozen = study.trials[orphan.number]
+    assert frozen.state == TrialState.FAIL and frozen.user_attrs["interrupted"]
+    assert "died" in frozen.user_attrs["fail_reason"]
+    assert counted_trials(study) == 0  # the queued retry waits; it counts once claimed
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.WAITING]

@@ -218,13 +218,16 @@ def recover_stale_trials(study: optuna.Study, progress: Progress) -> int:
     recovered = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = t.user_attrs.get("owner") or {}
-        if owner.get("host") != host or _owner_alive(owner):
+        # No owner under the claim lock: its process died between `ask` and recording itself
+        # (a kill -9 right then); left RUNNING it would hold a unit of budget forever.
+        if owner and (owner.get("host") != host or _owner_alive(owner)):
             continue
         storage = study._storage
+        why = (f"owner process {owner.get('pid')} died mid-trial" if owner
+               else "the process that started it died before recording itself (died mid-trial)")
         try:
             storage.set_trial_user_attr(t._trial_id, "interrupted", True)
-            storage.set_trial_user_attr(t._trial_id, "fail_reason",
-                                        f"owner process {owner.get('pid')} died mid-trial")
+            storage.set_trial_user_attr(t._trial_id, "fail_reason", why)
             storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # finished meanwhile (a worker not taking the lock, e.g. an older version)
