@@ -44,7 +44,7 @@ class Config:
     note: str = ""
 
 
-def configs(gpu: bool, batch: int) -> list[Config]:
+def configs(gpu: bool, batch: int, long_kv_mib: float = 2048.0) -> list[Config]:
     """The configs the issue compares. `engine` and `prefill_chunk_tokens` are knobs of the
     continuous-batching fast engine; a build without them reports those rows infeasible."""
     compiled = {"compile": gpu}
@@ -63,6 +63,14 @@ def configs(gpu: bool, batch: int) -> list[Config]:
         Config("kv_int8", {**fast_cont, "kv_cache": "quantized", "kv_bits": 8}, note="quantized KV cache"),
         Config("shared_no_prefix_cache", fast_cont, "shared_prefix", note="the prefix cache's baseline"),
         Config("prefix_cache", {**fast_cont, "prefix_cache": "lru", "prefix_cache_mib": 1024}, "shared_prefix"),
+        # A GPU KV pool of 16 rows for a load that wants more: joins beyond it preempt to host memory.
+        Config("offloaded_small_pool", {**fast_cont, "kv_cache": "offloaded", "kv_slots": 16},
+               note="16 GPU rows, the rest parked in pinned host memory"),
+        # Long prompts under one KV memory budget: int8 KV fits about twice the rows of bf16 KV.
+        Config("long_kv_bf16", {**fast_cont, "prefill_chunk_tokens": 512, "kv_memory_mib": long_kv_mib}, "long",
+               note=f"KV pool {long_kv_mib:g} MiB"),
+        Config("long_kv_int8", {**fast_cont, "prefill_chunk_tokens": 512, "kv_memory_mib": long_kv_mib,
+                                "kv_cache": "quantized", "kv_bits": 8}, "long", note=f"KV pool {long_kv_mib:g} MiB"),
     ]
 
 
@@ -78,7 +86,13 @@ def workloads(quick: bool) -> dict[str, dict[str, Any]]:
                 "output_tokens": {"dist": "lognormal", "mean": 96, "sigma": 0.6, "min": 16, "max": 256}}
         shared = {"prompt_tokens": {"dist": "lognormal", "mean": 640, "sigma": 0.2, "min": 544, "max": 1024},
                   "output_tokens": chat["output_tokens"], "shared_prefix_tokens": 512, "shared_prefix_groups": 4}
-    return {"chat": {"arrival": "poisson", **chat}, "shared_prefix": {"arrival": "poisson", **shared}}
+        long = {"prompt_tokens": {"dist": "lognormal", "mean": 6000, "sigma": 0.2, "min": 4096, "max": 8192},
+                "output_tokens": {"dist": "lognormal", "mean": 64, "sigma": 0.5, "min": 16, "max": 128}}
+    if quick:
+        long = {"prompt_tokens": {"dist": "lognormal", "mean": 200, "sigma": 0.2, "min": 128, "max": 256},
+                "output_tokens": chat["output_tokens"]}
+    return {"chat": {"arrival": "poisson", **chat}, "shared_prefix": {"arrival": "poisson", **shared},
+            "long": {"arrival": "poisson", **long}}
 
 
 # ---------------------------------------------------------------- trials
@@ -101,8 +115,10 @@ def run_trial(runner: Any, args: argparse.Namespace, knobs: dict[str, Any], work
     """(result, '') or (None, 'infeasible: reason' / 'error: ...'); never raises for a config."""
     import torch
 
+    ttft = args.long_slo_ttft_ms if workload.get("name") == "long" else args.slo_ttft_ms
+    workload = {k: v for k, v in workload.items() if k != "name"}
     config = TrialConfig("glm-infer", model_spec(args.model), args.device, workload, knobs, seed=args.seed,
-                         slo={"ttft_ms": args.slo_ttft_ms, "tpot_ms": args.slo_tpot_ms})
+                         slo={"ttft_ms": ttft, "tpot_ms": args.slo_tpot_ms})
     try:
         return runner.run(config), ""
     except InfeasibleConfig as exc:
@@ -265,6 +281,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--tolerance", type=float, default=0.05, help="relative bracket of the capacity")
     parser.add_argument("--slo-ttft-ms", type=float, default=1000.0)
     parser.add_argument("--slo-tpot-ms", type=float, default=50.0)
+    parser.add_argument("--long-slo-ttft-ms", type=float, default=3000.0,
+                        help="TTFT p99 bound of the long-prompt workload (prompts of 4k-8k tokens)")
+    parser.add_argument("--long-kv-mib", type=float, default=2048.0,
+                        help="KV memory budget (kv_memory_mib) of the long-prompt configs")
     parser.add_argument("--batch", type=int, default=64, help="batch_size of the fast configs (max running)")
     parser.add_argument("--ceiling-batch", type=int, default=64, help="sequences sharing a weight read (ceiling)")
     parser.add_argument("--seed", type=int, default=0)
@@ -287,7 +307,7 @@ def main(argv: list[str]) -> int:
     args.device = resolve_device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    chosen = [c for c in configs(args.device.startswith("cuda"), args.batch)
+    chosen = [c for c in configs(args.device.startswith("cuda"), args.batch, args.long_kv_mib)
               if not args.configs or c.name in args.configs.split(",")]
     if args.configs and len(chosen) != len(args.configs.split(",")):
         known = ", ".join(c.name for c in configs(True, args.batch))
@@ -309,7 +329,7 @@ def main(argv: list[str]) -> int:
     capacity: list[dict[str, Any]] = []
     for config in chosen:
         base = {**loads[config.workload], "warmup_requests": 8 if not args.quick else 2, "eval_sequences": 2,
-                "eval_tokens": 32, "max_duration_s": args.max_duration_s}
+                "eval_tokens": 32, "max_duration_s": args.max_duration_s, "name": config.workload}
         refused = unknown_knobs(config.knobs)
         for rate in rates:
             requests = max(args.min_requests, int(math.ceil(rate * args.point_s)))

@@ -232,6 +232,10 @@ def _fast_refusal(knobs: dict[str, Any], device: str) -> str:
         return "prefill_chunk_tokens and kv_slots must be >= 0"
     if int(knobs.get("kv_slots", 0)) and scheduler != "continuous":
         return "kv_slots sizes the slot pool of scheduler=continuous; scheduler=dynamic holds each whole batch"
+    if float(knobs.get("kv_memory_mib", 0)) < 0:
+        return "kv_memory_mib must be >= 0"
+    if float(knobs.get("kv_memory_mib", 0)) and scheduler != "continuous":
+        return "kv_memory_mib sizes the slot pool of scheduler=continuous; scheduler=dynamic holds each whole batch"
     if int(knobs.get("decode_length_step", 0)) and scheduler != "continuous" and kv == "static":
         return ("decode_length_step shapes the slot pool's decode graphs; scheduler=dynamic with kv_cache=static "
                 "runs static batches (FastEngine)")
@@ -260,8 +264,8 @@ def _hf_refusal(knobs: dict[str, Any], device: str) -> str:
         return f"prefix_cache reuses KV in the static-KV fast engine; kv_cache={kv} has none (use kv_cache=static)"
     if int(knobs.get("prefill_chunk_tokens", 0)):
         return "prefill_chunk_tokens is the fast engine's chunked prefill (use engine=fast, scheduler=continuous)"
-    if int(knobs.get("kv_slots", 0)) or int(knobs.get("decode_length_step", 0)):
-        return "kv_slots and decode_length_step shape the fast engine's KV slot pool (use engine=fast)"
+    if int(knobs.get("kv_slots", 0)) or int(knobs.get("decode_length_step", 0)) or float(knobs.get("kv_memory_mib", 0)):
+        return "kv_slots, kv_memory_mib and decode_length_step shape the fast engine's KV slot pool (use engine=fast)"
     if kv == "offloaded" and not device.startswith("cuda"):
         return "kv_cache=offloaded moves GPU KV to CPU memory: needs a CUDA device"
     if kv == "quantized" and int(knobs["kv_bits"]) not in (2, 4):
@@ -389,6 +393,9 @@ class GlmInferRunner(Runner):
         self._prefix_metrics(engine, outcome, metrics, unavailable, info)
         info["engine_counters"] = engine.counters()
         info["serving"] = outcome.info
+        if isinstance(engine, SlotEngine) and engine.pool is not None:
+            info["kv_pool"] = {"gpu_rows": engine.gpu_rows, "max_sequences": engine.max_sequences,
+                               "positions": engine.pool.length, "bytes": engine.pool.nbytes()}
         metrics["setup_s"] = setup_s
         metrics.update(clock.metrics())
 
@@ -451,10 +458,16 @@ class GlmInferRunner(Runner):
         max_output = _length_bound(workload.get("output_tokens", 16), [r.output_tokens for r in requests])
         if isinstance(engine, SlotEngine):
             batch = int(knobs["batch_size"])
-            rows = int(knobs.get("kv_slots", 0)) or batch
+            rows = min(int(knobs.get("kv_slots", 0)) or batch, batch)
+            budget_mib = float(knobs.get("kv_memory_mib", 0))
+            if budget_mib:
+                rows = min(rows, engine.rows_for_budget(budget_mib * 2**20, max_prompt + max_output))
+                if rows < 1:
+                    raise InfeasibleConfig(f"kv_memory_mib={budget_mib:g} holds no KV slot pool row for sequences of "
+                                           f"{max_prompt + max_output} tokens (kv_cache={knobs['kv_cache']})")
             shared = int(workload.get("shared_prefix_tokens", 0))
             prefixes = [shared] if shared and knobs["prefix_cache"] != "off" else []
-            engine.prepare(min(rows, batch), max_prompt + max_output, max_prompt, prefixes, max_sequences=batch)
+            engine.prepare(rows, max_prompt + max_output, max_prompt, prefixes, max_sequences=batch)
             return
         # The spec's bounds, not only this draw's: a later window (another rate, more requests)
         # draws other lengths from the same spec and must not meet a new bucket.

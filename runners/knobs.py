@@ -80,9 +80,13 @@ INFER_KNOBS: dict[str, Knob] = {
         Knob("kv_slots", 0, int, help="fast engine, continuous: sequences whose KV fits the GPU pool; "
                                       "0 = batch_size. With kv_cache=offloaded, admitted sequences beyond it "
                                       "wait preempted in host memory"),
+        Knob("kv_memory_mib", 0, _NUMBER,
+             help="fast engine, continuous: device memory for the KV slot pool; its rows = this budget / one "
+                  "sequence's KV (int8 KV fits about twice the rows), at most kv_slots or batch_size; 0 = no budget"),
         Knob("decode_length_step", 0, int, (0, 2, 4),
-             help="fast engine, continuous: decode graphs per attend length; 0 = one (the KV pool's length), "
-                  "2 or 4 = L, L/2.. or L/4.. (>= 256): less KV read while rows are short, more graphs to compile"),
+             help="fast engine, continuous: 0 = each row attends at its own length (one decode graph per "
+                  "batch bucket; a Triton kernel on GPU); 2 or 4 = masked attention over length buckets L, L/2.. "
+                  "or L/4.. (>= 256), one graph per bucket"),
         Knob("prefill_chunk_tokens", 0, int, help="fast engine, continuous: prefill prompts in chunks of this "
                                                   "many tokens, interleaved with decode steps; 0 = whole prompt"),
         Knob("prefix_cache", "off", str, ("off", "lru", "lfu")),

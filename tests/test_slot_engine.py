@@ -14,7 +14,7 @@ from runners.contract import InfeasibleConfig, TrialConfig
 from runners.glm.fast_engine import FastEngine
 from runners.glm.fast_model import FastGlm
 from runners.glm.model import build_model
-from runners.glm.slot_engine import SlotEngine, chunk_shapes, length_buckets, prefill_width
+from runners.glm.slot_engine import KvPool, SlotEngine, chunk_shapes, length_buckets, prefill_width
 from runners.infer import GlmInferRunner, PromptBank, engine_kind, prefix_length
 from runners.knobs import resolve_knobs
 from runners.scheduler import StepRecord, run_continuous
@@ -437,3 +437,31 @@ def test_gpu_fused_decode_attention_serves_single_rows_through_the_slot_pool():
     for rid, tokens in alone.items():
         # bf16: the prefill GEMMs differ in width (padded vs exact), so only the first tokens are pinned.
         assert engine.generated[rid][:2] == tokens[:2], rid
+
+
+def test_kv_memory_budget_sizes_the_pool_int8_fits_about_twice_the_rows(fast, prompts):
+    """`kv_memory_mib`: rows = budget / one row's KV (staging row and bucket padding counted)."""
+    plain = fast.slot_engine("static", 8, 0)
+    row = plain.pool_length(300) * (2 * 2 * 2 * 32 * 4)  # positions x (K+V, layers, kv heads, dim, fp32)
+    assert plain.rows_for_budget(16 * row, 300) == 15  # 15 rows + the staging row = 16
+    assert plain.rows_for_budget(17 * row, 300) == 16  # 16 rows + staging = 17
+    assert plain.rows_for_budget(31 * row, 300) == 16  # 17 rows would allocate a 32-row bucket
+    assert plain.rows_for_budget(row, 300) == 0
+    quantized = fast.slot_engine("quantized", 8, 0)
+    per_row_q = quantized.pool_length(300) * KvPool.bytes_per_position(fast.model, True)
+    assert per_row_q < 0.3 * row  # fp32 model: 1 byte codes + a 4-byte scale per 32 values
+    assert quantized.rows_for_budget(16 * row, 300) >= 2 * 15
+
+
+def test_kv_memory_budget_through_the_runner(tmp_path):
+    knobs = {"engine": "fast", "scheduler": "continuous", "kv_cache": "static", "batch_size": 8, "kv_memory_mib": 1e-3}
+    config = TrialConfig("glm-infer", TINY, "cpu", {"requests": 2, "rate_rps": 50.0, "prompt_tokens": 8,
+                                                    "output_tokens": 2, "eval_sequences": 1, "eval_tokens": 8},
+                         knobs, seed=0)
+    with pytest.raises(InfeasibleConfig, match="kv_memory_mib"):
+        GlmInferRunner().run(config)
+    config.knobs["kv_memory_mib"] = 1.0  # tiny: 1 MiB holds a few rows of 18 positions
+    result = GlmInferRunner().run(config)
+    assert result.metrics["throughput_tok_s"] > 0
+    pool = result.info["kv_pool"]
+    assert 1 <= pool["gpu_rows"] < 8 and pool["bytes"] <= 2**20

@@ -180,7 +180,11 @@ class FastEngine:
         if not self.compiled:
             return None
         if self._batched_fns is None:
-            options = self._inductor_options
+            # No coordinate-descent tuning here: it benchmarks every reduction kernel's launch
+            # configs (the batch-1 roofline path's gain), but with several rows the matmuls are
+            # cuBLAS GEMMs and the reductions (norms, softmax, argmax) move a few MB; tuning
+            # them was most of this compile's set-up time.
+            options = {**(self._inductor_options or {}), "coordinate_descent_tuning": False}
             self._batched_fns = (
                 torch.compile(self._eager_layer_fn, fullgraph=True, dynamic=True, options=options),
                 torch.compile(head_forward, fullgraph=True, dynamic=True, options=options))

@@ -27,6 +27,7 @@ from torch import nn
 from transformers.models.glm.modeling_glm import apply_rotary_pos_emb
 
 from runners.glm.decode_attention import decode_attention
+from runners.glm.row_attention import row_decode_attention
 from runners.glm.woq import linear, rms_norm
 
 # A layer's tensors in a fixed order; None where the architecture has no such tensor.
@@ -142,9 +143,23 @@ def cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: to
     return grouped_attention(q, k_cache, v_cache, bias, attend_len)
 
 
+def row_cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
+                        lengths: torch.Tensor, k_cache: KvCache, v_cache: KvCache) -> torch.Tensor:
+    """One token per row: write k/v [B, Hkv, 1, D] at per-row `slots` [B, 1], then row b attends
+    over its first `lengths[b]` positions. Returns [B, Hq, 1, D]."""
+    _store(k_cache, k, slots)
+    _store(v_cache, v, slots)
+    if isinstance(k_cache, tuple):
+        out = row_decode_attention(q[:, :, 0], k_cache[0], v_cache[0], lengths, k_cache[1], v_cache[1])
+    else:
+        out = row_decode_attention(q[:, :, 0], k_cache, v_cache, lengths)
+    return out[:, :, None]
+
+
 def layer_forward(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
-                  bias: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  weights: LayerTensors, dims: Dims, attend_len: int, fused_attention: bool = False) -> torch.Tensor:
+                  bias: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  weights: LayerTensors, dims: Dims, attend_len: int, fused_attention: bool = False,
+                  lengths: torch.Tensor | None = None) -> torch.Tensor:
     """One GLM decoder layer; writes this step's K/V into the caches at `slots`.
 
     h: [B, S, H]; cos/sin: [B, S, rotary]; slots: [S] cache positions of the S new tokens, the
@@ -152,6 +167,8 @@ def layer_forward(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: 
     k_cache/v_cache: `KvCache` (plain or int8 with scales).
     `fused_attention`: one sequence decoding one token runs bias, rope, cache write and attention
     as one CUDA kernel (`decode_attention`); other shapes and devices, the ops below.
+    `lengths` [B] (one new token per row, per-row `slots` [B, 1]): each row attends over its own
+    first `lengths[b]` cache positions through `row_attention` (no `bias`, no length bucket read).
     """
     (w_in, w_qkv, b_qkv, w_o, w_post_attn_out, w_post_attn, w_gate_up, w_down, w_post_mlp) = weights
     batch, seq, _ = h.shape
@@ -170,7 +187,10 @@ def layer_forward(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: 
         k = k.view(batch, seq, hkv, d).transpose(1, 2)  # [B, Hkv, S, D]
         v = v.view(batch, seq, hkv, d).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        attn = cache_attention(q, k, v, slots, bias, k_cache, v_cache, attend_len)
+        if lengths is not None:
+            attn = row_cache_attention(q, k, v, slots, lengths, k_cache, v_cache)
+        else:
+            attn = cache_attention(q, k, v, slots, bias, k_cache, v_cache, attend_len)
         attn = attn.transpose(1, 2).reshape(batch, seq, hq * d)
     if w_post_attn_out is None:
         h = linear(attn, w_o, residual=h)
@@ -265,17 +285,20 @@ class FastGlm(nn.Module):
         return self.final_norm.dtype
 
     def run_layers(self, tokens: torch.Tensor, rope_pos: torch.Tensor, slots: torch.Tensor,
-                   bias: torch.Tensor, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
-                   attend_len: int, layer_fn: LayerFn = layer_forward) -> torch.Tensor:
+                   bias: torch.Tensor | None, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
+                   attend_len: int, layer_fn: LayerFn = layer_forward,
+                   lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states after the last layer (before the final norm), [B, S, H]; fills the
         caches at `slots`.
 
-        tokens/rope_pos: [B, S]; bias: [B, 1, 1, S, attend_len] (0 or a large negative).
+        tokens/rope_pos: [B, S]; bias: [B, 1, 1, S, attend_len] (0 or a large negative), or None
+        with `lengths` [B] (one token per row: each row attends its own first lengths[b] positions).
         """
         h = self.embed_tokens(tokens)
         cos, sin = self.cos_table[rope_pos], self.sin_table[rope_pos]
+        extra = {} if lengths is None else {"lengths": lengths}
         for layer, k_cache, v_cache in zip(self.layers, k_caches, v_caches, strict=True):
-            h = layer_fn(h, cos, sin, slots, bias, k_cache, v_cache, layer.tensors(), self.dims, attend_len)
+            h = layer_fn(h, cos, sin, slots, bias, k_cache, v_cache, layer.tensors(), self.dims, attend_len, **extra)
         return h
 
 

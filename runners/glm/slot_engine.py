@@ -70,7 +70,9 @@ def bucket(n: int, minimum: int = 1) -> int:
 
 def length_buckets(length: int, step: int = 0) -> list[int]:
     """Decode attend lengths of a pool of `length` positions, ascending: step 0 = one, the pool's
-    length L; step k > 1 = L, L/k, L/k^2, ... (>= 256). The `decode_length_step` knob.
+    length L; step k > 1 = L, L/k, L/k^2, ... (>= 256). The `decode_length_step` knob (k > 1
+    decodes through masked matmuls over these buckets; 0 through `row_attention`, each row at its
+    own length, one graph per batch bucket).
 
     Each length is one more compiled + captured decode graph per batch bucket, and compile time
     is set-up time (issue 17: 112 s for one trial's new batch buckets of glm-4-9b). Shorter
@@ -113,8 +115,21 @@ def chunk_shapes(prompt_len: int, start: int, chunk: int, pool_len: int) -> list
     return out
 
 
+def pool_rows(gpu_rows: int) -> int:
+    """Rows a pool of `gpu_rows` decoding rows allocates: every decode bucket (a power of two
+    >= the running rows) reads a prefix of the pool, and one more row stages prefills."""
+    return max(bucket(gpu_rows), gpu_rows + 1)
+
+
 class KvPool:
     """K and V of `rows` sequences x `length` positions for every layer, plain or int8 + scales."""
+
+    @staticmethod
+    def bytes_per_position(model: FastGlm, quantized: bool) -> int:
+        """Device bytes of one position of one sequence, all layers, K and V."""
+        cfg, dims = model.config, model.dims
+        per_head = dims.head_dim + model.dtype.itemsize if quantized else dims.head_dim * model.dtype.itemsize
+        return 2 * cfg.num_hidden_layers * dims.num_kv_heads * per_head
 
     def __init__(self, model: FastGlm, rows: int, length: int, quantized: bool) -> None:
         cfg, dims = model.config, model.dims
@@ -218,6 +233,9 @@ class SlotEngine:
         self._eager_layer_fn, self._eager_head_fn = eager_layer_fn, eager_head_fn
         # Multi-row decode steps: one dynamic-shape compile for every bucket (FastEngine.batched_fns).
         self._batched_fns = batched_fns
+        # decode_length_step 0: decode attention reads each row's own length through
+        # `row_attention` (a Triton kernel on GPU); k > 1: masked matmuls over length buckets.
+        self.row_attention = self.decode_length_step == 0
         self._on_compile_failed = compile_failed
         self.compile_error = ""
         self.pad_id = int(model.config.pad_token_id or 0)
@@ -277,8 +295,8 @@ class SlotEngine:
         start = time.perf_counter()
         self._preparing = True
         try:
-            length = bucket(max_len + 1, MIN_LENGTH_BUCKET)  # + 1: the scratch slot stays unused
-            rows = max(bucket(gpu_rows), gpu_rows + 1)  # the last row stages prefills
+            length = self.pool_length(max_len)
+            rows = pool_rows(gpu_rows)
             if self.pool is None or (self.pool.rows, self.pool.length) != (rows, length):
                 self._new_pool(rows, length)
             self.gpu_rows = gpu_rows
@@ -288,7 +306,7 @@ class SlotEngine:
             if self.kv_cache != "offloaded":
                 self.max_sequences = gpu_rows
             for size in [1 << i for i in range(bucket(gpu_rows).bit_length())]:
-                for attend in length_buckets(length, self.decode_length_step):
+                for attend in self._attend_lengths():
                     self._decode_for(size, attend)
             for shape in sorted(self.prefill_shapes(max_prompt, prefix_lens)):
                 self._prefill_for(*shape)
@@ -296,6 +314,24 @@ class SlotEngine:
             self._preparing = False
         self._reset_batch()
         return time.perf_counter() - start
+
+    def pool_length(self, max_len: int) -> int:
+        """Positions per pool row for sequences of up to `max_len` tokens (+ 1: the scratch slot
+        stays unused). Row attention reads each row's own length, so the pool need only round up
+        to a split of the kernel; the masked path's length buckets halve, so a power of two."""
+        if self.row_attention:
+            return -(-(max_len + 1) // MIN_LENGTH_BUCKET) * MIN_LENGTH_BUCKET
+        return bucket(max_len + 1, MIN_LENGTH_BUCKET)
+
+    def rows_for_budget(self, budget_bytes: float, max_len: int) -> int:
+        """Most decoding rows whose pool (staging row and bucket padding included) fits
+        `budget_bytes` of device memory at `max_len` tokens per sequence; 0 if not one does.
+        int8 KV stores about half the bytes per position, so about twice the rows fit."""
+        row_bytes = self.pool_length(max_len) * KvPool.bytes_per_position(self.model, self.kv_cache == "quantized")
+        rows = 0
+        while pool_rows(rows + 1) * row_bytes <= budget_bytes:
+            rows += 1
+        return rows
 
     def prefill_shapes(self, max_prompt: int, prefix_lens: Sequence[int] = ()) -> set[tuple[int, int]]:
         """(padded width, attend length) of every chunk of every prompt length up to `max_prompt`."""
@@ -339,8 +375,24 @@ class SlotEngine:
         if not self._preparing:
             self.shape_misses += 1
 
+    def _min_decode_rows(self) -> int:
+        """Smallest decode bucket. With the dynamic-shape compile it is 2: torch.compile
+        specialises a size-1 dimension, so a batch-1 bucket would cost a second compile (the
+        batch-1 shape-specialised compile with its coordinate-descent tuning is FastEngine's
+        roofline path, 25-40 s of set-up for glm-4-9b); an idle second row costs a batch-1 step
+        next to nothing (the weights dominate its bytes)."""
+        return 2 if self._batched_fns is not None else 1
+
+    def _attend_lengths(self) -> list[int]:
+        """Decode attend lengths: one, the pool's, when rows attend at their own lengths
+        (`row_attention`); else the `decode_length_step` buckets."""
+        assert self.pool is not None
+        if self.row_attention:
+            return [self.pool.length]
+        return length_buckets(self.pool.length, self.decode_length_step)
+
     def _decode_for(self, batch: int, attend: int) -> _Decode:
-        key = (bucket(batch), attend)
+        key = (max(bucket(batch), self._min_decode_rows()), attend)
         entry = self._decode.get(key)
         if entry is None:
             self._miss()
@@ -425,15 +477,22 @@ class SlotEngine:
         assert self.pool is not None
         b = d.batch
         pos = self.pos[:b]  # [b]
-        # Batch 1 writes through a [1] slot list: exactly FastEngine's batch-1 layer graph
-        # (and the fused decode attention kernel where enabled). More rows: per-row slots.
-        slots = pos if b == 1 else pos[:, None]
-        bias = row_bias(pos[:, None], d.length, self.model.dtype)  # [b, 1, 1, 1, l]
         ks, vs = self.pool.views(0, b)
         rope = pos.clamp(max=self._rope_max)[:, None]
         layer_fn, head_fn = (self._layer_fn, self._head_fn) if b == 1 or self._batched_fns is None \
             else self._batched_fns
-        h = self.model.run_layers(self.tok[:b], rope, slots, bias, ks, vs, d.length, layer_fn)
+        if self.row_attention:
+            # Row b attends its positions [0, pos + 1); an idle row (parked on the scratch slot)
+            # reads one position, so idle rows of a bucket move no KV.
+            lengths = torch.where(pos == self.scratch, 1, pos + 1)  # [b]
+            h = self.model.run_layers(self.tok[:b], rope, pos[:, None], None, ks, vs, d.length, layer_fn,
+                                      lengths=lengths)
+        else:
+            # Batch 1 writes through a [1] slot list: exactly FastEngine's batch-1 layer graph
+            # (and the fused decode attention kernel where enabled). More rows: per-row slots.
+            slots = pos if b == 1 else pos[:, None]
+            bias = row_bias(pos[:, None], d.length, self.model.dtype)  # [b, 1, 1, 1, l]
+            h = self.model.run_layers(self.tok[:b], rope, slots, bias, ks, vs, d.length, layer_fn)
         logits = head_fn(h, self.model.final_norm, self.model.lm_head.weight, self.model.dims.eps)
         self.logits[:b].copy_(logits)
         self.tok[:b].copy_(logits.argmax(-1, keepdim=True))
@@ -447,7 +506,8 @@ class SlotEngine:
         The layers run eagerly (captured in a CUDA graph on GPU), not compiled: with W >= 16
         tokens the matmuls are cuBLAS GEMMs at the matmul rate and the unfused elementwise ops
         move a few MB, while every (width, attend) bucket compiled would add an Inductor compile
-        to set-up. The head (one position) is the decode step's compiled batch-1 head.
+        to set-up. The head (one position, one GEMV) runs eagerly too: compiled it would be a
+        batch-1 compile of its own.
         """
         assert self.pool is not None
         bias = row_bias(s.pos, s.attend, self.model.dtype)  # [1, 1, 1, W, A]
@@ -455,7 +515,7 @@ class SlotEngine:
         rope = s.pos.clamp(max=self._rope_max)
         h = self.model.run_layers(s.ids, rope, s.pos[0], bias, ks, vs, s.attend, self._eager_layer_fn)
         last = h.index_select(1, s.last)  # [1, 1, H]
-        logits = self._head_fn(last, self.model.final_norm, self.model.lm_head.weight, self.model.dims.eps)
+        logits = self._eager_head_fn(last, self.model.final_norm, self.model.lm_head.weight, self.model.dims.eps)
         self.prefill_logits.copy_(logits)
 
     def _run(self, graph: Any, fn: Callable[[], None]) -> None:
@@ -544,10 +604,12 @@ class SlotEngine:
         n = len(self.rows)
         assert self.pool is not None
         need = max(self.lengths) + 1  # the step writes at each row's length and attends up to it
-        attend = next(a for a in length_buckets(self.pool.length, self.decode_length_step) if a >= need)
+        attend = next(a for a in self._attend_lengths() if a >= need)
         d = self._decode_for(n, attend)
         self._run(d.graph, lambda: self._decode_step(d))
-        self.work.add_forward(n, n, cache_positions=n * attend)
+        # KV positions read: each row's own (row attention), or the whole bucket per row.
+        read = sum(self.lengths) + n if self.row_attention else n * attend
+        self.work.add_forward(n, n, cache_positions=read)
         self.lengths = [length + 1 for length in self.lengths]
         if self.record_tokens:
             for rid, token in zip(self.rows, self.tok[:n, 0].tolist(), strict=True):
