@@ -19,7 +19,7 @@ from runners.artifacts import request_rows, write_rows
 from runners.base import Runner, resolve_device
 from runners.capacity import serve_workload
 from runners.compile_watch import measure_clean
-from runners.contract import InfeasibleConfig, TrialConfig, TrialResult
+from runners.contract import METRICS, InfeasibleConfig, TrialConfig, TrialResult
 from runners.environment import describe
 from runners.glm.compress import CALIBRATION_SEQUENCES, CALIBRATION_TOKENS, apply_quantization, apply_sparsity
 from runners.glm.engine import HFEngine
@@ -48,6 +48,34 @@ DEFAULT_WORKLOAD: dict[str, Any] = {
     "arrival": "poisson", "rate_rps": 8.0, "requests": 64, "warmup_requests": 4,
     "prompt_tokens": 32, "output_tokens": 16, "eval_sequences": 4, "eval_tokens": 64,
 }
+
+
+QUALITY_METRICS = ("kl_divergence", "top1_agreement", "perplexity")
+
+
+def quality_decided(constraints: Any, quality: Fidelity) -> dict[str, Any] | None:
+    """The first quality constraint (KL, top-1, perplexity: known after set-up) this stack
+    breaks, as a `stopped_early` decision; None if every one is met or none is set."""
+    values = {"kl_divergence": quality.kl_divergence, "top1_agreement": quality.top1_agreement,
+              "perplexity": quality.perplexity}
+    for c in constraints or ():
+        value = values.get(c.get("metric", "")) if isinstance(c, dict) else None
+        if value is None:
+            continue
+        high, low = c.get("max"), c.get("min")
+        if (high is not None and value > float(high)) or (low is not None and value < float(low)):
+            bound = f"<= {high}" if high is not None and value > float(high) else f">= {low}"
+            return {"rule": "constraint", "metric": c["metric"], "value": float(value), "bound": bound,
+                    "when": "set-up, before the window", "elapsed_s": 0.0}
+    return None
+
+
+def skipped_window(decision: dict[str, Any]) -> ServeOutcome:
+    """The outcome of a window not served because set-up already decided the trial."""
+    why = (f"window not served: {decision['metric']} = {decision['value']:.4g} breaks its bound "
+           f"{decision['bound']}, known after set-up")
+    window = {name: why for name in METRICS if name not in QUALITY_METRICS and not name.startswith(("setup_", "train_"))}
+    return ServeOutcome([], [], {}, window, {"stopped_early": decision, "partial": True})
 
 
 def _length_bound(spec: Any, drawn: list[int]) -> int:
@@ -374,9 +402,14 @@ class GlmInferRunner(Runner):
         progress_report.report_phase("measure")
         # A window that compiled is measured again; a second one that compiles too is `contaminated`.
         # A window stopped once decided carries `stopped_early` (the tuner makes the trial infeasible).
-        outcome = measure_clean(lambda: serve_workload(engine, device, workload, knobs, config.seed, config.slo,
-                                                       config.constraints),
-                                lambda served: served.info)
+        broken = quality_decided(config.constraints, quality) if workload.get("early_stop", True) else None
+        if broken is not None:
+            # The trial is infeasible whatever its window would show: measuring it is waste.
+            outcome = skipped_window(broken)
+        else:
+            outcome = measure_clean(lambda: serve_workload(engine, device, workload, knobs, config.seed,
+                                                           config.slo, config.constraints),
+                                    lambda served: served.info)
         for flag in ("contaminated", "remeasured", "host_busy", "stopped_early"):
             if flag in outcome.info:
                 info[flag] = outcome.info[flag]

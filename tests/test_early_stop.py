@@ -268,3 +268,25 @@ def test_overloaded_trial_of_the_real_runner_stops_within_15_s(device, preset, r
     assert result.info["stopped_early"]["rule"] in ("constraint", "over_saturation")
     assert serving["partial"] is True and serving["window_s"] < 15.0
     assert result.metrics["measured_requests"] < 4000
+
+
+def test_quality_constraint_broken_in_set_up_serves_no_window():
+    """KL is known after set-up: a trial that breaks a quality bound is decided before its
+    window, which is then not served (the window's metrics say why); with early_stop off it is."""
+    from runners.contract import TrialConfig
+    from runners.infer import GlmInferRunner
+
+    workload = {"arrival": "poisson", "rate_rps": 50.0, "requests": 400, "prompt_tokens": 16, "output_tokens": 4,
+                "eval_sequences": 2, "eval_tokens": 16}
+    knobs = {"sparsity": 0.9, "batch_size": 4}
+    bound = [{"metric": "kl_divergence", "max": 1e-6}]
+    result = GlmInferRunner().run(TrialConfig("glm-infer", {"preset": "glm-tiny"}, "cpu", workload, knobs,
+                                              constraints=bound))
+    stopped = result.info["stopped_early"]
+    assert stopped["rule"] == "constraint" and stopped["metric"] == "kl_divergence" and stopped["value"] > 1e-6
+    assert result.metrics["kl_divergence"] > 1e-6 and "throughput_tok_s" not in result.metrics
+    assert "window not served: kl_divergence" in result.unavailable["throughput_tok_s"]
+    measured = GlmInferRunner().run(TrialConfig("glm-infer", {"preset": "glm-tiny"}, "cpu",
+                                                {**workload, "requests": 8, "early_stop": False}, knobs,
+                                                constraints=bound))
+    assert "stopped_early" not in measured.info and measured.metrics["throughput_tok_s"] > 0

@@ -23,8 +23,9 @@ def _case(batch: int, heads: int, kv_heads: int, dim: int, length: int, dtype: t
     q = torch.randn(batch, heads, dim, generator=gen).to(device, dtype)
     k = torch.randn(batch, kv_heads, length, dim, generator=gen).to(device, dtype)
     v = torch.randn(batch, kv_heads, length, dim, generator=gen).to(device, dtype)
-    # lengths 1, the whole pool, one past a split, a block boundary and a ragged one
-    lengths = torch.tensor([1, length, row_attention.SPLIT_KEYS + 1, 64, 77][:batch], device=device)
+    # lengths 1, the whole pool, one past a split, a block boundary and a ragged one, repeated
+    pattern = [1, length, min(length, row_attention.SPLIT_KEYS + 1), 64, 77]
+    lengths = torch.tensor([pattern[i % len(pattern)] for i in range(batch)], device=device)
     return q, k, v, lengths
 
 

@@ -465,3 +465,32 @@ def test_kv_memory_budget_through_the_runner(tmp_path):
     assert result.metrics["throughput_tok_s"] > 0
     pool = result.info["kv_pool"]
     assert 1 <= pool["gpu_rows"] < 8 and pool["bytes"] <= 2**20
+
+
+def test_multi_row_compile_is_one_graph_for_every_batch_bucket(prompts):
+    """The slot pool's multi-row decode compiles once (batch dimension dynamic, weights static):
+    buckets 8, 4 and 2 all run the same layer graph (the head runs eagerly), and no bucket is
+    batch 1."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = FastGlm(build_model(TINY, torch.float32, "cpu", seed=0))
+    fast = FastEngine(model, "cpu", compile_step=False)
+    fast.compiled = True  # the CUDA-only compile path, compiled by Inductor's CPU backend here
+    engine = fast.slot_engine("static", 8, 0)
+    engine.begin_trial(prompts, None, "off", 0)
+    engine.prepare(8, 64, 32)
+    assert engine.decode_buckets() == [(2, 256), (4, 256), (8, 256)]
+    engine.record_tokens = True
+    requests = [Request(rid, 0.0, 6 + rid, 8) for rid in range(5)]
+    alone = {r.rid: torch.cat(list(FastEngine(model, "cpu", False).decode([prompts(r)], 8)), 1)[0].tolist()
+             for r in requests}
+    engine.join(requests)
+    for leaving in ([], [0, 1], [2], [3]):  # 5 rows (bucket 8), 3 (4), 2 (2), 1 (2)
+        engine.leave(leaving)
+        for _ in range(1):
+            engine.step()
+    assert counters["stats"]["unique_graphs"] == 1
+    assert engine.generated[4][:5] == alone[4][:5]
+    torch._dynamo.reset()

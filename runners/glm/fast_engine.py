@@ -78,6 +78,27 @@ def _configure_inductor() -> None:
         torch._dynamo.config.recompile_limit = 256
 
 
+def batch_dynamic(fn: Callable[..., torch.Tensor], batched: Sequence[int]) -> Callable[..., torch.Tensor]:
+    """`fn` (compiled) with dimension 0 of its positional arguments `batched` (tensors, or tuples
+    of tensors such as int8 caches) and of every tensor keyword argument marked dynamic before
+    each call: one graph serves every batch bucket >= 2 (a size-1 dimension is specialised).
+    The weights are not marked: their shapes stay static in the compiled graph."""
+    import torch._dynamo
+
+    def mark(arg: Any) -> None:
+        for t in arg if isinstance(arg, tuple) else (arg,):
+            if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] > 1:
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+
+    def call(*args: Any, **kwargs: Any) -> torch.Tensor:
+        for index in batched:
+            mark(args[index])
+        for value in kwargs.values():
+            mark(value)
+        return fn(*args, **kwargs)
+    return call
+
+
 class FastEngine:
     """Engine protocol (`device`, `run_batch`, `counters`) over `FastGlm` with a static KV cache."""
 
@@ -185,9 +206,14 @@ class FastEngine:
             # cuBLAS GEMMs and the reductions (norms, softmax, argmax) move a few MB; tuning
             # them was most of this compile's set-up time.
             options = {**(self._inductor_options or {}), "coordinate_descent_tuning": False}
-            self._batched_fns = (
-                torch.compile(self._eager_layer_fn, fullgraph=True, dynamic=True, options=options),
-                torch.compile(head_forward, fullgraph=True, dynamic=True, options=options))
+            # Only the batch dimension is symbolic (`fast_model.mark_batch_dynamic` marks it on
+            # every call): with dynamic=True every size was, the weights' too, and the norms and
+            # activations became generic kernels over symbolic hidden sizes.
+            layer = torch.compile(self._eager_layer_fn, fullgraph=True, dynamic=None, options=options)
+            # layer_forward(h, cos, sin, slots, bias, k_cache, v_cache, weights, ...). The head (final
+            # norm + lm_head GEMM of a few rows) runs eagerly inside the step's CUDA graph: compiled,
+            # it was a second Inductor compile per model variant for a few microseconds a step.
+            self._batched_fns = (batch_dynamic(layer, range(7)), head_forward)
         return self._batched_fns
 
     def _compile_failed(self, exc: BaseException) -> None:
