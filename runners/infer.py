@@ -388,12 +388,20 @@ class GlmInferRunner(Runner):
         info.update(eval_set=text.eval_description, prompts=text.eval_description if text.is_text else "random ids")
         engine = self._engine(built, knobs, device, kind, workload, config.seed, text.eval_ids)
         compiled_before = engine.compile_s if isinstance(engine, (FastEngine, SlotEngine)) else 0.0
-        with clock.phase("compile"):
-            progress_report.report_phase("compile")
-            self._prepare(engine, knobs, workload, config.seed, eval_ids)
-        with clock.phase("quality"):
-            progress_report.report_phase("quality")
-            quality = self._quality(built, engine, knobs, config, dtype, eval_ids)
+        # The slot pool scores quality eagerly on a pool of its own, so it goes first: a stack that
+        # breaks a quality bound needs neither its graphs nor its window. FastEngine scores
+        # through its captured step, so it compiles first.
+        decides = workload.get("early_stop", True)
+        quality_first = isinstance(engine, SlotEngine)
+        quality = self._quality_phase(built, engine, knobs, config, dtype, eval_ids, clock) if quality_first else None
+        broken = quality_decided(config.constraints, quality) if quality is not None and decides else None
+        if broken is None:
+            with clock.phase("compile"):
+                progress_report.report_phase("compile")
+                self._prepare(engine, knobs, workload, config.seed, eval_ids)
+        if quality is None:
+            quality = self._quality_phase(built, engine, knobs, config, dtype, eval_ids, clock)
+            broken = quality_decided(config.constraints, quality) if decides else None
         if isinstance(engine, (FastEngine, SlotEngine)):
             # This trial's compile + capture time (buckets captured by earlier trials are reused).
             info.update(compile_s=engine.compile_s - compiled_before, compiled=engine.compiled,
@@ -402,7 +410,6 @@ class GlmInferRunner(Runner):
         progress_report.report_phase("measure")
         # A window that compiled is measured again; a second one that compiles too is `contaminated`.
         # A window stopped once decided carries `stopped_early` (the tuner makes the trial infeasible).
-        broken = quality_decided(config.constraints, quality) if workload.get("early_stop", True) else None
         if broken is not None:
             # The trial is infeasible whatever its window would show: measuring it is waste.
             outcome = skipped_window(broken)
@@ -506,6 +513,12 @@ class GlmInferRunner(Runner):
         # draws other lengths from the same spec and must not meet a new bucket.
         engine.prepare(min(int(knobs["batch_size"]), count), max_prompt + max_output)
         engine.prepare(eval_ids.shape[0], eval_ids.shape[1], batches=[eval_ids.shape[0]])
+
+    def _quality_phase(self, built: BuiltModel, engine: Engine, knobs: dict[str, Any], config: TrialConfig,
+                       dtype: Any, eval_ids: Any, clock: SetupClock) -> Fidelity:
+        with clock.phase("quality"):
+            progress_report.report_phase("quality")
+            return self._quality(built, engine, knobs, config, dtype, eval_ids)
 
     @staticmethod
     def _quality(built: BuiltModel, engine: Engine, knobs: dict[str, Any], config: TrialConfig,
