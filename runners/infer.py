@@ -21,6 +21,7 @@ from runners.capacity import serve_workload
 from runners.compile_watch import measure_clean
 from runners.contract import METRICS, InfeasibleConfig, TrialConfig, TrialResult
 from runners.environment import describe
+from runners.glm import woq
 from runners.glm.compress import CALIBRATION_SEQUENCES, CALIBRATION_TOKENS, apply_quantization, apply_sparsity
 from runners.glm.engine import HFEngine
 from runners.glm.fast_engine import FastEngine
@@ -398,6 +399,7 @@ class GlmInferRunner(Runner):
         if broken is None:
             with clock.phase("compile"):
                 progress_report.report_phase("compile")
+                woq.warm_up(built.model, dtype)  # packed int8/int4 kernels autotune per shape
                 self._prepare(engine, knobs, workload, config.seed, eval_ids)
         if quality is None:
             quality = self._quality_phase(built, engine, knobs, config, dtype, eval_ids, clock)

@@ -19,6 +19,7 @@ Design (numbers and reasoning in benchmarks/NOTES-issue3.md):
 from __future__ import annotations
 
 import functools
+import gc
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -180,7 +181,12 @@ class FastEngine:
         key = (kv_cache, int(kv_bits) if kv_cache == "quantized" else 0, int(prefill_chunk_tokens),
                int(decode_length_step))
         if self._slot_engine is None or self._slot_engine_key != key:
-            self._slot_engine = None
+            if self._slot_engine is not None:
+                # Free the old pool and graphs now, so the next trial's peak memory is its own.
+                self._slot_engine = None
+                gc.collect()
+                if self.use_graphs:
+                    torch.cuda.empty_cache()
             self._slot_engine = SlotEngine(self.model, self.device, self._layer_fn, self._head_fn,
                                            self._eager_layer_fn, head_forward, kv_cache, kv_bits,
                                            prefill_chunk_tokens, self.graph_min_batch, self._graph_pool,
