@@ -325,7 +325,7 @@ def train(opts: Options, meta: dict[str, Any]) -> dict[str, Any]:
 
     from runners.base import resolve_device
     from runners.glm.model import build_model
-    from runners.knobs import resolve_knobs
+    from runners.registry import resolve_knobs
     from runners.train import enable_checkpointing, make_plan, run_loop
 
     device = resolve_device(opts.device)

@@ -35,11 +35,10 @@ from runners.base import Runner, resolve_device
 from runners.contract import InfeasibleConfig, TrialConfig, TrialResult
 from runners.environment import describe
 from runners.glm.model import DTYPES, build_model, model_info
-from runners.knobs import resolve_knobs
 from runners.monitor import ResourceSampler, StepTimer
+from runners.registry import resolve_knobs, resolve_workload
 from runners.scheduler import RealClock
 
-DEFAULT_WORKLOAD: dict[str, Any] = {"train_steps": 8, "warmup_steps": 3}
 # Fixed, not a knob: the study tunes speed and memory, and AdamW's cost does not depend on lr.
 LEARNING_RATE = 1e-3
 MIB = 2**20
@@ -318,7 +317,7 @@ class GlmTrainRunner(Runner):
     def run(self, config: TrialConfig) -> TrialResult:
         t_setup = time.perf_counter()
         knobs = resolve_knobs(self.name, config.knobs)
-        workload = {**DEFAULT_WORKLOAD, **config.workload}
+        workload = resolve_workload(self.name, config.workload)
         device = resolve_device(config.device)
         plan = make_plan(knobs, config.model, device)
         ceilings = self._ceilings(device)
