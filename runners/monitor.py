@@ -21,6 +21,7 @@ from typing import Any
 
 import psutil
 
+from runners.cuda_timer import CudaSpan
 from runners.nvml import NvmlReader, NvmlUnavailable, load_nvml, summarize
 
 MIB = 1024 * 1024
@@ -268,28 +269,20 @@ class StepTimer:
         self.cuda = device.startswith("cuda")
         self._events: list[Any] = []
         self._cpu_times: list[float] = []
-        self._ref: Any = None
+        self._span: CudaSpan | None = None
         self._t_ref = 0.0
 
     def start(self) -> StepTimer:
         self._events, self._cpu_times = [], []
         self._t_ref = self.clock.now()
         if self.cuda:
-            import torch
-
-            self._ref = torch.cuda.Event(enable_timing=True)
-            self._ref.record()
-            self._ref.synchronize()
+            self._span = CudaSpan().begin(wait=True)
             self._t_ref = self.clock.now()
         return self
 
     def mark(self) -> None:
         if self.cuda:
-            import torch
-
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self._events.append(event)
+            self._events.append(CudaSpan.record())
         else:
             self._cpu_times.append(self.clock.now())
 
@@ -298,8 +291,8 @@ class StepTimer:
             return list(self._cpu_times)
         if not self._events:
             return []
-        self._events[-1].synchronize()
-        return [self._t_ref + self._ref.elapsed_time(e) / 1e3 for e in self._events]
+        self._events[-1].synchronize()  # the last one done, every earlier one is too
+        return [self._t_ref + self._span.seconds_to(e) for e in self._events]
 
     def durations_ms(self) -> list[float]:
         """Milliseconds between consecutive marks, the first counted from `start()`."""

@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import torch
 
+from runners.cuda_timer import cuda_seconds
 from runners.glm import cuda_launch
 from runners.glm.kernel_cache import compile_kernel
 
@@ -111,13 +112,7 @@ def graph_seconds(issue: Callable[[], None], replays: int = 3) -> float:
     with torch.cuda.graph(graph):
         issue()
     graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3 / replays
+    return cuda_seconds(graph.replay, replays)
 
 
 def _time_variants(launch: Callable[[Variant, Weights], None], variants: tuple[Variant, ...],
