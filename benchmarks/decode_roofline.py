@@ -25,7 +25,6 @@ from typing import Any
 import torch
 
 from runners.contract import InfeasibleConfig
-from runners.cuda_timer import cuda_seconds
 from runners.glm import cuda_launch
 from runners.glm.compress import apply_quantization, apply_sparsity
 from runners.glm.engine import HFEngine
@@ -33,6 +32,7 @@ from runners.glm.fast_engine import FastEngine
 from runners.glm.fast_model import FastGlm
 from runners.glm.model import build_model, model_info
 from runners.infer import graph_min_batch, inductor_options
+from runners.measure.cuda_timer import cuda_seconds
 
 PROMPT_TOKENS = 128
 
@@ -93,10 +93,10 @@ class Row:
 
 
 def copy_bandwidth(device: str) -> tuple[float, str]:
-    """Bytes/s of a large device-to-device copy (read + written), as runners.ceilings measures it."""
-    from runners.ceilings import get_ceilings
+    """Bytes/s of a large device-to-device copy (read + written), as runners.measure.ceilings measures it."""
+    from runners.measure.ceilings import get_ceilings
 
-    return get_ceilings(device).copy_bytes_per_s, "runners.ceilings"
+    return get_ceilings(device).copy_bytes_per_s, "runners.measure.ceilings"
 
 
 def build(preset: str, knobs: dict[str, Any], kind: str, device: str) -> torch.nn.Module:

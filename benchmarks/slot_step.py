@@ -24,11 +24,11 @@ from typing import Any
 
 import torch
 
-from runners.cuda_timer import cuda_seconds
 from runners.glm import fast_model
 from runners.glm.fast_engine import FastEngine
 from runners.glm.fast_model import FastGlm
 from runners.glm.model import build_model
+from runners.measure.cuda_timer import cuda_seconds
 from runners.workload import Request
 
 STEPS = 32

@@ -15,12 +15,10 @@ import numpy as np
 import torch
 
 from runners import progress_report
-from runners.artifacts import request_rows, write_rows
 from runners.base import Runner, resolve_device
 from runners.capacity import serve_workload
 from runners.compile_watch import measure_clean
 from runners.contract import InfeasibleConfig, TrialConfig, TrialResult
-from runners.environment import describe
 from runners.glm.compress import CALIBRATION_SEQUENCES, CALIBRATION_TOKENS, apply_quantization, apply_sparsity
 from runners.glm.engine import HFEngine
 from runners.glm.fast_engine import FastEngine
@@ -39,6 +37,8 @@ from runners.glm.model_cache import (
 )
 from runners.glm.quality import Fidelity, calibration_set, eval_batch, fidelity, log_probs, text_source, text_windows
 from runners.glm.slot_engine import SlotEngine
+from runners.measure.artifacts import request_rows, write_rows
+from runners.measure.environment import describe
 from runners.registry import resolve_knobs, resolve_workload
 from runners.scheduler import Engine
 from runners.serving import ServeOutcome

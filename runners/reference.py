@@ -414,7 +414,7 @@ def _save_state(out: Path, model: Any, step: Any, done: int, curve: list[dict[st
     """Weights, optimizer, schedule and loss-scaler state, written atomically; and the loss curve."""
     import torch
 
-    from runners.artifacts import write_rows
+    from runners.measure.artifacts import write_rows
 
     folder = out / "resume"
     folder.mkdir(parents=True, exist_ok=True)

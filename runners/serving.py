@@ -16,12 +16,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from runners.ceilings import lookup_ceilings
 from runners.compile_watch import CompileWatch
 from runners.contract import DEFAULT_MAX_DURATION_S, InfeasibleConfig
 from runners.early_stop import DEFAULT_MIN_QUEUE, Bound, Decision, EarlyStop, SaturationTest, latency_bounds
 from runners.host_load import HostLoad
-from runners.monitor import ResourceSampler
+from runners.measure.ceilings import lookup_ceilings
+from runners.measure.monitor import ResourceSampler
 from runners.progress_report import report_requests
 from runners.scheduler import (
     Clock,
@@ -132,7 +132,7 @@ def serve(engine: Engine, device: str, workload: dict[str, Any], knobs: dict[str
           stop_when_met: bool = False, clock_factory: Callable[[], Clock] = RealClock) -> ServeOutcome:
     """Warm up, then serve the measured requests inside the resource sampler.
 
-    `ceilings`: a `runners.ceilings.Ceilings` (default: measured once per device and cached);
+    `ceilings`: a `runners.measure.ceilings.Ceilings` (default: measured once per device and cached);
     `nvml`: an NVML module for the sampler (tests); `sample_resources=False` turns the NVML
     sampler off (overhead benchmarks; power/energy metrics then absent with that reason).
     `constraints`: the study's `[{metric, max|min}]`; latency-percentile ones can stop the window

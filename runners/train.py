@@ -30,13 +30,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from runners.artifacts import write_rows
 from runners.base import Runner, resolve_device
-from runners.ceilings import Ceilings, lookup_ceilings
 from runners.contract import InfeasibleConfig, TrialConfig, TrialResult
-from runners.environment import describe
 from runners.glm.model import DTYPES, build_model, model_info
-from runners.monitor import ResourceSampler, StepTimer
+from runners.measure.artifacts import write_rows
+from runners.measure.ceilings import Ceilings, lookup_ceilings
+from runners.measure.environment import describe
+from runners.measure.monitor import ResourceSampler, StepTimer
 from runners.registry import resolve_knobs, resolve_workload
 from runners.scheduler import RealClock
 

@@ -12,10 +12,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from runners import ceilings as ceilings_mod
-from runners.ceilings import Ceilings, get_ceilings
-from runners.monitor import ResourceSampler
-from runners.nvml import NvmlReader, summarize
+from runners.measure import ceilings as ceilings_mod
+from runners.measure.ceilings import Ceilings, get_ceilings
+from runners.measure.monitor import ResourceSampler
+from runners.measure.nvml import NvmlReader, summarize
 from runners.scheduler import RealClock
 from runners.serving import roofline, serve
 
@@ -413,7 +413,7 @@ def test_open_loop_overload_is_flagged():
 
 
 def test_step_timer_durations_count_from_start():
-    from runners.monitor import StepTimer
+    from runners.measure.monitor import StepTimer
     from tests.test_scheduler import FakeClock
 
     clock = FakeClock()

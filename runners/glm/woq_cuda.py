@@ -25,9 +25,9 @@ from typing import NamedTuple
 
 import torch
 
-from runners.cuda_timer import cuda_seconds
 from runners.glm import cuda_launch
 from runners.glm.kernel_cache import compile_kernel
+from runners.measure.cuda_timer import cuda_seconds
 
 _SOURCE = Path(__file__).with_name("woq_gemv.cu")
 

@@ -85,7 +85,7 @@ def identify(device: str) -> tuple[str, str]:
     import torch
 
     if device.startswith("cuda"):
-        from runners.environment import _nvidia_driver
+        from runners.measure.environment import _nvidia_driver
 
         return torch.cuda.get_device_name(device), f"nvidia {_nvidia_driver() or 'unknown'}"
     return _cpu_name(), f"torch {torch.__version__} threads {torch.get_num_threads()}"
@@ -157,7 +157,7 @@ def _best_time(device: str, fn: Callable[[], Any], warmup: int = 3, repeats: int
     for _ in range(warmup):
         fn()
     if device.startswith("cuda"):
-        from runners.cuda_timer import cuda_seconds
+        from runners.measure.cuda_timer import cuda_seconds
 
         torch.cuda.synchronize(device)
         return min(cuda_seconds(fn) for _ in range(repeats))

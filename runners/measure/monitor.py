@@ -21,8 +21,8 @@ from typing import Any
 
 import psutil
 
-from runners.cuda_timer import CudaSpan
-from runners.nvml import NvmlReader, NvmlUnavailable, load_nvml, summarize
+from runners.measure.cuda_timer import CudaSpan
+from runners.measure.nvml import NvmlReader, NvmlUnavailable, load_nvml, summarize
 
 MIB = 1024 * 1024
 
@@ -34,7 +34,7 @@ class ResourceSampler:
     samples NVML on a CPU `device`, for those tests. `use_nvml=False` turns NVML off (overhead
     benchmarks). `nvml_index` picks the NVML device where no CUDA device names it.
     `out_of_process` (default: on CUDA with the real pynvml) samples from a child process
-    (`python -m runners.nvml`) instead of a thread, so the measured process pays nothing.
+    (`python -m runners.measure.nvml`) instead of a thread, so the measured process pays nothing.
     """
 
     def __init__(self, device: str, interval_s: float = 0.025, nvml: Any | None = None,
@@ -194,7 +194,7 @@ class ResourceSampler:
 
 
 class _ChildSampler:
-    """Runs `python -m runners.nvml` for the window; rows come back through a file."""
+    """Runs `python -m runners.measure.nvml` for the window; rows come back through a file."""
 
     def __init__(self, interval_s: float) -> None:
         self.interval_s = interval_s
@@ -208,7 +208,7 @@ class _ChildSampler:
     def start(self, index: int | None, uuid: str | None, nvml: bool = True) -> None:
         root = str(Path(__file__).resolve().parent.parent)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
-        cmd = [sys.executable, "-m", "runners.nvml", "--rows", str(self._rows), "--pid", str(os.getpid()),
+        cmd = [sys.executable, "-m", "runners.measure.nvml", "--rows", str(self._rows), "--pid", str(os.getpid()),
                "--interval", str(self.interval_s)]
         cmd += ["--uuid", uuid] if uuid else ["--index", str(index or 0)]
         cmd += [] if nvml else ["--no-nvml"]
