@@ -21,6 +21,8 @@ from tuner.space.checks import (
     MAX_STRING,
     MAX_VALUES,
     SpaceError,
+    _get,
+    _no_unknown,
     check_plain,
 )
 from tuner.space.files import _UniqueKeyLoader, apply_overrides, bundled_dir, read_yaml, resolve_space_path
@@ -37,6 +39,7 @@ __all__ = [
     "ABSURD", "ARRIVALS", "CI_METRICS", "DISTS", "DTYPES", "MAX_DEPTH", "MAX_FILE_BYTES", "MAX_STRING",
     "MAX_VALUES", "MODEL_KEYS", "PARAM_KEYS", "REPLAY_MODEL_KEYS", "SAMPLERS", "SEARCH_KEYS", "SEARCH_MAX",
     "SEED_MAX", "SLO_METRICS", "STUDY_NAME_MAX", "TOP_KEYS", "WORKLOAD_KEYS", "WORKLOAD_MODES", "_NULL_OK",
+    "_get", "_no_unknown",
     "Constraint", "Objective", "ParamSpec", "PlateauStop", "SearchSpec", "Space", "SpaceError", "WarmStart",
     "_UniqueKeyLoader", "apply_overrides", "bundled_dir", "check_plain", "grid_values", "load_space",
     "model_positions", "read_yaml", "resolve_space_path", "study_name_problem", "to_distribution", "validate",
