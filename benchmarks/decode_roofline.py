@@ -32,6 +32,7 @@ from runners.glm.fast_engine import FastEngine
 from runners.glm.fast_model import FastGlm
 from runners.glm.model import build_model, model_info
 from runners.infer import graph_min_batch, inductor_options
+from runners.measure.cuda_timer import cuda_seconds
 
 PROMPT_TOKENS = 128
 
@@ -92,24 +93,10 @@ class Row:
 
 
 def copy_bandwidth(device: str) -> tuple[float, str]:
-    """Bytes/s of a large device-to-device copy (read + written), from runners.ceilings if present."""
-    try:
-        from runners.ceilings import get_ceilings
+    """Bytes/s of a large device-to-device copy (read + written), as runners.measure.ceilings measures it."""
+    from runners.measure.ceilings import get_ceilings
 
-        return get_ceilings(device).copy_bytes_per_s, "runners.ceilings"
-    except ImportError:
-        pass
-    src = torch.empty(2**30, dtype=torch.uint8, device=device).random_()
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(20):
-        dst.copy_(src)
-    end.record()
-    torch.cuda.synchronize()
-    return 2 * src.numel() * 20 / (start.elapsed_time(end) / 1e3), "inline copy"
+    return get_ceilings(device).copy_bytes_per_s, "runners.measure.ceilings"
 
 
 def build(preset: str, knobs: dict[str, Any], kind: str, device: str) -> torch.nn.Module:
@@ -163,15 +150,7 @@ def time_fast(engine: FastEngine, batch: int, steps: int, repeats: int) -> tuple
     torch.cuda.synchronize()
     if time.perf_counter() - t0 > 0.1:  # pathological config: time fewer steps, same method
         steps = 4
-    per_step = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(steps):
-            engine.step(slot)
-        end.record()
-        torch.cuda.synchronize()
-        per_step.append(start.elapsed_time(end) / steps)
+    per_step = [cuda_seconds(lambda: engine.step(slot), steps) * 1e3 for _ in range(repeats)]
     if f"{PROFILE_NAME[0]}:{batch}" in PROFILE:
         profile_steps(engine, slot)
     return statistics.median(per_step), compile_s

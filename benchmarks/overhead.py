@@ -28,7 +28,7 @@ from runners.base import resolve_device
 from runners.glm.engine import HFEngine
 from runners.glm.model import build_model, resolve_dtype
 from runners.infer import PromptBank
-from runners.monitor import ResourceSampler
+from runners.measure.monitor import ResourceSampler
 from runners.scheduler import RealClock
 from runners.workload import Request
 

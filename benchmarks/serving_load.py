@@ -13,7 +13,7 @@ build lacks, or that cannot run on the device, is a row `infeasible: <reason>`.
 
 Beside each workload it prints the analytic ceiling: per request, the prefill FLOPs at the
 measured matmul rate plus the decode bytes (weights shared by `--ceiling-batch` sequences, and
-the request's own KV reads) at the measured copy bandwidth (`runners.ceilings`).
+the request's own KV reads) at the measured copy bandwidth (`runners.measure.ceilings`).
 Writes `curve.csv`, `capacity.csv`, `ceilings.csv` and `summary.md` to `--out`.
 """
 
@@ -300,9 +300,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> int:
     args = parse(argv)
     from runners.base import resolve_device
-    from runners.ceilings import get_ceilings
-    from runners.environment import describe
     from runners.infer import GlmInferRunner
+    from runners.measure.ceilings import get_ceilings
+    from runners.measure.environment import describe
 
     args.device = resolve_device(args.device)
     out = Path(args.out)

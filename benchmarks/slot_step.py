@@ -28,6 +28,7 @@ from runners.glm import fast_model
 from runners.glm.fast_engine import FastEngine
 from runners.glm.fast_model import FastGlm
 from runners.glm.model import build_model
+from runners.measure.cuda_timer import cuda_seconds
 from runners.workload import Request
 
 STEPS = 32
@@ -41,16 +42,7 @@ def _prompts(count: int, width: int) -> list[list[int]]:
 def _event_ms(fn: Any, steps: int = STEPS, repeats: int = 3) -> float:
     if not torch.cuda.is_available():  # a CPU smoke run of this script
         return _wall_ms(fn, steps)
-    per = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(steps):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        per.append(start.elapsed_time(end) / steps)
-    return statistics.median(per)
+    return statistics.median(cuda_seconds(fn, steps) * 1e3 for _ in range(repeats))
 
 
 def _wall_ms(fn: Any, steps: int = STEPS) -> float:

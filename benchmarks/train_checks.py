@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from runners.contract import TrialConfig  # noqa: E402
 from runners.glm.model import build_model  # noqa: E402
-from runners.knobs import resolve_knobs  # noqa: E402
+from runners.registry import resolve_knobs  # noqa: E402
 from runners.train import GlmTrainRunner, TrainStep, batches, make_plan  # noqa: E402
 
 

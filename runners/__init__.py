@@ -10,16 +10,13 @@ import importlib
 from typing import TYPE_CHECKING
 
 from runners.contract import InfeasibleConfig, TrialConfig, TrialResult
+from runners.registry import BUILTIN
 
 if TYPE_CHECKING:
     from runners.base import Runner
 
-# Registered in one visible place: name -> "module:Class".
-RUNNERS: dict[str, str] = {
-    "glm-infer": "runners.infer:GlmInferRunner",
-    "glm-train": "runners.train:GlmTrainRunner",
-    "replay": "runners.replay:ReplayRunner",  # answers from a recorded table (torch-free)
-}
+# name -> "module:Class", read from the declarations (runners/registry.py).
+RUNNERS: dict[str, str] = {name: spec.target for name, spec in BUILTIN.items()}
 
 
 def load_runner(name: str) -> Runner:

@@ -79,7 +79,7 @@ def cpu_neighbours(machine_s: float, own_s: float, window_s: float, cores: int) 
 
 def gpu_neighbours(device: str, nvml: Any | None = None) -> dict[str, Any]:
     """Evidence that other processes computed on our GPU, else {} (also when NVML is absent)."""
-    from runners.nvml import NvmlReader, load_nvml
+    from runners.measure.nvml import NvmlReader, load_nvml
 
     try:
         module = load_nvml(nvml)

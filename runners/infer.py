@@ -15,12 +15,10 @@ import numpy as np
 import torch
 
 from runners import progress_report
-from runners.artifacts import request_rows, write_rows
 from runners.base import Runner, resolve_device
 from runners.capacity import serve_workload
 from runners.compile_watch import measure_clean
 from runners.contract import METRICS, InfeasibleConfig, TrialConfig, TrialResult
-from runners.environment import describe
 from runners.glm import woq
 from runners.glm.compress import CALIBRATION_SEQUENCES, CALIBRATION_TOKENS, apply_quantization, apply_sparsity
 from runners.glm.engine import HFEngine
@@ -40,15 +38,12 @@ from runners.glm.model_cache import (
 )
 from runners.glm.quality import Fidelity, calibration_set, eval_batch, fidelity, log_probs, text_source, text_windows
 from runners.glm.slot_engine import SlotEngine
-from runners.knobs import resolve_knobs
+from runners.measure.artifacts import request_rows, write_rows
+from runners.measure.environment import describe
+from runners.registry import resolve_knobs, resolve_workload
 from runners.scheduler import Engine
 from runners.serving import ServeOutcome
 from runners.workload import Request, make_requests
-
-DEFAULT_WORKLOAD: dict[str, Any] = {
-    "arrival": "poisson", "rate_rps": 8.0, "requests": 64, "warmup_requests": 4,
-    "prompt_tokens": 32, "output_tokens": 16, "eval_sequences": 4, "eval_tokens": 64,
-}
 
 
 QUALITY_METRICS = ("kl_divergence", "top1_agreement", "perplexity")
@@ -370,7 +365,7 @@ class GlmInferRunner(Runner):
         progress_report.report_phase("build")
         clock = SetupClock()
         knobs = resolve_knobs(self.name, config.knobs)
-        workload = {**DEFAULT_WORKLOAD, **config.workload}
+        workload = resolve_workload(self.name, config.workload)
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.model, knobs, device)
         kind = engine_kind(knobs, device)

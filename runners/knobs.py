@@ -1,7 +1,10 @@
 """The knobs each runner understands, with their defaults; free of torch.
 
-The tuner validates space files against this table, so a typo in a knob name is a usage error
-(exit 2) before any study exists. A runner resolves a trial's knobs with `resolve_knobs`.
+Each knob is declared once here; runners/registry.py names the table each runner takes. The
+tuner validates space files against it, so a typo in a knob name is a usage error (exit 2)
+before any study exists. A runner resolves a trial's knobs with `registry.resolve_knobs`.
+`rebuilds=True` marks a knob whose value changes the built model: the model cache keys by
+those (runners/glm/model_cache.py), so a new one cannot silently reuse a stale model.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ class Knob:
     kind: type | tuple[type, ...]
     choices: tuple[Any, ...] | None = None
     help: str = ""
+    rebuilds: bool = False  # changes the built model (weights, kernels, compiled graphs)
+    bounds: tuple[float, float] | None = None  # allowed numbers [low, high], `high_open`: [low, high)
+    high_open: bool = False
 
     def check(self, value: Any) -> str | None:
         """Return why `value` is not acceptable, or None."""
@@ -28,6 +34,15 @@ class Knob:
             return f"must be {_kind_name(self.kind)}, got {value!r}"
         if not isinstance(value, self.kind):
             return f"must be {_kind_name(self.kind)}, got {value!r}"
+        return self.bounds_problem(value)
+
+    def bounds_problem(self, value: Any) -> str | None:
+        """Why a number is outside `bounds`, or None (also for values that are not numbers)."""
+        if self.bounds is None or not isinstance(value, (int, float)) or isinstance(value, bool):
+            return None
+        low, high = self.bounds
+        if value < low or value > high or (self.high_open and value == high):
+            return f"{value!r} is outside [{low:g}, {high:g}{')' if self.high_open else ']'}"
         return None
 
 
@@ -40,38 +55,45 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
 
 
 _NUMBER = (int, float)
+# Floating-point types a model or its autocast may run in (runners/glm/model.py maps them to torch's).
+DTYPES = ("float32", "float16", "bfloat16")
 
 INFER_KNOBS: dict[str, Knob] = {
     k.name: k
     for k in [
-        Knob("batch_size", 8, int, help="most requests in one batch"),
-        Knob("batch_timeout_ms", 10.0, _NUMBER, help="longest wait of the oldest queued request"),
+        Knob("batch_size", 8, int, help="most requests in one batch", bounds=(1, 65_536)),
+        Knob("batch_timeout_ms", 10.0, _NUMBER, help="longest wait of the oldest queued request",
+             bounds=(0, 600_000)),
         Knob("scheduler", "dynamic", str, ("dynamic", "continuous")),
-        Knob("quant_bits", 16, int, (16, 8, 4)),
+        Knob("quant_bits", 16, int, (16, 8, 4), rebuilds=True),
         Knob(
             "quant_scheme",
             "weight_only",
             str,
             ("weight_only", "dynamic_activation", "fp8"),
             help="8-bit: int8 weight-only or int8 dynamic activation; fp8 dyn act + weight",
+            rebuilds=True,
         ),
-        Knob("quant_group_size", 128, int, (32, 64, 128, 256), help="int4 group size"),
-        Knob("quantize_lm_head", False, bool, help="also quantise the output projection"),
+        Knob("quant_group_size", 128, int, (32, 64, 128, 256), help="int4 group size", rebuilds=True),
+        Knob("quantize_lm_head", False, bool, help="also quantise the output projection", rebuilds=True),
         Knob("quant_kernel", "torchao", str, ("torchao", "triton", "cuda"),
              help="int8/int4 weight-only kernels: torchao's; our Triton GEMV/matmul; or `cuda`, our "
-                  "hand-written CUDA GEMV for one row (NVRTC-compiled) and the Triton matmul for more (GPU)"),
+                  "hand-written CUDA GEMV for one row (NVRTC-compiled) and the Triton matmul for more (GPU)",
+             rebuilds=True),
         Knob("decode_attention", "torch", str, ("torch", "cuda"),
              help="static-KV decode steps of one sequence (batch bucket 1; larger buckets keep the torch ops): "
                   "torch ops (bias, rope, cache write, QK, softmax, PV), or `cuda`, one hand-written "
-                  "NVRTC-compiled kernel for all of them (GPU)"),
-        Knob("sparsity", 0.0, _NUMBER, help="fraction of linear weights set to zero"),
-        Knob("sparsity_kind", "unstructured", str, ("unstructured", "2:4")),
+                  "NVRTC-compiled kernel for all of them (GPU)", rebuilds=True),
+        Knob("sparsity", 0.0, _NUMBER, help="fraction of linear weights set to zero", rebuilds=True,
+             bounds=(0, 1), high_open=True),
+        Knob("sparsity_kind", "unstructured", str, ("unstructured", "2:4"), rebuilds=True),
         Knob("sparsity_method", "magnitude", str, ("magnitude", "wanda"),
              help="which weights sparsity removes: smallest |W| per layer (magnitude), or smallest "
-                  "|W| * ||x|| per output row with input norms from calibration text (wanda)"),
+                  "|W| * ||x|| per output row with input norms from calibration text (wanda)", rebuilds=True),
         Knob("engine", "auto", str, ("auto", "fast", "hf"),
              help="fast: our static-KV engine (CUDA-graph decode; slot pool for scheduler=continuous); hf: "
-                  "transformers' own loop (the untuned baseline); auto: fast wherever the other knobs allow"),
+                  "transformers' own loop (the untuned baseline); auto: fast wherever the other knobs allow",
+             rebuilds=True),
         Knob("kv_cache", "dynamic", str, ("dynamic", "static", "offloaded", "quantized"),
              help="fast engine: static (model-dtype slots), quantized (int8 + per-token scales, kv_bits=8), "
                   "offloaded (preempted sequences park in pinned host memory; continuous, CUDA); "
@@ -82,7 +104,8 @@ INFER_KNOBS: dict[str, Knob] = {
                                       "wait preempted in host memory"),
         Knob("kv_memory_mib", 0, _NUMBER,
              help="fast engine, continuous: device memory for the KV slot pool; its rows = this budget / one "
-                  "sequence's KV (int8 KV fits about twice the rows), at most kv_slots or batch_size; 0 = no budget"),
+                  "sequence's KV (int8 KV fits about twice the rows), at most kv_slots or batch_size; 0 = no budget",
+             bounds=(0, 1e9)),
         Knob("decode_length_step", 0, int, (0, 2, 4),
              help="fast engine, continuous: 0 = each row attends at its own length (one decode graph per "
                   "batch bucket; a Triton kernel on GPU); 2 or 4 = masked attention over length buckets L, L/2.. "
@@ -90,20 +113,20 @@ INFER_KNOBS: dict[str, Knob] = {
         Knob("prefill_chunk_tokens", 0, int, help="fast engine, continuous: prefill prompts in chunks of this "
                                                   "many tokens, interleaved with decode steps; 0 = whole prompt"),
         Knob("prefix_cache", "off", str, ("off", "lru", "lfu")),
-        Knob("prefix_cache_mib", 256, _NUMBER),
-        Knob("dtype", None, (str, type(None)), (None, "float32", "float16", "bfloat16")),
-        Knob("compile", False, bool),
-        Knob("attn_implementation", "sdpa", str, ("sdpa", "eager", "flash_attention_2")),
-        Knob("memory_limit_mib", 0, _NUMBER, help="cap the runner's memory; 0 = no cap"),
+        Knob("prefix_cache_mib", 256, _NUMBER, bounds=(0, 1e9)),
+        Knob("dtype", None, (str, type(None)), (None, *DTYPES), rebuilds=True),
+        Knob("compile", False, bool, rebuilds=True),
+        Knob("attn_implementation", "sdpa", str, ("sdpa", "eager", "flash_attention_2"), rebuilds=True),
+        Knob("memory_limit_mib", 0, _NUMBER, help="cap the runner's memory; 0 = no cap", bounds=(0, 1e9)),
     ]
 }
 
 TRAIN_KNOBS: dict[str, Knob] = {
     k.name: k
     for k in [
-        Knob("micro_batch_size", 1, int),
-        Knob("grad_accum_steps", 1, int),
-        Knob("seq_len", 128, int),
+        Knob("micro_batch_size", 1, int, bounds=(1, 65_536)),
+        Knob("grad_accum_steps", 1, int, bounds=(1, 65_536)),
+        Knob("seq_len", 128, int, bounds=(1, 1 << 20)),
         Knob(
             "grad_checkpointing",
             "off",
@@ -112,34 +135,23 @@ TRAIN_KNOBS: dict[str, Knob] = {
             help="recompute activations: every layer (on), every N-th layer, or keep them but "
             "offload the saved activations to host memory (CUDA only)",
         ),
-        Knob("amp_dtype", "float32", str, ("float32", "bfloat16", "float16")),
+        Knob("amp_dtype", "float32", str, DTYPES),
         Knob("fused_optimizer", False, bool),
         Knob("optimizer", "adamw", str, ("adamw", "adamw_8bit", "adamw_cpu_offload")),
         Knob("compile", False, bool),
-        Knob("dtype", None, (str, type(None)), (None, "float32", "float16", "bfloat16")),
-        Knob("memory_limit_mib", 0, _NUMBER, help="cap the runner's memory; 0 = no cap"),
+        Knob("dtype", None, (str, type(None)), (None, *DTYPES)),
+        Knob("memory_limit_mib", 0, _NUMBER, help="cap the runner's memory; 0 = no cap", bounds=(0, 1e9)),
     ]
 }
 
-# `replay` has no fixed knobs: they are the columns of its table (`runner_knobs`).
-RUNNER_KNOBS: dict[str, dict[str, Knob]] = {"glm-infer": INFER_KNOBS, "glm-train": TRAIN_KNOBS, "replay": {}}
+# Which runner takes which table, and the lookups by runner name, are in runners/registry.py.
+_MOVED = ("RUNNER_KNOBS", "runner_knobs", "resolve_knobs")
 
 
-def runner_knobs(runner: str, model: dict[str, Any] | None = None) -> dict[str, Knob]:
-    """The knobs a space for `runner` may set; the replay runner's are its table's knob columns."""
-    if runner == "replay":
-        from runners.replay import table_knobs  # torch-free
+def __getattr__(name: str) -> Any:
+    """`runners.knobs.RUNNER_KNOBS` and friends, read from the registry (which imports this module)."""
+    if name in _MOVED:
+        from runners import registry
 
-        return table_knobs(model or {})
-    return RUNNER_KNOBS[runner]
-
-
-def resolve_knobs(runner: str, given: dict[str, Any]) -> dict[str, Any]:
-    """Defaults of `runner` overlaid with `given`; unknown names raise KeyError."""
-    table = RUNNER_KNOBS[runner]
-    unknown = sorted(set(given) - set(table))
-    if unknown:
-        raise KeyError(f"unknown knob(s) for runner {runner}: {unknown}")
-    resolved = {name: knob.default for name, knob in table.items()}
-    resolved.update(given)
-    return resolved
+        return getattr(registry, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

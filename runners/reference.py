@@ -325,7 +325,7 @@ def train(opts: Options, meta: dict[str, Any]) -> dict[str, Any]:
 
     from runners.base import resolve_device
     from runners.glm.model import build_model
-    from runners.knobs import resolve_knobs
+    from runners.registry import resolve_knobs
     from runners.train import enable_checkpointing, make_plan, run_loop
 
     device = resolve_device(opts.device)
@@ -414,7 +414,7 @@ def _save_state(out: Path, model: Any, step: Any, done: int, curve: list[dict[st
     """Weights, optimizer, schedule and loss-scaler state, written atomically; and the loss curve."""
     import torch
 
-    from runners.artifacts import write_rows
+    from runners.measure.artifacts import write_rows
 
     folder = out / "resume"
     folder.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,8 @@ from runners.compile_watch import CompileWatch
 from runners.contract import DEFAULT_MAX_DURATION_S, InfeasibleConfig
 from runners.early_stop import DEFAULT_MIN_QUEUE, Bound, Decision, EarlyStop, SaturationTest, latency_bounds
 from runners.host_load import HostLoad
-from runners.monitor import ResourceSampler
+from runners.measure.ceilings import lookup_ceilings
+from runners.measure.monitor import ResourceSampler
 from runners.progress_report import report_requests
 from runners.scheduler import (
     Clock,
@@ -131,7 +132,7 @@ def serve(engine: Engine, device: str, workload: dict[str, Any], knobs: dict[str
           stop_when_met: bool = False, clock_factory: Callable[[], Clock] = RealClock) -> ServeOutcome:
     """Warm up, then serve the measured requests inside the resource sampler.
 
-    `ceilings`: a `runners.ceilings.Ceilings` (default: measured once per device and cached);
+    `ceilings`: a `runners.measure.ceilings.Ceilings` (default: measured once per device and cached);
     `nvml`: an NVML module for the sampler (tests); `sample_resources=False` turns the NVML
     sampler off (overhead benchmarks; power/energy metrics then absent with that reason).
     `constraints`: the study's `[{metric, max|min}]`; latency-percentile ones can stop the window
@@ -147,7 +148,7 @@ def serve(engine: Engine, device: str, workload: dict[str, Any], knobs: dict[str
     requests = make_requests(workload, warmup + count, seed)
     measured = _rebase(requests[warmup:])
     run = _scheduler(engine, knobs)
-    ceilings, ceilings_reason = _ceilings(device, ceilings)
+    ceilings, ceilings_reason = lookup_ceilings(device, ceilings)
     if warmup:
         # Warm-up (allocator, kernels, any compile) runs back to back, outside the window.
         for req in requests[:warmup]:
@@ -262,17 +263,6 @@ def iteration_engine(engine: Any, knobs: dict[str, Any]) -> IterationEngine:
     from runners.continuous import ContinuousEngine
 
     return ContinuousEngine(engine.model, engine.device, engine.prompt_fn)
-
-
-def _ceilings(device: str, given: Any | None) -> tuple[Any | None, str]:
-    if given is not None:
-        return given, ""
-    try:
-        from runners.ceilings import get_ceilings
-
-        return get_ceilings(device), ""
-    except Exception as exc:  # noqa: BLE001 - a ceiling we cannot measure leaves mbu/mfu absent
-        return None, f"hardware ceilings could not be measured: {type(exc).__name__}: {exc}"
 
 
 def _counters(engine: Any) -> dict[str, float] | None:

@@ -30,16 +30,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from runners.artifacts import write_rows
 from runners.base import Runner, resolve_device
 from runners.contract import InfeasibleConfig, TrialConfig, TrialResult
-from runners.environment import describe
 from runners.glm.model import DTYPES, build_model, model_info
-from runners.knobs import resolve_knobs
-from runners.monitor import ResourceSampler, StepTimer
+from runners.measure.artifacts import write_rows
+from runners.measure.ceilings import Ceilings, lookup_ceilings
+from runners.measure.environment import describe
+from runners.measure.monitor import ResourceSampler, StepTimer
+from runners.registry import resolve_knobs, resolve_workload
 from runners.scheduler import RealClock
 
-DEFAULT_WORKLOAD: dict[str, Any] = {"train_steps": 8, "warmup_steps": 3}
 # Fixed, not a knob: the study tunes speed and memory, and AdamW's cost does not depend on lr.
 LEARNING_RATE = 1e-3
 MIB = 2**20
@@ -318,10 +318,11 @@ class GlmTrainRunner(Runner):
     def run(self, config: TrialConfig) -> TrialResult:
         t_setup = time.perf_counter()
         knobs = resolve_knobs(self.name, config.knobs)
-        workload = {**DEFAULT_WORKLOAD, **config.workload}
+        workload = resolve_workload(self.name, config.workload)
         device = resolve_device(config.device)
         plan = make_plan(knobs, config.model, device)
-        ceilings = self._ceilings(device)
+        # Read before the model is built, so a first-time measurement runs on an idle, empty device.
+        ceilings = lookup_ceilings(device)
         model = build_model(config.model, plan.weight_dtype, device, config.seed)
         if plan.seq_len > model.config.max_position_embeddings:
             raise InfeasibleConfig(f"seq_len={plan.seq_len} exceeds the model's "
@@ -382,26 +383,12 @@ class GlmTrainRunner(Runner):
         return metrics, unavailable
 
     @staticmethod
-    def _ceilings(device: str) -> Any:
-        """The device's measured ceilings (None if that module is missing). Read before the model
-        is built, so a first-time measurement runs on an idle, empty device."""
-        try:
-            from runners.ceilings import get_ceilings
-        except ImportError:
-            return None
-        try:
-            return get_ceilings(device)
-        except (MemoryError, RuntimeError) as exc:
-            # A first-time measurement under a tight `memory_limit_mib` must not pass for the
-            # trial's own OOM: the trial goes on without MFU.
-            return f"measuring the matmul ceiling failed: {str(exc).splitlines()[0][:200]}"
-
-    @staticmethod
     def _add_mfu(metrics: dict[str, float], unavailable: dict[str, str], info: dict[str, Any],
-                 flops_per_step: float, ceilings: Any) -> None:
+                 flops_per_step: float, looked_up: tuple[Ceilings | None, str]) -> None:
         info["flops_per_step"] = flops_per_step
-        if ceilings is None or isinstance(ceilings, str):
-            unavailable["train_mfu"] = ceilings or "no measured matmul rate (runners.ceilings is missing)"
+        ceilings, reason = looked_up
+        if ceilings is None:
+            unavailable["train_mfu"] = reason
             return
         achieved = flops_per_step * 1e3 / metrics["train_step_ms"]  # FLOP/s over the measured window
         metrics["train_mfu"] = achieved / ceilings.matmul_flops_per_s

@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from runners.ceilings import Ceilings
 from runners.early_stop import (
     Bound,
     EarlyStop,
@@ -17,6 +16,7 @@ from runners.early_stop import (
     latency_bounds,
     slo_bounds,
 )
+from runners.measure.ceilings import Ceilings
 from runners.scheduler import run_continuous, run_dynamic
 from runners.serving import WindowRule, serve
 from runners.workload import make_requests

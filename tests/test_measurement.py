@@ -12,10 +12,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from runners import ceilings as ceilings_mod
-from runners.ceilings import Ceilings, get_ceilings
-from runners.monitor import ResourceSampler
-from runners.nvml import NvmlReader, summarize
+from runners.measure import ceilings as ceilings_mod
+from runners.measure.ceilings import Ceilings, get_ceilings
+from runners.measure.monitor import ResourceSampler
+from runners.measure.nvml import NvmlReader, summarize
 from runners.scheduler import RealClock
 from runners.serving import roofline, serve
 
@@ -413,7 +413,7 @@ def test_open_loop_overload_is_flagged():
 
 
 def test_step_timer_durations_count_from_start():
-    from runners.monitor import StepTimer
+    from runners.measure.monitor import StepTimer
     from tests.test_scheduler import FakeClock
 
     clock = FakeClock()
@@ -424,3 +424,29 @@ def test_step_timer_durations_count_from_start():
         timer.mark()
     assert timer.times() == [11.0, 13.0, 13.5]
     assert timer.durations_ms() == pytest.approx([1000.0, 2000.0, 500.0])
+
+
+@pytest.mark.gpu
+def test_the_cuda_timer_agrees_with_the_step_timer_and_the_host_clock():
+    import torch
+
+    from runners.measure.cuda_timer import cuda_seconds
+    from runners.measure.monitor import StepTimer
+
+    def spin() -> None:
+        torch.cuda._sleep(20_000_000)  # a kernel that spins 2e7 cycles: ~10 ms at 2 GHz
+
+    spin()
+    torch.cuda.synchronize()
+    one = cuda_seconds(spin)
+    assert 1e-3 < one < 1.0
+    assert cuda_seconds(spin, calls=4) == pytest.approx(one, rel=0.2)  # per call
+    t0 = time.perf_counter()
+    timer = StepTimer("cuda:0", RealClock()).start()
+    for _ in range(3):
+        spin()
+        timer.mark()
+    steps_s = [d / 1e3 for d in timer.durations_ms()]
+    wall_s = time.perf_counter() - t0
+    assert steps_s == pytest.approx([one] * 3, rel=0.2)
+    assert sum(steps_s) <= wall_s

@@ -174,7 +174,7 @@ def test_continuous_engine_decodes_like_batch_greedy(tiny):
 
 
 def test_serve_with_continuous_scheduler_end_to_end(tiny):
-    from runners.ceilings import Ceilings
+    from runners.measure.ceilings import Ceilings
     from runners.serving import serve
 
     _, _, hf = tiny

@@ -14,7 +14,7 @@ from transformers import DynamicCache, QuantizedCache, StaticCache
 
 from runners.contract import InfeasibleConfig
 from runners.glm.work import WorkCounter, left_pad
-from runners.monitor import StepTimer
+from runners.measure.monitor import StepTimer
 from runners.scheduler import Clock
 from runners.workload import Request
 

@@ -31,7 +31,7 @@ from runners.contract import InfeasibleConfig
 from runners.glm.fast_model import FastGlm, LayerFn, attention_bias, head_forward, layer_forward, rms_norm
 from runners.glm.prefix_cache import TieredPrefixCache, engine_prefix_cache
 from runners.glm.work import WorkCounter
-from runners.monitor import StepTimer
+from runners.measure.monitor import StepTimer
 from runners.scheduler import Clock
 from runners.workload import Request
 

@@ -10,9 +10,11 @@ from transformers import Glm4Config, Glm4ForCausalLM, GlmConfig, GlmForCausalLM
 
 from runners.contract import InfeasibleConfig
 from runners.glm.woq import packed_linears
+from runners.knobs import DTYPES as DTYPE_NAMES
 from runners.presets import PRESETS
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# The declared dtype names (runners/knobs.py), as torch dtypes.
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_NAMES}
 ARCHS = {"glm": (GlmConfig, GlmForCausalLM), "glm4": (Glm4Config, Glm4ForCausalLM)}
 
 

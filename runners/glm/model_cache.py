@@ -24,13 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# Knobs that change the built model. The resolved engine kind (fast | hf, the `engine_kind`
-# argument) is keyed too: under `engine: auto` the kv_cache policy picks it (dynamic -> hf).
-# kv_cache, kv_bits, kv_slots and prefill_chunk_tokens are otherwise properties of the engine's
-# cache and scheduler, not of the weights (quality is cached per KV policy in the built model).
-MODEL_KNOBS = ("quant_bits", "quant_scheme", "quant_group_size", "quantize_lm_head", "quant_kernel", "sparsity",
-               "sparsity_kind", "attn_implementation", "compile", "decode_attention", "engine",
-               "sparsity_method")
+from runners.registry import runner_spec
+
+# Knobs that change the built model: those declared `rebuilds=True` (runners/knobs.py). The
+# resolved engine kind (fast | hf, the `engine_kind` argument) is keyed too: under `engine: auto`
+# the kv_cache policy picks it (dynamic -> hf). kv_cache, kv_bits, kv_slots and
+# prefill_chunk_tokens are otherwise properties of the engine's cache and scheduler, not of the
+# weights (quality is cached per KV policy in the built model). The `dtype` knob is keyed by its
+# resolved value (the `dtype` argument), so `dtype: null` and the model's own dtype share a build.
+MODEL_KNOBS = tuple(k for k in runner_spec("glm-infer").rebuilding_knobs() if k != "dtype")
 
 
 def model_key(model_spec: dict[str, Any], dtype: str, device: str, seed: int, knobs: dict[str, Any],

@@ -47,7 +47,7 @@ from runners.contract import InfeasibleConfig
 from runners.glm.fast_model import FastGlm, row_bias
 from runners.glm.prefix_cache import TieredPrefixCache, engine_prefix_cache
 from runners.glm.work import WorkCounter
-from runners.monitor import StepTimer
+from runners.measure.monitor import StepTimer
 from runners.scheduler import Clock
 from runners.workload import Request
 

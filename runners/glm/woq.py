@@ -25,37 +25,16 @@ dequantise and call `F.linear`, the same arithmetic, used as the tests' referenc
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from runners.glm import woq_cuda
+from runners.glm.ops import linear, rms_norm, swiglu_apart
+from runners.glm.packed import Int4Weight, Int8Weight, gate_up_order, interleave_gate_up
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 GEMV_KERNELS = ("triton", "cuda")  # who runs a single activation row; more rows: the Triton matmul
-
-
-class Int8Weight(NamedTuple):
-    qdata: torch.Tensor  # [N, K] int8
-    scale: torch.Tensor  # [N] float32
-    gemv: str = "triton"
-    gated: bool = False  # rows stored as interleaved gate/up pairs (see `interleave_gate_up`)
-
-    def tensors(self) -> tuple[torch.Tensor, ...]:
-        return self.qdata, self.scale
-
-
-class Int4Weight(NamedTuple):
-    packed: torch.Tensor  # [N, K/2] uint8
-    scale: torch.Tensor  # [N, K/G]
-    zero: torch.Tensor  # [N, K/G]
-    gemv: str = "triton"
-    gated: bool = False
-
-    def tensors(self) -> tuple[torch.Tensor, ...]:
-        return self.packed, self.scale, self.zero
 
 
 # --- quantise and pack (torchao's affine quantisation primitives) ------------------------------
@@ -94,18 +73,6 @@ def unpack_int4(packed: torch.Tensor, groups: int) -> torch.Tensor:
     return torch.stack([per_group & 0xF, per_group >> 4], dim=2).reshape(out_features, -1)
 
 
-def interleave_gate_up(rows: torch.Tensor) -> torch.Tensor:
-    """[gate | up] along dim 0 (a SwiGLU MLP's fused gate_up weight) -> pairs g0, u0, g1, u1, ...:
-    how a `gated` packed weight stores its rows, so the CUDA GEMV finds a pair in one warp and
-    writes silu(gate) * up directly."""
-    return rows.view(2, rows.shape[0] // 2, *rows.shape[1:]).transpose(0, 1).reshape(rows.shape)
-
-
-def gate_up_order(out: torch.Tensor) -> torch.Tensor:
-    """A gated weight's outputs (last dim, pair order) back in [gate | up] order."""
-    return out.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
-
-
 def dequantize(weight: Int8Weight | Int4Weight, dtype: torch.dtype) -> torch.Tensor:
     """The dense weight [N, K] the packed form stands for (in [gate | up] row order if gated)."""
     if isinstance(weight, Int8Weight):
@@ -116,13 +83,6 @@ def dequantize(weight: Int8Weight | Int4Weight, dtype: torch.dtype) -> torch.Ten
         dense = ((q - weight.zero.float()[..., None]) * weight.scale.float()[..., None])
         dense = dense.reshape(weight.packed.shape[0], -1).to(dtype)
     return gate_up_order(dense.T).T.contiguous() if weight.gated else dense
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' GlmRMSNorm, op for op (fp32 statistics, weight applied in the input dtype)."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
 
 
 # --- the ops: opaque to torch.compile, so the compiled layer calls our kernels as they are ------
@@ -147,12 +107,6 @@ def _cuda_fusion(rows: torch.Tensor, weight: Int8Weight | Int4Weight, norm: torc
         if residual.dtype != rows.dtype:
             return None
     return woq_cuda.Fusion(norm, eps, residual, gated=swiglu)
-
-
-def swiglu_apart(x: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up of x = [gate | up] (the GLM MLP's activation, as transformers writes it)."""
-    gate, up = x.chunk(2, dim=-1)
-    return up * F.silu(gate)
 
 
 def _apart(rows: torch.Tensor, norm: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -222,32 +176,6 @@ def _int4_linear_shape(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tenso
                        gemv: str, gated: bool = False, norm: torch.Tensor | None = None, eps: float = 0.0,
                        residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], _out_features(packed.shape[0], swiglu)))
-
-
-def _fuses(x: torch.Tensor, weight: object) -> bool:
-    """Whether the norm / residual / SwiGLU go into the kernel: a CUDA-GEMV weight and one input
-    row (the row count is static where this is traced)."""
-    return (isinstance(weight, (Int8Weight, Int4Weight)) and weight.gemv == "cuda"
-            and x.numel() == x.shape[-1] and x.is_cuda)
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor | Int8Weight | Int4Weight, norm: torch.Tensor | None = None,
-           eps: float = 0.0, residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
-    """[residual +] rms_norm(x, norm) @ weight^T, no bias, or with `swiglu` silu(gate) * up of that
-    product for a [gate | up] weight: `F.linear` for a dense (or torchao) weight, our kernels for
-    a packed one; norm, residual and SwiGLU fused where the CUDA GEMV runs."""
-    if swiglu and residual is not None:
-        raise ValueError("a linear adds a residual or applies SwiGLU to its output, not both")
-    if isinstance(weight, (Int8Weight, Int4Weight)):
-        op = torch.ops.autoglm.int8_linear if isinstance(weight, Int8Weight) else torch.ops.autoglm.int4_linear
-        if _fuses(x, weight) and (swiglu or not weight.gated):
-            return op(x, *weight, norm, eps, residual, swiglu)
-        out = op(x if norm is None else rms_norm(x, norm, eps), *weight)
-        out = gate_up_order(out) if weight.gated else out
-    else:
-        out = F.linear(x if norm is None else rms_norm(x, norm, eps), weight)
-    out = swiglu_apart(out) if swiglu else out
-    return out if residual is None else residual + out
 
 
 class PackedLinear(nn.Module):

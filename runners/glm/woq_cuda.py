@@ -27,6 +27,7 @@ import torch
 
 from runners.glm import cuda_launch
 from runners.glm.kernel_cache import compile_kernel
+from runners.measure.cuda_timer import cuda_seconds
 
 _SOURCE = Path(__file__).with_name("woq_gemv.cu")
 
@@ -111,13 +112,7 @@ def graph_seconds(issue: Callable[[], None], replays: int = 3) -> float:
     with torch.cuda.graph(graph):
         issue()
     graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3 / replays
+    return cuda_seconds(graph.replay, replays)
 
 
 def _time_variants(launch: Callable[[Variant, Weights], None], variants: tuple[Variant, ...],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,13 +23,17 @@ def write_rows(path: Path, rows: Sequence[dict[str, Any]]) -> str:
 
 
 def request_rows(timings: Sequence[Any]) -> list[dict[str, Any]]:
-    """One row per measured request with its derived latencies in ms."""
+    """One row per measured request with its derived latencies in ms (runners/stats.py derives
+    them; tpot is empty for a one-token request)."""
+    from runners.stats import per_request_ms  # numpy + scipy: only where requests are written
+
+    each = per_request_ms(timings)
     rows = []
-    for t in timings:
+    for i, t in enumerate(timings):
         row = dataclasses.asdict(t)
-        row["ttft_ms"] = (t.first_token_s - t.arrival_s) * 1e3
-        row["latency_ms"] = (t.finish_s - t.arrival_s) * 1e3
-        row["tpot_ms"] = ((t.finish_s - t.first_token_s) / (t.output_tokens - 1) * 1e3
-                          if t.output_tokens > 1 else "")
+        row["ttft_ms"] = float(each["ttft"][i])
+        row["latency_ms"] = float(each["latency"][i])
+        tpot = float(each["tpot"][i])
+        row["tpot_ms"] = "" if math.isnan(tpot) else tpot
         rows.append(row)
     return rows

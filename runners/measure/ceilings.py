@@ -65,13 +65,27 @@ def get_ceilings(device: str, cache_dir: Path | None = None, refresh: bool = Fal
     return ceilings
 
 
+def lookup_ceilings(device: str, given: Ceilings | None = None) -> tuple[Ceilings | None, str]:
+    """The ceilings a trial divides by, and why they are absent: `given` (a test's or a
+    benchmark's), else `get_ceilings`. The one error rule: a ceiling that cannot be measured
+    (out of memory under a tight `memory_limit_mib`, no driver, ...) leaves MBU / MFU absent
+    with the reason; the trial goes on."""
+    if given is not None:
+        return given, ""
+    try:
+        return get_ceilings(device), ""
+    except Exception as exc:  # noqa: BLE001 - see the rule above
+        first_line = (str(exc).splitlines() or [""])[0][:200]
+        return None, f"hardware ceilings could not be measured: {type(exc).__name__}: {first_line}"
+
+
 def identify(device: str) -> tuple[str, str]:
     """(device name, driver) — the cache key. On CPU the "driver" is what sets the matmul rate:
     the torch build and its thread count."""
     import torch
 
     if device.startswith("cuda"):
-        from runners.environment import _nvidia_driver
+        from runners.measure.environment import _nvidia_driver
 
         return torch.cuda.get_device_name(device), f"nvidia {_nvidia_driver() or 'unknown'}"
     return _cpu_name(), f"torch {torch.__version__} threads {torch.get_num_threads()}"
@@ -143,16 +157,10 @@ def _best_time(device: str, fn: Callable[[], Any], warmup: int = 3, repeats: int
     for _ in range(warmup):
         fn()
     if device.startswith("cuda"):
+        from runners.measure.cuda_timer import cuda_seconds
+
         torch.cuda.synchronize(device)
-        times = []
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        return min(times)
+        return min(cuda_seconds(fn) for _ in range(repeats))
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()

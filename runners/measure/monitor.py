@@ -21,7 +21,8 @@ from typing import Any
 
 import psutil
 
-from runners.nvml import NvmlReader, NvmlUnavailable, load_nvml, summarize
+from runners.measure.cuda_timer import CudaSpan
+from runners.measure.nvml import NvmlReader, NvmlUnavailable, load_nvml, summarize
 
 MIB = 1024 * 1024
 
@@ -33,7 +34,7 @@ class ResourceSampler:
     samples NVML on a CPU `device`, for those tests. `use_nvml=False` turns NVML off (overhead
     benchmarks). `nvml_index` picks the NVML device where no CUDA device names it.
     `out_of_process` (default: on CUDA with the real pynvml) samples from a child process
-    (`python -m runners.nvml`) instead of a thread, so the measured process pays nothing.
+    (`python -m runners.measure.nvml`) instead of a thread, so the measured process pays nothing.
     """
 
     def __init__(self, device: str, interval_s: float = 0.025, nvml: Any | None = None,
@@ -193,7 +194,7 @@ class ResourceSampler:
 
 
 class _ChildSampler:
-    """Runs `python -m runners.nvml` for the window; rows come back through a file."""
+    """Runs `python -m runners.measure.nvml` for the window; rows come back through a file."""
 
     def __init__(self, interval_s: float) -> None:
         self.interval_s = interval_s
@@ -207,7 +208,7 @@ class _ChildSampler:
     def start(self, index: int | None, uuid: str | None, nvml: bool = True) -> None:
         root = str(Path(__file__).resolve().parent.parent)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
-        cmd = [sys.executable, "-m", "runners.nvml", "--rows", str(self._rows), "--pid", str(os.getpid()),
+        cmd = [sys.executable, "-m", "runners.measure.nvml", "--rows", str(self._rows), "--pid", str(os.getpid()),
                "--interval", str(self.interval_s)]
         cmd += ["--uuid", uuid] if uuid else ["--index", str(index or 0)]
         cmd += [] if nvml else ["--no-nvml"]
@@ -268,28 +269,20 @@ class StepTimer:
         self.cuda = device.startswith("cuda")
         self._events: list[Any] = []
         self._cpu_times: list[float] = []
-        self._ref: Any = None
+        self._span: CudaSpan | None = None
         self._t_ref = 0.0
 
     def start(self) -> StepTimer:
         self._events, self._cpu_times = [], []
         self._t_ref = self.clock.now()
         if self.cuda:
-            import torch
-
-            self._ref = torch.cuda.Event(enable_timing=True)
-            self._ref.record()
-            self._ref.synchronize()
+            self._span = CudaSpan().begin(wait=True)
             self._t_ref = self.clock.now()
         return self
 
     def mark(self) -> None:
         if self.cuda:
-            import torch
-
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self._events.append(event)
+            self._events.append(CudaSpan.record())
         else:
             self._cpu_times.append(self.clock.now())
 
@@ -298,8 +291,8 @@ class StepTimer:
             return list(self._cpu_times)
         if not self._events:
             return []
-        self._events[-1].synchronize()
-        return [self._t_ref + self._ref.elapsed_time(e) / 1e3 for e in self._events]
+        self._events[-1].synchronize()  # the last one done, every earlier one is too
+        return [self._t_ref + self._span.seconds_to(e) for e in self._events]
 
     def durations_ms(self) -> list[float]:
         """Milliseconds between consecutive marks, the first counted from `start()`."""

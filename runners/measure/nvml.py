@@ -225,7 +225,7 @@ def sample_until_stopped(reader: NvmlReader | None, out: Any, interval_s: float,
 
 
 def _child_main(argv: list[str] | None = None) -> None:
-    """`python -m runners.nvml --rows FILE --pid PID [--uuid U | --index I] --interval S`:
+    """`python -m runners.measure.nvml --rows FILE --pid PID [--uuid U | --index I] --interval S`:
     prints `ready` once sampling runs (times count from its first row), samples until stdin
     closes or says `stop`, then writes a final `{"unavailable", "notes", "error"}` line and
     prints `done`."""
