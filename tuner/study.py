@@ -24,9 +24,10 @@ from tuner import record
 from tuner import search as search_policy
 from tuner.drift import measure_drift
 from tuner.errors import UsageError
+from tuner.final import final_lines
 from tuner.launcher import ProcessLauncher, WarmLauncher
 from tuner.paths import inside
-from tuner.progress import Progress, final_lines
+from tuner.progress import Progress
 from tuner.recovery import (
     MAX_SAME_CRASH,
     counted_trials,
