@@ -129,9 +129,14 @@ def measured(trial: FrozenTrial) -> bool:
     return trial.state == TrialState.COMPLETE and OUTCOME.get(trial) == "ok"
 
 
+def rerunnable(trial: FrozenTrial) -> bool:
+    """Measured, with the config to run it again and the metrics to compare with (regress)."""
+    return measured(trial) and bool(CONFIG.get(trial)) and bool(METRICS.get(trial))
+
+
 def usable(trial: FrozenTrial) -> bool:
-    """Measured, feasible and re-runnable (its config and metrics recorded): a regress baseline."""
-    return measured(trial) and feasible(trial) and bool(CONFIG.get(trial)) and bool(METRICS.get(trial))
+    """Re-runnable and feasible: a config `autoglm-tune regress --init` may accept."""
+    return rerunnable(trial) and feasible(trial)
 
 
 def runner_failed(trial: FrozenTrial) -> bool:
