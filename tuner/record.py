@@ -30,7 +30,7 @@ class Attr:
         attrs = source if isinstance(source, Mapping) else source.user_attrs
         return attrs.get(self.key, default)
 
-    def on(self, source: Any) -> bool:
+    def recorded(self, source: Any) -> bool:
         """Whether the attr is recorded at all (any value, even a false one)."""
         attrs = source if isinstance(source, Mapping) else source.user_attrs
         return self.key in attrs
@@ -141,7 +141,7 @@ def usable(trial: FrozenTrial) -> bool:
 
 def runner_failed(trial: FrozenTrial) -> bool:
     """The runner itself failed (an outcome was recorded), not an interruption from outside."""
-    return OUTCOME.on(trial) and not INTERRUPTED.get(trial)
+    return OUTCOME.recorded(trial) and not INTERRUPTED.get(trial)
 
 
 def problems(attrs: Mapping[str, Any], declared: Mapping[str, Attr] = TRIAL_ATTRS) -> list[str]:

@@ -233,7 +233,7 @@ def apply_warm_start(study: optuna.Study, space: Space, storage_url: str, progre
     overlapping space the baseline is queued before the carried configs, so it stays first.
     """
     rule = space.search.warm_start
-    if rule is None or record.STUDY_WARM_START.on(study):
+    if rule is None or record.STUDY_WARM_START.recorded(study):
         return
     source = search_policy.load_source(rule, storage_url)
     result = search_policy.warm_start(study, space, source, lambda: ensure_baseline(study, space))
