@@ -101,6 +101,11 @@ STUDY_ATTRS: dict[str, Attr] = {a.key: a for a in (
     STUDY_WARM_START, STUDY_STOPPED, STUDY_WORKERS_STARTED)}
 
 
+# A system attr, not a user attr: the plain list of violations optuna-dashboard reads (the named
+# ones Optuna's samplers read are `trial.set_constraint`'s `constraints:<name>`).
+CONSTRAINT_LIST_KEY = "constraints"
+
+
 # ---------------------------------------------------------------- reading
 
 

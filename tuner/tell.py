@@ -106,7 +106,7 @@ def store_constraint_list(study: optuna.Study, trial: optuna.Trial, violations: 
     feasible). The trial's `constraints` view then holds both (named keys and "0", "1", ...),
     with the same values; `reports.frames.named_constraints` shows the named ones.
     """
-    trial_handle(study, trial).set_system_attr("constraints", [float(v) for v in violations])
+    trial_handle(study, trial).set_system_attr(record.CONSTRAINT_LIST_KEY, [float(v) for v in violations])
 
 
 def record_window_flags(trial: optuna.Trial, info: dict[str, Any]) -> None:
