@@ -1,7 +1,8 @@
 """The trial record: every user attr the tuner writes on a trial or a study, declared once.
 
-`tuner.study` writes through these declarations; `reports`, `app.py`, `ui/` and
-`tuner.regress` read through them, so an attr's name is spelled in this module only. Each
+The tuner writes through these declarations (`tuner.tell`, `tuner.study`, `tuner.recovery`,
+`tuner.drift`); `reports`, `ui/` (the dashboard) and `tuner.regress` read through them, so an
+attr's name is spelled in this module only (`tests/test_layers.py` checks). Each
 `Attr` says its key, the types its value may have and what it means; `Attr.get` reads it
 from a trial, a study or a plain `user_attrs` mapping, `Attr.put` writes it.
 
@@ -36,7 +37,7 @@ class Attr:
         return self.key in attrs
 
     def put(self, target: Any, value: Any) -> None:
-        """Record the value on a running trial or a study (`set_user_attr`)."""
+        """Record the value on a running trial, a study or a `tuner.storage.TrialHandle`."""
         target.set_user_attr(self.key, value)
 
     def entry(self, value: Any) -> dict[str, Any]:
