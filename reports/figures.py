@@ -23,6 +23,7 @@ import plotly.express as px
 import plotly.graph_objects as go
 
 from reports.frames import DOMINATED, INFEASIBLE, PARETO, metric_label, objectives, param_columns
+from tuner import record
 
 # Distinct by colour *and* symbol, so the classes survive greyscale printing.
 CATEGORY_STYLE: dict[str, dict[str, object]] = {
@@ -214,8 +215,8 @@ def measured_study(study: optuna.Study) -> optuna.Study:
 
 def _measured_values(trial: optuna.trial.FrozenTrial, names: list[str]) -> optuna.trial.FrozenTrial:
     """The trial with its measured objective values (a bound-breaking trial is told the worst)."""
-    metrics = trial.user_attrs.get("metrics") or {}
-    if trial.user_attrs.get("outcome") == "ok" and names and all(metrics.get(n) is not None for n in names):
+    metrics = record.metrics(trial)
+    if record.OUTCOME.get(trial) == "ok" and names and all(metrics.get(n) is not None for n in names):
         trial.values = [float(metrics[n]) for n in names]
     return trial
 

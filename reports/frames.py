@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,9 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from runners.contract import METRICS
-from tuner.progress import broken_constraints, change_pct, overload_note, stopped_early_note
+from tuner import record
+from tuner.notes import broken_constraints, change_pct, overload_note, stopped_early_note
+from tuner.space import Objective
 
 # Pareto-chart categories, in drawing order (the front last, so it is on top).
 INFEASIBLE, DOMINATED, PARETO = "infeasible", "feasible dominated", "feasible Pareto"
@@ -28,22 +29,12 @@ BASE_COLUMNS = ["number", "state", "outcome", "category", "feasible", "pareto", 
                 "device_name", "host", "gpu", "artifact_dir"]
 
 
-@dataclass(frozen=True)
-class Objective:
-    metric: str
-    direction: str  # maximize | minimize
-
-
 def objectives(study: optuna.Study) -> list[Objective]:
     names = study.metric_names or [f"objective_{i}" for i in range(len(study.directions))]
     return [Objective(n, d.name.lower()) for n, d in zip(names, study.directions, strict=True)]
 
 
 # ---------------------------------------------------------------- one trial
-
-
-def _feasible(trial: FrozenTrial) -> bool:
-    return trial.state == TrialState.COMPLETE and all(v <= 0 for v in trial.constraints.values())
 
 
 def named_constraints(trial: FrozenTrial) -> dict[str, float]:
@@ -54,12 +45,11 @@ def named_constraints(trial: FrozenTrial) -> dict[str, float]:
 def reason(trial: FrozenTrial, bounds: list[dict[str, Any]] | None = None) -> str:
     """Why a trial is not a feasible measurement: the recorded reason, else each broken bound as
     `metric = value > bound` (with the study's `bounds`), else the violated constraint names."""
-    attrs = trial.user_attrs
-    explicit = attrs.get("infeasible_reason") or attrs.get("fail_reason")
+    explicit = record.INFEASIBLE_REASON.get(trial) or record.FAIL_REASON.get(trial)
     if explicit:
         return str(explicit)
-    if bounds and attrs.get("metrics"):
-        broken = broken_constraints(attrs["metrics"], bounds)
+    if bounds and record.metrics(trial):
+        broken = broken_constraints(record.metrics(trial), bounds)
         if broken:
             return "; ".join(broken)
     violated = [f"{name} (violated by {value:.3g})" for name, value in named_constraints(trial).items() if value > 0]
@@ -69,48 +59,48 @@ def reason(trial: FrozenTrial, bounds: list[dict[str, Any]] | None = None) -> st
 def _category(trial: FrozenTrial, pareto: bool) -> str:
     if trial.state != TrialState.COMPLETE:
         return trial.state.name.lower()  # running | fail | waiting | pruned
-    if not _feasible(trial):
+    if not record.feasible(trial):
         return INFEASIBLE
     return PARETO if pareto else DOMINATED
 
 
 def _warm_start_from(attrs: dict[str, Any]) -> str | None:
     """`STUDY#N` for a trial a warm start carried over (copied) or enqueued from an earlier study."""
-    origin = attrs.get("warm_start_from")
+    origin = record.WARM_START_FROM.get(attrs)
     return f"{origin['study']}#{origin['trial']}" if isinstance(origin, dict) else None
 
 
 def trial_row(trial: FrozenTrial, pareto_numbers: frozenset[int] = frozenset(),
               bounds: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     attrs = trial.user_attrs
-    owner = attrs.get("owner") or {}
-    env = attrs.get("environment") or {}
+    owner = record.OWNER.get(attrs) or {}
+    env = record.ENVIRONMENT.get(attrs) or {}
     pareto = trial.number in pareto_numbers
     row: dict[str, Any] = {
         "number": trial.number,
         "state": trial.state.name,
-        "outcome": attrs.get("outcome", ""),
+        "outcome": record.OUTCOME.get(attrs, ""),
         "category": _category(trial, pareto),
-        "feasible": _feasible(trial),
+        "feasible": record.feasible(trial),
         "pareto": pareto,
-        "baseline": bool(attrs.get("baseline", False)),
+        "baseline": record.is_baseline(attrs),
         "reason": reason(trial, bounds),
         "overloaded": overload_note(attrs),
         "stopped_early": stopped_early_note(attrs),
         "duration_s": trial.duration.total_seconds() if trial.duration else None,
-        "wall_s": attrs.get("wall_s"),
+        "wall_s": record.WALL_S.get(attrs),
         "datetime_start": trial.datetime_start.isoformat(timespec="seconds") if trial.datetime_start else None,
-        "retry_of": attrs.get("retry_of"),
+        "retry_of": record.RETRY_OF.get(attrs),
         "warm_start_from": _warm_start_from(attrs),
         "device_name": env.get("device_name"),
         "host": owner.get("host"),
         "gpu": None if owner.get("gpu") is None else str(owner.get("gpu")),
-        "artifact_dir": attrs.get("artifact_dir"),
-        "contaminated": bool(attrs.get("contaminated")),  # its window compiled, even measured again
-        "host_busy": bool(attrs.get("host_busy")),
+        "artifact_dir": record.ARTIFACT_DIR.get(attrs),
+        "contaminated": bool(record.CONTAMINATED.get(attrs)),  # its window compiled, even measured again
+        "host_busy": bool(record.HOST_BUSY.get(attrs)),
     }
     row.update({f"param_{k}": v for k, v in trial.params.items()})
-    metrics = attrs.get("metrics") or {}
+    metrics = record.metrics(attrs)
     row.update({name: metrics[name] for name in METRICS if name in metrics})
     return row
 
@@ -129,7 +119,7 @@ def pareto_numbers(study: optuna.Study) -> frozenset[int]:
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
     """One row per trial: state, feasibility, params (`param_*`), metrics, provenance."""
     front = pareto_numbers(study)
-    bounds = study.user_attrs.get("constraints") or []
+    bounds = record.constraints(study)
     rows = [trial_row(t, front, bounds) for t in study.get_trials(deepcopy=False)]
     frame = pd.DataFrame(rows)
     for column in BASE_COLUMNS:
@@ -228,12 +218,12 @@ def ordered_columns(frame: pd.DataFrame, objs: list[Objective]) -> pd.DataFrame:
     return frame[first + [c for c in frame.columns if c not in first]]
 
 
-def _distinct(trials: list[FrozenTrial], section: str, keys: tuple[str, ...]) -> list[dict[str, Any]]:
+def _distinct(trials: list[FrozenTrial], section: record.Attr, keys: tuple[str, ...]) -> list[dict[str, Any]]:
     seen: list[dict[str, Any]] = []
     for t in trials:
-        record = {k: (t.user_attrs.get(section) or {}).get(k) for k in keys}
-        if any(v is not None for v in record.values()) and record not in seen:
-            seen.append(record)
+        picked = {k: (section.get(t) or {}).get(k) for k in keys}
+        if any(v is not None for v in picked.values()) and picked not in seen:
+            seen.append(picked)
     return seen
 
 
@@ -241,22 +231,22 @@ def study_summary(study: optuna.Study) -> dict[str, Any]:
     """What a reviewer reads first: what was searched, where it ran, how it went."""
     trials = study.get_trials(deepcopy=False)
     states = pd.Series([t.state.name for t in trials], dtype=object).value_counts().to_dict()
-    outcomes = pd.Series([t.user_attrs.get("outcome", "") for t in trials], dtype=object)
+    outcomes = pd.Series([record.OUTCOME.get(t, "") for t in trials], dtype=object)
     return {
         "study": study.study_name,
-        "runner": study.user_attrs.get("runner"),
-        "space_source": study.user_attrs.get("space_source"),
-        "space": study.user_attrs.get("space"),
-        "constraints": study.user_attrs.get("constraints") or [],
+        "runner": record.STUDY_RUNNER.get(study),
+        "space_source": record.STUDY_SPACE_SOURCE.get(study),
+        "space": record.STUDY_SPACE.get(study),
+        "constraints": record.constraints(study),
         "objectives": [{"metric": o.metric, "direction": o.direction} for o in objectives(study)],
         "trials": len(trials),
         "states": {str(k): int(v) for k, v in states.items()},
         "outcomes": {str(k): int(v) for k, v in outcomes[outcomes != ""].value_counts().items()},
-        "devices": _distinct(trials, "environment", ("device_name", "driver", "device")),
-        "versions": _distinct(trials, "environment", ("torch", "transformers", "torchao", "python")),
-        "workers": _distinct(trials, "owner", ("host", "gpu")),
-        "drift": study.user_attrs.get("drift"),  # baseline throughput, last re-measure / first
-        "drift_checks": study.user_attrs.get("drift_checks") or [],
+        "devices": _distinct(trials, record.ENVIRONMENT, ("device_name", "driver", "device")),
+        "versions": _distinct(trials, record.ENVIRONMENT, ("torch", "transformers", "torchao", "python")),
+        "workers": _distinct(trials, record.OWNER, ("host", "gpu")),
+        "drift": record.STUDY_DRIFT.get(study),  # baseline throughput, last re-measure / first
+        "drift_checks": record.STUDY_DRIFT_CHECKS.get(study) or [],
     }
 
 
@@ -265,10 +255,11 @@ def study_summary(study: optuna.Study) -> dict[str, Any]:
 
 def artifact_path(attrs: dict[str, Any], name: str) -> Path | None:
     """Where a trial's artifact lies: the path it recorded, else `<artifact_dir>/<name>.csv`."""
-    recorded = (attrs.get("artifacts") or {}).get(name)
+    recorded = (record.ARTIFACTS.get(attrs) or {}).get(name)
     candidates = [Path(recorded)] if recorded else []
-    if attrs.get("artifact_dir"):
-        candidates += [Path(attrs["artifact_dir"]) / f"{name}.csv", Path(attrs["artifact_dir"]) / f"{name}.parquet"]
+    folder = record.ARTIFACT_DIR.get(attrs)
+    if folder:
+        candidates += [Path(folder) / f"{name}.csv", Path(folder) / f"{name}.parquet"]
     return next((p for p in candidates if p.is_file()), None)
 
 

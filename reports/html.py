@@ -22,7 +22,6 @@ from reports.figures import (
     pareto_figure,
 )
 from reports.frames import (
-    Objective,
     baseline_status,
     best_per_objective,
     metric_label,
@@ -31,7 +30,9 @@ from reports.frames import (
     param_columns,
     study_summary,
 )
-from tuner.progress import change_pct, no_feasible_lines, recommended
+from tuner.final import no_feasible_lines, recommended
+from tuner.notes import change_pct
+from tuner.space import Objective
 
 STYLE = """body{font-family:sans-serif;margin:1.5em auto;max-width:1240px;padding:0 12px}
 table{border-collapse:collapse;font-size:12px;margin-bottom:1em} td,th{border:1px solid #ccc;padding:2px 6px}

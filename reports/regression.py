@@ -1,4 +1,4 @@
-"""The nightly regression history drawn for the dashboard; the rule itself is `tuner.regress_rule`."""
+"""The nightly regression history drawn for the dashboard; the rule itself is `tuner.regress.rule`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 
-from tuner.regress_rule import MEASURED
+from tuner.regress.rule import MEASURED
 
 
 def history_figure(history: pd.DataFrame, config: str | None = None) -> go.Figure:

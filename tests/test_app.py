@@ -136,7 +136,7 @@ def test_regression_history_tab(app, monkeypatch, tmp_path):
     monkeypatch.setenv("AUTOGLM_TUNE_HISTORY", str(tmp_path / "none.csv"))
     at = _pick_study(app, "populated")
     assert "No regression history" in _text(at)
-    from tuner.regress_rule import HISTORY_COLUMNS, append_history
+    from tuner.regress.rule import HISTORY_COLUMNS, append_history
 
     rows = pd.DataFrame([{**dict.fromkeys(HISTORY_COLUMNS), "night": f"2026-11-{day:02d}T02:00:00+00:00",
                           "config": "best", "metric": "throughput_tok_s", "ratio": ratio, "flagged": ratio < 0.9,

@@ -15,10 +15,10 @@ from reports.regression import history_figure
 from runners.contract import TrialConfig, TrialResult
 from runners.knobs import RUNNER_KNOBS
 from tests.fault_runner import FAULT_KNOBS, FAULT_RUNNER
-from tuner import regress_rule as rr
 from tuner.cli import main
 from tuner.launcher import LaunchOutcome
 from tuner.regress import load_baseline, plan_rounds
+from tuner.regress import rule as rr
 from tuner.space import validate
 from tuner.storage import open_storage
 from tuner.study import open_study, tell_outcome, trial_config

@@ -21,16 +21,6 @@ if TYPE_CHECKING:
     from tuner.space import Space
     from tuner.study import RunSummary
 
-# name -> (module, function); each function takes argv and returns an exit code.
-SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "report": ("reports.cli", "main"),
-    "regress": ("tuner.regress", "main"),
-    "dashboard": ("reports.dashboard", "main"),
-    "worker": ("tuner.cli", "worker_main"),
-    "make-reference": ("tuner.cli", "make_reference_main"),
-    "spaces": ("tuner.cli", "spaces_main"),
-    "export-table": ("tuner.export", "main"),  # a study as a table for `runner: replay`
-}
 
 
 class Parser(argparse.ArgumentParser):
@@ -232,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] == "--list-spaces":
         return spaces_main(argv[1:])
     if argv and argv[0] in SUBCOMMANDS:
-        return _guarded(lambda: _subcommand(argv[0])(argv[1:]))
+        return _guarded(lambda: SUBCOMMANDS[argv[0]](argv[1:]))
     return _guarded(lambda: run_main(argv))
 
 
@@ -252,11 +242,6 @@ def _guarded(command: Callable[[], int]) -> int:
         return 1
 
 
-def _subcommand(name: str) -> Callable[[list[str]], int]:
-    import importlib
-
-    module, func = SUBCOMMANDS[name]
-    return getattr(importlib.import_module(module), func)
 
 
 # ---------------------------------------------------------------- usage, version, bundled spaces
@@ -324,6 +309,49 @@ def spaces_main(argv: list[str]) -> int:
         raise UsageError(f"spaces takes no arguments, got {' '.join(argv)}")
     print(spaces_text())
     return 0
+
+
+# ---------------------------------------------------------------- the subcommands
+# Each takes argv and returns an exit code. Their modules are imported when the command runs,
+# so `autoglm-tune --space ...` never loads pandas' report code or Streamlit's launcher.
+
+
+def report_main(argv: list[str]) -> int:
+    # The console script is the composition root: its two commands of the reports layer are
+    # the one import from tuner up into reports (tests/test_layers.py ENTRY_POINT_IMPORTS).
+    from reports.cli import main as report
+
+    return report(argv)
+
+
+def dashboard_main(argv: list[str]) -> int:
+    from reports.dashboard import main as dashboard
+
+    return dashboard(argv)
+
+
+def regress_main(argv: list[str]) -> int:
+    from tuner.regress import main as regress
+
+    return regress(argv)
+
+
+def export_table_main(argv: list[str]) -> int:
+    """A study as a table for `runner: replay`."""
+    from tuner.export import main as export_table
+
+    return export_table(argv)
+
+
+SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "report": report_main,
+    "regress": regress_main,
+    "dashboard": dashboard_main,
+    "worker": worker_main,
+    "make-reference": make_reference_main,
+    "spaces": spaces_main,
+    "export-table": export_table_main,
+}
 
 
 if __name__ == "__main__":

@@ -19,12 +19,13 @@ from optuna.trial import FrozenTrial, TrialState
 
 from runners.contract import METRICS
 from runners.replay import REASON_COLUMN, ReplayTable
+from tuner import record
 from tuner.errors import UsageError
 
 
 def knob_names(study: optuna.Study) -> list[str]:
     """The searched params (in the stored space's order) and then its fixed knobs."""
-    raw = study.user_attrs.get("space") or {}
+    raw = record.STUDY_SPACE.get(study) or {}
     names = list(raw.get("params") or {})
     for t in study.get_trials(deepcopy=False):
         names += [k for k in t.params if k not in names]
@@ -33,21 +34,21 @@ def knob_names(study: optuna.Study) -> list[str]:
 
 
 def _row(trial: FrozenTrial, knobs: list[str], fixed: dict[str, Any]) -> dict[str, Any] | None:
-    attrs = trial.user_attrs
-    if trial.state != TrialState.COMPLETE or attrs.get("outcome") not in ("ok", "infeasible"):
+    outcome = record.OUTCOME.get(trial)
+    if trial.state != TrialState.COMPLETE or outcome not in ("ok", "infeasible"):
         return None  # a FAIL is infrastructure, not an answer about the config
-    resolved = (attrs.get("config") or {}).get("knobs") or {}
+    resolved = (record.CONFIG.get(trial) or {}).get("knobs") or {}
     row = {k: trial.params.get(k, resolved.get(k, fixed.get(k))) for k in knobs}
-    metrics = attrs.get("metrics") or {}
+    metrics = record.metrics(trial)
     row.update({m: metrics[m] for m in METRICS if m in metrics})
-    row[REASON_COLUMN] = attrs.get("infeasible_reason", "") if attrs.get("outcome") == "infeasible" else ""
+    row[REASON_COLUMN] = record.INFEASIBLE_REASON.get(trial, "") if outcome == "infeasible" else ""
     return row
 
 
 def table_frame(study: optuna.Study) -> tuple[pd.DataFrame, int]:
     """The replay table of `study` and how many repeated configs were dropped."""
     knobs = knob_names(study)
-    fixed = (study.user_attrs.get("space") or {}).get("fixed") or {}
+    fixed = (record.STUDY_SPACE.get(study) or {}).get("fixed") or {}
     rows, seen, repeats = [], set(), 0
     for trial in study.get_trials(deepcopy=False):
         row = _row(trial, knobs, fixed)

@@ -19,7 +19,9 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import optuna
 from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
@@ -314,3 +316,41 @@ def close_storage(storage: optuna.storages.BaseStorage) -> None:
     if isinstance(storage, RDBStorage):
         storage.remove_session()
         storage.engine.dispose()
+
+
+# ---------------------------------------------------------------- one trial's row in the storage
+
+
+@dataclass(frozen=True)
+class TrialHandle:
+    """A trial's row in the storage, for the writes Optuna's `Study`/`Trial` do not offer:
+    failing another worker's RUNNING trial, a heartbeat, the plain `constraints` list.
+
+    Optuna keeps a study's storage and a trial's id private (`study._storage`,
+    `trial._trial_id`); `trial_handle` is the one place that reaches in, so an Optuna
+    upgrade that renames them breaks here and nowhere else.
+    """
+
+    storage: optuna.storages.BaseStorage
+    trial_id: int
+
+    def set_user_attr(self, key: str, value: Any) -> None:
+        self.storage.set_trial_user_attr(self.trial_id, key, value)
+
+    def set_system_attr(self, key: str, value: Any) -> None:
+        self.storage.set_trial_system_attr(self.trial_id, key, value)
+
+    def system_attrs(self) -> dict[str, Any]:
+        return self.storage.get_trial_system_attrs(self.trial_id)
+
+    def fail(self) -> None:
+        """RUNNING -> FAIL; raises `UpdateFinishedTrialError` when it finished meanwhile."""
+        self.storage.set_trial_state_values(self.trial_id, optuna.trial.TrialState.FAIL)
+
+    def record_heartbeat(self) -> None:
+        self.storage.record_heartbeat(self.trial_id)
+
+
+def trial_handle(study: optuna.Study, trial: optuna.Trial | optuna.trial.FrozenTrial) -> TrialHandle:
+    """The storage row of `trial` (a live `Trial` or a `FrozenTrial`) of `study`."""
+    return TrialHandle(study._storage, trial._trial_id)  # the only use of Optuna's privates

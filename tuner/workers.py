@@ -28,7 +28,7 @@ import optuna
 from optuna.storages import JournalStorage, RDBStorage
 
 from tuner.errors import UsageError
-from tuner.storage import heartbeat_interval, journal_path, sqlite_path, storage_kind
+from tuner.storage import TrialHandle, heartbeat_interval, journal_path, sqlite_path, storage_kind
 
 _GPU_TOKEN = re.compile(r"^(\d+|GPU-[0-9A-Za-z-]+|MIG-[0-9A-Za-z/-]+)$")
 
@@ -111,16 +111,15 @@ class Heartbeat:
     `RetryHeartbeatStaleTrialCallback` queues it again.
     """
 
-    def __init__(self, storage: optuna.storages.BaseStorage, trial_id: int) -> None:
-        self._storage = storage
-        self._trial_id = trial_id
-        self._interval = heartbeat_interval(storage)
+    def __init__(self, trial: TrialHandle) -> None:
+        self._trial = trial
+        self._interval = heartbeat_interval(trial.storage)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> Heartbeat:
         if self._interval:
-            self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{self._trial_id}", daemon=True)
+            self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{self._trial.trial_id}", daemon=True)
             self._thread.start()
         return self
 
@@ -133,7 +132,7 @@ class Heartbeat:
     def _beat(self) -> None:
         while not self._stop.wait(self._interval):
             try:
-                self._storage.record_heartbeat(self._trial_id)
+                self._trial.record_heartbeat()
             except Exception:  # noqa: BLE001 - a database blip must not end the trial;
                 pass  # a long outage makes it stale, and it is retried elsewhere
 

@@ -1,6 +1,7 @@
-"""The nightly regression check's rule and its outputs: verdicts, Markdown, JUnit XML, history.
+"""The nightly regression check's rule: verdicts from numbers, and the history file.
 
-(The history's figure is drawn by `reports.regression`; this module only decides.)
+(The history's figure is drawn by `reports.regression`; the Markdown and JUnit outputs are
+`tuner.regress.command`'s; this module only decides.)
 
 The rule (docs/regress.md): a config x metric is *flagged* when its median over tonight's
 repeats is worse than the reference by more than the metric's tolerance **and** the change is
@@ -15,13 +16,12 @@ statistically clear by every test the data allows:
   tonight's repeats (Student t on log values, df = R - 1; needs R >= 2).
 
 A flag becomes a *regression* after `consecutive` flagged nights in a row (default 1);
-before that it is *suspect*. Pure functions of numbers; the measuring lives in tuner/regress.py.
+before that it is *suspect*. Pure functions of numbers; the measuring lives in tuner/regress/measure.py.
 """
 
 from __future__ import annotations
 
 import math
-import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,7 +35,7 @@ from scipy.stats import t as student_t
 # The pseudo-metric of a config's runs: how many repeats measured ok (a crash is a regression).
 MEASURED = "measured"
 VERDICTS = ("ok", "new", "improved", "suspect", "regression", "host drift")
-# A flag set aside because the control itself moved beyond its tolerance (tuner/regress.py).
+# A flag set aside because the control itself moved beyond its tolerance (tuner/regress/measure.py).
 HOST_DRIFT = "host drift"
 HISTORY_COLUMNS = [
     "night", "baseline", "config", "metric", "direction", "tolerance", "reference", "now", "ratio",
@@ -279,7 +279,7 @@ def previous_flags(history: pd.DataFrame, config: str, metric: str, since: str =
     return [bool(v) for v in live.groupby(rows["night"], sort=True).last()]
 
 
-# ---------------------------------------------------------------- outputs
+# ---------------------------------------------------------------- one judgement as a row
 
 
 def judgement_row(config: str, watch: Watch, reference: float | None, repeats: Sequence[float],
@@ -290,63 +290,5 @@ def judgement_row(config: str, watch: Watch, reference: float | None, repeats: S
     return row
 
 
-def _fmt(value: Any, spec: str = ".4g") -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    return format(value, spec)
-
-
-def _icon(verdict: str) -> str:
-    return {"regression": "❌ regression", "suspect": "⚠️ suspect", "improved": "✅ improved",
-            "new": "🆕 new", "ok": "✅ ok", HOST_DRIFT: "🌡️ host drift"}.get(verdict, verdict)
-
-
-def markdown_summary(checks: pd.DataFrame, header: dict[str, Any]) -> str:
-    """A table per run: metric, reference, now (median of repeats), ratio, verdict."""
-    regressions = checks[checks["verdict"] == "regression"]
-    drifted = checks[checks["verdict"] == HOST_DRIFT]
-    title = f"{len(regressions)} regression(s)" if len(regressions) else "no regression"
-    if len(drifted):
-        title += f"; host drift: {len(drifted)} flag(s) not judged (the control moved)"
-    lines = [f"# autoglm-tune regress: {title}", ""]
-    lines += [f"- **{k}**: {v}" for k, v in header.items()]
-    lines += ["", "| config | metric | reference | now | ratio | vs history | p | z | verdict | why |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
-    for r in checks.itertuples(index=False):
-        vs_history = (r.now / r.history_median if _present(r.history_median) and r.history_median and _present(r.now)
-                      else None)
-        lines.append(f"| {r.config} | {r.metric} | {_fmt(r.reference)} | {_fmt(r.now)} | {_fmt(r.ratio, '.3f')} | "
-                     f"{_fmt(vs_history, '.3f')} | {_fmt(r.p_value, '.3g')} | {_fmt(r.z, '.2f')} | "
-                     f"{_icon(r.verdict)} | {r.reason} |")
-    return "\n".join(lines) + "\n"
-
-
-def _present(value: Any) -> bool:
+def present(value: Any) -> bool:
     return value is not None and not (isinstance(value, float) and math.isnan(value))
-
-
-def junit_xml(checks: pd.DataFrame, suite: str = "autoglm-tune regress") -> str:
-    """One testcase per config x metric; a regression is a <failure>, host drift <skipped>, a suspect a note."""
-    failures = int((checks["verdict"] == "regression").sum())
-    root = ET.Element("testsuites", name=suite, tests=str(len(checks)), failures=str(failures))
-    for config, rows in checks.groupby("config", sort=False):
-        bad = int((rows["verdict"] == "regression").sum())
-        skipped = int((rows["verdict"] == HOST_DRIFT).sum())
-        ts = ET.SubElement(root, "testsuite", name=str(config), tests=str(len(rows)), failures=str(bad),
-                           errors="0", skipped=str(skipped))
-        for r in rows.itertuples(index=False):
-            case = ET.SubElement(ts, "testcase", classname=f"regress.{config}", name=str(r.metric), time="0")
-            if r.metric == MEASURED:
-                detail = f"{_fmt(r.now)} of {_fmt(r.reference)} repeats measured. {r.reason}"
-            else:
-                detail = (f"reference {_fmt(r.reference)}, now {_fmt(r.now)} (repeats {r.repeats}), ratio "
-                          f"{_fmt(r.ratio, '.3f')}, p {_fmt(r.p_value, '.3g')}, z {_fmt(r.z, '.2f')}: {r.reason}")
-            if r.verdict == "regression":
-                ET.SubElement(case, "failure", message=f"{r.metric} regressed: {r.reason}",
-                              type="PerformanceRegression").text = detail
-            elif r.verdict == HOST_DRIFT:  # not judged: the host, not the code, moved
-                ET.SubElement(case, "skipped", message=f"{r.metric}: {r.reason}").text = detail
-            else:
-                ET.SubElement(case, "system-out").text = f"{r.verdict}: {detail}"
-    ET.indent(root)
-    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
