@@ -45,7 +45,6 @@ from runners.scheduler import Engine
 from runners.serving import ServeOutcome
 from runners.workload import Request, make_requests
 
-
 QUALITY_METRICS = ("kl_divergence", "top1_agreement", "perplexity")
 
 
