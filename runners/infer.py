@@ -21,8 +21,9 @@ from runners.compile_watch import measure_clean
 from runners.contract import METRICS, InfeasibleConfig, TrialConfig, TrialResult
 from runners.glm import woq
 from runners.glm.compress import CALIBRATION_SEQUENCES, CALIBRATION_TOKENS, apply_quantization, apply_sparsity
-from runners.glm.engine import HFEngine
-from runners.glm.fast_engine import FastEngine
+from runners.glm.engines.fast import FastEngine
+from runners.glm.engines.hf import HFEngine
+from runners.glm.engines.slots import SlotEngine
 from runners.glm.fast_model import FastGlm
 from runners.glm.model import build_model, model_config, model_info, resolve_dtype
 from runners.glm.model_cache import (
@@ -37,14 +38,12 @@ from runners.glm.model_cache import (
     store_reference,
 )
 from runners.glm.quality import Fidelity, calibration_set, eval_batch, fidelity, log_probs, text_source, text_windows
-from runners.glm.slot_engine import SlotEngine
 from runners.measure.artifacts import request_rows, write_rows
 from runners.measure.environment import describe
 from runners.registry import resolve_knobs, resolve_workload
 from runners.scheduler import Engine
 from runners.serving import ServeOutcome
 from runners.workload import Request, make_requests
-
 
 QUALITY_METRICS = ("kl_divergence", "top1_agreement", "perplexity")
 
@@ -211,8 +210,8 @@ def engine_kind(knobs: dict[str, Any], device: str) -> str:
     ms/step compiled, 8.4 ms without compile, vs 51 ms in transformers' eager loop;
     BENCHMARKS.md). scheduler=dynamic runs `FastEngine.run_batch` (static KV) or the slot pool's
     `run_batch` (quantized KV); scheduler=continuous runs the slot pool
-    (`runners.glm.slot_engine.SlotEngine`), with every fast KV policy.
-    hf: transformers' own loop (`HFEngine` / `runners.continuous`) with its Cache objects.
+    (`runners.glm.engines.slots.SlotEngine`), with every fast KV policy.
+    hf: transformers' own loop (`HFEngine` / `runners.glm.engines.continuous`) with its Cache objects.
     auto: fast wherever the other knobs allow, else hf.
     """
     want = knobs.get("engine", "auto")
@@ -312,7 +311,7 @@ def _check_decode_attention(device: str) -> None:
         raise InfeasibleConfig("decode_attention=cuda is a CUDA kernel; not on CPU (use decode_attention=torch)")
     import torch
 
-    from runners.glm import decode_attention
+    from runners.glm.kernels import decode_attention
 
     with torch.cuda.device(torch.device(device)):
         reason = decode_attention.compile_error()

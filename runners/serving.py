@@ -260,7 +260,7 @@ def iteration_engine(engine: Any, knobs: dict[str, Any]) -> IterationEngine:
     if knobs.get("kv_cache", "dynamic") != "dynamic":
         raise InfeasibleConfig(f"scheduler=continuous in transformers' loop runs on kv_cache=dynamic only, "
                                f"not {knobs['kv_cache']} (engine=fast batches every other policy per iteration)")
-    from runners.continuous import ContinuousEngine
+    from runners.glm.engines.continuous import ContinuousEngine
 
     return ContinuousEngine(engine.model, engine.device, engine.prompt_fn)
 

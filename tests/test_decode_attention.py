@@ -13,9 +13,10 @@ import pytest
 import torch
 from transformers.models.glm.modeling_glm import apply_rotary_pos_emb
 
-from runners.glm import decode_attention as da
-from runners.glm.fast_model import FastGlm, attention_bias, grouped_attention
+from runners.glm.fast_model import FastGlm, attention_bias
+from runners.glm.kernels import decode_attention as da
 from runners.glm.model import build_model
+from runners.glm.ops import grouped_attention
 
 
 class Args(NamedTuple):

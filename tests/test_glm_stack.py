@@ -15,8 +15,8 @@ from transformers import Glm4Config, Glm4ForCausalLM
 
 from runners.contract import InfeasibleConfig, TrialConfig
 from runners.glm.compress import apply_quantization, apply_sparsity
-from runners.glm.engine import HFEngine
-from runners.glm.fast_engine import FastEngine, bucket
+from runners.glm.engines.fast import FastEngine, bucket
+from runners.glm.engines.hf import HFEngine
 from runners.glm.fast_model import FastGlm
 from runners.glm.model import build_model, model_info
 from runners.glm.model_cache import MODELS
@@ -264,7 +264,7 @@ _INT8_DYNAMIC_AT_BATCH_1 = """
 import torch
 from runners.contract import InfeasibleConfig
 from runners.glm.compress import apply_quantization
-from runners.glm.fast_engine import FastEngine
+from runners.glm.engines.fast import FastEngine
 from runners.glm.fast_model import FastGlm
 from runners.glm.model import build_model
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from runners.contract import InfeasibleConfig, TrialConfig
-from runners.glm.fast_engine import FastEngine
+from runners.glm.engines.fast import FastEngine
+from runners.glm.engines.slots import KvPool, SlotEngine, chunk_shapes, length_buckets, prefill_width
 from runners.glm.fast_model import FastGlm
 from runners.glm.model import build_model
-from runners.glm.slot_engine import KvPool, SlotEngine, chunk_shapes, length_buckets, prefill_width
 from runners.infer import GlmInferRunner, PromptBank, engine_kind, prefix_length
 from runners.knobs import resolve_knobs
 from runners.scheduler import StepRecord, run_continuous
@@ -405,7 +405,8 @@ def test_gpu_int8_kv_in_graphs_stays_close_to_model_dtype_kv(cuda_fast):
 
 
 def test_compiled_int8_decode_attention_reads_codes_like_the_eager_matmuls():
-    from runners.glm.fast_model import grouped_attention, quantize_kv, row_bias
+    from runners.glm.fast_model import quantize_kv, row_bias
+    from runners.glm.ops import grouped_attention
 
     torch.manual_seed(0)
     q = torch.randn(3, 4, 1, 32)

@@ -5,7 +5,7 @@ The running batch is one left-padded `DynamicCache` ([B, kv_heads, S, head_dim] 
 a [B, S] attention mask. A join prefills the newcomers in their own cache, then pads both
 caches on the left to a common length and stacks them on the batch axis; a leave selects the
 remaining rows and trims the columns that have become padding for every row. Greedy decoding,
-as in `runners.glm.engine.HFEngine`, whose model and prompts it reuses.
+as in `runners.glm.engines.hf.HFEngine`, whose model and prompts it reuses.
 """
 
 from __future__ import annotations

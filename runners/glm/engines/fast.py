@@ -173,10 +173,10 @@ class FastEngine:
         return time.perf_counter() - start
 
     def slot_engine(self, kv_cache: str, kv_bits: int, prefill_chunk_tokens: int, decode_length_step: int = 0) -> Any:
-        """The continuous-batching engine (`runners.glm.slot_engine.SlotEngine`) over this model,
+        """The continuous-batching engine (`runners.glm.engines.slots.SlotEngine`) over this model,
         sharing its compiled layer and head and its CUDA graph memory pool. One is kept: a new
         KV policy or chunk size replaces it (and frees its pool)."""
-        from runners.glm.slot_engine import SlotEngine
+        from runners.glm.engines.slots import SlotEngine
 
         key = (kv_cache, int(kv_bits) if kv_cache == "quantized" else 0, int(prefill_chunk_tokens),
                int(decode_length_step))
