@@ -26,12 +26,12 @@ import torch
 
 from runners.contract import InfeasibleConfig
 from runners.glm.compress import apply_quantization, apply_sparsity
+from runners.glm.engines.build import graph_min_batch, inductor_options
 from runners.glm.engines.fast import FastEngine
 from runners.glm.engines.hf import HFEngine
 from runners.glm.fast_model import FastGlm
 from runners.glm.kernels import cuda_launch
 from runners.glm.model import build_model, model_info
-from runners.infer import graph_min_batch, inductor_options
 from runners.measure.cuda_timer import cuda_seconds
 
 PROMPT_TOKENS = 128

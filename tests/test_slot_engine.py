@@ -11,11 +11,13 @@ import pytest
 import torch
 
 from runners.contract import InfeasibleConfig, TrialConfig
+from runners.glm.engines.base import select_engine
 from runners.glm.engines.fast import FastEngine
-from runners.glm.engines.slots import KvPool, SlotEngine, chunk_shapes, length_buckets, prefill_width
+from runners.glm.engines.kv_pool import KvPool, chunk_shapes, length_buckets, prefill_width
+from runners.glm.engines.slots import SlotEngine
 from runners.glm.fast_model import FastGlm
 from runners.glm.model import build_model
-from runners.infer import GlmInferRunner, PromptBank, engine_kind, prefix_length
+from runners.infer import GlmInferRunner, PromptBank, prefix_length
 from runners.knobs import resolve_knobs
 from runners.scheduler import StepRecord, run_continuous
 from runners.workload import Request
@@ -275,7 +277,7 @@ def test_every_engine_pairing_selects_an_engine_or_names_the_reason(device):
         knobs = resolve_knobs("glm-infer", {"engine": e, "scheduler": s, "kv_cache": kv, "compile": c,
                                             "prefix_cache": p, "kv_bits": 8})
         try:
-            kinds[(e, s, kv, c, p)] = engine_kind(knobs, device)
+            kinds[(e, s, kv, c, p)] = select_engine(knobs, device)
         except InfeasibleConfig as exc:
             assert len(str(exc)) > 30, (e, s, kv, c, p)
             kinds[(e, s, kv, c, p)] = str(exc)
@@ -292,7 +294,7 @@ def test_every_engine_pairing_selects_an_engine_or_names_the_reason(device):
     if not on_gpu:
         assert "CUDA graphs" in kinds[("fast", "dynamic", "static", True, "off")]
     assert "kv_bits=8 only" in _reason({"engine": "fast", "kv_cache": "quantized", "kv_bits": 4})
-    assert engine_kind(resolve_knobs("glm-infer", {"kv_cache": "quantized", "kv_bits": 4}), device) == "hf"
+    assert select_engine(resolve_knobs("glm-infer", {"kv_cache": "quantized", "kv_bits": 4}), device) == "hf"
     assert "scheduler=dynamic prefills" in _reason({"engine": "fast", "kv_cache": "static",
                                                      "prefill_chunk_tokens": 64})
 
@@ -310,7 +312,7 @@ def test_model_key_keeps_the_resolved_engine_kind_and_the_engine_knob():
 
 def _reason(knobs: dict) -> str:
     with pytest.raises(InfeasibleConfig) as info:
-        engine_kind(resolve_knobs("glm-infer", knobs), "cpu")
+        select_engine(resolve_knobs("glm-infer", knobs), "cpu")
     return str(info.value)
 
 
