@@ -29,6 +29,7 @@ import torch
 
 from runners.contract import InfeasibleConfig
 from runners.glm.engines.base import CAPABILITIES, PrefixLenFn, PromptFn, StaticBatchEngine, TrialPlan
+from runners.glm.engines.compiled import batch_dynamic, configure_inductor
 from runners.glm.engines.kv_pool import MIN_LENGTH_BUCKET, bucket
 from runners.glm.engines.slots import SlotEngine
 from runners.glm.fast_model import FastGlm, LayerFn, attention_bias, head_forward, layer_forward, rms_norm
@@ -51,44 +52,6 @@ class DecodeSlot:
     pad_len: torch.Tensor  # [B] left-padding width of each row
     logits: torch.Tensor  # [B, V] logits of the last step
     graph: Any = None  # torch.cuda.CUDAGraph once captured
-
-
-def _configure_inductor() -> None:
-    """Settings for the compiled layer, set explicitly so no earlier trial's leak changes them."""
-    import torch._dynamo
-    import torch._inductor.config as inductor
-
-    # Batch-1 matmuls become fused reductions tuned for bandwidth (and int8 dequant fuses in);
-    # without this, M=1 goes to a generic GEMM and int8 weights are materialised as bf16.
-    inductor.coordinate_descent_tuning = True
-    inductor.coordinate_descent_check_all_directions = True
-    inductor.triton.unique_kernel_names = True
-    inductor.fx_graph_cache = True
-    # One recompile per (batch, length) bucket is expected; keep them all.
-    torch._dynamo.config.cache_size_limit = 256
-    if hasattr(torch._dynamo.config, "recompile_limit"):
-        torch._dynamo.config.recompile_limit = 256
-
-
-def batch_dynamic(fn: Callable[..., torch.Tensor], batched: Sequence[int]) -> Callable[..., torch.Tensor]:
-    """`fn` (compiled) with dimension 0 of its positional arguments `batched` (tensors, or tuples
-    of tensors such as int8 caches) and of every tensor keyword argument marked dynamic before
-    each call: one graph serves every batch bucket >= 2 (a size-1 dimension is specialised).
-    The weights are not marked: their shapes stay static in the compiled graph."""
-    import torch._dynamo
-
-    def mark(arg: Any) -> None:
-        for t in arg if isinstance(arg, tuple) else (arg,):
-            if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] > 1:
-                torch._dynamo.maybe_mark_dynamic(t, 0)
-
-    def call(*args: Any, **kwargs: Any) -> torch.Tensor:
-        for index in batched:
-            mark(args[index])
-        for value in kwargs.values():
-            mark(value)
-        return fn(*args, **kwargs)
-    return call
 
 
 class FastEngine(StaticBatchEngine):
@@ -116,7 +79,7 @@ class FastEngine(StaticBatchEngine):
         self._layer_fn = self._eager_layer_fn
         self._head_fn: Callable[..., torch.Tensor] = head_forward
         if self.compiled:
-            _configure_inductor()
+            configure_inductor()
             options = inductor_options or None
             self._layer_fn = torch.compile(self._eager_layer_fn, fullgraph=True, dynamic=False, options=options)
             self._head_fn = torch.compile(head_forward, fullgraph=True, dynamic=False, options=options)
@@ -204,7 +167,7 @@ class FastEngine(StaticBatchEngine):
             # cuBLAS GEMMs and the reductions (norms, softmax, argmax) move a few MB; tuning
             # them was most of this compile's set-up time.
             options = {**(self._inductor_options or {}), "coordinate_descent_tuning": False}
-            # Only the batch dimension is symbolic (`fast_model.mark_batch_dynamic` marks it on
+            # Only the batch dimension is symbolic (`compiled.batch_dynamic` marks it on
             # every call): with dynamic=True every size was, the weights' too, and the norms and
             # activations became generic kernels over symbolic hidden sizes.
             layer = torch.compile(self._eager_layer_fn, fullgraph=True, dynamic=None, options=options)
