@@ -299,6 +299,27 @@ def test_every_engine_pairing_selects_an_engine_or_names_the_reason(device):
                                                      "prefill_chunk_tokens": 64})
 
 
+def test_a_selected_engine_runs_what_its_capabilities_declare():
+    from runners.glm.engines.base import CAPABILITIES
+    from runners.glm.engines.hf import HFEngine
+
+    assert FastEngine.capabilities is SlotEngine.capabilities is CAPABILITIES["fast"]
+    assert HFEngine.capabilities is CAPABILITIES["hf"]
+    chosen = 0
+    for e, s, kv, c, p in PAIRS:
+        knobs = resolve_knobs("glm-infer", {"engine": e, "scheduler": s, "kv_cache": kv, "compile": c,
+                                            "prefix_cache": p, "kv_bits": 8})
+        try:
+            caps = CAPABILITIES[select_engine(knobs, "cuda:0" if c else "cpu")]
+        except InfeasibleConfig:
+            continue
+        chosen += 1
+        assert s in caps.schedulers and kv in caps.kv_policies, (e, s, kv, c, p)
+        assert (not c or caps.compiles) and (p == "off" or caps.prefix_cache), (e, s, kv, c, p)
+        assert s != "continuous" or kv in caps.continuous_kv_policies, (e, s, kv, c, p)
+    assert chosen > 20
+
+
 def test_model_key_keeps_the_resolved_engine_kind_and_the_engine_knob():
     from runners.glm.model_cache import model_key
 

@@ -89,6 +89,9 @@ def select_engine(knobs: dict[str, Any], device: str) -> str:
 
 def refusal(engine: str, knobs: dict[str, Any], device: str) -> str:
     """Why `engine` cannot run these knobs on `device` ('' when it can)."""
+    scheduler, caps = knobs.get("scheduler", "dynamic"), CAPABILITIES[engine]
+    if scheduler not in caps.schedulers:
+        return f"scheduler={scheduler} is not one of the {engine} engine's ({', '.join(caps.schedulers)})"
     return _fast_refusal(knobs, device) if engine == "fast" else _hf_refusal(knobs, device)
 
 
