@@ -27,6 +27,7 @@ from runners.scheduler import (
     Clock,
     Engine,
     IterationEngine,
+    OffersIterationEngine,
     QueueState,
     RealClock,
     RequestTiming,
@@ -250,13 +251,12 @@ def iteration_engine(engine: Any, knobs: dict[str, Any]) -> IterationEngine:
     """The engine itself when it batches per iteration (the fast engine's slot pool), else the
     per-iteration engine it offers through `iteration_engine(knobs)` (transformers' loop offers
     `ContinuousEngine`). Serving takes engines; it never builds one."""
-    if all(hasattr(engine, verb) for verb in ("join", "step", "leave")):
+    if isinstance(engine, IterationEngine):
         return engine
-    offer = getattr(engine, "iteration_engine", None)
-    if offer is None:
+    if not isinstance(engine, OffersIterationEngine):
         raise InfeasibleConfig(f"scheduler=continuous: {type(engine).__name__} cannot add sequences between "
                                "steps and offers no engine that batches per iteration")
-    return offer(knobs)
+    return engine.iteration_engine(knobs)
 
 
 def _counters(engine: Any) -> dict[str, float] | None:

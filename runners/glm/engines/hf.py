@@ -22,6 +22,7 @@ from runners.glm.engines.base import (
     continuous_kv_refusal,
 )
 from runners.glm.work import WorkCounter, left_pad
+from runners.scheduler import IterationEngine
 from runners.workload import Request
 
 
@@ -110,7 +111,7 @@ class HFEngine(TransformersLoop, StaticBatchEngine):
     def pool_info(self) -> dict[str, Any] | None:
         return None
 
-    def iteration_engine(self, knobs: dict[str, Any]) -> Any:
+    def iteration_engine(self, knobs: dict[str, Any]) -> IterationEngine:
         """This loop batched per iteration (`scheduler: continuous`): a `ContinuousEngine` over
         the same model and prompts; InfeasibleConfig where the knobs' KV policy cannot."""
         reason = continuous_kv_refusal(knobs.get("kv_cache", self.kv_cache))
