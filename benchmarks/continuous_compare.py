@@ -13,7 +13,7 @@ import torch
 
 from benchmarks.overhead import build_engine, emit, engine_parser
 from runners.base import resolve_device
-from runners.continuous import ContinuousEngine
+from runners.glm.engines.continuous import ContinuousEngine
 from runners.scheduler import RealClock, run_continuous
 from runners.workload import Request
 

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 
 from benchmarks.decode_roofline import versions
-from runners.glm import decode_attention as da
-from runners.glm import woq_cuda
 from runners.glm.fast_model import attention_bias
+from runners.glm.kernels import decode_attention as da
+from runners.glm.kernels import woq_cuda
 from runners.presets import PRESETS
 
 SHAPE = PRESETS["glm-4-9b"]

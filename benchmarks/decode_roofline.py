@@ -25,13 +25,13 @@ from typing import Any
 import torch
 
 from runners.contract import InfeasibleConfig
-from runners.glm import cuda_launch
 from runners.glm.compress import apply_quantization, apply_sparsity
-from runners.glm.engine import HFEngine
-from runners.glm.fast_engine import FastEngine
+from runners.glm.engines.build import graph_min_batch, inductor_options
+from runners.glm.engines.fast import FastEngine
+from runners.glm.engines.hf import HFEngine
 from runners.glm.fast_model import FastGlm
+from runners.glm.kernels import cuda_launch
 from runners.glm.model import build_model, model_info
-from runners.infer import graph_min_batch, inductor_options
 from runners.measure.cuda_timer import cuda_seconds
 
 PROMPT_TOKENS = 128
@@ -52,7 +52,7 @@ CONFIGS: dict[str, tuple[dict[str, Any], str]] = {
     "int4-tr+head": ({"quant_bits": 4, "quant_kernel": "triton", "quantize_lm_head": True}, "fast"),
     "int4-tr+head-g64": ({"quant_bits": 4, "quant_kernel": "triton", "quantize_lm_head": True,
                           "quant_group_size": 64}, "fast"),
-    # quant_kernel=cuda: same layout, hand-written CUDA GEMV at batch 1 (runners/glm/woq_gemv.cu).
+    # quant_kernel=cuda: same layout, hand-written CUDA GEMV at batch 1 (runners/glm/kernels/woq_gemv.cu).
     "int8-cu": ({"quant_bits": 8, "quant_kernel": "cuda"}, "fast"),
     "int8-cu+head": ({"quant_bits": 8, "quant_kernel": "cuda", "quantize_lm_head": True}, "fast"),
     "int4-cu": ({"quant_bits": 4, "quant_kernel": "cuda"}, "fast"),

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from runners.base import resolve_device
-from runners.glm.engine import HFEngine
+from runners.glm.engines.hf import HFEngine
 from runners.glm.model import build_model, resolve_dtype
 from runners.infer import PromptBank
 from runners.measure.monitor import ResourceSampler

@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from runners.glm import fast_model
-from runners.glm.fast_engine import FastEngine
+from runners.glm import ops
+from runners.glm.engines.fast import FastEngine
 from runners.glm.fast_model import FastGlm
 from runners.glm.model import build_model
 from runners.measure.cuda_timer import cuda_seconds
@@ -109,10 +109,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--json", default="")
     parser.add_argument("--device", default="cuda:0", help="cpu: a smoke run (eager, wall-clock times)")
     parser.add_argument("--int8-attention", default="reduction", choices=["reduction", "matmul"],
-                        help="fast_model.INT8_DECODE_ATTENTION for the compiled int8-KV decode step")
+                        help="ops.INT8_DECODE_ATTENTION for the compiled int8-KV decode step")
     parser.add_argument("--length-step", type=int, default=0, help="the decode_length_step knob (0: one length)")
     args = parser.parse_args(argv)
-    fast_model.INT8_DECODE_ATTENTION = args.int8_attention
+    ops.INT8_DECODE_ATTENTION = args.int8_attention
     batches = [int(b) for b in args.batches.split(",")]
     prefill = [int(w) for w in args.prefill.split(",") if w]
     device = args.device

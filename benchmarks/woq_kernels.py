@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from benchmarks.decode_roofline import copy_bandwidth, versions
-from runners.glm import woq, woq_cuda
+from runners.glm import woq
+from runners.glm.kernels import woq_cuda
 
 # (name, out_features, in_features) of glm-4-9b's per-layer linears and its output projection
 SHAPES = [("qkv", 4608, 4096), ("o_proj", 4096, 4096), ("gate_up", 27392, 4096), ("down", 4096, 13696),
@@ -82,7 +83,7 @@ def main(argv: list[str]) -> int:
                              f"({r['bytes_per_s'] / bandwidth:4.2f})" for v, r in res.items())
             print(f"M={rows:<4} {name:<8} {n:>6}x{k:<6} {line}", flush=True)
             rows_out.append({"rows": rows, "shape": name, "n": n, "k": k, **res})
-    from runners.glm import woq_triton
+    from runners.glm.kernels import woq_triton
 
     tuned = {**woq_triton.best_configs(), "cuda_gemv": woq_cuda.chosen_variants()}
     print(json.dumps(tuned, indent=1))

@@ -12,7 +12,7 @@ the difference of every compile-event counter the process exposes:
   hits: no codegen, but a Dynamo trace and a module load), `inductor_autotunes`
   (`select_algorithm_autotune`, max-autotune's GEMM choice), `inductor_autotune_benches`
   (coordinate-descent and combo-kernel benchmarking).
-- Triton `@triton.autotune` kernels of ours (`runners.glm.woq_triton`): `triton_autotunes`, new
+- Triton `@triton.autotune` kernels of ours (`runners.glm.kernels.woq_triton`): `triton_autotunes`, new
   entries in their per-key config caches. Triton keeps no global event counter, so autotuning
   of other Triton kernels is not observable here; Inductor's own Triton kernels are covered by
   the Inductor counters above.
@@ -55,7 +55,7 @@ def compile_counts(engine: Any | None = None) -> dict[str, float]:
         for (group, key), name in _TORCH_COUNTERS.items():
             # .get: reading must not create empty groups in torch's defaultdict
             counts[name] = counts.get(name, 0.0) + float(counters.get(group, {}).get(key, 0))
-    woq_triton = sys.modules.get("runners.glm.woq_triton")
+    woq_triton = sys.modules.get("runners.glm.kernels.woq_triton")
     if woq_triton is not None:
         counts["triton_autotunes"] = float(sum(len(keys) for keys in woq_triton.best_configs().values()))
     engine_counters = getattr(engine, "counters", None)

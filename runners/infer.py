@@ -18,11 +18,12 @@ from runners import progress_report
 from runners.base import Runner, resolve_device
 from runners.capacity import serve_workload
 from runners.compile_watch import measure_clean
-from runners.contract import METRICS, InfeasibleConfig, TrialConfig, TrialResult
+from runners.contract import METRICS, TrialConfig, TrialResult
 from runners.glm import woq
 from runners.glm.compress import CALIBRATION_SEQUENCES, CALIBRATION_TOKENS, apply_quantization, apply_sparsity
-from runners.glm.engine import HFEngine
-from runners.glm.fast_engine import FastEngine
+from runners.glm.engines.base import TrialEngine, TrialPlan, select_engine
+from runners.glm.engines.build import build_fast_engine, trial_engine
+from runners.glm.engines.fast import FastEngine
 from runners.glm.fast_model import FastGlm
 from runners.glm.model import build_model, model_config, model_info, resolve_dtype
 from runners.glm.model_cache import (
@@ -37,11 +38,9 @@ from runners.glm.model_cache import (
     store_reference,
 )
 from runners.glm.quality import Fidelity, calibration_set, eval_batch, fidelity, log_probs, text_source, text_windows
-from runners.glm.slot_engine import SlotEngine
 from runners.measure.artifacts import request_rows, write_rows
 from runners.measure.environment import describe
 from runners.registry import resolve_knobs, resolve_workload
-from runners.scheduler import Engine
 from runners.serving import ServeOutcome
 from runners.workload import Request, make_requests
 
@@ -202,147 +201,19 @@ def prefix_length(shared_prefix_tokens: int) -> Callable[[Request], int]:
     return length
 
 
-def engine_kind(knobs: dict[str, Any], device: str) -> str:
-    """The one place that decides which engine runs a trial: `fast` or `hf` (the `engine` knob),
-    or raises InfeasibleConfig naming why the pairing cannot run.
-
-    fast: `FastGlm` with static KV buffers and CUDA-graph decode (H200, glm-4-9b, batch 1: 5.0
-    ms/step compiled, 8.4 ms without compile, vs 51 ms in transformers' eager loop;
-    BENCHMARKS.md). scheduler=dynamic runs `FastEngine.run_batch` (static KV) or the slot pool's
-    `run_batch` (quantized KV); scheduler=continuous runs the slot pool
-    (`runners.glm.slot_engine.SlotEngine`), with every fast KV policy.
-    hf: transformers' own loop (`HFEngine` / `runners.continuous`) with its Cache objects.
-    auto: fast wherever the other knobs allow, else hf.
-    """
-    want = knobs.get("engine", "auto")
-    fast_reason = _fast_refusal(knobs, device)
-    if want == "fast":
-        if fast_reason:
-            raise InfeasibleConfig(f"engine=fast: {fast_reason}")
-        return "fast"
-    hf_reason = _hf_refusal(knobs, device)
-    if want == "hf":
-        if hf_reason:
-            raise InfeasibleConfig(f"engine=hf: {hf_reason}")
-        return "hf"
-    if want != "auto":
-        raise InfeasibleConfig(f"unknown engine {want!r}")
-    if not fast_reason:
-        return "fast"
-    if not hf_reason:
-        return "hf"
-    raise InfeasibleConfig(f"neither engine runs these knobs: fast engine: {fast_reason}; hf engine: {hf_reason}")
-
-
-def _fast_refusal(knobs: dict[str, Any], device: str) -> str:
-    """Why the fast engine cannot run these knobs on `device` ('' when it can)."""
-    kv, scheduler = knobs["kv_cache"], knobs.get("scheduler", "dynamic")
-    chunk = int(knobs.get("prefill_chunk_tokens", 0))
-    if kv == "dynamic":
-        return "kv_cache=dynamic is transformers' growing DynamicCache, which only engine=hf runs"
-    if kv == "quantized" and int(knobs["kv_bits"]) != 8:
-        return (f"kv_cache=quantized on the fast engine stores int8 codes with per-(token, head) scales: "
-                f"kv_bits=8 only, not {knobs['kv_bits']} (engine=hf has quanto's 2/4-bit cache)")
-    if kv == "offloaded" and scheduler != "continuous":
-        return ("kv_cache=offloaded preempts sequences of the continuous scheduler to host memory; "
-                "scheduler=dynamic runs each batch to completion in the GPU pool (use scheduler=continuous)")
-    if kv == "offloaded" and not device.startswith("cuda"):
-        return "kv_cache=offloaded parks preempted sequences in pinned host memory: needs a CUDA device"
-    if knobs["compile"] and not device.startswith("cuda"):
-        return ("compile=true captures the decode step in CUDA graphs; this device has none "
-                "(on CPU the static-cache engine runs eager with compile=false)")
-    if chunk < 0 or int(knobs.get("kv_slots", 0)) < 0:
-        return "prefill_chunk_tokens and kv_slots must be >= 0"
-    if int(knobs.get("kv_slots", 0)) and scheduler != "continuous":
-        return "kv_slots sizes the slot pool of scheduler=continuous; scheduler=dynamic holds each whole batch"
-    if float(knobs.get("kv_memory_mib", 0)) < 0:
-        return "kv_memory_mib must be >= 0"
-    if float(knobs.get("kv_memory_mib", 0)) and scheduler != "continuous":
-        return "kv_memory_mib sizes the slot pool of scheduler=continuous; scheduler=dynamic holds each whole batch"
-    if int(knobs.get("decode_length_step", 0)) and scheduler != "continuous" and kv == "static":
-        return ("decode_length_step shapes the slot pool's decode graphs; scheduler=dynamic with kv_cache=static "
-                "runs static batches (FastEngine)")
-    if chunk and scheduler != "continuous":
-        return ("prefill_chunk_tokens interleaves prefill chunks with decode steps of scheduler=continuous; "
-                "scheduler=dynamic prefills each batch whole")
-    if knobs["decode_attention"] == "cuda":
-        if kv == "quantized":
-            return "decode_attention=cuda reads model-dtype K/V; kv_cache=quantized stores int8 codes"
-        if not device.startswith("cuda"):
-            return "decode_attention=cuda is a CUDA kernel; not on CPU (use decode_attention=torch)"
-        return _decode_attention_error(device)
-    return ""
-
-
-def _hf_refusal(knobs: dict[str, Any], device: str) -> str:
-    """Why transformers' own loop cannot run these knobs ('' when it can)."""
-    kv = knobs["kv_cache"]
-    if knobs["decode_attention"] != "torch":
-        return (f"decode_attention={knobs['decode_attention']} is a kernel of the static-KV fast engine; "
-                f"transformers' loop runs its own attention (use engine=fast, kv_cache=static)")
-    if knobs["compile"]:
-        return (f"compile=true compiles the static-KV decode step into CUDA graphs; kv_cache={kv} in "
-                f"transformers' loop runs eagerly (use kv_cache=static)")
-    if knobs["prefix_cache"] != "off":
-        return f"prefix_cache reuses KV in the static-KV fast engine; kv_cache={kv} has none (use kv_cache=static)"
-    if int(knobs.get("prefill_chunk_tokens", 0)):
-        return "prefill_chunk_tokens is the fast engine's chunked prefill (use engine=fast, scheduler=continuous)"
-    if int(knobs.get("kv_slots", 0)) or int(knobs.get("decode_length_step", 0)) or float(knobs.get("kv_memory_mib", 0)):
-        return "kv_slots, kv_memory_mib and decode_length_step shape the fast engine's KV slot pool (use engine=fast)"
-    if kv == "offloaded" and not device.startswith("cuda"):
-        return "kv_cache=offloaded moves GPU KV to CPU memory: needs a CUDA device"
-    if kv == "quantized" and int(knobs["kv_bits"]) not in (2, 4):
-        return f"kv_cache=quantized in transformers' loop is quanto's 2/4-bit cache, not kv_bits={knobs['kv_bits']}"
-    if knobs.get("scheduler", "dynamic") == "continuous" and kv != "dynamic":
-        return f"scheduler=continuous in transformers' loop runs on kv_cache=dynamic only, not {kv}"
-    return ""
-
-
-def _decode_attention_error(device: str) -> str:
-    try:
-        _check_decode_attention(device)
-    except InfeasibleConfig as exc:
-        return str(exc)
-    return ""
-
-
-def _check_decode_attention(device: str) -> None:
-    if not device.startswith("cuda"):
-        raise InfeasibleConfig("decode_attention=cuda is a CUDA kernel; not on CPU (use decode_attention=torch)")
-    import torch
-
-    from runners.glm import decode_attention
-
-    with torch.cuda.device(torch.device(device)):
-        reason = decode_attention.compile_error()
-    if reason:
-        raise InfeasibleConfig(f"decode_attention=cuda: {reason}")
-
-
-def graph_min_batch(knobs: dict[str, Any]) -> int:
-    """Smallest batch bucket whose decode step is captured in a CUDA graph.
-
-    torchao int8 dynamic-activation decode failed CUDA graph capture at batch 1 on the H200
-    (and the failed capture left the process's CUDA RNG unusable); batch 32 captured fine.
-    """
-    if int(knobs["quant_bits"]) == 8 and knobs["quant_scheme"] == "dynamic_activation":
-        return 32
-    return 1
-
-
-def inductor_options(knobs: dict[str, Any]) -> dict[str, Any]:
-    """Per-compile Inductor options for these knobs.
-
-    int8 weight-only: Inductor's post-grad pattern rewrites `mm(x, int8 weight -> bf16) * scale`
-    into `aten._weight_int8pack_mm`, whose CUDA kernel took 588 ms per decode step at batch 32 on
-    the H200 (an fp32 reference kernel). Batch 1 never reaches it (the M=1 matmul is decomposed
-    into a fused reduction first). Turning the pattern matcher off for these models keeps
-    batches > 1 on cuBLAS with the int8 -> bf16 dequantisation as its own kernel.
-    """
-    if (int(knobs["quant_bits"]) == 8 and knobs["quant_scheme"] == "weight_only"
-            and knobs.get("quant_kernel", "torchao") == "torchao"):
-        return {"pattern_matcher": False}
-    return {}
+def trial_plan(knobs: dict[str, Any], workload: dict[str, Any], seed: int, eval_ids: Any) -> TrialPlan:
+    """The shapes this trial can reach: the spec's length bounds, not only this draw's (a later
+    window, at another rate or with more requests, draws other lengths from the same spec)."""
+    count = int(workload.get("warmup_requests", 0)) + max(int(workload["requests"]), int(workload.get("max_requests") or 0))
+    requests = make_requests(workload, count, seed)
+    shared = int(workload.get("shared_prefix_tokens", 0))
+    return TrialPlan(
+        batch_size=int(knobs["batch_size"]), requests=count,
+        max_prompt=_length_bound(workload.get("prompt_tokens", 32), [r.prompt_tokens for r in requests]),
+        max_output=_length_bound(workload.get("output_tokens", 16), [r.output_tokens for r in requests]),
+        eval_rows=int(eval_ids.shape[0]), eval_tokens=int(eval_ids.shape[1]), kv_slots=int(knobs.get("kv_slots", 0)),
+        kv_memory_mib=float(knobs.get("kv_memory_mib", 0)),
+        prefix_lens=(shared,) if shared and knobs["prefix_cache"] != "off" else ())
 
 
 @dataclass
@@ -367,7 +238,7 @@ class GlmInferRunner(Runner):
         workload = resolve_workload(self.name, config.workload)
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.model, knobs, device)
-        kind = engine_kind(knobs, device)
+        kind = select_engine(knobs, device)
         eval_ids = eval_set(config, workload, device)
         key = model_key(config.model, str(dtype), device, config.seed, knobs, kind)
         built = MODELS.get(key)
@@ -382,12 +253,12 @@ class GlmInferRunner(Runner):
         text = text_source(config.model, workload)
         info.update(eval_set=text.eval_description, prompts=text.eval_description if text.is_text else "random ids")
         engine = self._engine(built, knobs, device, kind, workload, config.seed, text.eval_ids)
-        compiled_before = engine.compile_s if isinstance(engine, (FastEngine, SlotEngine)) else 0.0
-        # The slot pool scores quality eagerly on a pool of its own, so it goes first: a stack that
-        # breaks a quality bound needs neither its graphs nor its window. FastEngine scores
-        # through its captured step, so it compiles first.
+        compiled_before = engine.compile_seconds()
+        # An engine that scores quality eagerly (the slot pool, on a pool of its own) goes first: a
+        # stack that breaks a quality bound needs neither its graphs nor its window. FastEngine
+        # scores through its captured step, so it compiles first.
         decides = workload.get("early_stop", True)
-        quality_first = isinstance(engine, SlotEngine)
+        quality_first = engine.quality_first
         quality = self._quality_phase(built, engine, knobs, config, dtype, eval_ids, clock) if quality_first else None
         broken = quality_decided(config.constraints, quality) if quality is not None and decides else None
         if broken is None:
@@ -398,10 +269,8 @@ class GlmInferRunner(Runner):
         if quality is None:
             quality = self._quality_phase(built, engine, knobs, config, dtype, eval_ids, clock)
             broken = quality_decided(config.constraints, quality) if decides else None
-        if isinstance(engine, (FastEngine, SlotEngine)):
-            # This trial's compile + capture time (buckets captured by earlier trials are reused).
-            info.update(compile_s=engine.compile_s - compiled_before, compiled=engine.compiled,
-                        compile_error=engine.compile_error, buckets=sorted(engine.buckets()))
+        # This trial's compile + capture time (buckets captured by earlier trials are reused).
+        info.update(engine.compile_info(compiled_before))
         setup_s = info["setup_s"] = time.perf_counter() - t_setup  # build + compress + compile + quality
         progress_report.report_phase("measure")
         # A window that compiled is measured again; a second one that compiles too is `contaminated`.
@@ -429,9 +298,9 @@ class GlmInferRunner(Runner):
         self._prefix_metrics(engine, outcome, metrics, unavailable, info)
         info["engine_counters"] = engine.counters()
         info["serving"] = outcome.info
-        if isinstance(engine, SlotEngine) and engine.pool is not None:
-            info["kv_pool"] = {"gpu_rows": engine.gpu_rows, "max_sequences": engine.max_sequences,
-                               "positions": engine.pool.length, "bytes": engine.pool.nbytes()}
+        pool = engine.pool_info()
+        if pool is not None:
+            info["kv_pool"] = pool
         metrics["setup_s"] = setup_s
         metrics.update(clock.metrics())
 
@@ -460,64 +329,32 @@ class GlmInferRunner(Runner):
         fast = None
         with clock.phase("compile"):
             if kind == "fast":
-                fast = FastEngine(model, device, bool(knobs["compile"]), graph_min_batch(knobs),
-                                  inductor_options(knobs), fused_attention=knobs["decode_attention"] == "cuda")
+                fast = build_fast_engine(model, device, knobs)
         return BuiltModel(model, info, fast)
 
     @staticmethod
     def _engine(built: BuiltModel, knobs: dict[str, Any], device: str, kind: str,
-                workload: dict[str, Any], seed: int, text: Any = None) -> Engine:
+                workload: dict[str, Any], seed: int, text: Any = None) -> TrialEngine:
         """The engine serving this trial: transformers' loop, `FastEngine` (static KV, static
         batches) or its slot pool (`SlotEngine`: continuous batching, or a non-static KV policy)."""
         shared = int(workload.get("shared_prefix_tokens", 0))
         prompts = PromptBank(built.model.config.vocab_size, seed, shared, text)
-        if built.fast_engine is not None:
-            engine: Any = built.fast_engine
-            if knobs.get("scheduler", "dynamic") == "continuous" or knobs["kv_cache"] != "static":
-                engine = engine.slot_engine(knobs["kv_cache"], int(knobs["kv_bits"]),
-                                            int(knobs.get("prefill_chunk_tokens", 0)),
-                                            int(knobs.get("decode_length_step", 0)))
-            engine.begin_trial(prompts, prefix_length(shared), knobs["prefix_cache"], float(knobs["prefix_cache_mib"]))
-            return engine
-        return HFEngine(built.model, device, knobs["kv_cache"], int(knobs["kv_bits"]), prompts)
+        return trial_engine(built.model, built.fast_engine, knobs, device, prompts, prefix_length(shared))
 
     @staticmethod
-    def _prepare(engine: Engine, knobs: dict[str, Any], workload: dict[str, Any], seed: int,
+    def _prepare(engine: TrialEngine, knobs: dict[str, Any], workload: dict[str, Any], seed: int,
                  eval_ids: Any) -> None:
         """Compile/capture every bucket the trial can hit, before any measured window."""
-        if not isinstance(engine, (FastEngine, SlotEngine)):
-            return
-        count = int(workload.get("warmup_requests", 0)) + max(
-            int(workload["requests"]), int(workload.get("max_requests") or 0))
-        requests = make_requests(workload, count, seed)
-        max_prompt = _length_bound(workload.get("prompt_tokens", 32), [r.prompt_tokens for r in requests])
-        max_output = _length_bound(workload.get("output_tokens", 16), [r.output_tokens for r in requests])
-        if isinstance(engine, SlotEngine):
-            batch = int(knobs["batch_size"])
-            rows = min(int(knobs.get("kv_slots", 0)) or batch, batch)
-            budget_mib = float(knobs.get("kv_memory_mib", 0))
-            if budget_mib:
-                rows = min(rows, engine.rows_for_budget(budget_mib * 2**20, max_prompt + max_output))
-                if rows < 1:
-                    raise InfeasibleConfig(f"kv_memory_mib={budget_mib:g} holds no KV slot pool row for sequences of "
-                                           f"{max_prompt + max_output} tokens (kv_cache={knobs['kv_cache']})")
-            shared = int(workload.get("shared_prefix_tokens", 0))
-            prefixes = [shared] if shared and knobs["prefix_cache"] != "off" else []
-            engine.prepare(rows, max_prompt + max_output, max_prompt, prefixes, max_sequences=batch)
-            return
-        # The spec's bounds, not only this draw's: a later window (another rate, more requests)
-        # draws other lengths from the same spec and must not meet a new bucket.
-        engine.prepare(min(int(knobs["batch_size"]), count), max_prompt + max_output)
-        engine.prepare(eval_ids.shape[0], eval_ids.shape[1], batches=[eval_ids.shape[0]])
+        engine.prepare_trial(trial_plan(knobs, workload, seed, eval_ids))
 
-    def _quality_phase(self, built: BuiltModel, engine: Engine, knobs: dict[str, Any], config: TrialConfig,
+    def _quality_phase(self, built: BuiltModel, engine: TrialEngine, knobs: dict[str, Any], config: TrialConfig,
                        dtype: Any, eval_ids: Any, clock: SetupClock) -> Fidelity:
         with clock.phase("quality"):
             progress_report.report_phase("quality")
             return self._quality(built, engine, knobs, config, dtype, eval_ids)
 
     @staticmethod
-    def _quality(built: BuiltModel, engine: Engine, knobs: dict[str, Any], config: TrialConfig,
+    def _quality(built: BuiltModel, engine: TrialEngine, knobs: dict[str, Any], config: TrialConfig,
                  dtype: Any, eval_ids: Any) -> Fidelity:
         """KL / top-1 of this stack (weights and KV path) vs the unoptimised reference."""
         kv_key = f"{knobs['kv_cache']}:{knobs['kv_bits'] if knobs['kv_cache'] == 'quantized' else ''}"
@@ -530,13 +367,13 @@ class GlmInferRunner(Runner):
                 lambda: base_model(config.model, dtype, device, config.seed, knobs["attn_implementation"])[0],
                 eval_ids)
             prefill = max(1, eval_ids.shape[1] // 2)
-            candidate = engine.teacher_forced_log_probs(eval_ids, prefill)  # type: ignore[attr-defined]
+            candidate = engine.teacher_forced_log_probs(eval_ids, prefill)
             text = text_source(config.model, config.workload).is_text
             built.quality[kv_key] = fidelity(reference, candidate.cpu(), eval_ids.cpu() if text else None)
         return built.quality[kv_key]
 
     @staticmethod
-    def _prefix_metrics(engine: Engine, outcome: ServeOutcome, metrics: dict[str, float],
+    def _prefix_metrics(engine: TrialEngine, outcome: ServeOutcome, metrics: dict[str, float],
                         unavailable: dict[str, str], info: dict[str, Any]) -> None:
         """`prefix_hit_rate` over the measured window (warm-up lookups excluded)."""
         cache = getattr(engine, "prefix_cache", None)

@@ -11,7 +11,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from runners.workload import Request
 
@@ -181,6 +181,7 @@ def _stop_issuing(pending: list[Request], unsent: list[Request], now: float) -> 
     unsent.clear()
 
 
+@runtime_checkable
 class IterationEngine(Protocol):
     """An engine whose running batch changes between decode steps (continuous batching).
 
@@ -204,6 +205,16 @@ class IterationEngine(Protocol):
 
     def leave(self, rids: Sequence[int]) -> None:
         """Drop these finished sequences from the running batch."""
+        ...
+
+
+@runtime_checkable
+class OffersIterationEngine(Protocol):
+    """An engine that runs whole batches itself and, for `scheduler: continuous`, offers an
+    `IterationEngine` over the same model (transformers' loop offers `ContinuousEngine`)."""
+
+    def iteration_engine(self, knobs: dict[str, Any]) -> IterationEngine:
+        """The per-iteration engine for these knobs; InfeasibleConfig where they cannot run so."""
         ...
 
 

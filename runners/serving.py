@@ -27,6 +27,7 @@ from runners.scheduler import (
     Clock,
     Engine,
     IterationEngine,
+    OffersIterationEngine,
     QueueState,
     RealClock,
     RequestTiming,
@@ -247,22 +248,15 @@ def _scheduler(engine: Engine, knobs: dict[str, Any]) -> _Run:
 
 
 def iteration_engine(engine: Any, knobs: dict[str, Any]) -> IterationEngine:
-    """The engine itself when it batches per iteration (the fast engine's `SlotEngine`), else
-    `ContinuousEngine` over its transformers model (engine=hf)."""
-    if all(hasattr(engine, verb) for verb in ("join", "step", "leave")):
+    """The engine itself when it batches per iteration (the fast engine's slot pool), else the
+    per-iteration engine it offers through `iteration_engine(knobs)` (transformers' loop offers
+    `ContinuousEngine`). Serving takes engines; it never builds one."""
+    if isinstance(engine, IterationEngine):
         return engine
-    model = getattr(engine, "model", None)
-    # ContinuousEngine drives a transformers causal LM (past_key_values, attention_mask);
-    # another engine's own module cannot be driven that way.
-    if not (hasattr(engine, "prompt_fn") and hasattr(model, "config") and hasattr(model, "generate")):
+    if not isinstance(engine, OffersIterationEngine):
         raise InfeasibleConfig(f"scheduler=continuous: {type(engine).__name__} cannot add sequences between "
-                               "steps and exposes no transformers model to batch per iteration")
-    if knobs.get("kv_cache", "dynamic") != "dynamic":
-        raise InfeasibleConfig(f"scheduler=continuous in transformers' loop runs on kv_cache=dynamic only, "
-                               f"not {knobs['kv_cache']} (engine=fast batches every other policy per iteration)")
-    from runners.continuous import ContinuousEngine
-
-    return ContinuousEngine(engine.model, engine.device, engine.prompt_fn)
+                               "steps and offers no engine that batches per iteration")
+    return engine.iteration_engine(knobs)
 
 
 def _counters(engine: Any) -> dict[str, float] | None:

@@ -1,4 +1,4 @@
-"""The fused decode-attention op (runners/glm/decode_attention): on CPU its reference path is
+"""The fused decode-attention op (runners/glm/kernels/decode_attention): on CPU its reference path is
 fast_model's own ops, it updates the caller's caches in place (also compiled), and it knows
 where its kernel cannot run. The `gpu` tests compare the CUDA kernel with the reference over
 shapes, lengths, slots, masks and split plans, and replay it in CUDA graphs (eager and
@@ -13,9 +13,10 @@ import pytest
 import torch
 from transformers.models.glm.modeling_glm import apply_rotary_pos_emb
 
-from runners.glm import decode_attention as da
-from runners.glm.fast_model import FastGlm, attention_bias, grouped_attention
+from runners.glm.fast_model import FastGlm, attention_bias
+from runners.glm.kernels import decode_attention as da
 from runners.glm.model import build_model
+from runners.glm.ops import grouped_attention
 
 
 class Args(NamedTuple):
@@ -317,7 +318,7 @@ def test_gpu_cuda_graph_replays_with_changing_inputs(shape, attend_len):
 
 @gpu
 def test_gpu_compiled_step_with_the_op_in_a_cuda_graph():
-    # As fast_engine does: torch.compile(fullgraph) of a pure function, warmed up on a side
+    # As engines/fast.py does: torch.compile(fullgraph) of a pure function, warmed up on a side
     # stream, then captured by hand.
     static = _inputs(*GLM4_9B, attend_len=1000, slot=0, pad=0, dtype=torch.bfloat16, device="cuda")
     tensors, ints = static[:8], static[8:]

@@ -15,8 +15,9 @@ from transformers import Glm4Config, Glm4ForCausalLM
 
 from runners.contract import InfeasibleConfig, TrialConfig
 from runners.glm.compress import apply_quantization, apply_sparsity
-from runners.glm.engine import HFEngine
-from runners.glm.fast_engine import FastEngine, bucket
+from runners.glm.engines.fast import FastEngine
+from runners.glm.engines.hf import HFEngine
+from runners.glm.engines.kv_pool import bucket
 from runners.glm.fast_model import FastGlm
 from runners.glm.model import build_model, model_info
 from runners.glm.model_cache import MODELS
@@ -264,7 +265,7 @@ _INT8_DYNAMIC_AT_BATCH_1 = """
 import torch
 from runners.contract import InfeasibleConfig
 from runners.glm.compress import apply_quantization
-from runners.glm.fast_engine import FastEngine
+from runners.glm.engines.fast import FastEngine
 from runners.glm.fast_model import FastGlm
 from runners.glm.model import build_model
 

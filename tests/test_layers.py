@@ -229,3 +229,60 @@ def test_importing_the_tuner_and_reports_loads_no_torch():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------- the GLM stack's rooms
+
+# runners/glm/kernels/ may import from the GLM stack only these (the model ops they replace and
+# the compile cache's folder): never an engine, never the model that calls them.
+KERNEL_IMPORTS = ("runners.glm.kernels", "runners.glm.ops", "runners.glm.packed", "runners.glm.model_cache")
+ENGINE_CLASSES = {"HFEngine", "FastEngine", "SlotEngine", "ContinuousEngine"}
+# Generic serving code takes an engine: it imports nothing of the GLM stack.
+GENERIC_SERVING = ("runners/serving.py", "runners/scheduler.py")
+
+
+def glm_room_violations(root: Path) -> list[str]:
+    """Kernels importing beyond KERNEL_IMPORTS, serving code importing the GLM stack, and any
+    engine class constructed outside runners/glm/engines/ (tests and benchmarks may)."""
+    problems = []
+    for path in sorted((root / "runners").rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        module = _module_name(root, path)
+        for line, name, _ in _imports(path, module):
+            if not name.startswith("runners.glm"):
+                continue
+            if rel.startswith("runners/glm/kernels/") and not any(
+                    name == m or name.startswith(m + ".") for m in KERNEL_IMPORTS):
+                problems.append(f"{rel}:{line}: a kernel imports {name}")
+            if rel in GENERIC_SERVING:
+                problems.append(f"{rel}:{line}: generic serving code imports {name}")
+        if rel.startswith("runners/glm/engines/"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call):
+                called = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", "")
+                if called in ENGINE_CLASSES:
+                    problems.append(f"{rel}:{node.lineno}: builds {called} outside runners/glm/engines/")
+    return problems
+
+
+def test_kernels_import_no_engine_and_only_engines_build_engines(tmp_path):
+    assert glm_room_violations(ROOT) == []
+    for folder in ("runners/glm/kernels", "runners/glm/engines"):
+        (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "runners" / "glm" / "kernels" / "k.py").write_text(
+        "from runners.glm.ops import linear\nfrom runners.glm.engines.fast import FastEngine\n"
+        "def f():\n    from runners.glm import fast_model\n")
+    (tmp_path / "runners" / "glm" / "engines" / "e.py").write_text("def f(m):\n    return FastEngine(m)\n")
+    (tmp_path / "runners" / "serving.py").write_text("def f():\n    from runners.glm.engines.continuous import x\n")
+    (tmp_path / "runners" / "infer.py").write_text("from runners.glm.engines import hf\ndef f(m):\n"
+                                                    "    return hf.HFEngine(m)\n")
+    assert glm_room_violations(tmp_path) == [
+        "runners/glm/kernels/k.py:2: a kernel imports runners.glm.engines.fast",
+        "runners/glm/kernels/k.py:2: a kernel imports runners.glm.engines.fast.FastEngine",
+        "runners/glm/kernels/k.py:4: a kernel imports runners.glm",
+        "runners/glm/kernels/k.py:4: a kernel imports runners.glm.fast_model",
+        "runners/infer.py:3: builds HFEngine outside runners/glm/engines/",
+        "runners/serving.py:2: generic serving code imports runners.glm.engines.continuous",
+        "runners/serving.py:2: generic serving code imports runners.glm.engines.continuous.x",
+    ]

@@ -74,7 +74,7 @@ def test_tiers_demote_to_l2_and_promote_back_on_a_hit():
 def test_fast_engine_reuses_prefix_kv_with_identical_tokens():
     import torch
 
-    from runners.glm.fast_engine import FastEngine
+    from runners.glm.engines.fast import FastEngine
     from runners.glm.fast_model import FastGlm
     from runners.glm.model import build_model
 

@@ -1,4 +1,4 @@
-"""The row-attention decode kernel (`runners.glm.row_attention`): each row attends over its own
+"""The row-attention decode kernel (`runners.glm.kernels.row_attention`): each row attends over its own
 length, plain or int8 KV. On CPU the Triton kernel runs under Triton's interpreter (float32 and
 float16: the interpreter has no bfloat16) against the torch reference; the reference equals the
 masked matmuls (`grouped_attention` with a row bias) that the slot engine used before; on the GPU
@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from runners.glm import row_attention
-from runners.glm.fast_model import grouped_attention, quantize_kv, row_bias
+from runners.glm.fast_model import quantize_kv, row_bias
+from runners.glm.kernels import row_attention
+from runners.glm.ops import grouped_attention
 
 
 def _case(batch: int, heads: int, kv_heads: int, dim: int, length: int, dtype: torch.dtype, device: str = "cpu"):
@@ -53,7 +54,7 @@ def test_reference_reads_only_the_rows_length():
 
 INTERPRETED = """
 import torch
-from runners.glm import row_attention
+from runners.glm.kernels import row_attention
 from runners.glm.fast_model import quantize_kv
 from tests.test_row_attention import SHAPES, _case
 

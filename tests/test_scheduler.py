@@ -140,7 +140,7 @@ def test_stop_rule_ends_issuing_but_serves_queued_requests():
 @pytest.fixture(scope="module")
 def tiny():
     torch = pytest.importorskip("torch")
-    from runners.glm.engine import HFEngine
+    from runners.glm.engines.hf import HFEngine
     from runners.glm.model import build_model
     from runners.infer import PromptBank
 
@@ -152,7 +152,7 @@ def tiny():
 def test_continuous_engine_decodes_like_batch_greedy(tiny):
     import torch
 
-    from runners.continuous import ContinuousEngine
+    from runners.glm.engines.continuous import ContinuousEngine
 
     model, prompts, hf = tiny
     requests = [Request(i, 0.0, p, o) for i, (p, o) in enumerate([(5, 6), (9, 4), (3, 7), (12, 5), (7, 3)])]

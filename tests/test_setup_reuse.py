@@ -116,7 +116,7 @@ def test_reference_path_needs_a_cache_dir(monkeypatch):
 
 
 def test_nvrtc_images_are_compiled_once_per_key(tmp_path):
-    from runners.glm.kernel_cache import cached_image, image_key
+    from runners.glm.kernels.kernel_cache import cached_image, image_key
 
     compiles = []
 

@@ -11,11 +11,13 @@ import pytest
 import torch
 
 from runners.contract import InfeasibleConfig, TrialConfig
-from runners.glm.fast_engine import FastEngine
+from runners.glm.engines.base import select_engine
+from runners.glm.engines.fast import FastEngine
+from runners.glm.engines.kv_pool import KvPool, chunk_shapes, length_buckets, prefill_width
+from runners.glm.engines.slots import SlotEngine
 from runners.glm.fast_model import FastGlm
 from runners.glm.model import build_model
-from runners.glm.slot_engine import KvPool, SlotEngine, chunk_shapes, length_buckets, prefill_width
-from runners.infer import GlmInferRunner, PromptBank, engine_kind, prefix_length
+from runners.infer import GlmInferRunner, PromptBank, prefix_length
 from runners.knobs import resolve_knobs
 from runners.scheduler import StepRecord, run_continuous
 from runners.workload import Request
@@ -275,7 +277,7 @@ def test_every_engine_pairing_selects_an_engine_or_names_the_reason(device):
         knobs = resolve_knobs("glm-infer", {"engine": e, "scheduler": s, "kv_cache": kv, "compile": c,
                                             "prefix_cache": p, "kv_bits": 8})
         try:
-            kinds[(e, s, kv, c, p)] = engine_kind(knobs, device)
+            kinds[(e, s, kv, c, p)] = select_engine(knobs, device)
         except InfeasibleConfig as exc:
             assert len(str(exc)) > 30, (e, s, kv, c, p)
             kinds[(e, s, kv, c, p)] = str(exc)
@@ -292,9 +294,30 @@ def test_every_engine_pairing_selects_an_engine_or_names_the_reason(device):
     if not on_gpu:
         assert "CUDA graphs" in kinds[("fast", "dynamic", "static", True, "off")]
     assert "kv_bits=8 only" in _reason({"engine": "fast", "kv_cache": "quantized", "kv_bits": 4})
-    assert engine_kind(resolve_knobs("glm-infer", {"kv_cache": "quantized", "kv_bits": 4}), device) == "hf"
+    assert select_engine(resolve_knobs("glm-infer", {"kv_cache": "quantized", "kv_bits": 4}), device) == "hf"
     assert "scheduler=dynamic prefills" in _reason({"engine": "fast", "kv_cache": "static",
                                                      "prefill_chunk_tokens": 64})
+
+
+def test_a_selected_engine_runs_what_its_capabilities_declare():
+    from runners.glm.engines.base import CAPABILITIES
+    from runners.glm.engines.hf import HFEngine
+
+    assert FastEngine.capabilities is SlotEngine.capabilities is CAPABILITIES["fast"]
+    assert HFEngine.capabilities is CAPABILITIES["hf"]
+    chosen = 0
+    for e, s, kv, c, p in PAIRS:
+        knobs = resolve_knobs("glm-infer", {"engine": e, "scheduler": s, "kv_cache": kv, "compile": c,
+                                            "prefix_cache": p, "kv_bits": 8})
+        try:
+            caps = CAPABILITIES[select_engine(knobs, "cuda:0" if c else "cpu")]
+        except InfeasibleConfig:
+            continue
+        chosen += 1
+        assert s in caps.schedulers and kv in caps.kv_policies, (e, s, kv, c, p)
+        assert (not c or caps.compiles) and (p == "off" or caps.prefix_cache), (e, s, kv, c, p)
+        assert s != "continuous" or kv in caps.continuous_kv_policies, (e, s, kv, c, p)
+    assert chosen > 20
 
 
 def test_model_key_keeps_the_resolved_engine_kind_and_the_engine_knob():
@@ -310,7 +333,7 @@ def test_model_key_keeps_the_resolved_engine_kind_and_the_engine_knob():
 
 def _reason(knobs: dict) -> str:
     with pytest.raises(InfeasibleConfig) as info:
-        engine_kind(resolve_knobs("glm-infer", knobs), "cpu")
+        select_engine(resolve_knobs("glm-infer", knobs), "cpu")
     return str(info.value)
 
 
@@ -405,7 +428,8 @@ def test_gpu_int8_kv_in_graphs_stays_close_to_model_dtype_kv(cuda_fast):
 
 
 def test_compiled_int8_decode_attention_reads_codes_like_the_eager_matmuls():
-    from runners.glm.fast_model import grouped_attention, quantize_kv, row_bias
+    from runners.glm.fast_model import quantize_kv, row_bias
+    from runners.glm.ops import grouped_attention
 
     torch.manual_seed(0)
     q = torch.randn(3, 4, 1, 32)

@@ -15,8 +15,8 @@ from torchao.quantization.quant_primitives import MappingType, choose_qparams_af
 from runners.contract import InfeasibleConfig
 from runners.glm import woq
 from runners.glm.compress import apply_quantization, linear_layers
-from runners.glm.engine import HFEngine
-from runners.glm.fast_engine import FastEngine
+from runners.glm.engines.fast import FastEngine
+from runners.glm.engines.hf import HFEngine
 from runners.glm.fast_model import FastGlm
 from runners.glm.model import build_model, model_info
 from runners.glm.quality import eval_batch, fidelity, log_probs
@@ -228,7 +228,7 @@ def test_gpu_kernels_match_the_dequantised_matmul(gemv, dtype, bits, rows, out_f
 @pytest.mark.parametrize("fusion", ["none", "norm+residual", "norm+swiglu"])
 @pytest.mark.parametrize("bits", [8, 4])
 def test_gpu_every_cuda_gemv_variant_matches_the_reference(bits, fusion):
-    from runners.glm import woq_cuda
+    from runners.glm.kernels import woq_cuda
 
     torch.manual_seed(0)
     out_features, in_features = 1000, 2560  # rows not a multiple of any block, K a multiple of 512
@@ -259,7 +259,7 @@ def test_gpu_cuda_gemv_chain_in_a_graph_reads_each_new_input(bits, pdl, monkeypa
     # one ends and may read only weights until it waits. A chain where every GEMV reads the last
     # one's output, replayed with new inputs, gives stale (previous replay's) values if a kernel
     # read its activations too early.
-    from runners.glm import cuda_launch
+    from runners.glm.kernels import cuda_launch
 
     monkeypatch.setattr(cuda_launch, "use_pdl", pdl)
     torch.manual_seed(0)

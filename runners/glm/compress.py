@@ -297,7 +297,7 @@ def _apply_packed(model: nn.Module, knobs: dict[str, Any], device: str) -> None:
     if dtype not in (torch.bfloat16, torch.float16):
         raise InfeasibleConfig(f"quant_kernel={kernel} kernels take bf16/fp16 activations, not {dtype}")
     if kernel == "cuda":
-        from runners.glm import woq_cuda
+        from runners.glm.kernels import woq_cuda
 
         with torch.cuda.device(torch.device(device)):
             reason = woq_cuda.compile_error(bits)

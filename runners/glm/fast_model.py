@@ -13,7 +13,7 @@ partial-rotary `apply_rotary_pos_emb`, fp32 softmax) but
 
 Verified token-identical (greedy) and logit-close to `GlmForCausalLM` in tests/test_glm_stack.py.
 Compression (torchao quantisation, sparsity, or our packed int8/int4 `PackedLinear`) is applied to
-this module's Linear layers; `woq.linear` dispatches on the weight's kind.
+this module's Linear layers; `ops.linear` dispatches on the weight's kind.
 """
 
 from __future__ import annotations
@@ -24,11 +24,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.models.glm.modeling_glm import apply_rotary_pos_emb
 
-from runners.glm.decode_attention import decode_attention
-from runners.glm.row_attention import row_decode_attention
-from runners.glm.woq import linear, rms_norm
+from runners.glm.kernels.decode_attention import decode_attention
+from runners.glm.kernels.row_attention import row_decode_attention
+from runners.glm.ops import grouped_attention, linear, rms_norm, split_heads
 
 # A layer's tensors in a fixed order; None where the architecture has no such tensor.
 LayerTensors = tuple[Any, ...]
@@ -41,60 +40,6 @@ class Dims:
     num_kv_heads: int
     head_dim: int
     eps: float
-
-
-def grouped_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      bias: torch.Tensor, attend_len: int, k_scale: torch.Tensor | None = None,
-                      v_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """GQA without repeating K/V: each KV head's group of query heads shares one matmul.
-
-    q: [B, Hq, S, D]; k_cache/v_cache: [B, Hkv, L, D]; bias: [B, 1, 1, S, attend_len] additive.
-    Returns [B, Hq, S, D]. Only the first `attend_len` cache slots are read.
-    `k_scale`/`v_scale` [B, Hkv, L]: the caches hold int8 codes, value = code * scale (per token
-    and head); the scales are folded into the scores and the probabilities, so the codes enter
-    the matmuls only cast, never rescaled element by element.
-    """
-    batch, heads, seq, head_dim = q.shape
-    kv_heads = k_cache.shape[1]
-    k = k_cache[:, :, :attend_len]
-    v = v_cache[:, :, :attend_len]
-    if k_scale is not None and seq == 1 and INT8_DECODE_ATTENTION == "reduction" and torch.compiler.is_compiling():
-        return _int8_decode_attention(q, k, v, bias, k_scale[:, :, :attend_len], v_scale[:, :, :attend_len])
-    if k_scale is not None:
-        k, v = k.to(q.dtype), v.to(q.dtype)
-    qg = q.reshape(batch, kv_heads, (heads // kv_heads) * seq, head_dim)  # [B, Hkv, G*S, D]
-    scores = torch.matmul(qg, k.transpose(-1, -2)) * head_dim**-0.5  # [B, Hkv, G*S, L]
-    if k_scale is not None:
-        scores = scores * k_scale[:, :, None, :attend_len]
-    scores = scores.view(batch, kv_heads, heads // kv_heads, seq, attend_len) + bias
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
-    probs = probs.view(batch, kv_heads, -1, attend_len)
-    if v_scale is not None:
-        probs = probs * v_scale[:, :, None, :attend_len]
-    out = torch.matmul(probs.to(q.dtype), v)  # [B, Hkv, G*S, D]
-    return out.view(batch, heads, seq, head_dim)
-
-
-# How a compiled decode step (one new token) attends over int8 K/V. "matmul": cast the codes to
-# the model dtype and run the two batched matmuls (cuBLAS); the cast writes a model-dtype copy of
-# the attended KV first, so a step moves more KV bytes than with model-dtype KV. "reduction": the
-# products written as broadcast multiply + sum, which Inductor fuses into reductions that read the
-# int8 codes directly (CUDA cores, no copy). Eager runs (CPU, compile=false) always use "matmul".
-INT8_DECODE_ATTENTION = "reduction"
-
-
-def _int8_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
-                           k_scale: torch.Tensor, v_scale: torch.Tensor) -> torch.Tensor:
-    """One query token per row over int8 codes: q [B, Hq, 1, D]; k/v [B, Hkv, L, D] int8;
-    scales [B, Hkv, L]; bias [B, 1, 1, 1, L]. Returns [B, Hq, 1, D]."""
-    batch, heads, _, head_dim = q.shape
-    kv_heads, length = k.shape[1], k.shape[2]
-    qg = q.reshape(batch, kv_heads, heads // kv_heads, head_dim).float()  # [B, Hkv, G, D]
-    scores = (qg[:, :, :, None, :] * k[:, :, None, :, :].float()).sum(-1)  # [B, Hkv, G, L]
-    scores = scores * (k_scale[:, :, None, :].float() * head_dim**-0.5) + bias.view(batch, 1, 1, length)
-    probs = torch.softmax(scores, dim=-1) * v_scale[:, :, None, :].float()  # [B, Hkv, G, L]
-    out = (probs[..., None] * v[:, :, None, :, :].float()).sum(-2)  # [B, Hkv, G, D]
-    return out.to(q.dtype).view(batch, heads, 1, head_dim)
 
 
 # A layer's KV cache: a tensor [B, Hkv, L, D] of the model dtype, or int8 codes and their
@@ -180,13 +125,7 @@ def layer_forward(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: 
     if fused_attention and batch == seq == 1 and h.is_cuda and slots.dim() == 1 and not isinstance(k_cache, tuple):
         attn = decode_attention(qkv, b_qkv, cos, sin, slots, k_cache, v_cache, bias, attend_len, hq, hkv, d)
     else:
-        if b_qkv is not None:
-            qkv = qkv + b_qkv
-        q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
-        q = q.view(batch, seq, hq, d).transpose(1, 2)  # [B, Hq, S, D]
-        k = k.view(batch, seq, hkv, d).transpose(1, 2)  # [B, Hkv, S, D]
-        v = v.view(batch, seq, hkv, d).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        q, k, v = split_heads(qkv, b_qkv, cos, sin, hq, hkv, d)  # [B, Hq|Hkv, S, D], rope on q, k
         if lengths is not None:
             attn = row_cache_attention(q, k, v, slots, lengths, k_cache, v_cache)
         else:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runners.glm import woq_cuda
+from runners.glm.kernels import woq_cuda
 from runners.glm.ops import linear, rms_norm, swiglu_apart
 from runners.glm.packed import Int4Weight, Int8Weight, gate_up_order, interleave_gate_up
 
@@ -138,7 +138,7 @@ def _packed_linear(x: torch.Tensor, weight: Int8Weight | Int4Weight, norm: torch
         out = _finish(F.linear(_apart(rows, norm, eps), dequantize(weight._replace(gated=False), x.dtype)),
                       weight, residual, swiglu)
     else:
-        from runners.glm import woq_triton
+        from runners.glm.kernels import woq_triton
 
         matmul = woq_triton.int8_matmul if int8 else woq_triton.int4_matmul
         with torch.cuda.device(x.device):  # Triton launches on the current device, not the tensors'

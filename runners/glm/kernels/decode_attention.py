@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from transformers.models.glm.modeling_glm import apply_rotary_pos_emb
 
-from runners.glm import cuda_launch
-from runners.glm.kernel_cache import compile_kernel
+from runners.glm.kernels import cuda_launch
+from runners.glm.kernels.kernel_cache import compile_kernel
+from runners.glm.ops import grouped_attention, split_heads
 
 _SOURCE = Path(__file__).with_name("decode_attention.cu")
 HEAD_DIMS = (32, 64, 128)
@@ -162,17 +162,8 @@ def reference(qkv: torch.Tensor, bias_qkv: torch.Tensor | None, cos: torch.Tenso
               slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, bias: torch.Tensor,
               attend_len: int, num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
     """The torch ops of fast_model.layer_forward that the kernel replaces (any batch and length)."""
-    # Imported here: fast_model imports this module for the layer.
-    from runners.glm.fast_model import grouped_attention
-
     batch, seq, _ = qkv.shape
-    if bias_qkv is not None:
-        qkv = qkv + bias_qkv
-    q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
-    q = q.view(batch, seq, num_heads, head_dim).transpose(1, 2)
-    k = k.view(batch, seq, num_kv_heads, head_dim).transpose(1, 2)
-    v = v.view(batch, seq, num_kv_heads, head_dim).transpose(1, 2)
-    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    q, k, v = split_heads(qkv, bias_qkv, cos, sin, num_heads, num_kv_heads, head_dim)
     k_cache[:, :, slots] = k
     v_cache[:, :, slots] = v
     attn = grouped_attention(q, k_cache, v_cache, bias, attend_len)

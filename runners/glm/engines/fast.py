@@ -28,22 +28,14 @@ from typing import Any
 import torch
 
 from runners.contract import InfeasibleConfig
+from runners.glm.engines.base import CAPABILITIES, PrefixLenFn, PromptFn, StaticBatchEngine, TrialPlan
+from runners.glm.engines.compiled import batch_dynamic, configure_inductor
+from runners.glm.engines.kv_pool import MIN_LENGTH_BUCKET, bucket
+from runners.glm.engines.slots import SlotEngine
 from runners.glm.fast_model import FastGlm, LayerFn, attention_bias, head_forward, layer_forward, rms_norm
 from runners.glm.prefix_cache import TieredPrefixCache, engine_prefix_cache
 from runners.glm.work import WorkCounter
-from runners.measure.monitor import StepTimer
-from runners.scheduler import Clock
 from runners.workload import Request
-
-PromptFn = Callable[[Request], list[int]]
-PrefixLenFn = Callable[[Request], int]
-MIN_LENGTH_BUCKET = 256
-
-
-def bucket(n: int, minimum: int = 1) -> int:
-    """The smallest power of two >= max(n, minimum)."""
-    n = max(int(n), minimum)
-    return 1 << (n - 1).bit_length()
 
 
 @dataclass
@@ -62,46 +54,11 @@ class DecodeSlot:
     graph: Any = None  # torch.cuda.CUDAGraph once captured
 
 
-def _configure_inductor() -> None:
-    """Settings for the compiled layer, set explicitly so no earlier trial's leak changes them."""
-    import torch._dynamo
-    import torch._inductor.config as inductor
-
-    # Batch-1 matmuls become fused reductions tuned for bandwidth (and int8 dequant fuses in);
-    # without this, M=1 goes to a generic GEMM and int8 weights are materialised as bf16.
-    inductor.coordinate_descent_tuning = True
-    inductor.coordinate_descent_check_all_directions = True
-    inductor.triton.unique_kernel_names = True
-    inductor.fx_graph_cache = True
-    # One recompile per (batch, length) bucket is expected; keep them all.
-    torch._dynamo.config.cache_size_limit = 256
-    if hasattr(torch._dynamo.config, "recompile_limit"):
-        torch._dynamo.config.recompile_limit = 256
-
-
-def batch_dynamic(fn: Callable[..., torch.Tensor], batched: Sequence[int]) -> Callable[..., torch.Tensor]:
-    """`fn` (compiled) with dimension 0 of its positional arguments `batched` (tensors, or tuples
-    of tensors such as int8 caches) and of every tensor keyword argument marked dynamic before
-    each call: one graph serves every batch bucket >= 2 (a size-1 dimension is specialised).
-    The weights are not marked: their shapes stay static in the compiled graph."""
-    import torch._dynamo
-
-    def mark(arg: Any) -> None:
-        for t in arg if isinstance(arg, tuple) else (arg,):
-            if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] > 1:
-                torch._dynamo.maybe_mark_dynamic(t, 0)
-
-    def call(*args: Any, **kwargs: Any) -> torch.Tensor:
-        for index in batched:
-            mark(args[index])
-        for value in kwargs.values():
-            mark(value)
-        return fn(*args, **kwargs)
-    return call
-
-
-class FastEngine:
+class FastEngine(StaticBatchEngine):
     """Engine protocol (`device`, `run_batch`, `counters`) over `FastGlm` with a static KV cache."""
+
+    capabilities = CAPABILITIES["fast"]
+    quality_first = False  # scores through its captured step, so it compiles first
 
     def __init__(self, model: FastGlm, device: str, compile_step: bool, graph_min_batch: int = 1,
                  inductor_options: dict[str, Any] | None = None, fused_attention: bool = False) -> None:
@@ -122,7 +79,7 @@ class FastEngine:
         self._layer_fn = self._eager_layer_fn
         self._head_fn: Callable[..., torch.Tensor] = head_forward
         if self.compiled:
-            _configure_inductor()
+            configure_inductor()
             options = inductor_options or None
             self._layer_fn = torch.compile(self._eager_layer_fn, fullgraph=True, dynamic=False, options=options)
             self._head_fn = torch.compile(head_forward, fullgraph=True, dynamic=False, options=options)
@@ -173,11 +130,9 @@ class FastEngine:
         return time.perf_counter() - start
 
     def slot_engine(self, kv_cache: str, kv_bits: int, prefill_chunk_tokens: int, decode_length_step: int = 0) -> Any:
-        """The continuous-batching engine (`runners.glm.slot_engine.SlotEngine`) over this model,
+        """The continuous-batching engine (`runners.glm.engines.slots.SlotEngine`) over this model,
         sharing its compiled layer and head and its CUDA graph memory pool. One is kept: a new
         KV policy or chunk size replaces it (and frees its pool)."""
-        from runners.glm.slot_engine import SlotEngine
-
         key = (kv_cache, int(kv_bits) if kv_cache == "quantized" else 0, int(prefill_chunk_tokens),
                int(decode_length_step))
         if self._slot_engine is None or self._slot_engine_key != key:
@@ -212,7 +167,7 @@ class FastEngine:
             # cuBLAS GEMMs and the reductions (norms, softmax, argmax) move a few MB; tuning
             # them was most of this compile's set-up time.
             options = {**(self._inductor_options or {}), "coordinate_descent_tuning": False}
-            # Only the batch dimension is symbolic (`fast_model.mark_batch_dynamic` marks it on
+            # Only the batch dimension is symbolic (`compiled.batch_dynamic` marks it on
             # every call): with dynamic=True every size was, the weights' too, and the norms and
             # activations became generic kernels over symbolic hidden sizes.
             layer = torch.compile(self._eager_layer_fn, fullgraph=True, dynamic=None, options=options)
@@ -231,6 +186,23 @@ class FastEngine:
     def buckets(self) -> list[tuple[int, int]]:
         """(batch, length) buckets compiled and captured so far."""
         return list(self._slots)
+
+    # --- TrialEngine -------------------------------------------------------------------------
+    def prepare_trial(self, plan: TrialPlan) -> None:
+        # The spec's bounds, not only this draw's: a later window (another rate, more requests)
+        # draws other lengths from the same spec and must not meet a new bucket.
+        self.prepare(min(plan.batch_size, plan.requests), plan.max_prompt + plan.max_output)
+        self.prepare(plan.eval_rows, plan.eval_tokens, batches=[plan.eval_rows])
+
+    def compile_seconds(self) -> float:
+        return self.compile_s
+
+    def compile_info(self, since_s: float) -> dict[str, Any]:
+        return {"compile_s": self.compile_s - since_s, "compiled": self.compiled, "compile_error": self.compile_error,
+                "buckets": sorted(self.buckets())}
+
+    def pool_info(self) -> dict[str, Any] | None:
+        return None
 
     def _slot_for(self, batch: int, length: int) -> DecodeSlot:
         key = (bucket(batch), bucket(length, MIN_LENGTH_BUCKET))
@@ -315,17 +287,9 @@ class FastEngine:
             self._decode_step(s)
 
     # --- serving -----------------------------------------------------------------------------
-    def run_batch(self, requests: Sequence[Request], clock: Clock) -> list[float]:
-        prompts = [self.prompt_fn(r) for r in requests]
+    def batch_steps(self, requests: Sequence[Request], prompts: list[list[int]], new_tokens: int) -> Any:
         prefix_lens = [self.prefix_len_fn(r) if self.prefix_len_fn else 0 for r in requests]
-        new_tokens = max(r.output_tokens for r in requests)
-        # Per-step events and one sync per batch: a sync per step would stall graph launches.
-        timer = StepTimer(self.device, clock).start()
-        for _ in self.decode(prompts, new_tokens, prefix_lens):
-            timer.mark()
-        times = timer.times()
-        self.work.add_batch(len(prompts), max(len(p) for p in prompts), new_tokens)
-        return times
+        return self.decode(prompts, new_tokens, prefix_lens)
 
     def decode(self, prompts: list[list[int]], new_tokens: int,
                prefix_lens: Sequence[int] | None = None) -> Any:

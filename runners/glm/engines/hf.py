@@ -6,19 +6,24 @@ is known: that is where TTFT and TPOT come from.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from transformers import DynamicCache, QuantizedCache, StaticCache
 
 from runners.contract import InfeasibleConfig
+from runners.glm.engines.base import (
+    CAPABILITIES,
+    PrefixLenFn,
+    PromptFn,
+    StaticBatchEngine,
+    TrialPlan,
+    continuous_kv_refusal,
+)
 from runners.glm.work import WorkCounter, left_pad
-from runners.measure.monitor import StepTimer
-from runners.scheduler import Clock
+from runners.scheduler import IterationEngine
 from runners.workload import Request
-
-PromptFn = Callable[[Request], list[int]]
 
 
 def make_cache(policy: str, model: torch.nn.Module, device: str, max_len: int, kv_bits: int) -> Any:
@@ -50,15 +55,12 @@ def _quantized_cache(config: Any, kv_bits: int) -> Any:
                           q_group_size=min(64, head_dim), residual_length=0)
 
 
-class HFEngine:
-    """Runs a batch of requests to completion; one call per batch."""
+class TransformersLoop:
+    """What transformers' loops share: the model, its prompts, left padding and the prefill."""
 
-    def __init__(self, model: torch.nn.Module, device: str, kv_cache: str, kv_bits: int,
-                 prompt_fn: PromptFn) -> None:
+    def __init__(self, model: torch.nn.Module, device: str, prompt_fn: PromptFn) -> None:
         self.model = model
         self.device = device
-        self.kv_cache = kv_cache
-        self.kv_bits = kv_bits
         self.prompt_fn = prompt_fn
         self.pad_id = int(model.config.pad_token_id or 0)
         self.work = WorkCounter(model)
@@ -66,16 +68,62 @@ class HFEngine:
     def counters(self) -> dict[str, float]:
         return self.work.snapshot()
 
-    def run_batch(self, requests: Sequence[Request], clock: Clock) -> list[float]:
-        prompts = [self.prompt_fn(r) for r in requests]
-        new_tokens = max(r.output_tokens for r in requests)
-        # Per-step events and one sync per batch: a sync per step would stall kernel launches.
-        timer = StepTimer(self.device, clock).start()
-        for _ in self.decode(prompts, new_tokens):
-            timer.mark()
-        times = timer.times()
-        self.work.add_batch(len(prompts), max(len(p) for p in prompts), new_tokens)
-        return times
+    def _left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = left_pad(prompts, self.pad_id)
+        return ids.to(self.device), mask.to(self.device)
+
+    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, cache: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy first tokens [B, 1] of the left-padded prompts `ids`/`mask` [B, S] prefilled into
+        `cache`, and each row's next rotary position [B, 1]."""
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding shifts positions
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                            past_key_values=cache, use_cache=True).logits[:, -1]
+        return logits.argmax(-1, keepdim=True), positions[:, -1:] + 1
+
+
+class HFEngine(TransformersLoop, StaticBatchEngine):
+    """Runs a batch of requests to completion; one call per batch."""
+
+    capabilities = CAPABILITIES["hf"]
+    quality_first = False
+    prefix_cache = None
+
+    def __init__(self, model: torch.nn.Module, device: str, kv_cache: str, kv_bits: int,
+                 prompt_fn: PromptFn) -> None:
+        super().__init__(model, device, prompt_fn)
+        self.kv_cache = kv_cache
+        self.kv_bits = kv_bits
+
+    # --- TrialEngine: nothing to compile, no prefix cache, no pool ------------------------------
+    def begin_trial(self, prompt_fn: PromptFn, prefix_len_fn: PrefixLenFn | None, prefix_policy: str,
+                    prefix_budget_mib: float) -> None:
+        self.prompt_fn = prompt_fn
+
+    def prepare_trial(self, plan: TrialPlan) -> None:
+        return None
+
+    def compile_seconds(self) -> float:
+        return 0.0
+
+    def compile_info(self, since_s: float) -> dict[str, Any]:
+        return {}
+
+    def pool_info(self) -> dict[str, Any] | None:
+        return None
+
+    def iteration_engine(self, knobs: dict[str, Any]) -> IterationEngine:
+        """This loop batched per iteration (`scheduler: continuous`): a `ContinuousEngine` over
+        the same model and prompts; InfeasibleConfig where the knobs' KV policy cannot."""
+        reason = continuous_kv_refusal(knobs.get("kv_cache", self.kv_cache))
+        if reason:
+            raise InfeasibleConfig(f"{reason} (engine=fast batches every other policy per iteration)")
+        from runners.glm.engines.continuous import ContinuousEngine  # it builds on TransformersLoop
+
+        return ContinuousEngine(self.model, self.device, self.prompt_fn)
+
+    def batch_steps(self, requests: Sequence[Request], prompts: list[list[int]],
+                    new_tokens: int) -> Iterator[torch.Tensor]:
+        return self.decode(prompts, new_tokens)
 
     @torch.inference_mode()
     def decode(self, prompts: list[list[int]], new_tokens: int) -> Iterator[torch.Tensor]:
@@ -83,12 +131,8 @@ class HFEngine:
         input_ids, mask = self._left_pad(prompts)  # [B, S]
         batch, prompt_len = input_ids.shape
         cache = make_cache(self.kv_cache, self.model, self.device, prompt_len + new_tokens, self.kv_bits)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding shifts positions
-        logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                            past_key_values=cache, use_cache=True).logits[:, -1]
-        token = logits.argmax(-1, keepdim=True)
+        token, next_pos = self._prefill(input_ids, mask, cache)
         yield token
-        next_pos = positions[:, -1:] + 1
         for _ in range(new_tokens - 1):
             mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
             logits = self.model(input_ids=token, attention_mask=mask, position_ids=next_pos,
@@ -112,8 +156,3 @@ class HFEngine:
                              use_cache=True)
             outputs.append(out.logits.float())
         return torch.log_softmax(torch.cat(outputs, dim=1), dim=-1)
-
-    def _left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, mask = left_pad(prompts, self.pad_id)
-        return ids.to(self.device), mask.to(self.device)
-

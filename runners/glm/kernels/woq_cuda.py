@@ -25,8 +25,8 @@ from typing import NamedTuple
 
 import torch
 
-from runners.glm import cuda_launch
-from runners.glm.kernel_cache import compile_kernel
+from runners.glm.kernels import cuda_launch
+from runners.glm.kernels.kernel_cache import compile_kernel
 from runners.measure.cuda_timer import cuda_seconds
 
 _SOURCE = Path(__file__).with_name("woq_gemv.cu")

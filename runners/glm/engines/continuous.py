@@ -5,31 +5,28 @@ The running batch is one left-padded `DynamicCache` ([B, kv_heads, S, head_dim] 
 a [B, S] attention mask. A join prefills the newcomers in their own cache, then pads both
 caches on the left to a common length and stacks them on the batch axis; a leave selects the
 remaining rows and trims the columns that have become padding for every row. Greedy decoding,
-as in `runners.glm.engine.HFEngine`, whose model and prompts it reuses.
+as in `runners.glm.engines.hf.HFEngine`, whose model, prompts and prefill it shares
+(`TransformersLoop`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from transformers import DynamicCache
 
-from runners.glm.work import WorkCounter, left_pad
+from runners.glm.engines.base import PromptFn
+from runners.glm.engines.hf import TransformersLoop
 from runners.workload import Request
 
-PromptFn = Callable[[Request], list[int]]
 
-
-class ContinuousEngine:
+class ContinuousEngine(TransformersLoop):
     """Implements `runners.scheduler.IterationEngine` on a causal LM."""
 
     def __init__(self, model: torch.nn.Module, device: str, prompt_fn: PromptFn,
                  record_tokens: bool = False) -> None:
-        self.model = model
-        self.device = device
-        self.prompt_fn = prompt_fn
-        self.pad_id = int(model.config.pad_token_id or 0)
+        super().__init__(model, device, prompt_fn)
         self.record_tokens = record_tokens
         self.generated: dict[int, list[int]] = {}  # rid -> tokens, when record_tokens
         self.rids: list[int] = []  # row order of the running batch
@@ -37,10 +34,6 @@ class ContinuousEngine:
         self._mask = torch.zeros(0, 0, dtype=torch.long, device=device)  # [B, S]
         self._tokens = torch.zeros(0, 1, dtype=torch.long, device=device)  # [B, 1] last token
         self._next_pos = torch.zeros(0, 1, dtype=torch.long, device=device)  # [B, 1]
-        self.work = WorkCounter(model)
-
-    def counters(self) -> dict[str, float]:
-        return self.work.snapshot()
 
     @property
     def batch(self) -> int:
@@ -50,12 +43,9 @@ class ContinuousEngine:
     def join(self, requests: Sequence[Request]) -> None:
         ids, mask = self._left_pad([self.prompt_fn(r) for r in requests])  # [b, L]
         cache = DynamicCache(config=self.model.config)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding shifts positions
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                            past_key_values=cache, use_cache=True).logits[:, -1]
-        tokens = logits.argmax(-1, keepdim=True)
+        tokens, next_pos = self._prefill(ids, mask, cache)
         self.work.add_forward(ids.numel(), ids.shape[0], cache_positions=0)
-        self._merge(cache, mask, tokens, positions[:, -1:] + 1, [r.rid for r in requests])
+        self._merge(cache, mask, tokens, next_pos, [r.rid for r in requests])
         self._emit(tokens)
 
     @torch.inference_mode()
@@ -115,10 +105,6 @@ class ContinuousEngine:
         if self.record_tokens:
             for rid, token in zip(self.rids[-tokens.shape[0]:], tokens[:, 0].tolist(), strict=True):
                 self.generated.setdefault(rid, []).append(token)
-
-    def _left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, mask = left_pad(prompts, self.pad_id)
-        return ids.to(self.device), mask.to(self.device)
 
 
 def _pad_left(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:

@@ -1,0 +1,127 @@
+"""Shapes and storage of the fast engines' KV: power-of-two buckets, the slot pool's decode
+lengths and prefill chunk widths, and `KvPool` (K and V of every layer for a fixed set of rows,
+plain or int8 codes + scales). Shared by `engines/fast.py` (bucketed static batches) and
+`engines/slots.py` (the continuous-batching pool)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from runners.glm.fast_model import FastGlm
+
+MIN_LENGTH_BUCKET = 256  # shortest attended length of a decode step (both fast engines)
+MIN_PREFILL_WIDTH = 16  # narrowest padded prefill piece
+# Widest prefill chunk, chunked or not: the prefill attention materialises fp32 scores
+# [Hq, W, A] (8.6 GB per layer at W = A = 8192 on glm-4-9b), and a captured graph keeps it.
+# Longer prompts run in pieces of this width back to back; chunked prefill equals unchunked.
+MAX_PREFILL_WIDTH = 1024
+
+def bucket(n: int, minimum: int = 1) -> int:
+    """The smallest power of two >= max(n, minimum)."""
+    n = max(int(n), minimum)
+    return 1 << (n - 1).bit_length()
+
+
+def length_buckets(length: int, step: int = 0) -> list[int]:
+    """Decode attend lengths of a pool of `length` positions, ascending: step 0 = one, the pool's
+    length L; step k > 1 = L, L/k, L/k^2, ... (>= 256). The `decode_length_step` knob (k > 1
+    decodes through masked matmuls over these buckets; 0 through `row_attention`, each row at its
+    own length, one graph per batch bucket).
+
+    Each length is one more compiled + captured decode graph per batch bucket, and compile time
+    is set-up time (issue 17: 112 s for one trial's new batch buckets of glm-4-9b). Shorter
+    lengths read less KV padding per step, but the longest running row picks the length, so at
+    large batches it is mostly the top one or next to it; at small batches the KV is a few
+    percent of the weight bytes a step reads (glm-4-9b: 40 KB per position, 18 GB of weights).
+    """
+    out, size = [length], length // step if step > 1 else 0
+    while size >= MIN_LENGTH_BUCKET:
+        out.append(size)
+        size //= step
+    return sorted(out)
+
+
+PREFILL_WIDTH_STEP = 64  # prefill widths above this are padded to a multiple of it
+
+
+def prefill_width(tokens: int) -> int:
+    """Padded width of a prefill piece: 16, 32, 64, then multiples of 64. Prefill pieces run
+    eagerly inside CUDA graphs (no compile per width), so fine widths cost only a capture each,
+    while powers of two would waste up to half of a piece's FLOPs on padding."""
+    if tokens <= PREFILL_WIDTH_STEP:
+        return bucket(tokens, MIN_PREFILL_WIDTH)
+    return -(-tokens // PREFILL_WIDTH_STEP) * PREFILL_WIDTH_STEP
+
+
+def chunk_shapes(prompt_len: int, start: int, chunk: int, pool_len: int) -> list[tuple[int, int, int, int]]:
+    """(offset, real width, padded width, attend length) of each prefill chunk of a prompt whose
+    first `start` positions are already cached; `chunk` 0 = the rest in one piece (of at most
+    MAX_PREFILL_WIDTH tokens)."""
+    out = []
+    offset = min(start, prompt_len - 1)  # the last prompt token always runs: its logits
+    limit = MAX_PREFILL_WIDTH if chunk <= 0 else min(chunk, MAX_PREFILL_WIDTH)
+    while offset < prompt_len:
+        width = min(limit, prompt_len - offset)
+        padded = prefill_width(width)
+        attend = min(bucket(offset + padded, MIN_LENGTH_BUCKET), pool_len)
+        out.append((offset, width, padded, attend))
+        offset += width
+    return out
+
+
+def pool_rows(gpu_rows: int) -> int:
+    """Rows a pool of `gpu_rows` decoding rows allocates: every decode bucket (a power of two
+    >= the running rows) reads a prefix of the pool, and one more row stages prefills."""
+    return max(bucket(gpu_rows), gpu_rows + 1)
+
+
+class KvPool:
+    """K and V of `rows` sequences x `length` positions for every layer, plain or int8 + scales."""
+
+    @staticmethod
+    def bytes_per_position(model: FastGlm, quantized: bool) -> int:
+        """Device bytes of one position of one sequence, all layers, K and V."""
+        cfg, dims = model.config, model.dims
+        per_head = dims.head_dim + model.dtype.itemsize if quantized else dims.head_dim * model.dtype.itemsize
+        return 2 * cfg.num_hidden_layers * dims.num_kv_heads * per_head
+
+    def __init__(self, model: FastGlm, rows: int, length: int, quantized: bool) -> None:
+        cfg, dims = model.config, model.dims
+        shape = (cfg.num_hidden_layers, rows, dims.num_kv_heads, length, dims.head_dim)
+        self.rows, self.length, self.quantized = rows, length, quantized
+        dtype = torch.int8 if quantized else model.dtype
+        # Zeros, not empty: masked positions meet zero weights, and garbage NaN would survive.
+        self.parts = [torch.zeros(shape, dtype=dtype, device=model.device) for _ in range(2)]
+        if quantized:
+            self.parts += [torch.zeros(shape[:-1], dtype=model.dtype, device=model.device) for _ in range(2)]
+
+    def nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parts)
+
+    def bytes_per_token(self) -> float:
+        """Device bytes of one position of one sequence, all layers, K and V."""
+        return self.nbytes() / (self.rows * self.length)
+
+    def views(self, first: int, count: int) -> tuple[list[Any], list[Any]]:
+        """Per-layer caches of rows [first, first + count): tensors, or (codes, scales) tuples."""
+        layers = self.parts[0].shape[0]
+        rows = slice(first, first + count)
+        if not self.quantized:
+            return ([self.parts[0][i, rows] for i in range(layers)], [self.parts[1][i, rows] for i in range(layers)])
+        k, v, ks, vs = self.parts
+        return ([(k[i, rows], ks[i, rows]) for i in range(layers)], [(v[i, rows], vs[i, rows]) for i in range(layers)])
+
+    def read(self, row: int, length: int) -> tuple[torch.Tensor, ...]:
+        """Copies of positions [0, length) of one row: one tensor per part, [layers, Hkv, length(, D)]."""
+        return tuple(p[:, row, :, :length].clone() for p in self.parts)
+
+    def write(self, row: int, parts: Sequence[torch.Tensor], offset: int = 0) -> None:
+        for dst, src in zip(self.parts, parts, strict=True):
+            dst[:, row, :, offset:offset + src.shape[2]].copy_(src, non_blocking=True)
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        for p in self.parts:
+            p[:, dst, :, :length].copy_(p[:, src, :, :length])
