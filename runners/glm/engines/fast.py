@@ -74,6 +74,7 @@ class FastEngine(StaticBatchEngine):
                                    "none (on CPU the static-cache engine runs eager with compile=false)")
         self.compile_error = ""
         # fused_attention: one sequence's decode step attends through the `decode_attention` kernel
+        self.fused_attention = fused_attention
         self._eager_layer_fn: LayerFn = (functools.partial(layer_forward, fused_attention=True) if fused_attention
                                          else layer_forward)
         self._layer_fn = self._eager_layer_fn
@@ -145,7 +146,8 @@ class FastEngine(StaticBatchEngine):
             self._slot_engine = SlotEngine(self.model, self.device, self._layer_fn, self._head_fn,
                                            self._eager_layer_fn, head_forward, kv_cache, kv_bits,
                                            prefill_chunk_tokens, self.graph_min_batch, self._graph_pool,
-                                           self._compile_failed, decode_length_step, self.batched_fns())
+                                           self._compile_failed, decode_length_step, self.batched_fns(),
+                                           fused_batch1=self.fused_attention)
             self._slot_engine_key = key
         return self._slot_engine
 

@@ -54,7 +54,8 @@ class SlotSteps:
                  eager_head_fn: Callable[..., torch.Tensor], kv_cache: str = "static", kv_bits: int = 8,
                  prefill_chunk_tokens: int = 0, graph_min_batch: int = 1, graph_pool: Any = None,
                  compile_failed: Callable[[BaseException], None] | None = None, decode_length_step: int = 0,
-                 batched_fns: tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]] | None = None) -> None:
+                 batched_fns: tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]] | None = None,
+                 fused_batch1: bool = False) -> None:
         if kv_cache not in POLICIES:
             raise InfeasibleConfig(f"the slot engine keeps kv_cache in {list(POLICIES)}, not {kv_cache!r}")
         if kv_cache == "quantized" and kv_bits != 8:
@@ -76,6 +77,9 @@ class SlotSteps:
         # decode_length_step 0: decode attention reads each row's own length through
         # `row_attention` (a Triton kernel on GPU); k > 1: masked matmuls over length buckets.
         self.row_attention = self.decode_length_step == 0
+        # decode_attention=cuda: a single running row decodes through FastEngine's batch-1 step and
+        # its fused CUDA attention kernel (what that knob asks for), at the cost of its own compile.
+        self.fused_batch1 = fused_batch1
         self._on_compile_failed = compile_failed
         self.compile_error = ""
         self.pad_id = int(model.config.pad_token_id or 0)
@@ -163,7 +167,7 @@ class SlotSteps:
         batch-1 shape-specialised compile with its coordinate-descent tuning is FastEngine's
         roofline path, 25-40 s of set-up for glm-4-9b); an idle second row costs a batch-1 step
         next to nothing (the weights dominate its bytes)."""
-        return 2 if self._batched_fns is not None else 1
+        return 2 if self._batched_fns is not None and not self.fused_batch1 else 1
 
     def _attend_lengths(self) -> list[int]:
         """Decode attend lengths: one, the pool's, when rows attend at their own lengths
@@ -263,7 +267,7 @@ class SlotSteps:
         rope = pos.clamp(max=self._rope_max)[:, None]
         layer_fn, head_fn = (self._layer_fn, self._head_fn) if b == 1 or self._batched_fns is None \
             else self._batched_fns
-        if self.row_attention:
+        if self.row_attention and not (b == 1 and self.fused_batch1):
             # Row b attends its positions [0, pos + 1); an idle row (parked on the scratch slot)
             # reads one position, so idle rows of a bucket move no KV.
             lengths = torch.where(pos == self.scratch, 1, pos + 1)  # [b]
