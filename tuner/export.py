@@ -40,7 +40,10 @@ def _row(trial: FrozenTrial, knobs: list[str], fixed: dict[str, Any]) -> dict[st
     row = {k: trial.params.get(k, resolved.get(k, fixed.get(k))) for k in knobs}
     metrics = attrs.get("metrics") or {}
     row.update({m: metrics[m] for m in METRICS if m in metrics})
-    row[REASON_COLUMN] = attrs.get("infeasible_reason", "") if attrs.get("outcome") == "infeasible" else ""
+    # A window stopped early ran (outcome ok) but was cut short: its partial metrics are no
+    # answer about the config, so its row carries the stop as the reason and replays infeasible.
+    cut_short = attrs.get("outcome") == "infeasible" or bool(attrs.get("stopped_early"))
+    row[REASON_COLUMN] = attrs.get("infeasible_reason", "") if cut_short else ""
     return row
 
 
