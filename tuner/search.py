@@ -59,12 +59,15 @@ def auto_sampler(space: Space) -> AutoChoice:
     """What `sampler: auto` runs, from the space's size, the budget and the objectives.
 
     Measured on the replayed CPU grid (benchmarks/search_efficiency.py, BENCHMARKS.md "Search
-    efficiency"; 180 points, 4 of 5 knobs categorical, 3 objectives, 56 % infeasible; 20 seeds),
-    median feasible hypervolume at 10 % of the grid: GP with 3 random start-up trials 0.855
-    (0.812 wrapped in NoRepeatSampler), GP with the default 10 0.624, multivariate TPE 0.318,
-    NSGA-II 0.193, random 0.294. So, in order:
+    efficiency"; 180 points, 4 of 5 knobs categorical, 3 objectives, 56 % infeasible; 20 seeds;
+    infeasible trials told the worst values), median feasible hypervolume at 10 % of the grid:
+    the GP as `auto` runs it (ExhaustiveGPSampler, 3 random start-up trials) 0.843, Optuna's GP
+    with 3 start-up trials in NoRepeatSampler 0.686, with the default 10 0.762, multivariate TPE
+    0.318, NSGA-II 0.193, random 0.294. So, in order:
     - a space no larger than the budget is searched exhaustively (grid): nothing beats it;
-    - up to GP_MAX_TRIALS trials and 3 objectives: Optuna's GP sampler, with few start-up trials.
+    - up to GP_MAX_TRIALS trials and 3 objectives: Optuna's GP sampler, with few start-up trials
+      (2 and 3 were within seed noise of each other over 40 seeds; 5 did worse); on a
+      finite space of up to EXHAUSTIVE_MAX_POINTS points as ExhaustiveGPSampler (`auto_gp`).
       It models constraints (one GP each, so the `runnable` and bound constraints steer it away
       from infeasible regions) and conditions on running trials (parallel workers). A large
       categorical share did not hurt it on the measured grid, so it does not decide here;
@@ -162,9 +165,10 @@ class ExhaustiveGPSampler(optuna.samplers.GPSampler):
       constraint GPs already model where the bounds fail, and clipped worst values put a cliff
       into the objective surface that the GP smooths into the neighbouring, feasible configs. A
       trial that could not run has no measured values and keeps the worst ones.
-    Measured on the replayed CPU grid (20 seeds, BENCHMARKS.md "Search efficiency"): median
-    feasible hypervolume at 10 % of the grid 97.1 % (GP + NoRepeatSampler: 68.6 %), at 5 % 42.4 %
-    (12.3 %); per suggestion ~3x cheaper, since no local search runs.
+    Measured on the replayed CPU grid (BENCHMARKS.md "Search efficiency", seeds 0-19): median
+    feasible hypervolume at 10 % of the grid 84.3 % (GP + NoRepeatSampler: 68.6 %; over 40 seeds
+    90.9 %), at 5 % 31.0 % (12.3 %); 4 simulated workers need 1.22x the trials of one (1.50x
+    before); per suggestion ~2.7x cheaper, since no local search runs.
     """
 
     def __init__(self, space: Space, points: list[dict[str, Any]], seed: int | None = None,
