@@ -267,3 +267,21 @@ def test_the_gp_reads_measured_values_of_trials_that_broke_a_bound():
         [5.0, 7.0], worst, [9.0, 3.0]]
     assert study.trials[0].values == worst  # the study itself is unchanged
     assert view.directions == study.directions
+
+
+def test_the_benchmark_replays_recorded_grids_and_names_a_missing_one(tmp_path):
+    verbosity = optuna.logging.get_verbosity()
+    try:
+        from benchmarks.search_efficiency import GRIDS, grid_tables
+    finally:
+        optuna.logging.set_verbosity(verbosity)  # the benchmark quiets Optuna for its own runs
+    found = grid_tables([])
+    assert GRIDS / "cpu_tiny.csv" in found
+    assert all(p.with_name(p.stem + "_space.yaml").exists() for p in found)
+    with pytest.raises(SystemExit, match="gpu_nope.csv does not exist"):
+        grid_tables(["gpu_nope"])
+    table = write_table(tmp_path / "mine.csv", [[1, 16, 1.0, 1.0, ""]])
+    with pytest.raises(SystemExit, match="mine_space.yaml does not exist"):
+        grid_tables([str(table)])
+    (tmp_path / "mine_space.yaml").write_text("study: mine\n")
+    assert grid_tables([str(table)]) == [table]
