@@ -269,6 +269,21 @@ def test_the_gp_reads_measured_values_of_trials_that_broke_a_bound():
     assert view.directions == study.directions
 
 
+def test_the_gp_counts_each_constraint_once():
+    from tuner.search import _MeasuredView
+    from tuner.study import store_constraint_list
+
+    study = optuna.create_study()
+    trial = study.ask({"x": optuna.distributions.IntDistribution(0, 9)})
+    trial.set_constraint("runnable", 0.0)
+    trial.set_constraint("kl_divergence<=0.1", 0.5)
+    store_constraint_list(study, trial, [0.0, 0.5])  # the list optuna-dashboard reads
+    study.tell(trial, 1.0)
+    assert len(study.trials[0].constraints) == 4  # named and listed: each bound twice
+    (seen,) = _MeasuredView(study, ["throughput_tok_s"])._get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert seen.constraints == {"runnable": 0.0, "kl_divergence<=0.1": 0.5}
+
+
 def test_the_benchmark_replays_recorded_grids_and_names_a_missing_one(tmp_path):
     verbosity = optuna.logging.get_verbosity()
     try:

@@ -217,7 +217,8 @@ def auto_gp(space: Space, seed: int | None, n_startup_trials: int) -> optuna.sam
 
 
 class _MeasuredView:
-    """The study as `ExhaustiveGPSampler`'s model reads it (see there); all else is the study's."""
+    """The study as `ExhaustiveGPSampler`'s model reads it (see there, and `_as_measured`); all
+    else is the study's."""
 
     def __init__(self, study: optuna.Study, metrics: list[str]) -> None:
         self._study = study
@@ -232,13 +233,22 @@ class _MeasuredView:
 
 
 def _as_measured(trial: FrozenTrial, metrics: list[str]) -> FrozenTrial:
+    view = trial
+    named = any(k.startswith("constraints:") for k in trial.system_attrs)
+    if named and "constraints" in trial.system_attrs:
+        # The plain list `tuner.study.store_constraint_list` writes for optuna-dashboard repeats the
+        # named constraints; the GP, taking constraints as independent, would multiply each bound's
+        # feasibility probability by itself. Without the copy (40 seeds, CPU grid): median HV at
+        # 5 / 10 % of the grid 51.5 / 93.1 % instead of 45.3 / 90.9 %.
+        view = copy.copy(trial)
+        view._system_attrs = {k: v for k, v in trial.system_attrs.items() if k != "constraints"}
     if trial.state != TrialState.COMPLETE or trial.values is None or all(math.isfinite(v) for v in trial.values):
-        return trial
+        return view
     recorded = trial.user_attrs.get("metrics") or {}
     measured = [recorded.get(m) for m in metrics]
     if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in measured):
-        return trial
-    view = copy.copy(trial)
+        return view
+    view = copy.copy(view)
     view.values = [float(v) for v in measured]
     return view
 
