@@ -61,7 +61,7 @@ def auto_sampler(space: Space) -> AutoChoice:
     Measured on the replayed CPU grid (benchmarks/search_efficiency.py, BENCHMARKS.md "Search
     efficiency"; 180 points, 4 of 5 knobs categorical, 3 objectives, 56 % infeasible; 20 seeds;
     infeasible trials told the worst values), median feasible hypervolume at 10 % of the grid:
-    the GP as `auto` runs it (ExhaustiveGPSampler, 3 random start-up trials) 0.843, Optuna's GP
+    the GP as `auto` runs it (ExhaustiveGPSampler, 3 random start-up trials) 0.879, Optuna's GP
     with 3 start-up trials in NoRepeatSampler 0.686, with the default 10 0.762, multivariate TPE
     0.318, NSGA-II 0.193, random 0.294. So, in order:
     - a space no larger than the budget is searched exhaustively (grid): nothing beats it;
@@ -166,9 +166,8 @@ class ExhaustiveGPSampler(optuna.samplers.GPSampler):
       into the objective surface that the GP smooths into the neighbouring, feasible configs. A
       trial that could not run has no measured values and keeps the worst ones.
     Measured on the replayed CPU grid (BENCHMARKS.md "Search efficiency", seeds 0-19): median
-    feasible hypervolume at 10 % of the grid 84.3 % (GP + NoRepeatSampler: 68.6 %; over 40 seeds
-    90.9 %), at 5 % 31.0 % (12.3 %); 4 simulated workers need 1.22x the trials of one (1.50x
-    before); per suggestion ~2.7x cheaper, since no local search runs.
+    feasible hypervolume at 10 % of the grid 87.9 % (GP + NoRepeatSampler: 68.6 %; over 40 seeds
+    93.1 %), at 5 % 38.5 % (12.3 %); per suggestion ~4x cheaper, since no local search runs.
     """
 
     def __init__(self, space: Space, points: list[dict[str, Any]], seed: int | None = None,
