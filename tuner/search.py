@@ -66,7 +66,7 @@ def auto_sampler(space: Space) -> AutoChoice:
     0.318, NSGA-II 0.193, random 0.294. So, in order:
     - a space no larger than the budget is searched exhaustively (grid): nothing beats it;
     - up to GP_MAX_TRIALS trials and 3 objectives: Optuna's GP sampler, with few start-up trials
-      (2 and 3 were within seed noise of each other over 40 seeds; 5 did worse); on a
+      (2 and 3 were within seed noise of each other over 40 seeds; 5, from a max-min start, did worse); on a
       finite space of up to EXHAUSTIVE_MAX_POINTS points as ExhaustiveGPSampler (`auto_gp`).
       It models constraints (one GP each, so the `runnable` and bound constraints steer it away
       from infeasible regions) and conditions on running trials (parallel workers). A large
