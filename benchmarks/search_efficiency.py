@@ -364,6 +364,19 @@ def markdown(all_results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def grid_tables(wanted: list[str]) -> list[Path]:
+    """The grids to replay: names of grids/NAME.csv or paths of CSV files (each with its
+    NAME_space.yaml beside it); every grids/*.csv with a space file when none is named."""
+    if not wanted:
+        return [p for p in sorted(GRIDS.glob("*.csv")) if p.with_name(p.stem + "_space.yaml").exists()]
+    paths = [Path(w) if w.endswith(".csv") else GRIDS / f"{w}.csv" for w in wanted]
+    for path in paths:
+        for needed in (path, path.with_name(path.stem + "_space.yaml")):
+            if not needed.exists():
+                raise SystemExit(f"--grids: {needed} does not exist (record it: {path.stem}_space.yaml says how)")
+    return paths
+
+
 def budget_points(g: dict[str, Any], share: float) -> int:
     return max(1, round(share * g["points"]))
 
@@ -372,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=20)
     p.add_argument("--extra-seeds", type=int, default=10, help="seeds of the warm-start and parallel runs")
-    p.add_argument("--grids", default="", help="comma-separated grid names (default: every grids/*.csv)")
+    p.add_argument("--grids", default="", help="comma-separated grid names or CSV paths (default: every grids/*.csv)")
     p.add_argument("--samplers", default=",".join(SAMPLERS))
     p.add_argument("--skip", default="", help="comma-separated: hidden,warm,parallel")
     p.add_argument("--warm-modes", default="identical,overlapping")
@@ -383,9 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     wanted = [g for g in args.grids.split(",") if g]
     skip = set(filter(None, args.skip.split(",")))
     all_results: dict[str, Any] = {}
-    for csv_path in sorted(GRIDS.glob("*.csv")):
-        if wanted and csv_path.stem not in wanted:
-            continue
+    for csv_path in grid_tables(wanted):
         t0 = time.perf_counter()
         grid = load_grid(csv_path)
         trials = budget(grid, MAX_SHARE)

@@ -209,3 +209,21 @@ def test_export_keeps_the_first_of_repeated_configs(tmp_path):
     rows, repeats = export_table(study, tmp_path / "again.csv")
     assert (rows, repeats) == (1, 1)
     assert replay(load_table(tmp_path / "again.csv"), knobs()).metrics["throughput_tok_s"] == 380.0
+
+
+def test_export_replays_a_window_stopped_early_as_infeasible(tmp_path):
+    """A stopped window ran (outcome ok) with partial metrics: its row keeps the stop as the reason."""
+    dist = {"batch_size": optuna.distributions.CategoricalDistribution([1, 2])}
+    study = optuna.create_study(study_name="stopped", directions=["maximize"])
+    study.set_user_attr("space", {"params": {"batch_size": {"type": "categorical", "choices": [1, 2]}}})
+    reason = "window stopped early: over-saturation"
+    for batch, attrs in ((1, {"outcome": "ok", "metrics": {"throughput_tok_s": 50.0}}),
+                         (2, {"outcome": "ok", "metrics": {"throughput_tok_s": 90.0},
+                              "stopped_early": {"rule": "over-saturation"}, "infeasible_reason": reason})):
+        study.add_trial(optuna.trial.create_trial(params={"batch_size": batch}, distributions=dist,
+                                                  values=[attrs["metrics"]["throughput_tok_s"]], user_attrs=attrs))
+    export_table(study, tmp_path / "t.csv")
+    table = load_table(tmp_path / "t.csv")
+    ran, stopped = replay(table, {"batch_size": 1}), replay(table, {"batch_size": 2})
+    assert (ran.status, ran.metrics["throughput_tok_s"]) == ("ok", 50.0)
+    assert (stopped.status, stopped.reason) == ("infeasible", reason)

@@ -10,7 +10,7 @@ from tuner.space import load_space, validate
 from tuner.storage import open_storage
 from tuner.study import RunOptions, make_sampler, run_study
 
-SAMPLER_CLASSES = {"auto": "NoRepeatSampler", "tpe": "TPESampler", "nsga2": "NSGAIISampler",
+SAMPLER_CLASSES = {"auto": "ExhaustiveGPSampler", "tpe": "TPESampler", "nsga2": "NSGAIISampler",
                    "gp": "GPSampler", "random": "RandomSampler", "grid": "GridSampler"}
 
 

@@ -217,16 +217,86 @@ def test_no_repeat_sampler_explores_instead_of_repeating_a_tried_or_running_conf
     assert 1 not in xs and len(set(xs)) == 4
 
 
-def test_auto_wraps_only_finite_spaces(tmp_path):
-    from tuner.search import NoRepeatSampler
+def test_auto_scores_every_point_of_a_finite_space_and_wraps_larger_ones(tmp_path, monkeypatch):
+    import tuner.search
+    from tuner.search import ExhaustiveGPSampler, NoRepeatSampler
     from tuner.study import make_sampler
 
     table = saturating_table(tmp_path / "t.csv")
     finite = validate(raw(table, sampler="auto", trials=6), "s.yaml", "s")
+    assert isinstance(make_sampler(finite), ExhaustiveGPSampler)
+    monkeypatch.setattr(tuner.search, "EXHAUSTIVE_MAX_POINTS", 11)  # 12 points: too many to enumerate
     sampler = make_sampler(finite)
-    assert isinstance(sampler, NoRepeatSampler) and isinstance(sampler._inner, optuna.samplers.GPSampler)
+    assert isinstance(sampler, NoRepeatSampler) and type(sampler._inner) is optuna.samplers.GPSampler
     table2 = tmp_path / "f.csv"
     table2.write_text("batch_timeout_ms,throughput_tok_s\n1.0,1.0\n")
     continuous = validate({**raw(table2, sampler="auto", trials=6),
                            "params": {"batch_timeout_ms": {"type": "float", "low": 0.5, "high": 5.0}}}, "s.yaml", "s")
-    assert isinstance(make_sampler(continuous), optuna.samplers.GPSampler)
+    assert type(make_sampler(continuous)) is optuna.samplers.GPSampler
+
+
+def test_exhaustive_gp_never_repeats_a_tried_or_running_config(tmp_path):
+    from tuner.search import ExhaustiveGPSampler, grid_points
+
+    space = validate(raw(saturating_table(tmp_path / "t.csv"), sampler="auto", trials=6), "s.yaml", "s")
+    points = grid_points(space)
+    assert [p["batch_size"] for p in points] == list(range(1, 13))
+    study = optuna.create_study(directions=["maximize", "minimize"],
+                                sampler=ExhaustiveGPSampler(space, points, seed=0, n_startup_trials=2))
+    seen = []
+    for _ in range(5):  # ask two at once: the second must avoid the first, still running
+        pair = [study.ask(space.distributions()), study.ask(space.distributions())]
+        for trial in pair:
+            seen.append(trial.params["batch_size"])
+            study.tell(trial, [100.0 * min(seen[-1], 4), 10.0])
+    assert len(seen) == 10 and len(set(seen)) == 10
+
+
+def test_the_gp_reads_measured_values_of_trials_that_broke_a_bound():
+    from tuner.search import _MeasuredView
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    dist = {"x": optuna.distributions.IntDistribution(0, 9)}
+    worst = [float("-inf"), float("inf")]
+    for x, attrs, values in ((0, {"metrics": {"throughput_tok_s": 5.0, "latency_p99_ms": 7.0}}, worst),
+                             (1, {}, worst),  # could not run: nothing measured
+                             (2, {"metrics": {"throughput_tok_s": 9.0, "latency_p99_ms": 3.0}}, [9.0, 3.0])):
+        study.add_trial(optuna.trial.create_trial(params={"x": x}, distributions=dist, values=values, user_attrs=attrs))
+    view = _MeasuredView(study, ["throughput_tok_s", "latency_p99_ms"])
+    assert [t.values for t in view._get_trials(states=(optuna.trial.TrialState.COMPLETE,))] == [
+        [5.0, 7.0], worst, [9.0, 3.0]]
+    assert study.trials[0].values == worst  # the study itself is unchanged
+    assert view.directions == study.directions
+
+
+def test_the_gp_counts_each_constraint_once():
+    from tuner.search import _MeasuredView
+    from tuner.study import store_constraint_list
+
+    study = optuna.create_study()
+    trial = study.ask({"x": optuna.distributions.IntDistribution(0, 9)})
+    trial.set_constraint("runnable", 0.0)
+    trial.set_constraint("kl_divergence<=0.1", 0.5)
+    store_constraint_list(study, trial, [0.0, 0.5])  # the list optuna-dashboard reads
+    study.tell(trial, 1.0)
+    assert len(study.trials[0].constraints) == 4  # named and listed: each bound twice
+    (seen,) = _MeasuredView(study, ["throughput_tok_s"])._get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert seen.constraints == {"runnable": 0.0, "kl_divergence<=0.1": 0.5}
+
+
+def test_the_benchmark_replays_recorded_grids_and_names_a_missing_one(tmp_path):
+    verbosity = optuna.logging.get_verbosity()
+    try:
+        from benchmarks.search_efficiency import GRIDS, grid_tables
+    finally:
+        optuna.logging.set_verbosity(verbosity)  # the benchmark quiets Optuna for its own runs
+    found = grid_tables([])
+    assert GRIDS / "cpu_tiny.csv" in found
+    assert all(p.with_name(p.stem + "_space.yaml").exists() for p in found)
+    with pytest.raises(SystemExit, match="gpu_nope.csv does not exist"):
+        grid_tables(["gpu_nope"])
+    table = write_table(tmp_path / "mine.csv", [[1, 16, 1.0, 1.0, ""]])
+    with pytest.raises(SystemExit, match="mine_space.yaml does not exist"):
+        grid_tables([str(table)])
+    (tmp_path / "mine_space.yaml").write_text("study: mine\n")
+    assert grid_tables([str(table)]) == [table]

@@ -41,7 +41,10 @@ def _row(trial: FrozenTrial, knobs: list[str], fixed: dict[str, Any]) -> dict[st
     row = {k: trial.params.get(k, resolved.get(k, fixed.get(k))) for k in knobs}
     metrics = record.metrics(trial)
     row.update({m: metrics[m] for m in METRICS if m in metrics})
-    row[REASON_COLUMN] = record.INFEASIBLE_REASON.get(trial, "") if outcome == "infeasible" else ""
+    # A window stopped early ran (outcome ok) but was cut short: its partial metrics are no
+    # answer about the config, so its row carries the stop as the reason and replays infeasible.
+    cut_short = outcome == "infeasible" or bool(record.STOPPED_EARLY.get(trial))
+    row[REASON_COLUMN] = record.INFEASIBLE_REASON.get(trial, "") if cut_short else ""
     return row
 
 

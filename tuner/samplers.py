@@ -53,6 +53,8 @@ def make_sampler(space: Space, salt: str = "") -> optuna.samplers.BaseSampler:
         if choice.sampler == "grid":
             return SAMPLERS["grid"](space, seed, startup)
         startup = search.n_startup_trials or choice.n_startup_trials or startup
+        if choice.sampler == "gp" and (exhaustive := search_policy.auto_gp(space, seed, startup)) is not None:
+            return exhaustive  # a finite space: the GP scores every untried point (tuner/search.py)
         # `auto` never repeats a tried or running config of a finite space (NoRepeatSampler).
         inner = SAMPLERS[choice.sampler](space, seed, startup)
         return search_policy.NoRepeatSampler(inner, seed) if search_policy.space_size(space) < math.inf else inner
