@@ -126,7 +126,7 @@ def run_search(grid: Grid, sampler: str, seed: int, trials: int, workers: int = 
     samplers = [study.sampler] + [make_sampler(space, salt=f"worker {i}") for i in range(1, workers)]
     ledger = study if not hide_infeasible else optuna.create_study(directions=directions)
     if seeded is not None:
-        from tuner.search import warm_start
+        from tuner.warm_start import warm_start
 
         warm_start(study, space, seeded)
     carried = len(study.trials)

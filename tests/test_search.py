@@ -271,7 +271,7 @@ def test_the_gp_reads_measured_values_of_trials_that_broke_a_bound():
 
 def test_the_gp_counts_each_constraint_once():
     from tuner.search import _MeasuredView
-    from tuner.study import store_constraint_list
+    from tuner.tell import store_constraint_list
 
     study = optuna.create_study()
     trial = study.ask({"x": optuna.distributions.IntDistribution(0, 9)})

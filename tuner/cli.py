@@ -97,7 +97,7 @@ def run_main(argv: list[str]) -> int:
     out_dir = _out_dir(args.out, space.study)
     check_storage(storage_url)  # the storage and the folder are checked before either is created
     if space.search.warm_start is not None:
-        from tuner.search import load_source
+        from tuner.warm_start import load_source
 
         load_source(space.search.warm_start, storage_url)  # a missing source study: exit 2, nothing created
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +19,7 @@ import optuna
 from optuna._hypervolume import compute_hypervolume  # what plot_hypervolume_history uses
 from optuna.trial import FrozenTrial, TrialState
 
-from tuner.space import PlateauStop, Space, WarmStart
+from tuner.space import PlateauStop, Space
 
 # ---------------------------------------------------------------- the `auto` sampler
 
@@ -353,124 +353,3 @@ def study_plateau(study: optuna.Study, rule: PlateauStop) -> Plateau | None:
 
 
 # ---------------------------------------------------------------- warm start
-
-
-@dataclass
-class WarmStartResult:
-    source: str
-    mode: str  # identical | overlapping | none
-    carried: list[int]  # trial numbers in the source study
-    detail: str = ""
-
-
-def _space_signature(raw: dict[str, Any]) -> dict[str, Any]:
-    """What makes two spaces the same search: params, fixed knobs, objectives, constraints, runner,
-    model and workload (a changed model, device or load makes earlier values another problem)."""
-    keys = ("runner", "model", "device", "workload", "params", "fixed", "objectives", "constraints")
-    return {k: raw.get(k) for k in keys}
-
-
-def warm_start(study: optuna.Study, space: Space, source: optuna.Study,
-               before_enqueue: Callable[[], None] = lambda: None) -> WarmStartResult:
-    """Seed a fresh study with `source`'s knowledge; each seeded trial carries `warm_start_from`.
-
-    Identical spaces: every finished trial is copied with `add_trials` (values, constraints and
-    user attributes as measured), marked `carried_over`, and does not use this study's budget.
-    Overlapping spaces (another model size, GPU, range): the source's feasible Pareto set is
-    enqueued first, each config cut to this space's params and dropped where a value falls
-    outside this space's ranges; those trials run here and count, after whatever
-    `before_enqueue` queues (the study's baseline, so it stays the first trial).
-    """
-    earlier = source.user_attrs.get("space") or {}
-    if earlier and _space_signature(earlier) == _space_signature(space.raw):
-        return _copy_trials(study, source)
-    before_enqueue()
-    return _enqueue_front(study, space, source)
-
-
-def _copy_trials(study: optuna.Study, source: optuna.Study) -> WarmStartResult:
-    copies = []
-    for t in source.get_trials(deepcopy=True, states=(TrialState.COMPLETE,)):
-        if t.values is None or len(t.values) != len(study.directions):
-            continue
-        attrs = {**t.user_attrs, "warm_start_from": {"study": source.study_name, "trial": t.number},
-                 "carried_over": True}
-        copies.append(optuna.trial.create_trial(
-            state=TrialState.COMPLETE, values=t.values, params=t.params, distributions=t.distributions,
-            user_attrs=attrs, system_attrs=t.system_attrs, intermediate_values=t.intermediate_values))
-    study.add_trials(copies)
-    carried = [c.user_attrs["warm_start_from"]["trial"] for c in copies]
-    return WarmStartResult(source.study_name, "identical", carried,
-                           f"copied {len(carried)} finished trial(s) of the identical space")
-
-
-def _enqueue_front(study: optuna.Study, space: Space, source: optuna.Study) -> WarmStartResult:
-    if [d.name for d in source.directions] != [d.name for d in study.directions] or \
-            (source.metric_names or []) != [o.metric for o in space.objectives]:
-        front = _feasible_front_by_names(source, space)
-    else:
-        front = [t for t in source.best_trials if feasible(t)]
-    distributions = space.distributions()
-    carried, dropped = [], 0
-    seen: set[str] = set()
-    for t in front:
-        params = {k: v for k, v in t.params.items() if k in distributions}
-        if not params or not all(_contains(distributions[k], v) for k, v in params.items()):
-            dropped += 1
-            continue
-        key = repr(sorted(params.items()))
-        if key in seen:
-            continue
-        seen.add(key)
-        study.enqueue_trial(params, user_attrs={"warm_start_from": {"study": source.study_name,
-                                                                    "trial": t.number}})
-        carried.append(t.number)
-    detail = f"enqueued {len(carried)} Pareto config(s) of the overlapping space"
-    if dropped:
-        detail += f"; {dropped} fell outside this space's ranges"
-    return WarmStartResult(source.study_name, "overlapping", carried, detail)
-
-
-def _feasible_front_by_names(source: optuna.Study, space: Space) -> list[FrozenTrial]:
-    """The Pareto set under *this* space's objectives, read from the source trials' metrics."""
-    metrics = [o.metric for o in space.objectives]
-    directions = [o.direction for o in space.objectives]
-    rows = []
-    for t in source.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        recorded = t.user_attrs.get("metrics") or {}
-        if feasible(t) and all(m in recorded for m in metrics):
-            rows.append((t, [float(recorded[m]) for m in metrics]))
-    if not rows:
-        return []
-    loss = losses([v for _, v in rows], directions)
-    keep = [i for i in range(len(rows))
-            if not any((loss[j] <= loss[i]).all() and (loss[j] < loss[i]).any() for j in range(len(rows)))]
-    return [rows[i][0] for i in keep]
-
-
-def _contains(distribution: optuna.distributions.BaseDistribution, value: Any) -> bool:
-    """Whether `value` is a point of `distribution` (in range and on its step)."""
-    if isinstance(distribution, optuna.distributions.CategoricalDistribution):
-        return value in distribution.choices
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    low, high = distribution.low, distribution.high
-    if not low - 1e-12 <= value <= high + 1e-12:
-        return False
-    step = getattr(distribution, "step", None)
-    if not step:
-        return True
-    units = (value - low) / step
-    return math.isclose(units, round(units), abs_tol=1e-9)
-
-
-def load_source(rule: WarmStart, storage_url: str) -> optuna.Study:
-    """The earlier study a warm start reads (a usage error when it does not exist)."""
-    from tuner.errors import UsageError
-    from tuner.storage import open_existing_storage
-
-    url = rule.storage or storage_url
-    try:
-        return optuna.load_study(study_name=rule.study, storage=open_existing_storage(url, None))
-    except (KeyError, UsageError):
-        raise UsageError(f"search.warm_start: no study {rule.study!r} in {url}") from None

@@ -20,7 +20,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from tuner import record
+from tuner import record, warm_start
 from tuner import search as search_policy
 from tuner.drift import measure_drift
 from tuner.errors import UsageError
@@ -235,8 +235,8 @@ def apply_warm_start(study: optuna.Study, space: Space, storage_url: str, progre
     rule = space.search.warm_start
     if rule is None or record.STUDY_WARM_START.recorded(study):
         return
-    source = search_policy.load_source(rule, storage_url)
-    result = search_policy.warm_start(study, space, source, lambda: ensure_baseline(study, space))
+    source = warm_start.load_source(rule, storage_url)
+    result = warm_start.warm_start(study, space, source, lambda: ensure_baseline(study, space))
     record.STUDY_WARM_START.put(study, {"study": result.source, "mode": result.mode, "trials": result.carried})
     progress.say(f"warm start from study {result.source}: {result.detail} "
                  f"(trials {_numbers(result.carried)}; user attr warm_start_from)")
