@@ -27,7 +27,6 @@
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -54,6 +53,7 @@ from runners.corpus import (  # noqa: F401 - re-exported: the corpus steps were 
     unigram_entropy,
 )
 from runners.presets import PRESETS
+from runners.reference_keep import BestCheckpoint
 
 PEAK_LR = {"glm-tiny": 3e-3, "glm-small": 6e-4}  # others: 3e-4
 CPU_KNOBS = {"micro_batch_size": 8, "seq_len": 128}
@@ -124,6 +124,8 @@ class Options:
     device: str
     seed: int
     resume: bool
+    validation_fraction: float = 0.02  # documents (apart from the held-out ones) that pick the checkpoint
+    keep: str = "best"  # best: the checkpoint of lowest validation loss; last: the final weights
 
 
 def make_reference(opts: Options) -> dict[str, Any]:
@@ -158,6 +160,7 @@ def prepare_corpus(opts: Options) -> dict[str, Any]:
     docs, described = file_documents(opts.text) if opts.text else stdlib_documents(max_bytes)
     docs = cap_documents(docs, max_bytes)
     train_docs, heldout_docs = split_documents(docs, opts.heldout_fraction)
+    train_docs, validation_docs = split_documents(train_docs, opts.validation_fraction)
     shape = PRESETS[opts.preset]
     tokenizer = train_tokenizer([d.text for d in train_docs], shape["vocab_size"], shape["max_position_embeddings"])
     train_ids, heldout_ids = token_stream(tokenizer, train_docs), token_stream(tokenizer, heldout_docs)
@@ -166,6 +169,7 @@ def prepare_corpus(opts: Options) -> dict[str, Any]:
     tokenizer.save_pretrained(opts.out)
     np.save(folder / "train_ids.npy", train_ids)
     np.save(folder / "heldout_ids.npy", heldout_ids)
+    np.save(folder / "validation_ids.npy", token_stream(tokenizer, validation_docs))
     (folder / "heldout.txt").write_text("".join(d.text for d in heldout_docs), encoding="utf-8")
     corpus_hash = hashlib.sha256("".join(d.digest for d in docs).encode()).hexdigest()
     meta = {
@@ -173,7 +177,9 @@ def prepare_corpus(opts: Options) -> dict[str, Any]:
         "corpus": {"source": described, "documents": len(docs), "bytes": sum(len(d.text.encode()) for d in docs),
                    "max_mb": opts.max_mb, "names_sha256": corpus_hash, "python": platform.python_version()},
         "split": {"rule": f"the {opts.heldout_fraction:g} of documents with the smallest SHA-256 of their name",
+                  "validation": f"then the {opts.validation_fraction:g} of the rest, likewise (picks the checkpoint)",
                   "train_documents": len(train_docs), "heldout_documents": len(heldout_docs),
+                  "validation_documents": len(validation_docs),
                   "train_tokens": int(train_ids.size), "heldout_tokens": int(heldout_ids.size)},
         "tokenizer": {"kind": "byte-level BPE (tokenizers)", "vocab_size": len(tokenizer),
                       "bytes_per_token": round(sum(len(d.text.encode()) for d in train_docs) / train_ids.size, 3)},
@@ -215,6 +221,11 @@ def train(opts: Options, meta: dict[str, Any]) -> dict[str, Any]:
     step = make_step(model, plan, device, peak_lr, opts.steps)
     stream = torch.from_numpy(np.load(opts.out / "text" / "train_ids.npy").astype(np.int64)).to(device)
     heldout = np.load(opts.out / "text" / "heldout_ids.npy")
+    validation_file = opts.out / "text" / "validation_ids.npy"  # absent in references made before it
+    validation = np.load(validation_file) if validation_file.is_file() else None
+    best = BestCheckpoint(opts.out, opts.keep if validation is not None else "last")
+    if opts.resume:
+        best.restore()
     if stream.numel() <= plan.seq_len:
         raise ReferenceError(f"{stream.numel()} training tokens, fewer than seq_len={plan.seq_len}: give more text")
     done, curve, elapsed = _restore(opts.out, model, step) if opts.resume else (0, [], 0.0)
@@ -232,11 +243,14 @@ def train(opts: Options, meta: dict[str, Any]) -> dict[str, Any]:
             done += 1
             curve.append({"step": done, "tokens_seen": done * plan.tokens_per_step, "loss": round(loss, 5),
                           "lr": step.schedule.get_last_lr()[0], "elapsed_s": round(time.perf_counter() - t_start, 2),
-                          "heldout_loss": ""})
+                          "heldout_loss": "", "validation_loss": ""})
         timed_out = opts.max_minutes and time.perf_counter() - t_start >= opts.max_minutes * 60
         checkpoint = done % opts.checkpoint_every == 0 or done == last or timed_out
         if checkpoint:
             curve[-1]["heldout_loss"] = round(heldout_loss(model, heldout, plan, device), 5)
+            if validation is not None:
+                curve[-1]["validation_loss"] = round(heldout_loss(model, validation, plan, device), 5)
+                best.offer(model, done, curve[-1]["validation_loss"])
         _print_progress(curve[-1], opts.steps, entropy, tokens_s)
         if checkpoint:
             _save_state(opts.out, model, step, done, curve, time.perf_counter() - t_start)
@@ -245,7 +259,8 @@ def train(opts: Options, meta: dict[str, Any]) -> dict[str, Any]:
             break
     if not stopped:
         stopped = "finished" if done >= opts.steps else f"--stop-at {last}: resume with --resume"
-    return _finish(opts, meta, model, curve, knobs, peak_lr, device, stopped)
+    kept = best.apply(model, done)
+    return _finish(opts, meta, model, curve, knobs, peak_lr, device, stopped, kept)
 
 
 def _train_knobs(knobs: dict[str, Any]) -> dict[str, Any]:
@@ -316,15 +331,17 @@ def _restore(out: Path, model: Any, step: Any) -> tuple[int, list[dict[str, Any]
 
 
 def _finish(opts: Options, meta: dict[str, Any], model: Any, curve: list[dict[str, Any]], knobs: dict[str, Any],
-            peak_lr: float, device: str, stopped: str) -> dict[str, Any]:
-    """Save the transformers checkpoint and the training summary."""
+            peak_lr: float, device: str, stopped: str, kept: dict[str, Any]) -> dict[str, Any]:
+    """Save the transformers checkpoint (the `kept` weights) and the training summary."""
     model.save_pretrained(opts.out)
     last = curve[-1] if curve else {}
     tail = [row["loss"] for row in curve[-20:]]
     meta["training"] = {
         "steps": last.get("step", 0), "planned_steps": opts.steps, "tokens_seen": last.get("tokens_seen", 0),
         "loss_last_20_steps": sum(tail) / len(tail) if tail else None,
-        "heldout_loss": next((r["heldout_loss"] for r in reversed(curve) if r["heldout_loss"] != ""), None),
+        "heldout_loss": next((r["heldout_loss"] for r in reversed(curve)
+                              if r["heldout_loss"] != "" and int(r["step"]) <= kept["step"]), None),
+        "kept": kept,
         "unigram_entropy_nats": meta["unigram_entropy_nats"], "peak_lr": peak_lr, "device": device,
         "knobs": _train_knobs(knobs), "elapsed_s": last.get("elapsed_s", 0.0), "stopped": stopped,
     }
@@ -332,7 +349,8 @@ def _finish(opts: Options, meta: dict[str, Any], model: Any, curve: list[dict[st
     held = meta["training"]["heldout_loss"]
     print(f"saved {opts.out} (model: {{path: {opts.out}}}): {meta['training']['steps']} steps, "
           f"{meta['training']['tokens_seen']:,} tokens seen, held-out loss {held} vs unigram entropy "
-          f"{meta['unigram_entropy_nats']:.3f} nats/token; {stopped}", flush=True)
+          f"{meta['unigram_entropy_nats']:.3f} nats/token; {stopped}; weights of step {kept['step']} "
+          f"({kept['rule']})", flush=True)
     return meta
 
 
@@ -344,68 +362,10 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 # ---------------------------------------------------------------- command line
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="autoglm-tune make-reference",
-        description="Train a byte-level BPE tokenizer and a GLM preset on local text; save a transformers "
-                    "checkpoint (with tokenizer and held-out text) that `model: {path: DIR}` loads.")
-    p.add_argument("--preset", default="glm-small", choices=sorted(PRESETS), help="model shape (default glm-small)")
-    p.add_argument("--out", help="checkpoint folder (default runs/reference/<preset>)")
-    p.add_argument("--text", nargs="+", metavar="FILE", help="training text files or folders "
-                   "(default: this Python's standard library .py sources)")
-    p.add_argument("--max-mb", type=float, default=48.0, help="corpus size cap in MiB (default 48)")
-    p.add_argument("--heldout-fraction", type=float, default=0.02, help="share of documents held out (default 0.02)")
-    p.add_argument("--steps", type=int, default=2000, help="optimizer steps in all (default 2000)")
-    p.add_argument("--stop-at", type=int, default=0, help="stop (checkpointed) after this step; --resume goes on")
-    p.add_argument("--max-minutes", type=float, default=0.0, help="stop (checkpointed) after this long; 0 = no cap")
-    p.add_argument("--checkpoint-every", type=int, default=500, help="steps between resumable checkpoints")
-    p.add_argument("--log-every", type=int, default=50, help="steps between progress lines")
-    p.add_argument("--knob", action="append", default=[], metavar="NAME=VALUE",
-                   help="a glm-train knob (micro_batch_size, seq_len, amp_dtype, compile, grad_checkpointing, ...), "
-                        "e.g. a tuned trial's; repeatable")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: 3e-3 tiny, 6e-4 small, 3e-4 larger)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:K")
-    p.add_argument("--seed", type=int, default=0, help="model initialisation and batch order")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint "
-                   "(with its saved knobs, lr and seed; --steps, --stop-at, --max-minutes from this command)")
-    return p
-
-
-def parse_knobs(pairs: list[str]) -> dict[str, Any]:
-    import yaml
-
-    from runners.knobs import TRAIN_KNOBS
-
-    knobs: dict[str, Any] = {}
-    for pair in pairs:
-        name, sep, text = pair.partition("=")
-        if not sep or name not in TRAIN_KNOBS or name == "memory_limit_mib":
-            known = ", ".join(k for k in TRAIN_KNOBS if k != "memory_limit_mib")
-            raise ReferenceError(f"--knob {pair}: expected NAME=VALUE with NAME one of {known}")
-        value = yaml.safe_load(text)
-        problem = TRAIN_KNOBS[name].check(value)
-        if problem:
-            raise ReferenceError(f"--knob {name}: {problem}")
-        knobs[name] = value
-    if knobs.get("optimizer") == "adamw_cpu_offload":
-        raise ReferenceError("--knob optimizer=adamw_cpu_offload: its host-side optimizer takes no LR schedule")
-    return knobs
-
-
-def options(args: argparse.Namespace) -> Options:
-    for name in ("steps", "checkpoint_every", "log_every"):
-        if getattr(args, name) < 1:
-            raise ReferenceError(f"--{name.replace('_', '-')} must be >= 1")
-    if not 0 < args.heldout_fraction < 1 or args.max_mb <= 0:
-        raise ReferenceError("--heldout-fraction must be in (0, 1) and --max-mb > 0")
-    out = Path(args.out or Path("runs") / "reference" / args.preset)
-    return Options(args.preset, out, args.text, args.max_mb, args.heldout_fraction, args.steps, args.stop_at,
-                   args.max_minutes, args.checkpoint_every, args.log_every, parse_knobs(args.knob), args.lr,
-                   args.device, args.seed, args.resume)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done, 1 run-time failure, 2 usage error, 130 interrupted (resume from the last checkpoint)."""
+    from runners.reference_cli import options, parser
+
     args = parser().parse_args(argv)
     try:
         opts = options(args)

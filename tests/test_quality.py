@@ -62,12 +62,42 @@ def test_checkpoint_round_trips_through_model_path_with_its_tokenizer(reference)
     text = (reference / "text" / "heldout.txt").read_text()[:3000]
     assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text  # byte-level: lossless
     loaded = build_model({"path": str(reference)}, torch.float32, "cpu", seed=123)
-    trained = torch.load(reference / "resume" / "state.pt", weights_only=True)["model"]
-    assert all(torch.equal(loaded.state_dict()[name], tensor) for name, tensor in trained.items())
     meta = json.loads((reference / "reference.json").read_text())
+    kept = meta["training"]["kept"]
+    # The saved weights are the checkpoint of lowest validation loss (the last one, or resume/best.pt).
+    source = "state.pt" if kept["step"] == meta["training"]["steps"] else "best.pt"
+    trained = torch.load(reference / "resume" / source, weights_only=True)["model"]
+    assert all(torch.equal(loaded.state_dict()[name], tensor) for name, tensor in trained.items())
     assert meta["training"]["steps"] == 60 and meta["split"]["heldout_tokens"] > 256
     curve = (reference / "loss_curve.csv").read_text().splitlines()
     assert len(curve) == 61 and float(curve[-1].split(",")[2]) < math.log(1024)  # below the uniform loss
+
+
+def test_saved_checkpoint_is_the_lowest_validation_loss_and_validation_is_its_own_split(reference):
+    import csv
+
+    meta = json.loads((reference / "reference.json").read_text())
+    with (reference / "loss_curve.csv").open() as handle:
+        scored = [(float(r["validation_loss"]), int(r["step"])) for r in csv.DictReader(handle) if r["validation_loss"]]
+    assert len(scored) == 2  # checkpoints at steps 30 and 60
+    assert meta["training"]["kept"] == {"rule": "lowest validation loss", "step": min(scored)[1],
+                                        "validation_loss": min(scored)[0]}
+    split = meta["split"]
+    assert split["validation_documents"] >= 1 and split["heldout_documents"] >= 1
+    validation = np.load(reference / "text" / "validation_ids.npy")
+    heldout = np.load(reference / "text" / "heldout_ids.npy")
+    assert validation.size > 0 and not np.array_equal(validation[:64], heldout[:64])
+
+
+def test_keep_last_saves_the_final_weights(tmp_path):
+    out = tmp_path / "last"
+    meta = make_reference(Options("glm-tiny", out, SMALL_TEXT, 0.25, 0.05, 8, 0, 0.0, 4, 4,
+                                  {"micro_batch_size": 2, "seq_len": 32}, None, "cpu", 0, False, keep="last"))
+    assert meta["training"]["kept"] == {"rule": "last step", "step": 8}
+    loaded = build_model({"path": str(out)}, torch.float32, "cpu", seed=1)
+    final = torch.load(out / "resume" / "state.pt", weights_only=True)["model"]
+    assert all(torch.equal(loaded.state_dict()[name], tensor) for name, tensor in final.items())
+    assert not (out / "resume" / "best.pt").exists()
 
 
 def test_resume_continues_exactly_where_an_uninterrupted_run_goes(tmp_path):
