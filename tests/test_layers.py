@@ -137,8 +137,7 @@ def test_the_check_fails_on_planted_violations(tmp_path):
 # Calls that write a user attr by key.
 _WRITERS = {"set_user_attr", "set_trial_user_attr", "set_study_user_attr"}
 # Files that still spell user-attr keys themselves: only tuner/record.py declares them.
-# tuner/search.py and tuner/warm_start.py still write warm_start_from / carried_over by name.
-RECORD_EXEMPT = {"tuner/record.py", "tuner/search.py", "tuner/warm_start.py"}
+RECORD_EXEMPT = {"tuner/record.py"}
 
 
 def _is_user_attrs(node: ast.AST) -> bool:

@@ -19,6 +19,7 @@ import optuna
 from optuna._hypervolume import compute_hypervolume  # what plot_hypervolume_history uses
 from optuna.trial import FrozenTrial, TrialState
 
+from tuner import record
 from tuner.space import PlateauStop, Space
 
 # ---------------------------------------------------------------- the `auto` sampler
@@ -243,7 +244,7 @@ def _as_measured(trial: FrozenTrial, metrics: list[str]) -> FrozenTrial:
         view._system_attrs = {k: v for k, v in trial.system_attrs.items() if k != "constraints"}
     if trial.state != TrialState.COMPLETE or trial.values is None or all(math.isfinite(v) for v in trial.values):
         return view
-    recorded = trial.user_attrs.get("metrics") or {}
+    recorded = record.metrics(trial)
     measured = [recorded.get(m) for m in metrics]
     if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in measured):
         return view

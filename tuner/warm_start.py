@@ -11,6 +11,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from tuner import record
 from tuner.search import feasible, losses
 from tuner.space import Space, WarmStart
 
@@ -41,7 +42,7 @@ def warm_start(study: optuna.Study, space: Space, source: optuna.Study,
     outside this space's ranges; those trials run here and count, after whatever
     `before_enqueue` queues (the study's baseline, so it stays the first trial).
     """
-    earlier = source.user_attrs.get("space") or {}
+    earlier = record.STUDY_SPACE.get(source) or {}
     if earlier and _space_signature(earlier) == _space_signature(space.raw):
         return _copy_trials(study, source)
     before_enqueue()
@@ -53,13 +54,13 @@ def _copy_trials(study: optuna.Study, source: optuna.Study) -> WarmStartResult:
     for t in source.get_trials(deepcopy=True, states=(TrialState.COMPLETE,)):
         if t.values is None or len(t.values) != len(study.directions):
             continue
-        attrs = {**t.user_attrs, "warm_start_from": {"study": source.study_name, "trial": t.number},
-                 "carried_over": True}
+        attrs = {**t.user_attrs, record.WARM_START_FROM.key: {"study": source.study_name, "trial": t.number},
+                 record.CARRIED_OVER.key: True}
         copies.append(optuna.trial.create_trial(
             state=TrialState.COMPLETE, values=t.values, params=t.params, distributions=t.distributions,
             user_attrs=attrs, system_attrs=t.system_attrs, intermediate_values=t.intermediate_values))
     study.add_trials(copies)
-    carried = [c.user_attrs["warm_start_from"]["trial"] for c in copies]
+    carried = [record.WARM_START_FROM.get(c)["trial"] for c in copies]
     return WarmStartResult(source.study_name, "identical", carried,
                            f"copied {len(carried)} finished trial(s) of the identical space")
 
@@ -82,7 +83,7 @@ def _enqueue_front(study: optuna.Study, space: Space, source: optuna.Study) -> W
         if key in seen:
             continue
         seen.add(key)
-        study.enqueue_trial(params, user_attrs={"warm_start_from": {"study": source.study_name,
+        study.enqueue_trial(params, user_attrs={record.WARM_START_FROM.key: {"study": source.study_name,
                                                                     "trial": t.number}})
         carried.append(t.number)
     detail = f"enqueued {len(carried)} Pareto config(s) of the overlapping space"
@@ -97,7 +98,7 @@ def _feasible_front_by_names(source: optuna.Study, space: Space) -> list[FrozenT
     directions = [o.direction for o in space.objectives]
     rows = []
     for t in source.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        recorded = t.user_attrs.get("metrics") or {}
+        recorded = record.metrics(t)
         if feasible(t) and all(m in recorded for m in metrics):
             rows.append((t, [float(recorded[m]) for m in metrics]))
     if not rows:
