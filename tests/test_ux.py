@@ -11,6 +11,7 @@ import pytest
 from optuna.trial import TrialState
 
 from tests.ux_runner import UX_KNOBS, UX_RUNNER
+from tuner import notes as tn
 from tuner import progress as tp
 from tuner.cli import main
 from tuner.space import validate
@@ -58,17 +59,17 @@ def test_broken_constraint_reads_value_then_bound():
     bounds = [{"metric": "ttft_p99_ms", "max": 2000}, {"metric": "top1_agreement", "min": 0.9},
               {"metric": "kl_divergence", "max": 0.05}]
     metrics = {"ttft_p99_ms": 4132.0, "top1_agreement": 0.5, "kl_divergence": 0.01}
-    assert tp.broken_constraints(metrics, bounds) == ["ttft_p99_ms = 4132 > 2000", "top1_agreement = 0.5 < 0.9"]
-    assert tp.broken_constraints({}, bounds[:1]) == ["ttft_p99_ms not measured"]
+    assert tn.broken_constraints(metrics, bounds) == ["ttft_p99_ms = 4132 > 2000", "top1_agreement = 0.5 < 0.9"]
+    assert tn.broken_constraints({}, bounds[:1]) == ["ttft_p99_ms not measured"]
 
 
 def test_overload_and_early_stop_notes():
     attrs = {"info": {"serving": {"offered_rps": 25.9, "overloaded": True}},
              "metrics": {"request_throughput_rps": 2.6},
              "stopped_early": {"rule": "ttft bound hopeless", "evidence": "p99 lower bound 3100 > 2000"}}
-    assert tp.overload_note(attrs) == "overloaded (offered 25.9 rps, served 2.6)"
-    assert tp.stopped_early_note(attrs) == "stopped early: ttft bound hopeless (p99 lower bound 3100 > 2000)"
-    assert tp.overload_note({"info": {"serving": {"offered_rps": 5.0, "overloaded": False}}}) == ""
+    assert tn.overload_note(attrs) == "overloaded (offered 25.9 rps, served 2.6)"
+    assert tn.stopped_early_note(attrs) == "stopped early: ttft bound hopeless (p99 lower bound 3100 > 2000)"
+    assert tn.overload_note({"info": {"serving": {"offered_rps": 5.0, "overloaded": False}}}) == ""
 
 
 def test_estimator_uses_phase_medians_so_one_outlier_does_not_swing_the_eta():

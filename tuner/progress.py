@@ -23,21 +23,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from runners.progress_report import PHASES, PROGRESS_FILE
 from tuner import record
-from tuner.final import final_lines, no_feasible_lines, recommended
-from tuner.notes import (
-    broken_constraints,
-    change_pct,
-    fmt_param,
-    fmt_value,
-    overload_note,
-    stopped_early_note,
-    trial_notes,
-)
-
-# Re-exported: the notes and the last lines were printed from here before they had modules.
-__all__ = ["POLL_S", "Progress", "TrialEstimator", "broken_constraints", "change_pct", "final_lines", "live_text",
-           "no_feasible_lines", "overload_note", "phase_durations", "read_progress", "recommended",
-           "stopped_early_note", "trial_notes"]
+from tuner.notes import fmt_param, fmt_value, trial_notes
 
 # Seconds between looks at a running trial's progress file.
 POLL_S = 0.25

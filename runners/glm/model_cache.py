@@ -68,22 +68,22 @@ class LruCache:
         self._items.move_to_end(key)
         while len(self._items) > self.capacity:
             self._items.popitem(last=False)
-            _free_device_memory()
+            free_device_memory()
 
     def drop(self, key: str) -> None:
         if self._items.pop(key, None) is not None:
-            _free_device_memory()
+            free_device_memory()
 
     def clear(self) -> None:
         if self._items:
             self._items.clear()
-            _free_device_memory()
+            free_device_memory()
 
     def __len__(self) -> int:
         return len(self._items)
 
 
-def _free_device_memory() -> None:
+def free_device_memory() -> None:
     import torch
 
     # Modules hold reference cycles, so a dropped GPU model is only freed by a full collection

@@ -25,6 +25,13 @@ PromptFn = Callable[[Request], list[int]]
 PrefixLenFn = Callable[[Request], int]
 
 
+def error_line(exc: BaseException) -> str:
+    """`Type: first line of the message` (at most 300 characters): how an engine records why a
+    compile or a capture failed."""
+    text = str(exc).splitlines()[0][:300] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}"
+
+
 @dataclass(frozen=True)
 class Capabilities:
     """What one engine runs. The selection below reads it; each engine class carries its own."""

@@ -19,7 +19,6 @@ Design (numbers and reasoning in benchmarks/NOTES-issue3.md):
 from __future__ import annotations
 
 import functools
-import gc
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,11 +27,12 @@ from typing import Any
 import torch
 
 from runners.contract import InfeasibleConfig
-from runners.glm.engines.base import CAPABILITIES, PrefixLenFn, PromptFn, StaticBatchEngine, TrialPlan
+from runners.glm.engines.base import CAPABILITIES, PrefixLenFn, PromptFn, StaticBatchEngine, TrialPlan, error_line
 from runners.glm.engines.compiled import batch_dynamic, configure_inductor
 from runners.glm.engines.kv_pool import MIN_LENGTH_BUCKET, bucket
 from runners.glm.engines.slots import SlotEngine
 from runners.glm.fast_model import FastGlm, LayerFn, attention_bias, head_forward, layer_forward, rms_norm
+from runners.glm.model_cache import free_device_memory
 from runners.glm.prefix_cache import TieredPrefixCache, engine_prefix_cache
 from runners.glm.work import WorkCounter
 from runners.workload import Request
@@ -140,9 +140,7 @@ class FastEngine(StaticBatchEngine):
             if self._slot_engine is not None:
                 # Free the old pool and graphs now, so the next trial's peak memory is its own.
                 self._slot_engine = None
-                gc.collect()
-                if self.use_graphs:
-                    torch.cuda.empty_cache()
+                free_device_memory()
             self._slot_engine = SlotEngine(self.model, self.device, self._layer_fn, self._head_fn,
                                            self._eager_layer_fn, head_forward, kv_cache, kv_bits,
                                            prefill_chunk_tokens, self.graph_min_batch, self._graph_pool,
@@ -181,7 +179,7 @@ class FastEngine(StaticBatchEngine):
 
     def _compile_failed(self, exc: BaseException) -> None:
         """A compiled step failed to build: record why and run eager from now on."""
-        self.compile_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        self.compile_error = error_line(exc)
         self.compiled = False
         self._layer_fn, self._head_fn = self._eager_layer_fn, head_forward
 
@@ -251,9 +249,8 @@ class FastEngine(StaticBatchEngine):
         except torch.OutOfMemoryError:
             raise
         except (RuntimeError, NotImplementedError, AssertionError, ValueError) as exc:
-            text = str(exc).splitlines()[0][:300] if str(exc) else ""
             raise InfeasibleConfig(f"decode step for batch bucket {s.batch} cannot run/capture on "
-                                   f"{self.device}: {type(exc).__name__}: {text}") from exc
+                                   f"{self.device}: {error_line(exc)}") from exc
 
     def _capture(self, s: DecodeSlot, capture: bool = True) -> None:
         # Warm up on a side stream first (compiles, autotunes, allocates), as CUDA graph
@@ -267,9 +264,7 @@ class FastEngine(StaticBatchEngine):
         except Exception as exc:  # noqa: BLE001 - compile failed: report it and run eager
             if not self.compiled:
                 raise
-            self.compile_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
-            self.compiled = False
-            self._layer_fn, self._head_fn = self._eager_layer_fn, head_forward
+            self._compile_failed(exc)
             with torch.cuda.stream(stream):
                 for _ in range(2):
                     self._decode_step(s)

@@ -4,7 +4,6 @@ bookkeeping on it; the module docstring there says how the pool works."""
 
 from __future__ import annotations
 
-import gc
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ from typing import Any
 import torch
 
 from runners.contract import InfeasibleConfig
+from runners.glm.engines.base import error_line
 from runners.glm.engines.kv_pool import (
     MIN_LENGTH_BUCKET,
     KvPool,
@@ -22,6 +22,7 @@ from runners.glm.engines.kv_pool import (
     pool_rows,
 )
 from runners.glm.fast_model import FastGlm, row_bias
+from runners.glm.model_cache import free_device_memory
 from runners.glm.work import WorkCounter
 
 POLICIES = ("static", "quantized", "offloaded")
@@ -131,9 +132,7 @@ class SlotSteps:
         # only given back once nothing refers to it, and kept it would count in every later
         # trial's peak memory (issue 17: one config measured 24.0 and 27.8 GB by trial order).
         self._graph_pool = None
-        gc.collect()
-        if self.device.startswith("cuda"):
-            torch.cuda.empty_cache()
+        free_device_memory()
         self.pool = KvPool(self.model, rows, length, self.kv_cache == "quantized")
         dev, vocab = self.model.device, self.model.config.vocab_size
         self.scratch = length - 1
@@ -233,9 +232,8 @@ class SlotSteps:
         except torch.OutOfMemoryError:
             raise
         except (RuntimeError, NotImplementedError, AssertionError, ValueError) as exc:
-            text = str(exc).splitlines()[0][:300] if str(exc) else ""
             raise InfeasibleConfig(f"slot-engine step cannot run/capture on {self.device}: "
-                                   f"{type(exc).__name__}: {text}") from exc
+                                   f"{error_line(exc)}") from exc
         finally:
             self.tok.copy_(saved[0])
             self.pos.copy_(saved[1])
@@ -244,7 +242,7 @@ class SlotSteps:
         """A compiled step failed to build. The dynamic-shape multi-row compile falls back to
         per-bucket compiles; a failing per-bucket compile to eager (recorded, and the owner told);
         an eager step that fails is the config's failure (re-raised)."""
-        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        reason = error_line(exc)
         if self._batched_fns is not None:
             self.compile_error = f"dynamic-shape decode compile failed, compiling per bucket: {reason}"
             self._batched_fns = None
