@@ -54,34 +54,77 @@ def test_reference_reads_only_the_rows_length():
 
 INTERPRETED = """
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from runners.glm.kernels import row_attention
 from runners.glm.fast_model import quantize_kv
 from tests.test_row_attention import SHAPES, _case
 
 assert row_attention.can_run(torch.zeros(1))
 for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
-    for shape in SHAPES:
+    for i, shape in enumerate(SHAPES):
         q, k, v, lengths = _case(*shape, dtype)
-        got = row_attention._launch(q, k, v, lengths, None, None)
+        lengths = lengths.to(torch.int32) if i % 2 else lengths  # the kernel reads either dtype
+        got = row_attention.row_decode_attention(q, k, v, lengths)
         want = row_attention.reference(q, k, v, lengths, None, None)
+        assert got.dtype == dtype and got.shape == q.shape
         torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
         (kc, ks), (vc, vs) = quantize_kv(k, dtype), quantize_kv(v, dtype)
-        got = row_attention._launch(q, kc, vc, lengths, ks, vs)
+        got = row_attention.row_decode_attention(q, kc, vc, lengths, ks, vs)
         want = row_attention.reference(q, kc, vc, lengths, ks, vs)
         torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
 # positions past each row's length are never read: NaN there changes nothing
 q, k, v, lengths = _case(*SHAPES[1], torch.float32)
-before = row_attention._launch(q, k, v, lengths, None, None)
+before = row_attention.row_decode_attention(q, k, v, lengths)
 for row, n in enumerate(lengths.tolist()):
     k[row, :, n:] = float("nan")
     v[row, :, n:] = float("nan")
-assert torch.equal(row_attention._launch(q, k, v, lengths, None, None), before)
+assert torch.equal(row_attention.row_decode_attention(q, k, v, lengths), before)
+# q read through its strides: a slice of a fused qkv row (stride 1 on D, not contiguous) and a
+# transposed q (stride 1 elsewhere, copied) give the contiguous q's result exactly
+q, k, v, lengths = _case(*SHAPES[0], torch.float32)
+batch, heads, dim = q.shape
+qkv = torch.cat([q.reshape(batch, heads * dim), torch.randn(batch, 3 * dim)], dim=1)
+sliced = qkv[:, :heads * dim].view(batch, heads, dim)
+assert not sliced.is_contiguous() and sliced.stride(2) == 1
+before = row_attention.row_decode_attention(q, k, v, lengths)
+assert torch.equal(row_attention.row_decode_attention(sliced, k, v, lengths), before)
+assert torch.equal(row_attention.row_decode_attention(q.transpose(1, 2).contiguous().transpose(1, 2), k, v, lengths), before)
+# the op's fake gives the real partials' shapes and dtypes (plain and int8 KV, G = 2, 16, 1)
+for shape in SHAPES:
+    q, k, v, lengths = _case(*shape, torch.float16)
+    (kc, ks), (vc, vs) = quantize_kv(k, torch.float16), quantize_kv(v, torch.float16)
+    for args in ((q, k, v, lengths, None, None), (q, kc, vc, lengths, ks, vs)):
+        real = row_attention.row_decode_partials(*args)
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake = row_attention.row_decode_partials(*[None if a is None else mode.from_tensor(a) for a in args])
+        assert [(t.shape, t.dtype) for t in fake] == [(t.shape, t.dtype) for t in real], (shape, fake, real)
+        assert real[0].shape[3] >= shape[1] // shape[2] and real[0].shape[2] == -(-shape[4] // row_attention.SPLIT_KEYS)
+# compiled (dynamic shapes, the fake's symbolic shapes): the merge is in the traced graph, outside
+# the op, and the result equals the eager one
+graphs = []
+def keep(gm, inputs):
+    graphs.append(gm)
+    return gm
+compiled = torch.compile(row_attention.row_decode_attention, backend=keep, dynamic=True, fullgraph=True)
+for shape in SHAPES[:2]:
+    q, k, v, lengths = _case(*shape, torch.float32)
+    torch.testing.assert_close(compiled(q, k, v, lengths), row_attention.row_decode_attention(q, k, v, lengths))
+code = graphs[-1].code
+assert "row_decode_partials" in code and "amax" in code and "exp" in code, code
+compiled = torch.compile(row_attention.row_decode_attention, backend="aot_eager", dynamic=True, fullgraph=True)
+for shape in SHAPES[:2]:
+    q, k, v, lengths = _case(*shape, torch.float32)
+    (kc, ks), (vc, vs) = quantize_kv(k, torch.float32), quantize_kv(v, torch.float32)
+    torch.testing.assert_close(compiled(q, kc, vc, lengths, ks, vs),
+                               row_attention.row_decode_attention(q, kc, vc, lengths, ks, vs))
 print("interpreted ok")
 """
 
 
 def test_kernel_matches_reference_under_the_interpreter():
-    """Triton's interpreter must be chosen before triton is first imported: a fresh process."""
+    """The op's partials merged outside it equal the reference; its fake shapes are the real ones;
+    compiled with dynamic shapes, the merge is traced outside the op. Triton's interpreter must be
+    chosen before triton is first imported: a fresh process."""
     pytest.importorskip("triton", reason="Triton is not installed (pip install -e '.[test]' installs it)")
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
