@@ -47,6 +47,12 @@ def make_sampler(space: Space, salt: str = "") -> optuna.samplers.BaseSampler:
     """The space's sampler; a `salt` derives another seed from the space's (see `tuner.study`'s worker ticket)."""
     search = space.search
     seed = search.seed if not salt else _salted_seed(search.seed, salt)
+    if search.sampler == "grid" or (search.sampler == "auto" and search_policy.auto_sampler(space).sampler == "grid"):
+        # Optuna's GridSampler numbers the grid points after shuffling them with its seed and
+        # records visited points by that number: every worker (and a resumed run, which gets a
+        # worker ticket) must shuffle alike, or grid ids name other configs and points repeat
+        # (a resumed 72-point GPU grid ran 20 configs twice and missed 20).
+        seed = search.seed
     startup = search.n_startup_trials or min(10, max(2, search.trials // 3))
     if search.sampler == "auto":
         choice = search_policy.auto_sampler(space)
