@@ -491,10 +491,11 @@ def test_kv_memory_budget_through_the_runner(tmp_path):
     assert 1 <= pool["gpu_rows"] < 8 and pool["bytes"] <= 2**20
 
 
-def test_multi_row_compile_is_one_graph_for_every_batch_bucket(prompts):
+def test_multi_row_compile_is_one_graph_for_every_batch_bucket_and_one_for_every_prefill_width(prompts):
     """The slot pool's multi-row decode compiles once (batch dimension dynamic, weights static):
     buckets 8, 4 and 2 all run the same layer graph (the head runs eagerly), and no bucket is
-    batch 1."""
+    batch 1. Prefill chunks of widths 16, 32 and 64 all run one more graph (width dynamic), and
+    every request still gets its own greedy tokens."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -504,17 +505,18 @@ def test_multi_row_compile_is_one_graph_for_every_batch_bucket(prompts):
     fast.compiled = True  # the CUDA-only compile path, compiled by Inductor's CPU backend here
     engine = fast.slot_engine("static", 8, 0)
     engine.begin_trial(prompts, None, "off", 0)
-    engine.prepare(8, 64, 32)
+    engine.prepare(8, 64, 48)
     assert engine.decode_buckets() == [(2, 256), (4, 256), (8, 256)]
     engine.record_tokens = True
-    requests = [Request(rid, 0.0, 6 + rid, 8) for rid in range(5)]
+    requests = [Request(rid, 0.0, length, 8) for rid, length in enumerate((6, 20, 40, 9, 33))]
+    assert {prefill_width(r.prompt_tokens) for r in requests} == {16, 32, 64}
     alone = {r.rid: torch.cat(list(FastEngine(model, "cpu", False).decode([prompts(r)], 8)), 1)[0].tolist()
              for r in requests}
     engine.join(requests)
     for leaving in ([], [0, 1], [2], [3]):  # 5 rows (bucket 8), 3 (4), 2 (2), 1 (2)
         engine.leave(leaving)
-        for _ in range(1):
-            engine.step()
-    assert counters["stats"]["unique_graphs"] == 1
+        engine.step()
+    assert counters["stats"]["unique_graphs"] == 2
     assert engine.generated[4][:5] == alone[4][:5]
+    assert engine.generated[3][:4] == alone[3][:4]
     torch._dynamo.reset()

@@ -26,6 +26,28 @@ def configure_inductor() -> None:
         torch._dynamo.config.recompile_limit = 256
 
 
+def shape_generic_compile(fn: Callable[..., torch.Tensor], options: dict[str, Any] | None
+                          ) -> Callable[..., torch.Tensor]:
+    """`fn` compiled for many shapes: one graph per model variant whose dimensions the caller
+    marks dynamic (`batch_dynamic`, `chunk_dynamic`), the weights' shapes static.
+
+    Why not one compile per bucket, as the batch-1 path: compiled per (batch, length) bucket, a
+    9B model's continuous engine spent 20-30 s of set-up per bucket (H200: 6 batch buckets took
+    minutes), and with more than one row (or a prefill chunk) the projections are cuBLAS GEMMs
+    whatever the compile mode. Why not dynamic=True: then every size was symbolic, the weights'
+    too, and the norms and activations became generic kernels over symbolic hidden sizes. No
+    coordinate-descent tuning: it benchmarks every reduction kernel's launch configs (the batch-1
+    roofline path's gain), but here the reductions (norms, softmax, argmax) move a few MB, and
+    tuning them was most of this compile's set-up time.
+
+    Compiled prefill: eager inside CUDA graphs, a chunk of glm-4-9b (H200) cost ~10 ms at 16
+    tokens and 14.7 ms at 256 (300-370 TFLOP/s at the widest, against 700-760 for its GEMMs
+    alone): the rest was ~25 unfused norm, rope, mask and softmax kernels per layer. Compiled,
+    a chat request's prefill went from ~19 to ~12 ms (BENCHMARKS.md, "third pass")."""
+    return torch.compile(fn, fullgraph=True, dynamic=None,
+                         options={**(options or {}), "coordinate_descent_tuning": False})
+
+
 def batch_dynamic(fn: Callable[..., torch.Tensor], batched: Sequence[int]) -> Callable[..., torch.Tensor]:
     """`fn` (compiled) with dimension 0 of its positional arguments `batched` (tensors, or tuples
     of tensors such as int8 caches) and of every tensor keyword argument marked dynamic before
@@ -44,4 +66,24 @@ def batch_dynamic(fn: Callable[..., torch.Tensor], batched: Sequence[int]) -> Ca
         for value in kwargs.values():
             mark(value)
         return fn(*args, **kwargs)
+    return call
+
+
+def chunk_dynamic(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """`fn` (a compiled `layer_forward`) with a prefill chunk's width marked dynamic before each
+    call: h/cos/sin [1, W, ...] on dimension 1, slots [W] on 0, the bias [1, 1, 1, W, A] on 3 and
+    4. One graph then serves every width bucket (the attend length, an int, becomes symbolic
+    after its first change: Dynamo's automatic dynamic shapes), so prefill is compiled at most
+    twice per model variant instead of once per (width, attend) bucket."""
+    import torch._dynamo
+
+    def call(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor, bias: torch.Tensor | None,
+             *rest: Any, **kwargs: Any) -> torch.Tensor:
+        for t in (h, cos, sin):
+            torch._dynamo.maybe_mark_dynamic(t, 1)
+        torch._dynamo.maybe_mark_dynamic(slots, 0)
+        if bias is not None:
+            torch._dynamo.maybe_mark_dynamic(bias, 3)
+            torch._dynamo.maybe_mark_dynamic(bias, 4)
+        return fn(h, cos, sin, slots, bias, *rest, **kwargs)
     return call

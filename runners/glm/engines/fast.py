@@ -28,7 +28,7 @@ import torch
 
 from runners.contract import InfeasibleConfig
 from runners.glm.engines.base import CAPABILITIES, PrefixLenFn, PromptFn, StaticBatchEngine, TrialPlan, error_line
-from runners.glm.engines.compiled import batch_dynamic, configure_inductor
+from runners.glm.engines.compiled import batch_dynamic, chunk_dynamic, configure_inductor, shape_generic_compile
 from runners.glm.engines.kv_pool import MIN_LENGTH_BUCKET, bucket
 from runners.glm.engines.slots import SlotEngine
 from runners.glm.fast_model import FastGlm, LayerFn, attention_bias, head_forward, layer_forward, rms_norm
@@ -86,6 +86,7 @@ class FastEngine(StaticBatchEngine):
             self._head_fn = torch.compile(head_forward, fullgraph=True, dynamic=False, options=options)
         self._inductor_options = inductor_options or None
         self._batched_fns: tuple[LayerFn, Callable[..., torch.Tensor]] | None = None
+        self._prefill_fn: LayerFn | None = None
         self._slots: dict[tuple[int, int], DecodeSlot] = {}
         self._graph_pool: Any = None
         self.compile_s = 0.0
@@ -145,37 +146,34 @@ class FastEngine(StaticBatchEngine):
                                            self._eager_layer_fn, head_forward, kv_cache, kv_bits,
                                            prefill_chunk_tokens, self.graph_min_batch, self._graph_pool,
                                            self._compile_failed, decode_length_step, self.batched_fns(),
-                                           fused_batch1=self.fused_attention)
+                                           fused_batch1=self.fused_attention, prefill_fn=self.prefill_fn())
             self._slot_engine_key = key
         return self._slot_engine
 
     def batched_fns(self) -> tuple[LayerFn, Callable[..., torch.Tensor]] | None:
-        """Layer and head compiled once with dynamic shapes, for the slot pool's multi-row decode.
-
-        Compiled per (batch, length) bucket, as the batch-1 path is, a 9B model's continuous
-        engine spends 20-30 s of set-up per bucket (H200: 6 batch buckets took minutes). With
-        more than one row the projections are cuBLAS GEMMs whatever the compile mode, so one
-        graph with symbolic batch and attend length serves every multi-row bucket; each bucket
-        is still captured in its own CUDA graph. Batch 1 keeps its shape-specialised compile:
-        there the matmuls become Inductor's bandwidth-tuned reductions (the roofline path).
-        None when not compiled."""
+        """Layer and head for the slot pool's multi-row decode: the layer compiled once with
+        the batch dimension symbolic (`compiled.batch_dynamic`), the head eager. Batch 1 keeps
+        its shape-specialised compile: there the matmuls become Inductor's bandwidth-tuned
+        reductions (the roofline path). None when not compiled."""
         if not self.compiled:
             return None
         if self._batched_fns is None:
-            # No coordinate-descent tuning here: it benchmarks every reduction kernel's launch
-            # configs (the batch-1 roofline path's gain), but with several rows the matmuls are
-            # cuBLAS GEMMs and the reductions (norms, softmax, argmax) move a few MB; tuning
-            # them was most of this compile's set-up time.
-            options = {**(self._inductor_options or {}), "coordinate_descent_tuning": False}
-            # Only the batch dimension is symbolic (`compiled.batch_dynamic` marks it on
-            # every call): with dynamic=True every size was, the weights' too, and the norms and
-            # activations became generic kernels over symbolic hidden sizes.
-            layer = torch.compile(self._eager_layer_fn, fullgraph=True, dynamic=None, options=options)
-            # layer_forward(h, cos, sin, slots, bias, k_cache, v_cache, weights, ...). The head (final
-            # norm + lm_head GEMM of a few rows) runs eagerly inside the step's CUDA graph: compiled,
-            # it was a second Inductor compile per model variant for a few microseconds a step.
+            # layer_forward(h, cos, sin, slots, bias, k_cache, v_cache, weights, ...): args 0-6
+            # carry the batch. The head (final norm + lm_head GEMM of a few rows) runs eagerly
+            # inside the step's CUDA graph: compiled, it was a second Inductor compile per model
+            # variant for a few microseconds a step.
+            layer = shape_generic_compile(self._eager_layer_fn, self._inductor_options)
             self._batched_fns = (batch_dynamic(layer, range(7)), head_forward)
         return self._batched_fns
+
+    def prefill_fn(self) -> LayerFn | None:
+        """The layer compiled once for the slot pool's prefill chunks, the chunk width symbolic
+        (`compiled.chunk_dynamic`); None when not compiled."""
+        if not self.compiled:
+            return None
+        if self._prefill_fn is None:
+            self._prefill_fn = chunk_dynamic(shape_generic_compile(self._eager_layer_fn, self._inductor_options))
+        return self._prefill_fn
 
     def _compile_failed(self, exc: BaseException) -> None:
         """A compiled step failed to build: record why and run eager from now on."""

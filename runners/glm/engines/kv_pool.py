@@ -48,9 +48,9 @@ PREFILL_WIDTH_STEP = 64  # prefill widths above this are padded to a multiple of
 
 
 def prefill_width(tokens: int) -> int:
-    """Padded width of a prefill piece: 16, 32, 64, then multiples of 64. Prefill pieces run
-    eagerly inside CUDA graphs (no compile per width), so fine widths cost only a capture each,
-    while powers of two would waste up to half of a piece's FLOPs on padding."""
+    """Padded width of a prefill piece: 16, 32, 64, then multiples of 64. Prefill pieces run one
+    width-dynamic compile (or eager ops) inside a CUDA graph per width, so fine widths cost only
+    a capture each, while powers of two would waste up to half of a piece's FLOPs on padding."""
     if tokens <= PREFILL_WIDTH_STEP:
         return bucket(tokens, MIN_PREFILL_WIDTH)
     return -(-tokens // PREFILL_WIDTH_STEP) * PREFILL_WIDTH_STEP

@@ -56,7 +56,7 @@ class SlotSteps:
                  prefill_chunk_tokens: int = 0, graph_min_batch: int = 1, graph_pool: Any = None,
                  compile_failed: Callable[[BaseException], None] | None = None, decode_length_step: int = 0,
                  batched_fns: tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]] | None = None,
-                 fused_batch1: bool = False) -> None:
+                 fused_batch1: bool = False, prefill_fn: Callable[..., torch.Tensor] | None = None) -> None:
         if kv_cache not in POLICIES:
             raise InfeasibleConfig(f"the slot engine keeps kv_cache in {list(POLICIES)}, not {kv_cache!r}")
         if kv_cache == "quantized" and kv_bits != 8:
@@ -81,6 +81,9 @@ class SlotSteps:
         # decode_attention=cuda: a single running row decodes through FastEngine's batch-1 step and
         # its fused CUDA attention kernel (what that knob asks for), at the cost of its own compile.
         self.fused_batch1 = fused_batch1
+        # Prefill chunks: one compile with the chunk width symbolic (FastEngine.prefill_fn), or
+        # eager ops inside the chunk's CUDA graph when not compiled.
+        self._prefill_fn = prefill_fn
         self._on_compile_failed = compile_failed
         self.compile_error = ""
         self.pad_id = int(model.config.pad_token_id or 0)
@@ -200,12 +203,14 @@ class SlotSteps:
                                   torch.full((1, width), self.scratch, dtype=torch.long, device=dev),
                                   torch.zeros(1, dtype=torch.long, device=dev))
             if self.use_graphs:
-                shape.graph = self._capture(lambda: self._prefill_step(shape), width >= self.graph_min_batch)
+                shape.graph = self._capture(lambda: self._prefill_step(shape), width >= self.graph_min_batch,
+                                            self._prefill_compile_fallback)
             self._prefill_shapes[(width, attend)] = shape
             self.compile_s += time.perf_counter() - t0
         return shape
 
-    def _capture(self, fn: Callable[[], None], capture: bool) -> Any:
+    def _capture(self, fn: Callable[[], None], capture: bool,
+                 fallback: Callable[[BaseException], None] | None = None) -> Any:
         """Warm up (compile, autotune) on a side stream, then capture `fn` in a CUDA graph.
         The per-row state is saved and restored around it: a shape met inside a window must not
         disturb the running sequences (their KV beyond their length is garbage anyway)."""
@@ -220,7 +225,7 @@ class SlotSteps:
                             fn()
                     break
                 except Exception as exc:  # noqa: BLE001 - compile failed: fall back a step, say why
-                    self._compile_fallback(exc)
+                    (fallback or self._compile_fallback)(exc)
             torch.cuda.current_stream(self.device).wait_stream(stream)
             if not capture:
                 return None
@@ -253,6 +258,14 @@ class SlotSteps:
         if self._on_compile_failed is not None:
             self._on_compile_failed(exc)
         self._layer_fn, self._head_fn = self._eager_layer_fn, self._eager_head_fn
+
+    def _prefill_compile_fallback(self, exc: BaseException) -> None:
+        """The compiled prefill failed to build: prefill eagerly (inside the graphs) from now on,
+        and say why; an eager prefill that fails is the config's failure."""
+        if self._prefill_fn is None:
+            raise exc
+        self.compile_error = f"prefill compile failed, prefilling eagerly: {error_line(exc)}"
+        self._prefill_fn = None
 
     # --- the device steps (what the graphs hold) ----------------------------------------------
     @torch.inference_mode()
@@ -287,17 +300,17 @@ class SlotSteps:
     def _prefill_step(self, s: _PrefillShape) -> None:
         """One prefill chunk into the staging row; the logits of its last real token.
 
-        The layers run eagerly (captured in a CUDA graph on GPU), not compiled: with W >= 16
-        tokens the matmuls are cuBLAS GEMMs at the matmul rate and the unfused elementwise ops
-        move a few MB, while every (width, attend) bucket compiled would add an Inductor compile
-        to set-up. The head (one position, one GEMV) runs eagerly too: compiled it would be a
-        batch-1 compile of its own.
+        The layers run through the prefill compile (one graph for every width bucket, see
+        `FastEngine.prefill_fn`) or, not compiled, eagerly; on GPU either is captured in the
+        chunk bucket's CUDA graph. The head (one position, one GEMV) runs eagerly: compiled it
+        would be a batch-1 compile of its own.
         """
         assert self.pool is not None
         bias = row_bias(s.pos, s.attend, self.model.dtype)  # [1, 1, 1, W, A]
         ks, vs = self.pool.views(self.pool.rows - 1, 1)
         rope = s.pos.clamp(max=self._rope_max)
-        h = self.model.run_layers(s.ids, rope, s.pos[0], bias, ks, vs, s.attend, self._eager_layer_fn)
+        h = self.model.run_layers(s.ids, rope, s.pos[0], bias, ks, vs, s.attend,
+                                  self._prefill_fn or self._eager_layer_fn)
         last = h.index_select(1, s.last)  # [1, 1, H]
         logits = self._eager_head_fn(last, self.model.final_norm, self.model.lm_head.weight, self.model.dims.eps)
         self.prefill_logits.copy_(logits)
