@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from runners.contract import TrialConfig  # noqa: E402
 from runners.glm.model import build_model  # noqa: E402
 from runners.registry import resolve_knobs  # noqa: E402
-from runners.train import GlmTrainRunner, TrainStep, batches, make_plan  # noqa: E402
+from runners.train import GlmTrainRunner, TrainStep, batches  # noqa: E402
+from runners.train_plan import make_plan  # noqa: E402
 
 
 def paired_optimizers() -> None:

@@ -202,7 +202,8 @@ def train(opts: Options, meta: dict[str, Any]) -> dict[str, Any]:
     from runners.base import resolve_device
     from runners.glm.model import build_model
     from runners.registry import resolve_knobs
-    from runners.train import enable_checkpointing, make_plan, run_loop
+    from runners.train import enable_checkpointing, run_loop
+    from runners.train_plan import make_plan
 
     device = resolve_device(opts.device)
     if opts.resume:  # the saved setup, so the resumed steps are the ones the first run would have taken

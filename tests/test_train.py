@@ -22,10 +22,9 @@ from runners.train import (
     TrainStep,
     batches,
     enable_checkpointing,
-    make_plan,
-    parse_checkpointing,
     train_flops_per_step,
 )
+from runners.train_plan import make_plan, parse_checkpointing
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"preset": "glm-tiny"}
