@@ -520,3 +520,26 @@ def test_multi_row_compile_is_one_graph_for_every_batch_bucket_and_one_for_every
     assert engine.generated[4][:5] == alone[4][:5]
     assert engine.generated[3][:4] == alone[3][:4]
     torch._dynamo.reset()
+
+
+def test_prefill_compile_is_one_graph_for_every_attend_length(prompts):
+    """Prefill chunks attending over 256 and 512 positions run one compiled graph: the attend
+    length is read off the bias, whose last dimension the compile marks dynamic, not taken from
+    an int that would recompile per value."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = FastGlm(build_model(TINY, torch.float32, "cpu", seed=0))
+    fast = FastEngine(model, "cpu", compile_step=False)
+    fast.compiled = True  # the CUDA-only compile path, compiled by Inductor's CPU backend here
+    engine = fast.slot_engine("static", 8, 0)
+    engine.begin_trial(prompts, None, "off", 0)
+    engine.prepare(2, 700, 600)
+    assert {a for _, a in engine.prefill_shapes(300)} == {256, 512}
+    engine.record_tokens = True
+    engine.join([Request(0, 0.0, 20, 2), Request(1, 0.0, 300, 2)])
+    assert counters["stats"]["unique_graphs"] == 1
+    alone = torch.cat(list(FastEngine(model, "cpu", False).decode([prompts(Request(1, 0.0, 300, 2))], 2)), 1)
+    assert engine.generated[1][:1] == alone[0].tolist()[:1]
+    torch._dynamo.reset()

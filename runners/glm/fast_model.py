@@ -80,9 +80,13 @@ def _store(cache: KvCache, x: torch.Tensor, slots: torch.Tensor) -> None:
 
 def cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, bias: torch.Tensor,
                     k_cache: KvCache, v_cache: KvCache, attend_len: int) -> torch.Tensor:
-    """Write this step's k/v [B, Hkv, S, D] into the caches at `slots`, then attend: [B, Hq, S, D]."""
+    """Write this step's k/v [B, Hkv, S, D] into the caches at `slots`, then attend: [B, Hq, S, D].
+    The attended length is read off the bias ([B, 1, 1, S, attend_len]), so a compile that marks
+    the bias's last dimension dynamic (`compiled.chunk_dynamic`) has one graph for every attend
+    length instead of a recompile per value of the int."""
     _store(k_cache, k, slots)
     _store(v_cache, v, slots)
+    attend_len = bias.shape[-1]
     if isinstance(k_cache, tuple):
         return grouped_attention(q, k_cache[0], v_cache[0], bias, attend_len, k_cache[1], v_cache[1])
     return grouped_attention(q, k_cache, v_cache, bias, attend_len)
