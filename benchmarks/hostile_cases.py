@@ -58,9 +58,9 @@ def put(data: dict[str, Any], path: tuple[Any, ...], value: Any) -> dict[str, An
 
 
 def nullable(path: tuple[Any, ...]) -> bool:
-    from tuner.space import _NULL_OK
+    from tuner.space import NULLABLE_KEYS
 
-    return len(path) == 1 or path[0] == "fixed" or "choices" in path or tuple(path) in _NULL_OK
+    return len(path) == 1 or path[0] == "fixed" or "choices" in path or tuple(path) in NULLABLE_KEYS
 
 
 def never_meant(rng: random.Random, depth_cap: int) -> tuple[str, Any]:

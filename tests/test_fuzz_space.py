@@ -149,7 +149,7 @@ def test_values_never_meant_are_refused_at_their_key(bases, data):
 def test_nulls_are_refused_where_a_value_is_needed(bases, data):
     index, path = data.draw(_schema_or_base_path(bases))
     mutated = _set(bases[index], path, None)
-    nullable = len(path) == 1 or path[0] == "fixed" or "choices" in path or tuple(path) in schema._NULL_OK
+    nullable = len(path) == 1 or path[0] == "fixed" or "choices" in path or tuple(path) in schema.NULLABLE_KEYS
     if nullable:
         try:
             validate(mutated, "fuzz.yaml", "fuzz")

@@ -14,12 +14,12 @@ from __future__ import annotations
 from runners.knobs import DTYPES
 from runners.registry import ANY_WORKLOAD, ARRIVALS, CI_METRICS, SEED_MAX, WORKLOAD_MODES
 from tuner.space.checks import (
-    _NULL_OK,
     ABSURD,
     MAX_DEPTH,
     MAX_FILE_BYTES,
     MAX_STRING,
     MAX_VALUES,
+    NULLABLE_KEYS,
     SpaceError,
     _get,
     _no_unknown,
@@ -38,7 +38,7 @@ WORKLOAD_KEYS = {k.name for k in ANY_WORKLOAD}
 __all__ = [
     "ABSURD", "ARRIVALS", "CI_METRICS", "DISTS", "DTYPES", "MAX_DEPTH", "MAX_FILE_BYTES", "MAX_STRING",
     "MAX_VALUES", "MODEL_KEYS", "PARAM_KEYS", "REPLAY_MODEL_KEYS", "SAMPLERS", "SEARCH_KEYS", "SEARCH_MAX",
-    "SEED_MAX", "SLO_METRICS", "STUDY_NAME_MAX", "TOP_KEYS", "WORKLOAD_KEYS", "WORKLOAD_MODES", "_NULL_OK",
+    "SEED_MAX", "SLO_METRICS", "STUDY_NAME_MAX", "TOP_KEYS", "WORKLOAD_KEYS", "WORKLOAD_MODES", "NULLABLE_KEYS",
     "_get", "_no_unknown",
     "Constraint", "Objective", "ParamSpec", "PlateauStop", "SearchSpec", "Space", "SpaceError", "WarmStart",
     "_UniqueKeyLoader", "apply_overrides", "bundled_dir", "check_plain", "grid_values", "load_space",

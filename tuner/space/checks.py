@@ -21,8 +21,8 @@ ABSURD = 1e12  # no number in a space file (ms, MiB, tokens, rates) is meant bey
 # Keys whose value may be null: every section (read as empty), knob values (the knob decides:
 # `dtype: null` is "the model's own"), the optional search limits, and the workload keys the
 # runners declare nullable.
-_NULL_OK = {("search", "timeout_min"), ("search", "n_startup_trials"),
-            *(("workload", k.name) for k in ANY_WORKLOAD if k.nullable)}
+NULLABLE_KEYS = {("search", "timeout_min"), ("search", "n_startup_trials"),
+                 *(("workload", k.name) for k in ANY_WORKLOAD if k.nullable)}
 
 
 class SpaceError(ValueError):
@@ -91,7 +91,7 @@ def _where(path: tuple[str, ...]) -> str:
 def _null_ok(path: tuple[str, ...]) -> bool:
     head = path[0].split("[")[0] if path else ""
     return (len(path) <= 1 or head == "fixed" or (head == "params" and "choices[" in path[-1])
-            or tuple(path) in _NULL_OK)
+            or tuple(path) in NULLABLE_KEYS)
 
 
 def _no_unknown(data: dict[str, Any], allowed: set[str], source: str, prefix: str) -> None:
