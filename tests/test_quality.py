@@ -199,6 +199,27 @@ def test_quality_sweep_scores_every_row_on_the_same_heldout_tokens(reference):
     assert rows["int4 weight-only (group 128)"]["note"].startswith("infeasible: quant_bits=4")
     table = markdown(result, json.loads((reference / "reference.json").read_text()))
     assert table.count("\n| ") == len(rows) + 1 and "wanda better than magnitude at 0.5" in table
+    # Each row's window NLLs average to its perplexity (equal-length windows).
+    dense = rows["dense"]
+    assert len(dense["window_nll"]) == 2
+    assert math.exp(sum(dense["window_nll"]) / 2) == pytest.approx(dense["perplexity"], rel=1e-9)
+    assert "perplexity monotone in sparsity" in table
+
+
+def test_monotone_verdict_tells_a_resolved_fall_from_noise():
+    from benchmarks.quality_sweep import monotone_verdict
+
+    def rows(*series):
+        return [{"window_nll": list(windows)} for windows in series]
+
+    base = [3.0, 3.2, 2.8, 3.1, 2.9, 3.3, 3.0, 2.7]
+    up = [v + 0.05 for v in base]
+    assert monotone_verdict(rows(base, up, [v + 0.2 for v in base])) == "yes"
+    # Every window 2 % lower: a fall the windows resolve.
+    assert monotone_verdict(rows(base, [v - 0.02 for v in base])).startswith("no (a fall the windows resolve: -2.00 %")
+    # Lower on average, but windows disagree: the interval contains 0.
+    noisy = [v + d for v, d in zip(base, [-0.3, 0.29, -0.3, 0.29, -0.3, 0.29, -0.3, 0.29], strict=True)]
+    assert monotone_verdict(rows(base, noisy)).startswith("within noise (falls of -0.")
 
 
 # --- wanda ---------------------------------------------------------------------------------------

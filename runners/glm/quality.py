@@ -51,11 +51,15 @@ class Fidelity:
     reference_perplexity: float | None = None  # of the unoptimised model, same tokens
 
 
-def perplexity(logp: torch.Tensor, ids: torch.Tensor) -> float:
-    """exp(mean next-token negative log-likelihood): logp [S, T, V] predicts ids [S, T] shifted by one."""
+def token_nll(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token negative log-likelihood [S, T-1]: logp [S, T, V] predicts ids [S, T] shifted by one."""
     target = ids[:, 1:].to(logp.device)  # [S, T-1]
-    nll = -logp[:, :-1].gather(-1, target[..., None]).squeeze(-1)  # [S, T-1]
-    return math.exp(float(nll.double().mean()))
+    return -logp[:, :-1].gather(-1, target[..., None]).squeeze(-1)
+
+
+def perplexity(logp: torch.Tensor, ids: torch.Tensor) -> float:
+    """exp(mean next-token negative log-likelihood) over every window's tokens."""
+    return math.exp(float(token_nll(logp, ids).double().mean()))
 
 
 def fidelity(reference: torch.Tensor, candidate: torch.Tensor, ids: torch.Tensor | None = None) -> Fidelity:
