@@ -86,8 +86,12 @@ def workloads(quick: bool) -> dict[str, dict[str, Any]]:
                 "output_tokens": {"dist": "lognormal", "mean": 96, "sigma": 0.6, "min": 16, "max": 256}}
         shared = {"prompt_tokens": {"dist": "lognormal", "mean": 640, "sigma": 0.2, "min": 544, "max": 1024},
                   "output_tokens": chat["output_tokens"], "shared_prefix_tokens": 512, "shared_prefix_groups": 4}
+        # Outputs of ~256 tokens: with ~64 a long request spends ~0.5 s decoding against ~0.2 s
+        # prefilling (glm-4-9b, H200), few sequences are ever resident, and capacity is set by
+        # prefill FLOPs whatever the KV pool holds; with ~256 the resident sequences outgrow a
+        # bf16 pool first, which is the regime a KV policy is chosen for.
         long = {"prompt_tokens": {"dist": "lognormal", "mean": 6000, "sigma": 0.2, "min": 4096, "max": 8192},
-                "output_tokens": {"dist": "lognormal", "mean": 64, "sigma": 0.5, "min": 16, "max": 128}}
+                "output_tokens": {"dist": "lognormal", "mean": 256, "sigma": 0.4, "min": 128, "max": 512}}
     if quick:
         long = {"prompt_tokens": {"dist": "lognormal", "mean": 200, "sigma": 0.2, "min": 128, "max": 256},
                 "output_tokens": chat["output_tokens"]}
