@@ -79,11 +79,11 @@ def _store(cache: KvCache, x: torch.Tensor, slots: torch.Tensor) -> None:
 
 
 def cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, bias: torch.Tensor,
-                    k_cache: KvCache, v_cache: KvCache, attend_len: int) -> torch.Tensor:
+                    k_cache: KvCache, v_cache: KvCache) -> torch.Tensor:
     """Write this step's k/v [B, Hkv, S, D] into the caches at `slots`, then attend: [B, Hq, S, D].
-    The attended length is read off the bias ([B, 1, 1, S, attend_len]), so a compile that marks
-    the bias's last dimension dynamic (`compiled.chunk_dynamic`) has one graph for every attend
-    length instead of a recompile per value of the int."""
+    The attended length is the bias's last dimension ([B, 1, 1, S, attend_len]), not an int
+    argument, so a compile that marks that dimension dynamic (`compiled.chunk_dynamic`) has one
+    graph for every attend length instead of a recompile per value of the int."""
     _store(k_cache, k, slots)
     _store(v_cache, v, slots)
     attend_len = bias.shape[-1]
@@ -133,7 +133,7 @@ def layer_forward(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: 
         if lengths is not None:
             attn = row_cache_attention(q, k, v, slots, lengths, k_cache, v_cache)
         else:
-            attn = cache_attention(q, k, v, slots, bias, k_cache, v_cache, attend_len)
+            attn = cache_attention(q, k, v, slots, bias, k_cache, v_cache)
         attn = attn.transpose(1, 2).reshape(batch, seq, hq * d)
     if w_post_attn_out is None:
         h = linear(attn, w_o, residual=h)

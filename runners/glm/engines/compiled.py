@@ -70,11 +70,12 @@ def batch_dynamic(fn: Callable[..., torch.Tensor], batched: Sequence[int]) -> Ca
 
 
 def chunk_dynamic(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """`fn` (a compiled `layer_forward`) with a prefill chunk's width marked dynamic before each
-    call: h/cos/sin [1, W, ...] on dimension 1, slots [W] on 0, the bias [1, 1, 1, W, A] on 3 and
-    4. One graph then serves every width bucket (the attend length, an int, becomes symbolic
-    after its first change: Dynamo's automatic dynamic shapes), so prefill is compiled at most
-    twice per model variant instead of once per (width, attend) bucket."""
+    """`fn` (a compiled `layer_forward`) with a prefill chunk's width and attend length marked
+    dynamic before each call: h/cos/sin [1, W, ...] on dimension 1, slots [W] on 0, the bias
+    [1, 1, 1, W, A] on 3 and 4 (the attention reads A off the bias, not off the int argument,
+    which Dynamo would specialise). One graph then serves every (width, attend) bucket instead of
+    one compile each; an attend length equal to the pool's length recompiles once (the narrowed
+    cache is then contiguous, a guard of the matmul's decomposition)."""
     import torch._dynamo
 
     def call(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor, bias: torch.Tensor | None,
