@@ -59,13 +59,16 @@ def auto_sampler(space: Space) -> AutoChoice:
     Measured on the replayed CPU grid (benchmarks/search_efficiency.py, BENCHMARKS.md "Search
     efficiency"; 180 points, 4 of 5 knobs categorical, 3 objectives, 56 % infeasible; 20 seeds;
     infeasible trials told the worst values), median feasible hypervolume at 10 % of the grid:
-    the GP as `auto` runs it (ExhaustiveGPSampler, 3 random start-up trials) 0.879, Optuna's GP
-    with 3 start-up trials in NoRepeatSampler 0.686, with the default 10 0.762, multivariate TPE
-    0.318, NSGA-II 0.193, random 0.294. So, in order:
+    the GP as `auto` runs it (`tuner.gp_search.ExhaustiveGPSampler`, 3 random start-up trials)
+    0.994 (held-out seeds 20-39: 0.939), Optuna's GP with the default 10 start-up trials 0.762,
+    multivariate TPE 0.318, NSGA-II 0.193, random 0.294. On the GPU grid (72 points, 21
+    feasible, 7 trials at 10 %) the GP is ahead too: 0.403 against TPE 0.289, random 0.329.
+    So, in order:
     - a space no larger than the budget is searched exhaustively (grid): nothing beats it;
     - up to GP_MAX_TRIALS trials and 3 objectives: Optuna's GP sampler, with few start-up trials
-      (2 and 3 were within seed noise of each other over 40 seeds; 5, from a max-min start, did worse); on a
-      finite space of up to EXHAUSTIVE_MAX_POINTS points as ExhaustiveGPSampler (`auto_gp`).
+      (3; with the current model 2 and 4 both did worse over 40 seeds, HV at 10 % 92.6 and 92.0 %
+      against 95.3 %; 5 from a max-min-distance design did worse before); on a finite space of up
+      to `tuner.gp_search.EXHAUSTIVE_MAX_POINTS` points as ExhaustiveGPSampler (`auto_gp`).
       It models constraints (one GP each, so the `runnable` and bound constraints steer it away
       from infeasible regions) and conditions on running trials (parallel workers). A large
       categorical share did not hurt it on the measured grid, so it does not decide here;
