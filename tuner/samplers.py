@@ -54,7 +54,7 @@ def make_sampler(space: Space, salt: str = "") -> optuna.samplers.BaseSampler:
         if choice.sampler == "grid":
             return SAMPLERS["grid"](space, seed, startup)
         startup = search.n_startup_trials or choice.n_startup_trials or startup
-        if choice.sampler == "gp" and (exhaustive := auto_gp(space, seed, startup)) is not None:
+        if choice.sampler == "gp" and (exhaustive := auto_gp(space, seed, startup, search.seed)) is not None:
             return exhaustive  # a finite space: the GP scores every untried point (tuner/gp_search.py)
         # `auto` never repeats a tried or running config of a finite space (NoRepeatSampler).
         inner = SAMPLERS[choice.sampler](space, seed, startup)
