@@ -379,66 +379,85 @@ def test_constraint_columns_fit_each_bound_to_the_trials_that_ran():
     assert constraint_columns(names, np.array([[-0.05, 0.0, 0.0]] * 2), np.array([True, True])) == []
 
 
-def _gp_study(space_points, trials):
-    from tuner.gp_search import ExhaustiveGPSampler
+def _gp_study(tmp_path, trials):
+    """A study of `auto`'s GP over quant_bits {16, 8, 4} x batch_size {1, 2, 4, 8}, seeded with `trials`."""
+    from tuner.gp_search import auto_gp
 
-    dist = {"a": optuna.distributions.CategoricalDistribution(["p", "q", "r"]),
-            "b": optuna.distributions.CategoricalDistribution([1, 2, 4, 8])}
-
-    class Space:  # what ExhaustiveGPSampler reads of a tuner Space
-        objectives = [type("O", (), {"metric": "throughput_tok_s"})(), type("O", (), {"metric": "tpot_p50_ms"})()]
-
-    study = optuna.create_study(directions=["maximize", "minimize"],
-                                sampler=ExhaustiveGPSampler(Space(), space_points, seed=0, n_startup_trials=3))
-    for params, values, constraints, attrs in trials:
-        trial = optuna.trial.create_trial(params=params, distributions=dist, values=values, user_attrs=attrs,
-                                          system_attrs={f"constraints:{k}": v for k, v in constraints.items()})
-        study.add_trial(trial)
+    table = write_table(tmp_path / "t.csv", [[b, q, 1.0, 1.0, ""] for b in (1, 2, 4, 8) for q in (16, 8, 4)])
+    params = {"quant_bits": {"type": "categorical", "choices": [16, 8, 4]},
+              "batch_size": {"type": "categorical", "choices": [1, 2, 4, 8]}}
+    space = validate(raw(table, params=params, sampler="auto", trials=10), "s.yaml", "s")
+    dist = space.distributions()
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=auto_gp(space, 0, 3))
+    for (q, b), values, constraints, attrs in trials:
+        study.add_trial(optuna.trial.create_trial(
+            params={"quant_bits": q, "batch_size": b}, distributions=dist, values=values, user_attrs=attrs,
+            system_attrs={f"constraints:{k}": v for k, v in constraints.items()}))
     return study, dist
 
 
-def test_the_gp_steers_away_from_configs_that_could_not_run_before_any_feasible_trial():
-    points = [{"a": a, "b": b} for a in "pqr" for b in (1, 2, 4, 8)]
+def test_the_gp_steers_away_from_configs_that_could_not_run_before_any_feasible_trial(tmp_path):
     worst = [float("-inf"), float("inf")]
     failed = {"runnable": 1.0, "kl<=0.1": 1.0}
-    study, dist = _gp_study(points, [({"a": "p", "b": b}, worst, failed, {}) for b in (1, 2, 4)])
+    study, dist = _gp_study(tmp_path, [((4, b), worst, failed, {}) for b in (1, 2, 4)])
     trial = study.ask(dist)
-    assert trial.params["a"] != "p"  # 3 of 3 configs with a = p failed to run; b = 8 there is untried
+    assert trial.params["quant_bits"] != 4  # 3 of 3 int4 configs failed to run; batch 8 there is untried
 
 
 def _fitted(study, dist):
     from tuner.gp_search import _MeasuredView, fit_model
 
-    view = _MeasuredView(study, ["throughput_tok_s", "tpot_p50_ms"])
+    view = _MeasuredView(study, ["throughput_tok_s", "latency_p99_ms"])
     completed = view._get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     return fit_model(study.sampler, view, completed, [], dist)
 
 
-def test_an_untried_config_is_50_50_feasible_even_when_every_measured_trial_broke_a_bound():
+def test_an_untried_config_is_50_50_feasible_even_when_every_measured_trial_broke_a_bound(tmp_path):
     # Optuna's constraint GP is centred on the mean of what it saw: when every trial broke the
     # bound, every untried config is ~0 % feasible, so nothing steers the search. Centred on the
     # bound, a config unlike the measured ones leans towards 50/50 (~20 % here: the categorical
     # kernel still correlates it with the measured ones) and the measured region stays near 0.
-    points = [{"a": a, "b": b} for a in "pqr" for b in (1, 2, 4, 8)]
     worst = [float("-inf"), float("inf")]
     broke = {"runnable": 0.0, "kl<=0.1": 0.3}
-    trials = [({"a": "p", "b": b}, worst, broke, {"metrics": {"throughput_tok_s": 10.0 * b, "tpot_p50_ms": 1.0}})
+    trials = [((4, b), worst, broke, {"metrics": {"throughput_tok_s": 10.0 * b, "latency_p99_ms": 1.0}})
               for b in (1, 2, 4)]
-    study, dist = _gp_study(points, trials)
+    study, dist = _gp_study(tmp_path, trials)
     internal, acqf = _fitted(study, dist)
-    near, far = acqf.eval_acqf_no_grad(internal.get_normalized_params([None] * 2, [{"a": "p", "b": 2}, {"a": "r", "b": 8}]))
+    near, far = acqf.eval_acqf_no_grad(internal.get_normalized_params(
+        [None] * 2, [{"quant_bits": 4, "batch_size": 2}, {"quant_bits": 16, "batch_size": 8}]))
     assert near < math.log(0.01) and math.log(0.1) < far <= 0.0
 
 
-def test_objective_gps_read_only_the_trials_that_ran():
-    points = [{"a": a, "b": b} for a in "pqr" for b in (1, 2, 4, 8)]
+def test_objective_gps_read_only_the_trials_that_ran(tmp_path):
     ok = {"runnable": 0.0, "kl<=0.1": -0.05}
-    measured = [({"a": "q", "b": b}, [100.0 * b, 1.0 + b], ok, {}) for b in (1, 2, 4)]
-    failed = [({"a": "p", "b": b}, [float("-inf"), float("inf")], {"runnable": 1.0, "kl<=0.1": 1.0}, {}) for b in (1, 8)]
-    study, dist = _gp_study(points, measured + failed)
+    measured = [((8, b), [100.0 * b, 1.0 + b], ok, {}) for b in (1, 2, 4)]
+    failed = [((4, b), [float("-inf"), float("inf")], {"runnable": 1.0, "kl<=0.1": 1.0}, {}) for b in (1, 8)]
+    study, dist = _gp_study(tmp_path, measured + failed)
     _fitted(study, dist)
     cache = study.sampler._kernel_cache
     # 3 measured trials for each objective; the 2 that could not run only for "ran" (5 trials).
     assert [cache[f"objective {i}"]._X_train.shape[0] for i in range(2)] == [3, 3]
     assert cache["ran"]._X_train.shape[0] == 5
     assert "constraint kl<=0.1" not in cache  # never broken by a trial that ran
+
+
+def test_start_up_trials_cover_distinct_values_of_every_knob_across_workers(tmp_path):
+    from tuner.gp_search import auto_gp
+
+    rows = [[b, q, 100.0 * b, 10.0 * b, ""] for b in (1, 2, 4, 8) for q in (16, 8, 4)]
+    table = write_table(tmp_path / "t.csv", rows)
+    params = {"batch_size": {"type": "categorical", "choices": [1, 2, 4, 8]},
+              "quant_bits": {"type": "categorical", "choices": [16, 8, 4]}}
+    space = validate(raw(table, params=params, sampler="auto", trials=10), "s.yaml", "s")
+    # Two workers: their own seeds, one design (the space's seed); the first 3 trials run at once.
+    workers = [auto_gp(space, seed, 3, design_seed=0) for seed in (11, 12)]
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    asked = []
+    for i in range(3):
+        study.sampler = workers[i % 2]
+        asked.append(study.ask(space.distributions()).params)
+    assert sorted(p["quant_bits"] for p in asked) == [4, 8, 16]
+    assert len({p["batch_size"] for p in asked}) == 3
+    # Another study seed, another design.
+    other = optuna.create_study(directions=["maximize", "minimize"], sampler=auto_gp(space, 5, 3, design_seed=5))
+    assert [other.ask(space.distributions()).params for _ in range(3)] != asked
