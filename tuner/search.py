@@ -60,14 +60,15 @@ def auto_sampler(space: Space) -> AutoChoice:
     efficiency"; 180 points, 4 of 5 knobs categorical, 3 objectives, 56 % infeasible; 20 seeds;
     infeasible trials told the worst values), median feasible hypervolume at 10 % of the grid:
     the GP as `auto` runs it (`tuner.gp_search.ExhaustiveGPSampler`, 3 random start-up trials)
-    0.994 (held-out seeds 20-39: 0.939), Optuna's GP with the default 10 start-up trials 0.762,
-    multivariate TPE 0.318, NSGA-II 0.193, random 0.294. On the GPU grid (72 points, 21
-    feasible, 7 trials at 10 %) the GP is ahead too: 0.403 against TPE 0.289, random 0.329.
+    0.994 (held-out seeds 20-39: 0.973; seeds 0-59: 0.976), Optuna's GP with the default 10
+    start-up trials 0.762, multivariate TPE 0.318, NSGA-II 0.193, random 0.294. On the GPU grid
+    (72 points, 21 feasible, 7 trials at 10 %) the GP is ahead too: 0.419 against TPE 0.289,
+    random 0.329.
     So, in order:
     - a space no larger than the budget is searched exhaustively (grid): nothing beats it;
     - up to GP_MAX_TRIALS trials and 3 objectives: Optuna's GP sampler, with few start-up trials
-      (3; with the current model 2 and 4 both did worse over 40 seeds, HV at 10 % 92.6 and 92.0 %
-      against 95.3 %; 5 from a max-min-distance design did worse before); on a finite space of up
+      (3; 2 and 4 both did worse over 40 seeds, HV at 10 % 92.6 and 92.0 % against 95.3 %; 5
+      from a max-min-distance design did worse before); on a finite space of up
       to `tuner.gp_search.EXHAUSTIVE_MAX_POINTS` points as ExhaustiveGPSampler (`auto_gp`).
       It models constraints (one GP each, so the `runnable` and bound constraints steer it away
       from infeasible regions) and conditions on running trials (parallel workers). A large
