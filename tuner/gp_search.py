@@ -208,7 +208,6 @@ def fit_model(sampler: ExhaustiveGPSampler, study: Any, completed: list[FrozenTr
     outcomes, so concurrent workers do not pile onto one region). With no feasible trial yet
     it is the probability of feasibility alone, as in Optuna.
     """
-    import torch
     from optuna._gp import acqf as acqf_module
     from optuna._gp import gp
     from optuna._gp import search_space as gp_search_space
@@ -247,7 +246,9 @@ def fit_model(sampler: ExhaustiveGPSampler, study: Any, completed: list[FrozenTr
         return internal, _log_feasibility_type()(constraint_gps, internal)
     scores, _, _ = _standardize_values(normal_scores(values[ran]))  # [ran trials, objectives]
     objective_gps = [fit(f"objective {i}", ran, scores[:, i]) for i in range(scores.shape[1])]
-    feasible_scores = torch.from_numpy(scores[is_feasible[ran]])
+    # The tensor type Optuna's acquisitions take, through Optuna's own (lazy) torch import: the
+    # tuner layer imports no torch itself (tests/test_layers.py).
+    feasible_scores = acqf_module.torch.from_numpy(scores[is_feasible[ran]])
     qmc_seed = sampler._rng.rng.randint(1 << 30)
     if len(objective_gps) > 1:
         if not constraint_gps:

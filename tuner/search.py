@@ -59,7 +59,7 @@ def auto_sampler(space: Space) -> AutoChoice:
     Measured on the replayed CPU grid (benchmarks/search_efficiency.py, BENCHMARKS.md "Search
     efficiency"; 180 points, 4 of 5 knobs categorical, 3 objectives, 56 % infeasible; 20 seeds;
     infeasible trials told the worst values), median feasible hypervolume at 10 % of the grid:
-    the GP as `auto` runs it (`tuner.gp_search.ExhaustiveGPSampler`, 3 random start-up trials)
+    the GP as `auto` runs it (`tuner.gp_search.ExhaustiveGPSampler`, 3 start-up trials)
     0.994 (held-out seeds 20-39: 0.973; seeds 0-59: 0.976), Optuna's GP with the default 10
     start-up trials 0.762, multivariate TPE 0.318, NSGA-II 0.193, random 0.294. On the GPU grid
     (72 points, 21 feasible, 7 trials at 10 %) the GP is ahead too: 0.419 against TPE 0.289,
