@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import math
 
+import numpy as np
 import optuna
 import pytest
 import yaml
@@ -157,12 +159,49 @@ def test_warm_start_overlapping_space_enqueues_the_earlier_front(tmp_path):
                      "s.yaml", "s")
     summary, study = run(space, url, tmp_path)
     expected = {n: p for n, p in front.items() if p["batch_size"] != 1}
-    seeded = [t for t in study.trials if t.user_attrs.get("warm_start_from")]
+    seeded = [t for t in study.trials if t.user_attrs.get("warm_start_from")
+              and not t.user_attrs["warm_start_from"].get("extended")]
     assert study.trials[0].user_attrs.get("baseline")  # the baseline stays first ...
     assert [t.number for t in seeded] == list(range(1, 1 + len(expected)))  # ... then the carried configs
     assert {t.user_attrs["warm_start_from"]["trial"]: t.params for t in seeded} == expected
     assert not any(t.user_attrs.get("carried_over") for t in study.trials)
     assert summary.counted == 6 and study.user_attrs["warm_start"]["mode"] == "overlapping"
+
+
+def test_warm_start_extends_the_front_past_the_edge_of_the_earlier_range(tmp_path):
+    rows = [[b, q, 100.0 * b / (1 if q == 16 else 0.8), 10.0 * b * (1 if q == 16 else 0.5), ""]
+            for b in (1, 2, 4, 8) for q in (16, 8, 4)]
+    table = write_table(tmp_path / "t.csv", rows)
+    url = str(tmp_path / "j.journal")
+    narrow = {"batch_size": {"type": "categorical", "choices": [1, 2, 4]},
+              "quant_bits": {"type": "categorical", "choices": [16, 8]}}
+    run(validate(raw(table, "earlier", narrow, sampler="grid", trials=6), "s.yaml", "s"), url, tmp_path)
+    earlier = optuna.load_study(study_name="earlier", storage=open_storage(url))
+    # int8 is faster and quicker per token at every batch size: the front is batch 1, 2, 4 at int8,
+    # cut by both old edges (batch 4 is the largest batch, int8 the fewest bits).
+    assert sorted((t.params["batch_size"], t.params["quant_bits"]) for t in earlier.best_trials) == [
+        (1, 8), (2, 8), (4, 8)]
+    wide = {"batch_size": {"type": "categorical", "choices": [2, 4, 8]},
+            "quant_bits": {"type": "categorical", "choices": [16, 8, 4]}}
+    space = validate(raw(table, "later", wide, trials=6, warm_start={"study": "earlier"}), "s.yaml", "s")
+    _, study = run(space, url, tmp_path)
+    queued = [(t.params["batch_size"], t.params["quant_bits"], bool(t.user_attrs["warm_start_from"].get("extended")))
+              for t in study.trials[:5]]
+    assert queued[:2] == [(2, 8, False), (4, 8, False)] or queued[:2] == [(4, 8, False), (2, 8, False)]
+    # One value past each cut edge: batch 4 -> 8; int8 -> int4 (batch 1 -> 1 is outside this range).
+    assert sorted(queued[2:]) == [(2, 4, True), (4, 4, True), (8, 8, True)]
+    assert all(t.user_attrs.get("warm_start_from") is None for t in study.trials[5:])
+
+
+def test_extensions_need_an_ordered_knob_whose_range_grew():
+    from tuner.warm_start import _ordered_values
+
+    cat = optuna.distributions.CategoricalDistribution
+    assert _ordered_values(cat([16, 8, 4])) == [4, 8, 16]
+    assert _ordered_values(cat(["static", "dynamic"])) is None  # no order: no "past the edge"
+    assert _ordered_values(cat([True, False])) is None
+    assert _ordered_values(optuna.distributions.FloatDistribution(0.0, 0.5, step=0.25)) == [0.0, 0.25, 0.5]
+    assert _ordered_values(optuna.distributions.FloatDistribution(0.0, 0.5)) is None  # continuous
 
 
 def test_warm_start_from_a_missing_study_is_a_usage_error(tmp_path, capsys):
@@ -218,14 +257,15 @@ def test_no_repeat_sampler_explores_instead_of_repeating_a_tried_or_running_conf
 
 
 def test_auto_scores_every_point_of_a_finite_space_and_wraps_larger_ones(tmp_path, monkeypatch):
-    import tuner.search
-    from tuner.search import ExhaustiveGPSampler, NoRepeatSampler
+    import tuner.gp_search
+    from tuner.gp_search import ExhaustiveGPSampler
+    from tuner.search import NoRepeatSampler
     from tuner.study import make_sampler
 
     table = saturating_table(tmp_path / "t.csv")
     finite = validate(raw(table, sampler="auto", trials=6), "s.yaml", "s")
     assert isinstance(make_sampler(finite), ExhaustiveGPSampler)
-    monkeypatch.setattr(tuner.search, "EXHAUSTIVE_MAX_POINTS", 11)  # 12 points: too many to enumerate
+    monkeypatch.setattr(tuner.gp_search, "EXHAUSTIVE_MAX_POINTS", 11)  # 12 points: too many to enumerate
     sampler = make_sampler(finite)
     assert isinstance(sampler, NoRepeatSampler) and type(sampler._inner) is optuna.samplers.GPSampler
     table2 = tmp_path / "f.csv"
@@ -236,7 +276,7 @@ def test_auto_scores_every_point_of_a_finite_space_and_wraps_larger_ones(tmp_pat
 
 
 def test_exhaustive_gp_never_repeats_a_tried_or_running_config(tmp_path):
-    from tuner.search import ExhaustiveGPSampler, grid_points
+    from tuner.gp_search import ExhaustiveGPSampler, grid_points
 
     space = validate(raw(saturating_table(tmp_path / "t.csv"), sampler="auto", trials=6), "s.yaml", "s")
     points = grid_points(space)
@@ -253,7 +293,7 @@ def test_exhaustive_gp_never_repeats_a_tried_or_running_config(tmp_path):
 
 
 def test_the_gp_reads_measured_values_of_trials_that_broke_a_bound():
-    from tuner.search import _MeasuredView
+    from tuner.gp_search import _MeasuredView
 
     study = optuna.create_study(directions=["maximize", "minimize"])
     dist = {"x": optuna.distributions.IntDistribution(0, 9)}
@@ -270,7 +310,7 @@ def test_the_gp_reads_measured_values_of_trials_that_broke_a_bound():
 
 
 def test_the_gp_counts_each_constraint_once():
-    from tuner.search import _MeasuredView
+    from tuner.gp_search import _MeasuredView
     from tuner.tell import store_constraint_list
 
     study = optuna.create_study()
@@ -300,3 +340,124 @@ def test_the_benchmark_replays_recorded_grids_and_names_a_missing_one(tmp_path):
         grid_tables([str(table)])
     (tmp_path / "mine_space.yaml").write_text("study: mine\n")
     assert grid_tables([str(table)]) == [table]
+
+
+# ---------------------------------------------------------------- the model behind `auto`
+
+
+def test_normal_scores_rank_each_objective_and_tame_an_outlier():
+    from scipy.stats import norm
+
+    from tuner.gp_search import normal_scores
+
+    values = np.array([[1.0, 5.0], [2.0, 5.0], [1000.0, 1.0], [3.0, 2.0]])  # [trials, objectives]
+    scores = normal_scores(values)
+    # Column 0: ranks 1, 2, 4, 3 of 4 -> quantiles of 1/8, 3/8, 7/8, 5/8; the outlier is only the top rank.
+    assert np.allclose(scores[:, 0], norm.ppf([1 / 8, 3 / 8, 7 / 8, 5 / 8]))
+    # Column 1: the tie at 5.0 shares rank 3.5.
+    assert np.allclose(scores[:, 1], norm.ppf([6 / 8, 6 / 8, 1 / 8, 3 / 8]))
+
+
+def test_constraint_columns_fit_each_bound_to_the_trials_that_ran():
+    from tuner.gp_search import constraint_columns
+
+    names = ["kl<=0.1", "runnable", "stopped_early"]
+    # Trials 0-2 ran (one broke the KL bound, one stopped early); trial 3 could not run and carries
+    # placeholders (1.0) for every constraint.
+    violations = np.array([[-0.05, 0.0, 0.0], [0.2, 0.0, 1.0], [-0.08, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    ran = np.array([True, True, True, False])
+    columns = {name: (rows, values) for name, rows, values in constraint_columns(names, violations, ran)}
+    # "runnable" is 0 on every trial that ran: no GP for it; "ran" covers it on every trial.
+    assert set(columns) == {"ran", "constraint kl<=0.1", "constraint stopped_early"}
+    rows, values = columns["ran"]
+    assert rows.all() and list(values) == [-1.0, -1.0, -1.0, 1.0]
+    rows, values = columns["constraint kl<=0.1"]
+    assert list(rows) == [True, True, True, False] and list(values) == [-0.05, 0.2, -0.08]
+    # A pass/fail constraint: a pass is -0.5, not 0 (on the bound).
+    assert list(columns["constraint stopped_early"][1]) == [-0.5, 0.5, -0.5]
+    # Nothing broken and everything ran: no constraint GP at all.
+    assert constraint_columns(names, np.array([[-0.05, 0.0, 0.0]] * 2), np.array([True, True])) == []
+
+
+def _gp_study(tmp_path, trials):
+    """A study of `auto`'s GP over quant_bits {16, 8, 4} x batch_size {1, 2, 4, 8}, seeded with `trials`."""
+    from tuner.gp_search import auto_gp
+
+    table = write_table(tmp_path / "t.csv", [[b, q, 1.0, 1.0, ""] for b in (1, 2, 4, 8) for q in (16, 8, 4)])
+    params = {"quant_bits": {"type": "categorical", "choices": [16, 8, 4]},
+              "batch_size": {"type": "categorical", "choices": [1, 2, 4, 8]}}
+    space = validate(raw(table, params=params, sampler="auto", trials=10), "s.yaml", "s")
+    dist = space.distributions()
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=auto_gp(space, 0, 3))
+    for (q, b), values, constraints, attrs in trials:
+        study.add_trial(optuna.trial.create_trial(
+            params={"quant_bits": q, "batch_size": b}, distributions=dist, values=values, user_attrs=attrs,
+            system_attrs={f"constraints:{k}": v for k, v in constraints.items()}))
+    return study, dist
+
+
+def test_the_gp_steers_away_from_configs_that_could_not_run_before_any_feasible_trial(tmp_path):
+    worst = [float("-inf"), float("inf")]
+    failed = {"runnable": 1.0, "kl<=0.1": 1.0}
+    study, dist = _gp_study(tmp_path, [((4, b), worst, failed, {}) for b in (1, 2, 4)])
+    trial = study.ask(dist)
+    assert trial.params["quant_bits"] != 4  # 3 of 3 int4 configs failed to run; batch 8 there is untried
+
+
+def _fitted(study, dist):
+    from tuner.gp_search import _MeasuredView, fit_model
+
+    view = _MeasuredView(study, ["throughput_tok_s", "latency_p99_ms"])
+    completed = view._get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    return fit_model(study.sampler, view, completed, [], dist)
+
+
+def test_an_untried_config_is_50_50_feasible_even_when_every_measured_trial_broke_a_bound(tmp_path):
+    # Optuna's constraint GP is centred on the mean of what it saw: when every trial broke the
+    # bound, every untried config is ~0 % feasible, so nothing steers the search. Centred on the
+    # bound, a config unlike the measured ones leans towards 50/50 (~20 % here: the categorical
+    # kernel still correlates it with the measured ones) and the measured region stays near 0.
+    worst = [float("-inf"), float("inf")]
+    broke = {"runnable": 0.0, "kl<=0.1": 0.3}
+    trials = [((4, b), worst, broke, {"metrics": {"throughput_tok_s": 10.0 * b, "latency_p99_ms": 1.0}})
+              for b in (1, 2, 4)]
+    study, dist = _gp_study(tmp_path, trials)
+    internal, acqf = _fitted(study, dist)
+    near, far = acqf.eval_acqf_no_grad(internal.get_normalized_params(
+        [None] * 2, [{"quant_bits": 4, "batch_size": 2}, {"quant_bits": 16, "batch_size": 8}]))
+    assert near < math.log(0.01) and math.log(0.1) < far <= 0.0
+
+
+def test_objective_gps_read_only_the_trials_that_ran(tmp_path):
+    ok = {"runnable": 0.0, "kl<=0.1": -0.05}
+    measured = [((8, b), [100.0 * b, 1.0 + b], ok, {}) for b in (1, 2, 4)]
+    failed = [((4, b), [float("-inf"), float("inf")], {"runnable": 1.0, "kl<=0.1": 1.0}, {}) for b in (1, 8)]
+    study, dist = _gp_study(tmp_path, measured + failed)
+    _fitted(study, dist)
+    cache = study.sampler._kernel_cache
+    # 3 measured trials for each objective; the 2 that could not run only for "ran" (5 trials).
+    assert [cache[f"objective {i}"]._X_train.shape[0] for i in range(2)] == [3, 3]
+    assert cache["ran"]._X_train.shape[0] == 5
+    assert "constraint kl<=0.1" not in cache  # never broken by a trial that ran
+
+
+def test_start_up_trials_cover_distinct_values_of_every_knob_across_workers(tmp_path):
+    from tuner.gp_search import auto_gp
+
+    rows = [[b, q, 100.0 * b, 10.0 * b, ""] for b in (1, 2, 4, 8) for q in (16, 8, 4)]
+    table = write_table(tmp_path / "t.csv", rows)
+    params = {"batch_size": {"type": "categorical", "choices": [1, 2, 4, 8]},
+              "quant_bits": {"type": "categorical", "choices": [16, 8, 4]}}
+    space = validate(raw(table, params=params, sampler="auto", trials=10), "s.yaml", "s")
+    # Two workers: their own seeds, one design (the space's seed); the first 3 trials run at once.
+    workers = [auto_gp(space, seed, 3, design_seed=0) for seed in (11, 12)]
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    asked = []
+    for i in range(3):
+        study.sampler = workers[i % 2]
+        asked.append(study.ask(space.distributions()).params)
+    assert sorted(p["quant_bits"] for p in asked) == [4, 8, 16]
+    assert len({p["batch_size"] for p in asked}) == 3
+    # Another study seed, another design.
+    other = optuna.create_study(directions=["maximize", "minimize"], sampler=auto_gp(space, 5, 3, design_seed=5))
+    assert [other.ask(space.distributions()).params for _ in range(3)] != asked

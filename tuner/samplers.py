@@ -9,6 +9,7 @@ from collections.abc import Callable
 import optuna
 
 from tuner import search as search_policy
+from tuner.gp_search import auto_gp
 from tuner.space import Space, grid_values
 
 # (space, seed, startup trials) -> sampler. Every sampler reads the constraints each trial
@@ -59,8 +60,8 @@ def make_sampler(space: Space, salt: str = "") -> optuna.samplers.BaseSampler:
         if choice.sampler == "grid":
             return SAMPLERS["grid"](space, seed, startup)
         startup = search.n_startup_trials or choice.n_startup_trials or startup
-        if choice.sampler == "gp" and (exhaustive := search_policy.auto_gp(space, seed, startup)) is not None:
-            return exhaustive  # a finite space: the GP scores every untried point (tuner/search.py)
+        if choice.sampler == "gp" and (exhaustive := auto_gp(space, seed, startup, search.seed)) is not None:
+            return exhaustive  # a finite space: the GP scores every untried point (tuner/gp_search.py)
         # `auto` never repeats a tried or running config of a finite space (NoRepeatSampler).
         inner = SAMPLERS[choice.sampler](space, seed, startup)
         return search_policy.NoRepeatSampler(inner, seed) if search_policy.space_size(space) < math.inf else inner

@@ -7,8 +7,6 @@ grids replayed through `runner: replay` (BENCHMARKS.md, "Search efficiency").
 
 from __future__ import annotations
 
-import copy
-import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,7 +17,6 @@ import optuna
 from optuna._hypervolume import compute_hypervolume  # what plot_hypervolume_history uses
 from optuna.trial import FrozenTrial, TrialState
 
-from tuner import record
 from tuner.space import PlateauStop, Space
 
 # ---------------------------------------------------------------- the `auto` sampler
@@ -62,13 +59,17 @@ def auto_sampler(space: Space) -> AutoChoice:
     Measured on the replayed CPU grid (benchmarks/search_efficiency.py, BENCHMARKS.md "Search
     efficiency"; 180 points, 4 of 5 knobs categorical, 3 objectives, 56 % infeasible; 20 seeds;
     infeasible trials told the worst values), median feasible hypervolume at 10 % of the grid:
-    the GP as `auto` runs it (ExhaustiveGPSampler, 3 random start-up trials) 0.879, Optuna's GP
-    with 3 start-up trials in NoRepeatSampler 0.686, with the default 10 0.762, multivariate TPE
-    0.318, NSGA-II 0.193, random 0.294. So, in order:
+    the GP as `auto` runs it (`tuner.gp_search.ExhaustiveGPSampler`, 3 start-up trials)
+    0.994 (held-out seeds 20-39: 0.973; seeds 0-59: 0.976), Optuna's GP with the default 10
+    start-up trials 0.762, multivariate TPE 0.318, NSGA-II 0.193, random 0.294. On the GPU grid
+    (72 points, 21 feasible, 7 trials at 10 %) the GP is ahead too: 0.419 against TPE 0.289,
+    random 0.329.
+    So, in order:
     - a space no larger than the budget is searched exhaustively (grid): nothing beats it;
     - up to GP_MAX_TRIALS trials and 3 objectives: Optuna's GP sampler, with few start-up trials
-      (2 and 3 were within seed noise of each other over 40 seeds; 5, from a max-min start, did worse); on a
-      finite space of up to EXHAUSTIVE_MAX_POINTS points as ExhaustiveGPSampler (`auto_gp`).
+      (3; 2 and 4 both did worse over 40 seeds, HV at 10 % 92.6 and 92.0 % against 95.3 %; 5
+      from a max-min-distance design did worse before); on a finite space of up
+      to `tuner.gp_search.EXHAUSTIVE_MAX_POINTS` points as ExhaustiveGPSampler (`auto_gp`).
       It models constraints (one GP each, so the `runnable` and bound constraints steer it away
       from infeasible regions) and conditions on running trials (parallel workers). A large
       categorical share did not hurt it on the measured grid, so it does not decide here;
@@ -136,121 +137,6 @@ def _is_repeat(study: optuna.Study, trial: FrozenTrial, params: dict[str, Any]) 
                 k in other.params and other.params[k] == v for k, v in params.items()):
             return True
     return False
-
-
-# Above this many points a finite space's acquisition is optimised by Optuna's own local search
-# (evaluating the GP on every point costs ~1 ms per 100 points and suggestion).
-EXHAUSTIVE_MAX_POINTS = 20_000
-
-
-def grid_points(space: Space) -> list[dict[str, Any]] | None:
-    """Every config of a finite space (None when it is continuous or too large to enumerate)."""
-    from tuner.space import grid_values
-
-    if space_size(space) > EXHAUSTIVE_MAX_POINTS:
-        return None
-    names = list(space.params)
-    return [dict(zip(names, values, strict=True))
-            for values in itertools.product(*(grid_values(space.params[n]) for n in names))]
-
-
-class ExhaustiveGPSampler(optuna.samplers.GPSampler):
-    """Optuna's GP, with two changes for the finite spaces `auto` searches.
-
-    - The acquisition is maximised over every untried point of the space (no finished or
-      running trial's config), not by Optuna's local search from random starts. In a space of a
-      few hundred categorical points the local search often returned a measured config (the
-      reason for `NoRepeatSampler`), and a random draw in its place wastes the trial.
-    - The objective GPs read a trial that ran but broke a bound (KL over its limit, say) at its
-      measured values (user attr `metrics`), not the worst values the study was told: the
-      constraint GPs already model where the bounds fail, and clipped worst values put a cliff
-      into the objective surface that the GP smooths into the neighbouring, feasible configs. A
-      trial that could not run has no measured values and keeps the worst ones.
-    Measured on the replayed CPU grid (BENCHMARKS.md "Search efficiency", seeds 0-19): median
-    feasible hypervolume at 10 % of the grid 87.9 % (GP + NoRepeatSampler: 68.6 %; over 40 seeds
-    93.1 %), at 5 % 38.5 % (12.3 %); per suggestion ~4x cheaper, since no local search runs.
-    """
-
-    def __init__(self, space: Space, points: list[dict[str, Any]], seed: int | None = None,
-                 n_startup_trials: int = 10) -> None:
-        super().__init__(seed=seed, n_startup_trials=n_startup_trials)
-        self._points = points
-        self._metrics = [o.metric for o in space.objectives]
-        self._tie_break = np.random.RandomState(seed)
-        self._asking: tuple[optuna.Study, FrozenTrial, dict[str, Any]] | None = None
-
-    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, Any]) -> dict[str, Any]:
-        self._asking = (study, trial, search_space)
-        try:
-            return super().sample_relative(_MeasuredView(study, self._metrics), trial, search_space)
-        finally:
-            self._asking = None
-
-    def _optimize_acqf(self, acqf: Any, best_params: np.ndarray | None) -> np.ndarray:
-        # GPSampler's documented override point for the acquisition optimiser (not a stable API:
-        # pyproject pins optuna < 6, and tests/test_search.py exercises this path).
-        study, trial, search_space = self._asking or (None, None, {})
-        names = list(search_space)
-        if study is None or not self._points or set(names) != set(self._points[0]):
-            return super()._optimize_acqf(acqf, best_params)
-        encode = acqf.search_space.get_normalized_params
-        candidates = encode([None] * len(self._points), [{n: p[n] for n in names} for p in self._points])
-        taken = [t.params for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
-                 if t._trial_id != trial._trial_id and set(names) <= set(t.params)]
-        if taken:
-            tried = encode([None] * len(taken), [{n: p[n] for n in names} for p in taken])
-            same = np.isclose(candidates[:, None, :], tried[None, :, :], rtol=0, atol=1e-9).all(axis=2).any(axis=1)
-            candidates = candidates[~same]  # [untried points, dims]
-        if len(candidates) == 0:
-            return super()._optimize_acqf(acqf, best_params)
-        scores = np.concatenate([acqf.eval_acqf_no_grad(candidates[i:i + 2048])
-                                 for i in range(0, len(candidates), 2048)])  # [untried points]
-        best = np.flatnonzero(scores >= scores.max() - 1e-12)
-        return candidates[self._tie_break.choice(best)]
-
-
-def auto_gp(space: Space, seed: int | None, n_startup_trials: int) -> optuna.samplers.BaseSampler | None:
-    """The GP `auto` runs on a finite space of at most EXHAUSTIVE_MAX_POINTS points (else None:
-    Optuna's plain GP, wrapped in NoRepeatSampler where the space is finite)."""
-    points = grid_points(space)
-    return None if points is None else ExhaustiveGPSampler(space, points, seed=seed, n_startup_trials=n_startup_trials)
-
-
-class _MeasuredView:
-    """The study as `ExhaustiveGPSampler`'s model reads it (see there, and `_as_measured`); all
-    else is the study's."""
-
-    def __init__(self, study: optuna.Study, metrics: list[str]) -> None:
-        self._study = study
-        self._metrics = metrics
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._study, name)
-
-    def _get_trials(self, deepcopy: bool = False, states: Any = None, use_cache: bool = False) -> list[FrozenTrial]:
-        return [_as_measured(t, self._metrics)
-                for t in self._study._get_trials(deepcopy=False, states=states, use_cache=use_cache)]
-
-
-def _as_measured(trial: FrozenTrial, metrics: list[str]) -> FrozenTrial:
-    view = trial
-    named = any(k.startswith("constraints:") for k in trial.system_attrs)
-    if named and "constraints" in trial.system_attrs:
-        # The plain list `tuner.study.store_constraint_list` writes for optuna-dashboard repeats the
-        # named constraints; the GP, taking constraints as independent, would multiply each bound's
-        # feasibility probability by itself. Without the copy (40 seeds, CPU grid): median HV at
-        # 5 / 10 % of the grid 51.5 / 93.1 % instead of 45.3 / 90.9 %.
-        view = copy.copy(trial)
-        view._system_attrs = {k: v for k, v in trial.system_attrs.items() if k != "constraints"}
-    if trial.state != TrialState.COMPLETE or trial.values is None or all(math.isfinite(v) for v in trial.values):
-        return view
-    recorded = record.metrics(trial)
-    measured = [recorded.get(m) for m in metrics]
-    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in measured):
-        return view
-    view = copy.copy(view)
-    view.values = [float(v) for v in measured]
-    return view
 
 
 # ---------------------------------------------------------------- hypervolume

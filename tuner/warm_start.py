@@ -86,10 +86,71 @@ def _enqueue_front(study: optuna.Study, space: Space, source: optuna.Study) -> W
         study.enqueue_trial(params, user_attrs={record.WARM_START_FROM.key: {"study": source.study_name,
                                                                     "trial": t.number}})
         carried.append(t.number)
+    extended = 0
+    for t, params in _extensions(front, source, distributions):
+        key = repr(sorted(params.items()))
+        if key in seen:
+            continue
+        seen.add(key)
+        study.enqueue_trial(params, user_attrs={record.WARM_START_FROM.key: {"study": source.study_name,
+                                                                    "trial": t.number, "extended": True}})
+        extended += 1
     detail = f"enqueued {len(carried)} Pareto config(s) of the overlapping space"
+    if extended:
+        detail += f" and {extended} that extend(s) them into this space's wider range"
     if dropped:
         detail += f"; {dropped} fell outside this space's ranges"
     return WarmStartResult(source.study_name, "overlapping", carried, detail)
+
+
+def _extensions(front: list[FrozenTrial], source: optuna.Study,
+                distributions: dict[str, optuna.distributions.BaseDistribution]) -> list[tuple[FrozenTrial, dict[str, Any]]]:
+    """Pareto configs at the edge of an ordered knob's earlier range, moved one value past it.
+
+    When this space's range of an ordered knob (numbers: an int/float step or numeric choices)
+    reaches beyond the earlier one (batch sizes up to 16 where the earlier study stopped at 8), a
+    Pareto config sitting on the old edge says the front was cut there: its neighbour one value
+    out is the config most likely to extend it. Configs inside the old range and unordered new
+    choices get no such neighbour (the sampler explores those).
+    """
+    earlier = _source_values(source)
+    out = []
+    for t in front:
+        for name, dist in distributions.items():
+            old, new = earlier.get(name), _ordered_values(dist)
+            value = t.params.get(name)
+            if not old or not new or value is None or isinstance(value, bool):
+                continue
+            for edge, beyond in ((max(old), [v for v in new if v > max(old)]),
+                                 (min(old), [v for v in new if v < min(old)])):
+                if beyond and math.isclose(value, edge, rel_tol=1e-9):
+                    step = min(beyond, key=lambda v: abs(v - edge))
+                    params = {k: v for k, v in t.params.items() if k in distributions}
+                    if all(_contains(distributions[k], v) for k, v in params.items() if k != name):
+                        out.append((t, {**params, name: step}))
+    return out
+
+
+def _source_values(source: optuna.Study) -> dict[str, list[float]]:
+    """Each ordered knob's values as the earlier study's trials knew them (their distributions)."""
+    values: dict[str, list[float]] = {}
+    for t in source.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        for name, dist in t.distributions.items():
+            if name not in values and (ordered := _ordered_values(dist)):
+                values[name] = ordered
+    return values
+
+
+def _ordered_values(dist: optuna.distributions.BaseDistribution) -> list[float] | None:
+    """The points of a discrete numeric distribution, in order (None: unordered or continuous)."""
+    if isinstance(dist, optuna.distributions.CategoricalDistribution):
+        numbers = [c for c in dist.choices if isinstance(c, (int, float)) and not isinstance(c, bool)]
+        return sorted(numbers) if len(numbers) == len(dist.choices) else None
+    step = getattr(dist, "step", None)
+    if not step or getattr(dist, "log", False):
+        return None
+    count = int(math.floor((dist.high - dist.low) / step + 1e-9)) + 1
+    return [dist.low + i * step for i in range(count)]
 
 
 def _feasible_front_by_names(source: optuna.Study, space: Space) -> list[FrozenTrial]:
