@@ -41,7 +41,7 @@ def grid_points(space: Space) -> list[dict[str, Any]] | None:
 def auto_gp(space: Space, seed: int | None, n_startup_trials: int,
             design_seed: int | None = None) -> optuna.samplers.BaseSampler | None:
     """The GP `auto` runs on a finite space of at most EXHAUSTIVE_MAX_POINTS points (else None:
-    Optuna's plain GP, wrapped in NoRepeatSampler where the space is finite)."""
+    Optuna's plain GP, wrapped in NoRepeatSampler)."""
     points = grid_points(space)
     return None if points is None else ExhaustiveGPSampler(space, points, seed=seed, n_startup_trials=n_startup_trials,
                                                            design_seed=design_seed)
@@ -102,7 +102,7 @@ class ExhaustiveGPSampler(optuna.samplers.GPSampler):
         are int4 (not runnable), 2 or 3 of 3 random start-up trials are int4 with probability
         7/27. {} (a random draw) when the row is a config already tried or running."""
         taken = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
-                 if t._trial_id != trial._trial_id]
+                 if t.number != trial.number]
         k = len(taken)
         row = {n: self._design[n][k % len(self._design[n])] for n in search_space if n in self._design}
         if len(row) != len(search_space) or any(all(t.params.get(n) == v for n, v in row.items()) for t in taken):
@@ -140,7 +140,7 @@ class ExhaustiveGPSampler(optuna.samplers.GPSampler):
         encode = acqf.search_space.get_normalized_params
         candidates = encode([None] * len(self._points), [{n: p[n] for n in names} for p in self._points])
         taken = [t.params for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
-                 if t._trial_id != trial._trial_id and set(names) <= set(t.params)]
+                 if t.number != trial.number and set(names) <= set(t.params)]
         if taken:
             tried = encode([None] * len(taken), [{n: p[n] for n in names} for p in taken])
             same = np.isclose(candidates[:, None, :], tried[None, :, :], rtol=0, atol=1e-9).all(axis=2).any(axis=1)

@@ -74,7 +74,8 @@ CONFIG = _attr("config", dict, "the resolved runners.contract.TrialConfig, as a 
 ARTIFACT_DIR = _attr("artifact_dir", str, "the folder of the trial's files")
 INTERRUPTED = _attr("interrupted", bool, "stopped from outside (Ctrl-C, a dead worker, unwritable files)")
 CARRIED_OVER = _attr("carried_over", bool, "copied by a warm start from an earlier study (uses no budget)")
-WARM_START_FROM = _attr("warm_start_from", dict, "{study, trial}: the earlier trial a warm start copied or queued")
+WARM_START_FROM = _attr("warm_start_from", dict, "{study, trial[, extended: true]}: the earlier trial a warm "
+                        "start copied or queued (extended: queued one value past the earlier range's edge)")
 
 # Runner `info` entries lifted to trial attrs, so a reader sees at once whether a number is clean.
 WINDOW_FLAGS = (CONTAMINATED, REMEASURED, HOST_BUSY)

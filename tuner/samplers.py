@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Callable
 
 import optuna
@@ -62,9 +61,11 @@ def make_sampler(space: Space, salt: str = "") -> optuna.samplers.BaseSampler:
         startup = search.n_startup_trials or choice.n_startup_trials or startup
         if choice.sampler == "gp" and (exhaustive := auto_gp(space, seed, startup, search.seed)) is not None:
             return exhaustive  # a finite space: the GP scores every untried point (tuner/gp_search.py)
-        # `auto` never repeats a tried or running config of a finite space (NoRepeatSampler).
-        inner = SAMPLERS[choice.sampler](space, seed, startup)
-        return search_policy.NoRepeatSampler(inner, seed) if search_policy.space_size(space) < math.inf else inner
+        # `auto` never repeats a tried or running config (NoRepeatSampler): in a finite space the
+        # GP can get stuck on one measured point, and in a continuous one its acquisition often
+        # peaks on a bound, so two trials can ask for exactly the same config (the CPU headline
+        # study ran batch 32 / 16 bits / quantized KV / 0.5 ms twice in 12 trials).
+        return search_policy.NoRepeatSampler(SAMPLERS[choice.sampler](space, seed, startup), seed)
     return SAMPLERS[search.sampler](space, seed, startup)
 
 

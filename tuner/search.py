@@ -113,13 +113,13 @@ class NoRepeatSampler(optuna.samplers.BaseSampler):
     def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, Any]) -> dict[str, Any]:
         params = self._inner.sample_relative(study, trial, search_space)
         if params and _is_repeat(study, trial, params):
-            self._explore.add(trial._trial_id)
+            self._explore.add(trial.number)
             return {}
         return params
 
     def sample_independent(self, study: optuna.Study, trial: FrozenTrial, name: str,
                            distribution: optuna.distributions.BaseDistribution) -> Any:
-        sampler = self._random if trial._trial_id in self._explore else self._inner
+        sampler = self._random if trial.number in self._explore else self._inner
         return sampler.sample_independent(study, trial, name, distribution)
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
@@ -127,13 +127,13 @@ class NoRepeatSampler(optuna.samplers.BaseSampler):
 
     def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
                     values: Sequence[float] | None) -> None:
-        self._explore.discard(trial._trial_id)
+        self._explore.discard(trial.number)
         self._inner.after_trial(study, trial, state, values)
 
 
 def _is_repeat(study: optuna.Study, trial: FrozenTrial, params: dict[str, Any]) -> bool:
     for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)):
-        if other._trial_id != trial._trial_id and all(
+        if other.number != trial.number and all(
                 k in other.params and other.params[k] == v for k, v in params.items()):
             return True
     return False
