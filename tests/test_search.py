@@ -140,15 +140,21 @@ def test_warm_start_identical_space_copies_every_trial(tmp_path):
     assert sum(bool(t.user_attrs.get("carried_over")) for t in study.get_trials()) == 4
 
 
-def test_warm_start_overlapping_space_enqueues_the_earlier_front(tmp_path):
-    rows = [[b, q, 100.0 * b / (1 if q == 16 else 0.8), 10.0 * b * (1 if q == 16 else 0.5), ""]
-            for b in (1, 2, 4, 8) for q in (16, 8)] + [[b, 4, "", "", "no int4 here"] for b in (1, 2, 4, 8)]
+def earlier_grid_study(tmp_path, rows: list) -> tuple[object, str, optuna.Study]:
+    """The table of `rows`, and an earlier grid study over batch {1, 2, 4} x bits {16, 8} of it
+    (the source a warm start reads)."""
     table = write_table(tmp_path / "t.csv", rows)
     url = str(tmp_path / "j.journal")
     narrow = {"batch_size": {"type": "categorical", "choices": [1, 2, 4]},
               "quant_bits": {"type": "categorical", "choices": [16, 8]}}
     run(validate(raw(table, "earlier", narrow, sampler="grid", trials=6), "s.yaml", "s"), url, tmp_path)
-    earlier = optuna.load_study(study_name="earlier", storage=open_storage(url))
+    return table, url, optuna.load_study(study_name="earlier", storage=open_storage(url))
+
+
+def test_warm_start_overlapping_space_enqueues_the_earlier_front(tmp_path):
+    rows = [[b, q, 100.0 * b / (1 if q == 16 else 0.8), 10.0 * b * (1 if q == 16 else 0.5), ""]
+            for b in (1, 2, 4, 8) for q in (16, 8)] + [[b, 4, "", "", "no int4 here"] for b in (1, 2, 4, 8)]
+    table, url, earlier = earlier_grid_study(tmp_path, rows)
     front = {t.number: t.params for t in earlier.best_trials}
     assert len(front) >= 2
 
@@ -171,12 +177,7 @@ def test_warm_start_overlapping_space_enqueues_the_earlier_front(tmp_path):
 def test_warm_start_extends_the_front_past_the_edge_of_the_earlier_range(tmp_path):
     rows = [[b, q, 100.0 * b / (1 if q == 16 else 0.8), 10.0 * b * (1 if q == 16 else 0.5), ""]
             for b in (1, 2, 4, 8) for q in (16, 8, 4)]
-    table = write_table(tmp_path / "t.csv", rows)
-    url = str(tmp_path / "j.journal")
-    narrow = {"batch_size": {"type": "categorical", "choices": [1, 2, 4]},
-              "quant_bits": {"type": "categorical", "choices": [16, 8]}}
-    run(validate(raw(table, "earlier", narrow, sampler="grid", trials=6), "s.yaml", "s"), url, tmp_path)
-    earlier = optuna.load_study(study_name="earlier", storage=open_storage(url))
+    table, url, earlier = earlier_grid_study(tmp_path, rows)
     # int8 is faster and quicker per token at every batch size: the front is batch 1, 2, 4 at int8,
     # cut by both old edges (batch 4 is the largest batch, int8 the fewest bits).
     assert sorted((t.params["batch_size"], t.params["quant_bits"]) for t in earlier.best_trials) == [

@@ -491,6 +491,23 @@ def test_kv_memory_budget_through_the_runner(tmp_path):
     assert 1 <= pool["gpu_rows"] < 8 and pool["bytes"] <= 2**20
 
 
+def _compiled_slot_engine(prompts, rows: int, max_len: int, max_prompt: int) -> tuple[SlotEngine, FastGlm]:
+    """A slot engine on the compile path (CUDA-only in trials), compiled by Inductor's CPU backend,
+    with Dynamo's caches and counters reset so a test can count the graphs it builds."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = FastGlm(build_model(TINY, torch.float32, "cpu", seed=0))
+    fast = FastEngine(model, "cpu", compile_step=False)
+    fast.compiled = True
+    engine = fast.slot_engine("static", 8, 0)
+    engine.begin_trial(prompts, None, "off", 0)
+    engine.prepare(rows, max_len, max_prompt)
+    engine.record_tokens = True
+    return engine, model
+
+
 def test_multi_row_compile_is_one_graph_for_every_batch_bucket_and_one_for_every_prefill_width(prompts):
     """The slot pool's multi-row decode compiles once (batch dimension dynamic, weights static):
     buckets 8, 4 and 2 all run the same layer graph (the head runs eagerly), and no bucket is
@@ -498,16 +515,8 @@ def test_multi_row_compile_is_one_graph_for_every_batch_bucket_and_one_for_every
     every request still gets its own greedy tokens."""
     from torch._dynamo.utils import counters
 
-    torch._dynamo.reset()
-    counters.clear()
-    model = FastGlm(build_model(TINY, torch.float32, "cpu", seed=0))
-    fast = FastEngine(model, "cpu", compile_step=False)
-    fast.compiled = True  # the CUDA-only compile path, compiled by Inductor's CPU backend here
-    engine = fast.slot_engine("static", 8, 0)
-    engine.begin_trial(prompts, None, "off", 0)
-    engine.prepare(8, 64, 48)
+    engine, model = _compiled_slot_engine(prompts, 8, 64, 48)
     assert engine.decode_buckets() == [(2, 256), (4, 256), (8, 256)]
-    engine.record_tokens = True
     requests = [Request(rid, 0.0, length, 8) for rid, length in enumerate((6, 20, 40, 9, 33))]
     assert {prefill_width(r.prompt_tokens) for r in requests} == {16, 32, 64}
     alone = {r.rid: torch.cat(list(FastEngine(model, "cpu", False).decode([prompts(r)], 8)), 1)[0].tolist()
@@ -528,16 +537,8 @@ def test_prefill_compile_is_one_graph_for_every_attend_length(prompts):
     an int that would recompile per value."""
     from torch._dynamo.utils import counters
 
-    torch._dynamo.reset()
-    counters.clear()
-    model = FastGlm(build_model(TINY, torch.float32, "cpu", seed=0))
-    fast = FastEngine(model, "cpu", compile_step=False)
-    fast.compiled = True  # the CUDA-only compile path, compiled by Inductor's CPU backend here
-    engine = fast.slot_engine("static", 8, 0)
-    engine.begin_trial(prompts, None, "off", 0)
-    engine.prepare(2, 700, 600)
+    engine, model = _compiled_slot_engine(prompts, 2, 700, 600)
     assert {a for _, a in engine.prefill_shapes(300)} == {256, 512}
-    engine.record_tokens = True
     engine.join([Request(0, 0.0, 20, 2), Request(1, 0.0, 300, 2)])
     assert counters["stats"]["unique_graphs"] == 1
     alone = torch.cat(list(FastEngine(model, "cpu", False).decode([prompts(Request(1, 0.0, 300, 2))], 2)), 1)
