@@ -1,5 +1,10 @@
 """The GP `sampler: auto` runs on a finite space: Optuna's GP, fitted and searched our way.
 
+It subclasses `optuna.samplers.GPSampler` and uses Optuna's GP internals (`optuna._gp`, the
+sampler's acquisition optimiser, the study's trial reader), which Optuna does not promise to keep:
+pyproject pins optuna to 5.x, and `tests/test_samplers.py` runs `auto` through a study, so a
+change there fails CI rather than a user's study.
+
 `ExhaustiveGPSampler` keeps Optuna's GP regression, priors and acquisition functions
 (log-EHVI / log-EI, times the probability of feasibility; their q-batch forms with running
 trials) and changes which data each GP is fitted to and where the acquisition is maximised.
@@ -115,7 +120,7 @@ class ExhaustiveGPSampler(optuna.samplers.GPSampler):
         return {n: d for n, d in self._distributions.items() if not d.single()}
 
     def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, Any]) -> dict[str, Any]:
-        done = study._get_trials(deepcopy=False, states=(TrialState.COMPLETE,), use_cache=False)
+        done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if len(done) < self._n_startup_trials:
             return self._design_row(study, trial, search_space)
         self._asking = (study, trial, search_space)

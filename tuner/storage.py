@@ -327,8 +327,9 @@ class TrialHandle:
     failing another worker's RUNNING trial, a heartbeat, the plain `constraints` list.
 
     Optuna keeps a study's storage and a trial's id private (`study._storage`,
-    `trial._trial_id`); `trial_handle` is the one place that reaches in, so an Optuna
-    upgrade that renames them breaks here and nowhere else.
+    `trial._trial_id`); `trial_handle` is the one place that reaches in for them, so an Optuna
+    upgrade that renames them breaks here (the other reach into Optuna's internals is `auto`'s
+    GP, tuner/gp_search.py, which says why).
     """
 
     storage: optuna.storages.BaseStorage
@@ -353,4 +354,4 @@ class TrialHandle:
 
 def trial_handle(study: optuna.Study, trial: optuna.Trial | optuna.trial.FrozenTrial) -> TrialHandle:
     """The storage row of `trial` (a live `Trial` or a `FrozenTrial`) of `study`."""
-    return TrialHandle(study._storage, trial._trial_id)  # the only use of Optuna's privates
+    return TrialHandle(study._storage, trial._trial_id)  # Optuna's private storage and trial id
