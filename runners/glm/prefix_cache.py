@@ -159,11 +159,28 @@ class TieredPrefixCache(Generic[V]):
 PREFIX_L2_FACTOR = 4  # the host-memory tier holds this many times the device budget
 
 
-def engine_prefix_cache(policy: str, budget_mib: float, to_l1: Callable[[V], V], to_l2: Callable[[V], V]
-                        ) -> TieredPrefixCache[V] | None:
+def engine_prefix_cache(policy: str, budget_mib: float, device: str) -> TieredPrefixCache[Any] | None:
     """An engine's prefix cache for the `prefix_cache` / `prefix_cache_mib` knobs: `budget_mib`
-    of device memory (L1) over `PREFIX_L2_FACTOR` times that of host memory (L2); None when off."""
+    of device memory (L1) over `PREFIX_L2_FACTOR` times that of host memory (L2); None when off.
+    Entries are a KV tensor or a tuple of them (int8 codes and scales); L1 holds them on
+    `device`, L2 in host memory."""
     if policy == "off":
         return None
     l1 = int(float(budget_mib) * 2**20)
-    return TieredPrefixCache(l1, PREFIX_L2_FACTOR * l1, policy, to_l1=to_l1, to_l2=to_l2)
+    return TieredPrefixCache(l1, PREFIX_L2_FACTOR * l1, policy, to_l1=lambda kv: _moved(kv, device, True),
+                             to_l2=lambda kv: _moved(kv, "cpu", False))
+
+
+def _moved(kv: Any, device: str, non_blocking: bool) -> Any:
+    if isinstance(kv, tuple):
+        return tuple(t.to(device, non_blocking=non_blocking) for t in kv)
+    return kv.to(device, non_blocking=non_blocking)
+
+
+def prefix_counts(cache: TieredPrefixCache[Any] | None) -> dict[str, float]:
+    """An engine's prefix-cache counters (serving takes the window's delta of these); {} when off."""
+    if cache is None:
+        return {}
+    stats = cache.stats
+    return {"prefix_lookups": float(stats.lookups), "prefix_hits": float(stats.hits_l1 + stats.hits_l2),
+            "prefix_tokens_reused": float(stats.tokens_reused)}

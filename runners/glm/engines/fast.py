@@ -33,7 +33,7 @@ from runners.glm.engines.kv_pool import MIN_LENGTH_BUCKET, bucket
 from runners.glm.engines.slots import SlotEngine
 from runners.glm.fast_model import FastGlm, LayerFn, attention_bias, head_forward, layer_forward, rms_norm
 from runners.glm.model_cache import free_device_memory
-from runners.glm.prefix_cache import TieredPrefixCache, engine_prefix_cache
+from runners.glm.prefix_cache import TieredPrefixCache, engine_prefix_cache, prefix_counts
 from runners.glm.work import WorkCounter
 from runners.workload import Request
 
@@ -106,16 +106,12 @@ class FastEngine(StaticBatchEngine):
         self.prefix_len_fn = prefix_len_fn
         self.work.reset()
         self.prefix_cache: TieredPrefixCache[torch.Tensor] | None = engine_prefix_cache(
-            prefix_policy, prefix_budget_mib, to_l1=lambda t: t.to(self.device, non_blocking=True),
-            to_l2=lambda t: t.to("cpu"))
+            prefix_policy, prefix_budget_mib, self.device)
 
     def counters(self) -> dict[str, float]:
         counts = self.work.snapshot()
         counts["shape_misses"] = float(self.shape_misses)
-        if self.prefix_cache is not None:  # serving takes the window's delta of these too
-            stats = self.prefix_cache.stats
-            counts.update(prefix_lookups=float(stats.lookups), prefix_hits=float(stats.hits_l1 + stats.hits_l2),
-                          prefix_tokens_reused=float(stats.tokens_reused))
+        counts.update(prefix_counts(self.prefix_cache))
         return counts
 
     # --- buckets, compile, capture -----------------------------------------------------------

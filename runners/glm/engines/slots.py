@@ -53,7 +53,7 @@ from runners.glm.engines.kv_pool import (
 )
 from runners.glm.engines.slot_steps import SlotSteps
 from runners.glm.fast_model import row_bias
-from runners.glm.prefix_cache import TieredPrefixCache, engine_prefix_cache
+from runners.glm.prefix_cache import TieredPrefixCache, engine_prefix_cache, prefix_counts
 from runners.measure.monitor import StepTimer
 from runners.scheduler import Clock
 from runners.workload import Request
@@ -101,8 +101,7 @@ class SlotEngine(SlotSteps):
         self.work.reset()
         self.preemptions = 0
         self.prefix_cache: TieredPrefixCache[tuple[torch.Tensor, ...]] | None = engine_prefix_cache(
-            prefix_policy, prefix_budget_mib, to_l1=lambda kv: tuple(t.to(self.device, non_blocking=True) for t in kv),
-            to_l2=lambda kv: tuple(t.to("cpu") for t in kv))
+            prefix_policy, prefix_budget_mib, self.device)
         self._reset_batch()
 
     def _reset_batch(self) -> None:
@@ -116,10 +115,7 @@ class SlotEngine(SlotSteps):
     def counters(self) -> dict[str, float]:
         counts = self.work.snapshot()
         counts.update(shape_misses=float(self.shape_misses), preemptions=float(self.preemptions))
-        if self.prefix_cache is not None:
-            stats = self.prefix_cache.stats
-            counts.update(prefix_lookups=float(stats.lookups), prefix_hits=float(stats.hits_l1 + stats.hits_l2),
-                          prefix_tokens_reused=float(stats.tokens_reused))
+        counts.update(prefix_counts(self.prefix_cache))
         return counts
 
     @property
