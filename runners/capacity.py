@@ -150,6 +150,11 @@ def _report(outcomes: dict[float, ServeOutcome], probes: list[Probe], best: floa
         outcome.unavailable.update(capacity_rps=why, capacity_tok_s=why)
     else:
         outcome = outcomes[best]
+        # A passing probe that ran out of time at a low rate kept up with every arrival: its
+        # stop is the search's business (judged on what it measured), not a cut-short trial.
+        if "stopped_early" in outcome.info:
+            search["best_window_end"] = outcome.info.pop("stopped_early")
+            outcome.info.pop("partial", None)
         outcome.metrics["capacity_rps"] = best
         outcome.metrics["capacity_tok_s"] = outcome.metrics["throughput_tok_s"]
         if failing is None:

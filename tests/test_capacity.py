@@ -110,6 +110,17 @@ def test_a_low_rate_probe_that_runs_out_of_time_is_judged_on_what_it_measured():
     assert outcome.metrics["capacity_rps"] == pytest.approx(1 / SERVICE_S, rel=0.05)
 
 
+def test_a_capacity_found_by_a_probe_that_ran_out_of_time_is_not_a_cut_short_trial():
+    # Service 0.5 s: capacity ~2 req/s, where 400 requests outlast the 30 s window; the passing
+    # probe ends on max_duration_s having kept up, and the tuner must not read it as stopped early.
+    engine = ServiceEngine(0.5)
+    outcome = _search(_workload("constant", 400, capacity_max_rps=8.0, capacity_min_rps=0.5,
+                                max_duration_s=30.0, capacity_tolerance=0.1), {"ttft_ms": 2000.0}, engine)
+    assert outcome.metrics["capacity_rps"] == pytest.approx(2.0, rel=0.1)
+    assert "stopped_early" not in outcome.info and "partial" not in outcome.info
+    assert outcome.info["capacity"]["best_window_end"]["rule"] == "max_duration_s"
+
+
 def test_space_keys_of_capacity_and_the_window():
     from tuner.space import SpaceError, validate
 
