@@ -117,6 +117,18 @@ def test_values_sharing_an_infeasible_reason_share_a_line():
         f"sparsity 0.7, 0.9 ran only infeasibly (4 trials; most common reason, 3 of 4: {TWO_FOUR})"]
 
 
+def test_a_shared_line_names_at_most_six_values():
+    study = optuna.create_study(directions=["minimize"])
+    dist = {"batch_size": IntDistribution(1, 64)}
+    study.add_trials([create_trial(value=1.0, params={"batch_size": 64}, distributions=dist, constraints={"runnable": 0.0},
+                                   user_attrs={"outcome": "ok", "metrics": {}})]
+                     + [create_trial(value=INF, params={"batch_size": b}, distributions=dist, constraints={"runnable": 1.0},
+                                     user_attrs={"outcome": "infeasible", "infeasible_reason": "out of memory"})
+                        for b in (9, 1, 2, 3, 4, 5, 6, 7)])
+    assert gap_lines(front_gaps(study)) == ["batch_size 1, 2, 3, 4, 5, 6 and 2 more values ran only infeasibly "
+                                            "(8 trials; most common reason, 8 of 8: out of memory)"]
+
+
 def test_a_margin_inside_the_dominated_trials_ci_says_so():
     study = optuna.create_study(directions=["minimize", "minimize"])
     study.set_metric_names(["ttft_p99_ms", "latency_p99_ms"])

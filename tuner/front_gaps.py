@@ -218,9 +218,16 @@ def _dominated_line(gap: ValueGap) -> str:
     return line
 
 
+# A continuous knob can have as many values as trials; a shared line names this many of them.
+MAX_GROUPED_VALUES = 6
+
+
 def _infeasible_line(group: Sequence[ValueGap]) -> str:
     runs, sharing = sum(g.infeasible for g in group), sum(g.reason_count for g in group)
-    return (f"{group[0].param} {', '.join(fmt_param(g.value) for g in group)} ran only infeasibly "
+    named = ", ".join(fmt_param(g.value) for g in group[:MAX_GROUPED_VALUES])
+    if len(group) > MAX_GROUPED_VALUES:
+        named += f" and {len(group) - MAX_GROUPED_VALUES} more values"
+    return (f"{group[0].param} {named} ran only infeasibly "
             f"({runs} trial{'s' if runs > 1 else ''}; most common reason, {sharing} of {runs}: {group[0].reason})")
 
 
