@@ -7,6 +7,7 @@ Read from Optuna FrozenTrials only: the front is `study.best_trials`, feasibilit
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -117,9 +118,14 @@ def _dominated_gap(param: str, value: Any, trials: list[FrozenTrial], front: Seq
     return ValueGap(param, value, len(trials), best, dominator, count, margins(dominator, best, names), 0, "", 0)
 
 
+# `tuner.notes.broken_constraints`' wording of a broken bound: `metric = value > bound`.
+_BROKEN_BOUND = re.compile(r"(\w+) = \S+ [<>] \S+")
+
+
 def _reason_key(note: str) -> str:
     """A broken bound counts as one reason whatever the value (`perplexity = 91 > 60` -> perplexity)."""
-    return note.split(" = ")[0] if " = " in note else note
+    bound = _BROKEN_BOUND.fullmatch(note)
+    return bound.group(1) if bound else note
 
 
 def most_common_reason(trials: Sequence[FrozenTrial], constraints: Sequence[dict[str, Any]]) -> tuple[str, int]:
