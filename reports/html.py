@@ -31,6 +31,7 @@ from reports.frames import (
     study_summary,
 )
 from tuner.final import no_feasible_lines, recommended
+from tuner.front_gaps import front_gaps, gap_lines
 from tuner.notes import change_pct
 from tuner.space import Objective
 
@@ -160,6 +161,16 @@ def _pareto_table(study: optuna.Study, pareto: pd.DataFrame, trials: pd.DataFram
     return _table(_with_changes(frame, objs, _baseline_values(trials)).rename(columns=_param_label))
 
 
+def _front_gaps_section(study: optuna.Study, pareto: pd.DataFrame) -> str:
+    """Why each searched knob value that ran is absent from the front (`tuner.front_gaps`)."""
+    if pareto.empty:
+        return "<p>No feasible front yet, so nothing to compare with.</p>"
+    lines = gap_lines(front_gaps(study, getattr(_study_space(study), "params", None)))
+    if not lines:
+        return "<p>Every value of every searched knob that ran has a trial on the front.</p>"
+    return "<ul class='gaps'>" + "".join(f"<li>{html.escape(line)}</li>" for line in lines) + "</ul>"
+
+
 def _trials_table(study: optuna.Study, trials: pd.DataFrame) -> str:
     """Every trial: knobs, objectives, and why it is not feasible (bounds, overload, early stop)."""
     if trials.empty:
@@ -200,6 +211,7 @@ Device: {html.escape(devices)}. Space: {html.escape(str(summary['space_source'] 
 <h2>Figures</h2>
 {_figure_sections(study, trials)}
 <h2>Feasible Pareto set</h2>{_pareto_table(study, pareto, trials)}
+<h2>Knob values not on the front</h2>{_front_gaps_section(study, pareto)}
 <h2>All trials</h2>{_trials_table(study, trials)}
 </body></html>"""
     Path(path).write_text(body, encoding="utf-8")

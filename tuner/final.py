@@ -11,6 +11,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner import record
+from tuner.front_gaps import summary_lines as front_gap_lines
 from tuner.notes import (
     broken_constraints,
     change_pct,
@@ -119,6 +120,8 @@ def final_lines(study: optuna.Study, space: Any, storage_url: str) -> list[str]:
         elif not record.feasible(base):
             lines.append(f"  (baseline trial {base.number} was measured but infeasible: "
                          f"{'; '.join(trial_notes(base, record.constraints(study)))})")
+        # Why the other knob values lost: the best trial of each and what dominates it.
+        lines += front_gap_lines(study, getattr(space, "params", None))
     elif finished:
         lines += no_feasible_lines(study, space, finished)
     lines.append(f"open the report:    autoglm-tune report --study {space.study}{storage_flag}")
