@@ -138,6 +138,15 @@ def monotone_verdict(rows: list[dict[str, Any]]) -> str:
         " in log-perplexity, each interval containing 0)"
 
 
+def better_verdict(candidate: dict[str, Any], other: dict[str, Any]) -> str:
+    """Is `candidate`'s perplexity below `other`'s on the same windows? 'yes' / 'no' when the
+    95 % paired-bootstrap interval of the difference excludes 0, else 'within noise'."""
+    mean, low, high = step_interval(other["window_nll"], candidate["window_nll"])
+    verdict = "yes" if high < 0 else "no" if low > 0 else "within noise"
+    return (f"{verdict} ({candidate['perplexity']:.3f} vs {other['perplexity']:.3f}: {100 * mean:+.2f} % "
+            f"[95 %: {100 * low:+.2f}, {100 * high:+.2f}] in log-perplexity)")
+
+
 def checks(result: dict[str, Any]) -> list[str]:
     """The issue's claims, each answered from the rows (or 'not measured')."""
     ppl = {r["config"]: r.get("perplexity") for r in result["rows"]}
@@ -149,9 +158,9 @@ def checks(result: dict[str, Any]) -> list[str]:
         verdict = ("not measured" if any("window_nll" not in r for r in series) else monotone_verdict(series))
         lines.append(f"{method}: perplexity monotone in sparsity (0, {', '.join(f'{s:g}' for s in SPARSITIES)}): "
                      f"{verdict}")
-    wanda, magnitude = ppl["wanda unstructured 0.5"], ppl["magnitude unstructured 0.5"]
-    lines.append(f"wanda better than magnitude at 0.5: {'yes' if wanda < magnitude else 'no'} "
-                 f"({wanda:.3f} vs {magnitude:.3f})")
+    wanda, magnitude = by_config["wanda unstructured 0.5"], by_config["magnitude unstructured 0.5"]
+    lines.append("wanda better than magnitude at 0.5: " + (
+        "not measured" if "window_nll" not in wanda or "window_nll" not in magnitude else better_verdict(wanda, magnitude)))
     int8 = ppl["int8 weight-only"]
     lines.append("int8 weight-only within 1 % of dense perplexity: " + (
         "not measured" if int8 is None else f"{'yes' if abs(int8 / dense - 1) <= 0.01 else 'no'} "

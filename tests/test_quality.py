@@ -222,6 +222,20 @@ def test_monotone_verdict_tells_a_resolved_fall_from_noise():
     assert monotone_verdict(rows(base, noisy)).startswith("within noise (falls of -0.")
 
 
+def test_better_verdict_needs_the_windows_to_resolve_the_difference():
+    from benchmarks.quality_sweep import better_verdict
+
+    base = [3.0, 3.2, 2.8, 3.1, 2.9, 3.3, 3.0, 2.7]
+
+    def row(windows):
+        return {"window_nll": list(windows), "perplexity": math.exp(sum(windows) / len(windows))}
+
+    assert better_verdict(row([v - 0.02 for v in base]), row(base)).startswith("yes (")
+    assert better_verdict(row([v + 0.02 for v in base]), row(base)).startswith("no (")
+    noisy = [v + d for v, d in zip(base, [-0.3, 0.29, -0.3, 0.29, -0.3, 0.29, -0.3, 0.29], strict=True)]
+    assert better_verdict(row(noisy), row(base)).startswith("within noise (")
+
+
 # --- wanda ---------------------------------------------------------------------------------------
 def test_wanda_keeps_the_weights_of_high_activation_inputs_magnitude_drops_them():
     weight = torch.tensor([[1.0, -1.0, 0.1, -0.1], [0.5, 2.0, 0.2, 0.3]])
