@@ -88,6 +88,26 @@ def test_bursty_stable_queue_does_not_stop():
     assert rule.stopped_early is None, rule.stopped_early
 
 
+def test_continuous_scheduler_reads_a_queue_that_grows_past_a_few_dozen():
+    # Every slot busy and ~7 arrivals/s more than finish: 70 waiting after 10 s. The continuous
+    # scheduler's queue test decides it; a dynamic batcher's (minimum 2 x batch_size) cannot.
+    from runners.serving import saturation_test
+
+    continuous = saturation_test({"scheduler": "continuous", "batch_size": 64})
+    dynamic = saturation_test({"scheduler": "dynamic", "batch_size": 64})
+    assert (continuous.min_queue, dynamic.min_queue) == (32, 128)
+    rng = np.random.default_rng(0)
+    for step in range(101):  # a reading every 0.1 s
+        now = step * 0.1
+        waiting = max(0, int(7 * now + rng.normal(0, 3)))
+        continuous.add(now, waiting)
+        dynamic.add(now, waiting)
+    decision = continuous.decide()
+    assert decision is not None and decision.rule == "over_saturation"
+    assert decision.evidence["queue_slope_per_s"] == pytest.approx(7, rel=0.2)
+    assert dynamic.decide() is None
+
+
 def test_saturation_test_needs_growth_not_just_a_long_queue():
     steady = SaturationTest(min_queue=8)
     for i in range(200):  # a queue that sits at 40 +- 3
