@@ -277,6 +277,50 @@ def test_input_norms_match_forward_hooks_on_transformers_and_fastglm():
     assert torch.allclose(fast_norms["layers.0.down_proj"], seen["model.layers.0.mlp.down_proj"], rtol=1e-4)
 
 
+def test_wanda_scores_each_layer_on_the_model_with_the_earlier_layers_pruned():
+    from runners.glm.compress import decoder_blocks, prune_weights
+
+    model = build_model({"preset": "glm-tiny"}, torch.float32, "cpu", seed=0)
+    ids = eval_batch(model.config.vocab_size, 4, 16, seed=3, device="cpu")
+    blocks = decoder_blocks(linear_layers(model, False))
+    assert len(blocks) == model.config.num_hidden_layers >= 2
+    assert all(name.startswith(f"model.layers.{i}.") for i, block in enumerate(blocks) for name, _ in block)
+    expected = copy.deepcopy(model)
+    one_shot = input_norms(expected, linear_layers(expected, False), ids)  # the dense model's
+    by_block = decoder_blocks(linear_layers(expected, False))
+    for index, block in enumerate(by_block):  # by hand: prune layer i, then read layer i+1's inputs
+        norms = input_norms(expected, block, ids)
+        if index == 0:
+            assert all(torch.equal(norms[name], one_shot[name]) for name, _ in block)
+        for name, layer in block:
+            prune_unstructured(layer.weight, 0.5, wanda_scores(layer.weight, norms[name]))
+    last = by_block[-1][0][0]
+    assert not torch.allclose(input_norms(expected, by_block[-1], ids)[last], one_shot[last])  # pruning moved them
+    prune_weights(model, {"sparsity": 0.5, "sparsity_method": "wanda"}, "cpu", lambda: (ids, "test ids"))
+    for (name, got), (_, want) in zip(linear_layers(model, False), linear_layers(expected, False), strict=True):
+        assert torch.equal(got.weight != 0, want.weight != 0), name
+
+
+def test_input_norms_stop_the_forward_at_a_later_layer():
+    model = build_model({"preset": "glm-tiny"}, torch.float32, "cpu", seed=0)
+    ids = eval_batch(model.config.vocab_size, 2, 8, seed=1, device="cpu")
+    blocks = decoder_blocks_of(model)
+    calls = []
+    # The forward ends inside layer 1's first Linear: its later ones never run.
+    hook = blocks[1][-1][1].register_forward_pre_hook(lambda *a: calls.append(1))
+    norms = input_norms(model, blocks[0], ids, stop_at=blocks[1])
+    assert set(norms) == {name for name, _ in blocks[0]} and calls == []
+    input_norms(model, blocks[0], ids)
+    hook.remove()
+    assert calls == [1]  # without stop_at the whole model runs
+
+
+def decoder_blocks_of(model):
+    from runners.glm.compress import decoder_blocks
+
+    return decoder_blocks(linear_layers(model, False))
+
+
 def test_wanda_without_text_calibrates_on_random_ids_and_says_so():
     model = build_model({"preset": "glm-tiny"}, torch.float32, "cpu", seed=0)
     info = apply_sparsity(model, {"sparsity": 0.5, "sparsity_method": "wanda"}, "cpu")

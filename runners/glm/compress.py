@@ -6,7 +6,8 @@ Whatever the device cannot run raises `InfeasibleConfig` with the reason; nothin
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -68,16 +69,23 @@ def prune_2_4(weight: torch.Tensor, scores: torch.Tensor | None = None) -> None:
     groups.scatter_(-1, drop, 0)
 
 
+class _Enough(Exception):
+    """Ends a calibration forward once it reaches a layer whose inputs are not wanted yet."""
+
+
 class _InputNorms(TorchFunctionMode):
     """Sums of squares of each input channel of the chosen Linear weights, over every `F.linear`
-    call they appear in: works for transformers' modules and for FastGlm's functional layers alike."""
+    call they appear in: works for transformers' modules and for FastGlm's functional layers
+    alike. A call with one of the `stop` weights ends the forward (`_Enough`)."""
 
-    def __init__(self, weights: dict[int, str]) -> None:
+    def __init__(self, weights: dict[int, str], stop: set[int]) -> None:
         super().__init__()
-        self.weights = weights
+        self.weights, self.stop = weights, stop
         self.sums: dict[str, torch.Tensor] = {}
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if func is F.linear and len(args) > 1 and id(args[1]) in self.stop:
+            raise _Enough
         if func is F.linear and len(args) > 1 and id(args[1]) in self.weights:
             name = self.weights[id(args[1])]
             x = args[0].detach().float()  # [..., in]
@@ -86,13 +94,29 @@ class _InputNorms(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+def decoder_blocks(layers: list[tuple[str, nn.Linear]]) -> list[list[tuple[str, nn.Linear]]]:
+    """The Linear layers grouped by decoder layer (`...layers.<i>....` in transformers' and
+    FastGlm's names alike), in layer order; a Linear outside the layers forms a group first."""
+    groups: dict[int, list[tuple[str, nn.Linear]]] = {}
+    for name, layer in layers:
+        found = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
+        groups.setdefault(int(found.group(1)) if found else -1, []).append((name, layer))
+    return [groups[index] for index in sorted(groups)]
+
+
 @torch.inference_mode()
-def input_norms(model: nn.Module, layers: list[tuple[str, nn.Linear]], ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    """||x_j||_2 over all calibration tokens of each input channel j of each layer, {name: [in]}."""
-    recorder = _InputNorms({id(layer.weight): name for name, layer in layers})
+def input_norms(model: nn.Module, layers: list[tuple[str, nn.Linear]], ids: torch.Tensor,
+                stop_at: Sequence[tuple[str, nn.Linear]] = ()) -> dict[str, torch.Tensor]:
+    """||x_j||_2 over all calibration tokens of each input channel j of each layer, {name: [in]};
+    each forward ends at the first of `stop_at` (later layers: their inputs are not needed)."""
+    recorder = _InputNorms({id(layer.weight): name for name, layer in layers},
+                           {id(layer.weight) for _, layer in stop_at})
     with recorder:
         for chunk in ids.split(4):  # chunk: [<=4, T]
-            _calibration_forward(model, chunk)
+            try:
+                _calibration_forward(model, chunk)
+            except _Enough:
+                pass
     missing = [name for name, _ in layers if name not in recorder.sums]
     if missing:
         raise RuntimeError(f"wanda: no calibration input reached {missing[:3]}")
@@ -141,8 +165,9 @@ def prune_weights(model: nn.Module, knobs: dict[str, Any], device: str,
     """Zero weights in place as `sparsity`, `sparsity_kind` and `sparsity_method` say; the weights
     stay dense (no kernel conversion).
 
-    `sparsity_method: wanda` scores weights by |W| * ||x|| with the input norms of a calibration
-    pass (`calibration()`, training text; seeded random ids when none is given or known).
+    `sparsity_method: wanda` scores weights by |W| * ||x|| with the input norms of calibration
+    passes (`calibration()`, training text; seeded random ids when none is given or known), one
+    decoder layer at a time over the partly pruned model.
     """
     ratio = float(knobs.get("sparsity", 0.0))
     kind = knobs.get("sparsity_kind", "unstructured")
@@ -155,19 +180,29 @@ def prune_weights(model: nn.Module, knobs: dict[str, Any], device: str,
         raise InfeasibleConfig(f"sparsity_kind=2:4 prunes exactly 50% of weights; set sparsity 0.5, not {ratio}")
     layers = linear_layers(model, include_lm_head=False)
     info: dict[str, Any] = {"sparsity_method": method}
-    norms = None
     if method == "wanda":
         ids, info["sparsity_calibration"] = (calibration or _random_calibration(model, device))()
-        norms = input_norms(model, layers, ids)
-    for name, layer in layers:
-        scores = None if norms is None else wanda_scores(layer.weight, norms[name])
-        if kind == "unstructured":
-            prune_unstructured(layer.weight, ratio, scores)
-        else:
-            prune_2_4(layer.weight, scores)
+        # Layer by layer, as Wanda's own procedure: each decoder layer's input norms come from
+        # the model with every earlier layer already pruned, so a layer's scores see the
+        # activations it will really get (one-shot norms of the dense model do not).
+        blocks = decoder_blocks(layers)
+        for index, block in enumerate(blocks):
+            norms = input_norms(model, block, ids, stop_at=[x for later in blocks[index + 1:] for x in later])
+            for name, layer in block:
+                _prune(layer, kind, ratio, wanda_scores(layer.weight, norms[name]))
+    else:
+        for _, layer in layers:
+            _prune(layer, kind, ratio, None)
     zeros = sum(int((layer.weight == 0).sum()) for _, layer in layers)
     info["sparsity_measured"] = zeros / sum(layer.weight.numel() for _, layer in layers)
     return info
+
+
+def _prune(layer: nn.Linear, kind: str, ratio: float, scores: torch.Tensor | None) -> None:
+    if kind == "unstructured":
+        prune_unstructured(layer.weight, ratio, scores)
+    else:
+        prune_2_4(layer.weight, scores)
 
 
 def _random_calibration(model: nn.Module, device: str) -> Calibration:
