@@ -464,17 +464,24 @@ def test_gpu_fused_decode_attention_serves_single_rows_through_the_slot_pool():
 
 
 def test_kv_memory_budget_sizes_the_pool_int8_fits_about_twice_the_rows(fast, prompts):
-    """`kv_memory_mib`: rows = budget / one row's KV (staging row and bucket padding counted)."""
+    """`kv_memory_mib`: rows = floor(budget / one row's KV); the staging row is the last decoding
+    row (offloaded keeps one of its own) and the top decode bucket is the pool, so no padding."""
     plain = fast.slot_engine("static", 8, 0)
     row = plain.pool_length(300) * (2 * 2 * 2 * 32 * 4)  # positions x (K+V, layers, kv heads, dim, fp32)
-    assert plain.rows_for_budget(16 * row, 300) == 15  # 15 rows + the staging row = 16
-    assert plain.rows_for_budget(17 * row, 300) == 16  # 16 rows + staging = 17
-    assert plain.rows_for_budget(31 * row, 300) == 16  # 17 rows would allocate a 32-row bucket
-    assert plain.rows_for_budget(row, 300) == 0
+    assert row == plain.pool_length(300) * KvPool.bytes_per_position(fast.model, False)
+    assert plain.rows_for_budget(16 * row, 300) == 16
+    assert plain.rows_for_budget(17 * row, 300) == 17  # was 16: a 17-row pool allocated 32 rows' bucket
+    assert plain.rows_for_budget(31.9 * row, 300) == 31
+    assert plain.rows_for_budget(2 * row, 300) == 2  # was 1: bf16 rows at 1024 MiB / 350 MiB decoded 1
+    assert plain.rows_for_budget(row, 300) == 1
+    assert plain.rows_for_budget(row - 1, 300) == 0
     quantized = fast.slot_engine("quantized", 8, 0)
     per_row_q = quantized.pool_length(300) * KvPool.bytes_per_position(fast.model, True)
-    assert per_row_q < 0.3 * row  # fp32 model: 1 byte codes + a 4-byte scale per 32 values
-    assert quantized.rows_for_budget(16 * row, 300) >= 2 * 15
+    assert per_row_q == quantized.pool_length(300) * 2 * 2 * 2 * (32 + 4)  # int8 codes + an fp32 scale
+    assert quantized.rows_for_budget(16 * row, 300) == 16 * row // per_row_q == 56
+    offloaded = fast.slot_engine("offloaded", 8, 0)
+    assert offloaded.rows_for_budget(16 * row, 300) == 15  # its own staging row
+    assert offloaded.rows_for_budget(row, 300) == 0
 
 
 def test_kv_memory_budget_through_the_runner(tmp_path):
@@ -489,6 +496,9 @@ def test_kv_memory_budget_through_the_runner(tmp_path):
     assert result.metrics["throughput_tok_s"] > 0
     pool = result.info["kv_pool"]
     assert 1 <= pool["gpu_rows"] < 8 and pool["bytes"] <= 2**20
+    # Every allocated row decodes: the budget's floor(1 MiB / a row's bytes) rows, no staging extra.
+    row_bytes = pool["bytes"] // pool["rows"]
+    assert pool["rows"] == pool["gpu_rows"] == 2**20 // row_bytes
 
 
 def _compiled_slot_engine(prompts, rows: int, max_len: int, max_prompt: int) -> tuple[SlotEngine, FastGlm]:
