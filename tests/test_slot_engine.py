@@ -2,7 +2,7 @@
 exactly the greedy tokens it gets alone, whatever joins and leaves around it; chunked prefill
 equals whole-prompt prefill; int8 KV stays close to model-dtype KV at about half the bytes;
 preempted (offloaded) sequences resume with the same tokens; the prefix cache skips cached
-prefill; the scheduler's chunked-prefill interleaving on a fake engine; every pairing of the
+prefill; a pool of R rows decodes R sequences (prefill stages in the last one); the scheduler's chunked-prefill interleaving on a fake engine; every pairing of the
 engine knobs runs or names why not. GPU tests are marked `gpu`."""
 
 from __future__ import annotations
