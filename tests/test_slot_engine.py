@@ -511,6 +511,30 @@ def test_gpu_graphs_and_compile_keep_each_requests_greedy_tokens_and_capture_not
 
 
 @gpu
+@pytest.mark.parametrize("rows,batches", [(1, [1]), (2, [2]), (3, [2, 3])])
+def test_gpu_every_row_of_a_small_pool_decodes_in_graphs_with_each_requests_greedy_tokens(cuda_fast, rows, batches):
+    """The staging row is the last decoding row under graphs and compile: one row decodes in the
+    batch-1 bucket (its shape-specialised compile), two in bucket 2 (covering row 1 while a
+    chunked prefill is written there), three in a top bucket of 3 (no power of two)."""
+    prompts = PromptBank(1024, 0, 0)
+    cuda_fast.begin_trial(prompts, None, "off", 0)
+    requests = _requests([0.0, 0.0, 1.5, 1.5, 2.5, 2.5])
+    alone = {r.rid: torch.cat(list(cuda_fast.decode([prompts(r)], r.output_tokens)), 1)[0].tolist()
+             for r in requests}
+    engine = cuda_fast.slot_engine("static", 8, 16)
+    engine.begin_trial(prompts, None, "off", 0)
+    engine.prepare(rows, 64, 48)
+    engine.record_tokens = True
+    assert engine.pool.rows == rows and [b for b, _ in engine.decode_buckets()] == batches
+    assert all(d.graph is not None for d in engine._decode.values())
+    clock = FakeClock()
+    run_continuous(requests, Timed(engine, clock), clock, rows, 0.0)
+    assert engine.counters()["shape_misses"] == 0
+    for rid, tokens in alone.items():
+        assert engine.generated[rid][:len(tokens)] == tokens, rid
+
+
+@gpu
 def test_gpu_continuous_trial_compiled_has_no_capture_in_the_window():
     knobs = {"scheduler": "continuous", "kv_cache": "static", "compile": True, "batch_size": 4,
              "prefill_chunk_tokens": 16, "prefix_cache": "lru"}
