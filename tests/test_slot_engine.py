@@ -204,11 +204,17 @@ def test_a_join_into_the_staging_row_copies_no_kv_and_a_join_below_it_copies_onc
         assert engine.generated[rid][:SPECS[rid][1]] == alone[rid], rid
 
 
-def test_a_decode_step_covering_the_staging_row_writes_only_its_scratch_slot(fast, prompts, alone):
+@pytest.mark.parametrize("length_step", [0, 4], ids=["row-attention", "masked"])
+def test_a_decode_step_covering_the_staging_row_writes_only_its_scratch_slot(fast, prompts, alone, length_step):
     """Six rows, five decoding: their step runs the 6-row bucket, which covers row 5 while a
     chunked prefill is being written there. Only row 5's scratch slot changes; the prompt's
-    chunks stay intact and every request keeps its greedy tokens."""
-    engine = _slots(fast, prompts, chunk=8, rows=6)
+    chunks stay intact and every request keeps its greedy tokens (row attention, or masked
+    matmuls that let the idle row read its whole row)."""
+    engine = SlotEngine(fast.model, "cpu", fast._layer_fn, fast._head_fn, fast._eager_layer_fn, fast._head_fn,
+                        "static", 8, 8, decode_length_step=length_step)
+    engine.begin_trial(prompts, None, "off", 0)
+    engine.prepare(6, 64, 48)
+    engine.record_tokens = True
     r = _requests([0.0] * len(SPECS))
     engine.join([r[0], r[1], r[2], r[4], r[5]])
     engine.begin([r[3]])  # 40 prompt tokens: 5 chunks of 8 into row 5
@@ -220,6 +226,8 @@ def test_a_decode_step_covering_the_staging_row_writes_only_its_scratch_slot(fas
         assert engine.advance() == ([3] if chunk == 4 else [])
         if chunk == 4:
             break
+        for part in engine.pool.parts:
+            part[:, 5, :, engine.scratch] = 123.0  # a finite marker: the idle row's write replaces it
         before = [part[:, 5].clone() for part in engine.pool.parts]
         engine.step()
         assert views[-1] == (0, 6)  # the bucket of 5 rows is the whole pool
