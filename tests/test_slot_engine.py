@@ -2,7 +2,7 @@
 exactly the greedy tokens it gets alone, whatever joins and leaves around it; chunked prefill
 equals whole-prompt prefill; int8 KV stays close to model-dtype KV at about half the bytes;
 preempted (offloaded) sequences resume with the same tokens; the prefix cache skips cached
-prefill; the scheduler's chunked-prefill interleaving on a fake engine; every pairing of the
+prefill; a pool of R rows decodes R sequences (prefill stages in the last one); the scheduler's chunked-prefill interleaving on a fake engine; every pairing of the
 engine knobs runs or names why not. GPU tests are marked `gpu`."""
 
 from __future__ import annotations
@@ -148,6 +148,124 @@ def test_decode_length_buckets_follow_the_longest_row(fast, prompts):
     assert engine.generated[0][:4] == alone[0] and engine.generated[1][:4] == alone[1]
 
 
+# --- the staging row is the last decoding row ------------------------------------------------------
+def _count_moves(engine: SlotEngine) -> list[tuple[int, int, int]]:
+    """Record every row-to-row KV copy of the engine's pool (src, dst, positions)."""
+    moves: list[tuple[int, int, int]] = []
+    move = engine.pool.move
+
+    def counted(src: int, dst: int, length: int) -> None:
+        moves.append((src, dst, length))
+        move(src, dst, length)
+    engine.pool.move = counted
+    return moves
+
+
+def test_a_budget_of_two_rows_decodes_two_sequences_each_with_its_own_greedy_tokens(fast, prompts, alone):
+    from runners.glm.engines.base import TrialPlan
+
+    engine = fast.slot_engine("static", 8, 0)
+    engine.begin_trial(prompts, None, "off", 0)
+    row_mib = engine.pool_length(48 + 8) * KvPool.bytes_per_position(fast.model, False) / 2**20
+    engine.prepare_trial(TrialPlan(batch_size=4, requests=4, max_prompt=48, max_output=8, eval_rows=1,
+                                   eval_tokens=8, kv_memory_mib=2.5 * row_mib))
+    engine.record_tokens = True
+    assert (engine.gpu_rows, engine.pool.rows, engine.max_sequences) == (2, 2, 2)  # was 1 decoding row of 2
+    assert engine.pool_info()["bytes"] == 2 * row_mib * 2**20
+    first, second = _requests([0.0] * len(SPECS))[2:4]  # 3 + 7 and 40 + 5 tokens
+    engine.join([first, second])
+    assert engine.batch == 2
+    for _ in range(6):
+        engine.step()
+    assert engine.generated[2][:7] == alone[2] and engine.generated[3][:5] == alone[3]
+    engine.leave([2, 3])
+
+
+def test_a_join_into_the_staging_row_copies_no_kv_and_a_join_below_it_copies_once(fast, prompts, alone):
+    engine = _slots(fast, prompts, rows=2)
+    assert engine.pool.rows == 2 and engine.staging_row == 1
+    moves = _count_moves(engine)
+    r = _requests([0.0] * len(SPECS))
+    engine.join([r[0]])  # row 0: prefilled in row 1, copied down
+    assert moves == [(1, 0, 5)]
+    engine.join([r[2]])  # row 1 is the staging row: already in place
+    assert moves == [(1, 0, 5)]
+    with pytest.raises(RuntimeError, match="over-admitted: 2 running \\+ 0 in prefill \\+ 1 joining"):
+        engine.begin([r[4]])  # row 1 decodes: no prefill may start
+    for _ in range(5):
+        engine.step()
+    engine.leave([0])  # request 2 (row 1, 3 + 5 positions) moves into row 0: row 1 is free again
+    assert moves[1:] == [(1, 0, 3 + 5)] and engine.rows == [2]
+    engine.join([r[4]])  # prefilled in row 1, where it stays
+    assert len(moves) == 2
+    for _ in range(2):
+        engine.step()
+    for rid in (0, 2, 4):
+        assert engine.generated[rid][:SPECS[rid][1]] == alone[rid], rid
+
+
+@pytest.mark.parametrize("length_step", [0, 4], ids=["row-attention", "masked"])
+def test_a_decode_step_covering_the_staging_row_writes_only_its_scratch_slot(fast, prompts, alone, length_step):
+    """Six rows, five decoding: their step runs the 6-row bucket, which covers row 5 while a
+    chunked prefill is being written there. Only row 5's scratch slot changes; the prompt's
+    chunks stay intact and every request keeps its greedy tokens (row attention, or masked
+    matmuls that let the idle row read its whole row)."""
+    engine = SlotEngine(fast.model, "cpu", fast._layer_fn, fast._head_fn, fast._eager_layer_fn, fast._head_fn,
+                        "static", 8, 8, decode_length_step=length_step)
+    engine.begin_trial(prompts, None, "off", 0)
+    engine.prepare(6, 64, 48)
+    engine.record_tokens = True
+    r = _requests([0.0] * len(SPECS))
+    engine.join([r[0], r[1], r[2], r[4], r[5]])
+    engine.begin([r[3]])  # 40 prompt tokens: 5 chunks of 8 into row 5
+    views = []
+    pool_views = engine.pool.views
+    engine.pool.views = lambda first, count: views.append((first, count)) or pool_views(first, count)
+    moves = _count_moves(engine)
+    for chunk in range(5):
+        assert engine.advance() == ([3] if chunk == 4 else [])
+        if chunk == 4:
+            break
+        for part in engine.pool.parts:
+            part[:, 5, :, engine.scratch] = 123.0  # a finite marker: the idle row's write replaces it
+        before = [part[:, 5].clone() for part in engine.pool.parts]
+        engine.step()
+        assert views[-1] == (0, 6)  # the bucket of 5 rows is the whole pool
+        after = [part[:, 5] for part in engine.pool.parts]
+        for old, new in zip(before, after, strict=True):
+            assert torch.equal(old[:, :, :engine.scratch], new[:, :, :engine.scratch])  # the prefill's KV
+            assert not torch.equal(old[:, :, engine.scratch], new[:, :, engine.scratch])  # the idle row wrote
+    assert moves == [] and engine.rows[5] == 3
+    for _ in range(7):
+        engine.step()
+    assert all(first + count <= engine.pool.rows for first, count in views)
+    for rid, tokens in alone.items():
+        assert engine.generated[rid][:len(tokens)] == tokens, rid
+
+
+def test_decode_buckets_are_powers_of_two_capped_at_the_pool_and_never_read_beyond_it(fast, prompts, alone):
+    from runners.glm.engines.kv_pool import decode_batch, decode_batches, pool_rows
+
+    assert decode_batches(5, 5, 2) == [2, 4, 5] and decode_batches(5, 5, 1) == [1, 2, 4, 5]
+    assert decode_batches(8, 8, 2) == [2, 4, 8] and decode_batches(1, 1, 2) == [1]
+    assert [decode_batch(n, 5, 2) for n in range(1, 6)] == [2, 2, 4, 4, 5]
+    assert (pool_rows(5), pool_rows(5, shared_staging=False)) == (5, 6)
+    assert decode_batches(3, pool_rows(3, False), 1) == [1, 2, 4]  # offloaded: bucket 4 covers its staging row
+    engine = _slots(fast, prompts, rows=5)
+    length = engine.pool.length
+    assert engine.decode_buckets() == [(1, length), (2, length), (4, length), (5, length)]
+    views = []
+    pool_views = engine.pool.views
+    engine.pool.views = lambda first, count: views.append((first, count)) or pool_views(first, count)
+    engine.join(_requests([0.0] * len(SPECS))[:5])
+    for _ in range(8):
+        engine.step()
+    assert set(views) == {(4, 1), (0, 5)}  # prefills in row 4, decode steps over the 5-row bucket
+    assert engine.counters()["shape_misses"] == 0
+    for rid in range(5):
+        assert engine.generated[rid][:SPECS[rid][1]] == alone[rid], rid
+
+
 # --- chunked prefill ----------------------------------------------------------------------------
 def test_length_buckets_default_to_the_pool_length_and_step_down_when_asked():
     assert length_buckets(2048) == [2048]
@@ -230,6 +348,8 @@ def test_quantized_kv_serves_greedy_tokens_close_to_alone(fast, prompts, alone):
 
 def test_offloaded_preemption_resumes_with_identical_tokens(fast, prompts, alone):
     engine = _slots(fast, prompts, kv_cache="offloaded", rows=2, max_sequences=4)
+    # Offloaded keeps a staging row no sequence decodes in: a prefill never overwrites a GPU row.
+    assert (engine.pool_info()["gpu_rows"], engine.pool_info()["rows"], engine.staging_row) == (2, 3, 2)
     clock = FakeClock()
     timings = run_continuous(_requests([0.0, 0.0, 1.5, 1.5, 2.5, 2.5]), Timed(engine, clock), clock, 4, 0.0)
     assert engine.counters()["preemptions"] > 0
@@ -240,7 +360,7 @@ def test_offloaded_preemption_resumes_with_identical_tokens(fast, prompts, alone
 
 def test_prefix_cache_hit_prefills_only_the_rest(fast):
     prompts = PromptBank(1024, 0, 12)  # group members share their first 12 tokens
-    engine = _slots(fast, prompts, prefix=(12,))
+    engine = _slots(fast, prompts, prefix=(12,), rows=2)  # the second request joins in the staging row
     first, second = Request(0, 0.0, 30, 4, prefix_group=0), Request(1, 0.0, 20, 4, prefix_group=0)
     engine.join([first])
     flops_first = engine.counters()["flops"]
@@ -399,6 +519,30 @@ def test_gpu_graphs_and_compile_keep_each_requests_greedy_tokens_and_capture_not
 
 
 @gpu
+@pytest.mark.parametrize("rows,batches", [(1, [1]), (2, [2]), (3, [2, 3])])
+def test_gpu_every_row_of_a_small_pool_decodes_in_graphs_with_each_requests_greedy_tokens(cuda_fast, rows, batches):
+    """The staging row is the last decoding row under graphs and compile: one row decodes in the
+    batch-1 bucket (its shape-specialised compile), two in bucket 2 (covering row 1 while a
+    chunked prefill is written there), three in a top bucket of 3 (no power of two)."""
+    prompts = PromptBank(1024, 0, 0)
+    cuda_fast.begin_trial(prompts, None, "off", 0)
+    requests = _requests([0.0, 0.0, 1.5, 1.5, 2.5, 2.5])
+    alone = {r.rid: torch.cat(list(cuda_fast.decode([prompts(r)], r.output_tokens)), 1)[0].tolist()
+             for r in requests}
+    engine = cuda_fast.slot_engine("static", 8, 16)
+    engine.begin_trial(prompts, None, "off", 0)
+    engine.prepare(rows, 64, 48)
+    engine.record_tokens = True
+    assert engine.pool.rows == rows and [b for b, _ in engine.decode_buckets()] == batches
+    assert all(d.graph is not None for d in engine._decode.values())
+    clock = FakeClock()
+    run_continuous(requests, Timed(engine, clock), clock, rows, 0.0)
+    assert engine.counters()["shape_misses"] == 0
+    for rid, tokens in alone.items():
+        assert engine.generated[rid][:len(tokens)] == tokens, rid
+
+
+@gpu
 def test_gpu_continuous_trial_compiled_has_no_capture_in_the_window():
     knobs = {"scheduler": "continuous", "kv_cache": "static", "compile": True, "batch_size": 4,
              "prefill_chunk_tokens": 16, "prefix_cache": "lru"}
@@ -464,17 +608,24 @@ def test_gpu_fused_decode_attention_serves_single_rows_through_the_slot_pool():
 
 
 def test_kv_memory_budget_sizes_the_pool_int8_fits_about_twice_the_rows(fast, prompts):
-    """`kv_memory_mib`: rows = budget / one row's KV (staging row and bucket padding counted)."""
+    """`kv_memory_mib`: rows = floor(budget / one row's KV); the staging row is the last decoding
+    row (offloaded keeps one of its own) and the top decode bucket is the pool, so no padding."""
     plain = fast.slot_engine("static", 8, 0)
     row = plain.pool_length(300) * (2 * 2 * 2 * 32 * 4)  # positions x (K+V, layers, kv heads, dim, fp32)
-    assert plain.rows_for_budget(16 * row, 300) == 15  # 15 rows + the staging row = 16
-    assert plain.rows_for_budget(17 * row, 300) == 16  # 16 rows + staging = 17
-    assert plain.rows_for_budget(31 * row, 300) == 16  # 17 rows would allocate a 32-row bucket
-    assert plain.rows_for_budget(row, 300) == 0
+    assert row == plain.pool_length(300) * KvPool.bytes_per_position(fast.model, False)
+    assert plain.rows_for_budget(16 * row, 300) == 16
+    assert plain.rows_for_budget(17 * row, 300) == 17  # was 16: a 17-row pool allocated 32 rows' bucket
+    assert plain.rows_for_budget(31.9 * row, 300) == 31
+    assert plain.rows_for_budget(2 * row, 300) == 2  # was 1: bf16 rows at 1024 MiB / 350 MiB decoded 1
+    assert plain.rows_for_budget(row, 300) == 1
+    assert plain.rows_for_budget(row - 1, 300) == 0
     quantized = fast.slot_engine("quantized", 8, 0)
     per_row_q = quantized.pool_length(300) * KvPool.bytes_per_position(fast.model, True)
-    assert per_row_q < 0.3 * row  # fp32 model: 1 byte codes + a 4-byte scale per 32 values
-    assert quantized.rows_for_budget(16 * row, 300) >= 2 * 15
+    assert per_row_q == quantized.pool_length(300) * 2 * 2 * 2 * (32 + 4)  # int8 codes + an fp32 scale
+    assert quantized.rows_for_budget(16 * row, 300) == 16 * row // per_row_q == 56
+    offloaded = fast.slot_engine("offloaded", 8, 0)
+    assert offloaded.rows_for_budget(16 * row, 300) == 15  # its own staging row
+    assert offloaded.rows_for_budget(row, 300) == 0
 
 
 def test_kv_memory_budget_through_the_runner(tmp_path):
@@ -489,6 +640,9 @@ def test_kv_memory_budget_through_the_runner(tmp_path):
     assert result.metrics["throughput_tok_s"] > 0
     pool = result.info["kv_pool"]
     assert 1 <= pool["gpu_rows"] < 8 and pool["bytes"] <= 2**20
+    # Every allocated row decodes: the budget's floor(1 MiB / a row's bytes) rows, no staging extra.
+    row_bytes = pool["bytes"] // pool["rows"]
+    assert pool["rows"] == pool["gpu_rows"] == 2**20 // row_bytes
 
 
 def _compiled_slot_engine(prompts, rows: int, max_len: int, max_prompt: int) -> tuple[SlotEngine, FastGlm]:
@@ -510,19 +664,19 @@ def _compiled_slot_engine(prompts, rows: int, max_len: int, max_prompt: int) -> 
 
 def test_multi_row_compile_is_one_graph_for_every_batch_bucket_and_one_for_every_prefill_width(prompts):
     """The slot pool's multi-row decode compiles once (batch dimension dynamic, weights static):
-    buckets 8, 4 and 2 all run the same layer graph (the head runs eagerly), and no bucket is
-    batch 1. Prefill chunks of widths 16, 32 and 64 all run one more graph (width dynamic), and
-    every request still gets its own greedy tokens."""
+    buckets 5 (a five-row pool's top bucket, no power of two), 4 and 2 all run the same layer
+    graph (the head runs eagerly), and no bucket is batch 1. Prefill chunks of widths 16, 32 and
+    64 all run one more graph (width dynamic), and every request still gets its own greedy tokens."""
     from torch._dynamo.utils import counters
 
-    engine, model = _compiled_slot_engine(prompts, 8, 64, 48)
-    assert engine.decode_buckets() == [(2, 256), (4, 256), (8, 256)]
+    engine, model = _compiled_slot_engine(prompts, 5, 64, 48)
+    assert engine.decode_buckets() == [(2, 256), (4, 256), (5, 256)] and engine.pool.rows == 5
     requests = [Request(rid, 0.0, length, 8) for rid, length in enumerate((6, 20, 40, 9, 33))]
     assert {prefill_width(r.prompt_tokens) for r in requests} == {16, 32, 64}
     alone = {r.rid: torch.cat(list(FastEngine(model, "cpu", False).decode([prompts(r)], 8)), 1)[0].tolist()
              for r in requests}
     engine.join(requests)
-    for leaving in ([], [0, 1], [2], [3]):  # 5 rows (bucket 8), 3 (4), 2 (2), 1 (2)
+    for leaving in ([], [0, 1], [2], [3]):  # 5 rows (bucket 5), 3 (4), 2 (2), 1 (2)
         engine.leave(leaving)
         engine.step()
     assert counters["stats"]["unique_graphs"] == 2

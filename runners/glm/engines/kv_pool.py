@@ -72,10 +72,23 @@ def chunk_shapes(prompt_len: int, start: int, chunk: int, pool_len: int) -> list
     return out
 
 
-def pool_rows(gpu_rows: int) -> int:
-    """Rows a pool of `gpu_rows` decoding rows allocates: every decode bucket (a power of two
-    >= the running rows) reads a prefix of the pool, and one more row stages prefills."""
-    return max(bucket(gpu_rows), gpu_rows + 1)
+def pool_rows(gpu_rows: int, shared_staging: bool = True) -> int:
+    """Rows a pool of `gpu_rows` decoding rows allocates: exactly those when prefill stages in the
+    last decoding row (`shared_staging`), one more (a staging row no sequence decodes in) when not
+    (`kv_cache: offloaded`, see `engines/slots.py`)."""
+    return gpu_rows if shared_staging else gpu_rows + 1
+
+
+def decode_batch(running: int, rows: int, minimum: int = 1) -> int:
+    """Rows a decode step of `running` sequences runs on a pool of `rows` rows: the next power of
+    two (at least `minimum`), capped at the pool, so the top bucket may be no power of two (5 rows:
+    1, 2, 4, 5). A bucket reads the prefix [0, bucket) of the pool, never beyond it."""
+    return min(bucket(running, minimum), rows)
+
+
+def decode_batches(gpu_rows: int, rows: int, minimum: int = 1) -> list[int]:
+    """Every decode bucket that 1..`gpu_rows` running sequences reach on a pool of `rows` rows."""
+    return sorted({decode_batch(n, rows, minimum) for n in range(1, gpu_rows + 1)})
 
 
 class KvPool:

@@ -1,5 +1,6 @@
 """The slot pool's device side: the KV pool, the decode and prefill-chunk steps, their buckets,
-compile and CUDA-graph capture. `engines/slots.py` (`SlotEngine`) builds the sequences'
+compile and CUDA-graph capture, and teacher-forced log-probs through the same KV policy.
+`engines/slots.py` (`SlotEngine`) builds the sequences'
 bookkeeping on it; the module docstring there says how the pool works."""
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from runners.glm.engines.kv_pool import (
     KvPool,
     bucket,
     chunk_shapes,
+    decode_batch,
     length_buckets,
-    pool_rows,
 )
 from runners.glm.fast_model import FastGlm, row_bias
 from runners.glm.model_cache import free_device_memory
@@ -65,6 +66,9 @@ class SlotSteps:
         self.model = model
         self.device = device
         self.kv_cache = kv_cache
+        # Prefill stages in the last decoding row (a pool of R rows decodes R sequences), except
+        # offloaded, which keeps a staging row of its own (`engines/slots.py` says why).
+        self.shared_staging = kv_cache != "offloaded"
         self.prefill_chunk_tokens = int(prefill_chunk_tokens)
         self.chunked = self.prefill_chunk_tokens > 0
         self.decode_length_step = int(decode_length_step)
@@ -89,7 +93,7 @@ class SlotSteps:
         self.pad_id = int(model.config.pad_token_id or 0)
         self.work = WorkCounter(model)
         self.pool: KvPool | None = None
-        self.gpu_rows = 0  # decoding rows of the pool (the staging row is extra)
+        self.gpu_rows = 0  # decoding rows of the pool (offloaded: plus its staging row)
         self.max_sequences = 0  # admitted sequences: gpu_rows, or more when offloaded
         self._decode: dict[tuple[int, int], _Decode] = {}
         self._prefill_shapes: dict[tuple[int, int], _PrefillShape] = {}
@@ -107,14 +111,18 @@ class SlotSteps:
         return bucket(max_len + 1, MIN_LENGTH_BUCKET)
 
     def rows_for_budget(self, budget_bytes: float, max_len: int) -> int:
-        """Most decoding rows whose pool (staging row and bucket padding included) fits
-        `budget_bytes` of device memory at `max_len` tokens per sequence; 0 if not one does.
-        int8 KV stores about half the bytes per position, so about twice the rows fit."""
+        """Most decoding rows whose pool fits `budget_bytes` of device memory at `max_len` tokens
+        per sequence: floor(budget / one row's bytes), less offloaded's own staging row; 0 if not
+        one does. int8 KV stores about half the bytes per position, so about twice the rows fit."""
         row_bytes = self.pool_length(max_len) * KvPool.bytes_per_position(self.model, self.kv_cache == "quantized")
-        rows = 0
-        while pool_rows(rows + 1) * row_bytes <= budget_bytes:
-            rows += 1
-        return rows
+        return max(0, int(budget_bytes // row_bytes) - (0 if self.shared_staging else 1))
+
+    @property
+    def staging_row(self) -> int:
+        """The row prefill chunks write (the captured prefill graphs hold a view of it): the pool's
+        last, which is the last decoding row unless offloaded."""
+        assert self.pool is not None
+        return self.pool.rows - 1
 
     def prefill_shapes(self, max_prompt: int, prefix_lens: Sequence[int] = ()) -> set[tuple[int, int]]:
         """(padded width, attend length) of every chunk of every prompt length up to `max_prompt`."""
@@ -168,7 +176,8 @@ class SlotSteps:
         specialises a size-1 dimension, so a batch-1 bucket would cost a second compile (the
         batch-1 shape-specialised compile with its coordinate-descent tuning is FastEngine's
         roofline path, 25-40 s of set-up for glm-4-9b); an idle second row costs a batch-1 step
-        next to nothing (the weights dominate its bytes)."""
+        next to nothing (the weights dominate its bytes). A pool of one row has no second row:
+        it decodes in bucket 1 (`decode_batch` caps at the pool), through that batch-1 compile."""
         return 2 if self._batched_fns is not None and not self.fused_batch1 else 1
 
     def _attend_lengths(self) -> list[int]:
@@ -180,7 +189,8 @@ class SlotSteps:
         return length_buckets(self.pool.length, self.decode_length_step)
 
     def _decode_for(self, batch: int, attend: int) -> _Decode:
-        key = (max(bucket(batch), self._min_decode_rows()), attend)
+        assert self.pool is not None
+        key = (decode_batch(batch, self.pool.rows, self._min_decode_rows()), attend)
         entry = self._decode.get(key)
         if entry is None:
             self._miss()
@@ -298,7 +308,9 @@ class SlotSteps:
 
     @torch.inference_mode()
     def _prefill_step(self, s: _PrefillShape) -> None:
-        """One prefill chunk into the staging row; the logits of its last real token.
+        """One prefill chunk into the staging row; the logits of its last real token. A decode
+        step between chunks may cover the staging row (its bucket reaches the pool's last row) but
+        writes only its scratch slot, where its position is parked while no sequence decodes there.
 
         The layers run through the prefill compile (one graph for every width bucket, see
         `FastEngine.prefill_fn`) or, not compiled, eagerly; on GPU either is captured in the
@@ -307,13 +319,40 @@ class SlotSteps:
         """
         assert self.pool is not None
         bias = row_bias(s.pos, s.attend, self.model.dtype)  # [1, 1, 1, W, A]
-        ks, vs = self.pool.views(self.pool.rows - 1, 1)
+        ks, vs = self.pool.views(self.staging_row, 1)
         rope = s.pos.clamp(max=self._rope_max)
         h = self.model.run_layers(s.ids, rope, s.pos[0], bias, ks, vs, s.attend,
                                   self._prefill_fn or self._eager_layer_fn)
         last = h.index_select(1, s.last)  # [1, 1, H]
         logits = self._eager_head_fn(last, self.model.final_norm, self.model.lm_head.weight, self.model.dims.eps)
         self.prefill_logits.copy_(logits)
+
+    # --- quality through this cache ------------------------------------------------------------
+    @torch.inference_mode()
+    def teacher_forced_log_probs(self, ids: torch.Tensor, prefill_tokens: int) -> torch.Tensor:
+        """Log-probs [N, T, V] (float32) through this KV policy (eager, on a pool of its own so
+        the serving pool and graphs are untouched): the first `prefill_tokens` prefilled, then one
+        token at a time through per-row decode steps."""
+        rows, total = ids.shape
+        pool = KvPool(self.model, rows, bucket(total, MIN_LENGTH_BUCKET), self.kv_cache == "quantized")
+        length = pool.length
+        ks, vs = pool.views(0, rows)
+        pos = torch.arange(prefill_tokens, device=ids.device)
+        bias = row_bias(pos, length, self.model.dtype).expand(rows, -1, -1, -1, -1)
+        h = self.model.run_layers(ids[:, :prefill_tokens], pos[None].expand(rows, -1), pos, bias, ks, vs, length,
+                                  self._eager_layer_fn)
+        outputs = [self._all_logits(h)]
+        for t in range(prefill_tokens, total):
+            slot = torch.full((rows, 1), t, dtype=torch.long, device=ids.device)
+            h = self.model.run_layers(ids[:, t:t + 1], slot, slot, row_bias(slot, length, self.model.dtype), ks, vs,
+                                      length, self._eager_layer_fn)
+            outputs.append(self._all_logits(h))
+        return torch.log_softmax(torch.cat(outputs, dim=1), dim=-1)
+
+    def _all_logits(self, h: torch.Tensor) -> torch.Tensor:
+        from runners.glm.fast_model import rms_norm
+
+        return self.model.lm_head(rms_norm(h, self.model.final_norm, self.model.dims.eps)).float()
 
     def _run(self, graph: Any, fn: Callable[[], None]) -> None:
         if graph is not None:

@@ -9,25 +9,34 @@ drives it through `join`/`begin`+`advance`/`step`/`leave`):
   moving the last decoding row into it (one device copy of that row's valid positions), so a
   decode step only ever reads a prefix of the pool and no per-step gather is needed (a gather by
   an index tensor would copy every row's whole KV each step).
-- A decode step of n rows runs the batch bucket b = next power of two >= n and the shortest
-  length bucket l (`length_buckets`; by default only the pool's length) >= the longest row + 1:
-  one CUDA graph per (b, l), captured in
-  `prepare()` on the compiled layer (the same `fast_model.layer_forward` as `FastEngine`, with
-  per-row write slots [b, 1]). Rows n..b-1 of a bucket are idle: their position is parked at the
-  scratch slot L-1, which no sequence uses (the pool holds prompt + output + 1 positions), so
-  the idle rows' writes land there and nothing valid is touched.
-- Prefill runs in a staging row (the pool's last row, never a decoding row), one request at a
-  time, in chunks of `prefill_chunk_tokens` (0: the whole prompt, in pieces of at most
-  MAX_PREFILL_WIDTH) padded to a width bucket (`prefill_width`), each chunk a captured graph per
-  (width, attend length) bucket, its ops eager inside the graph (see `_prefill_step`). When the
-  prompt is done its first token exists; its KV is copied into row n (one device copy of its
-  positions) and it joins the decode batch.
+- A pool of R rows decodes R sequences. A decode step of n rows runs the batch bucket
+  b = min(next power of two >= n, R) (`decode_batch`: the top bucket is R itself, e.g. 1, 2, 4, 5
+  for R = 5) and the shortest length bucket l (`length_buckets`; by default only the pool's
+  length) >= the longest row + 1: one CUDA graph per (b, l), captured in `prepare()` on the
+  compiled layer (the same `fast_model.layer_forward` as `FastEngine`, with per-row write slots
+  [b, 1]; the multi-row compile is dynamic in the batch, so R costs a capture, not a compile).
+  Rows n..b-1 of a bucket are idle: their position is parked at the scratch slot L-1, which no
+  sequence uses (the pool holds prompt + output + 1 positions), so the idle rows' writes land
+  there and nothing valid is touched.
+- Prefill runs in the staging row, the pool's last (R-1: the captured prefill graphs hold a
+  fixed view of it), one request at a time, in chunks of `prefill_chunk_tokens` (0: the whole
+  prompt, in pieces of at most MAX_PREFILL_WIDTH) padded to a width bucket (`prefill_width`),
+  each chunk a captured graph per (width, attend length) bucket (see `_prefill_step`). Row R-1
+  is also the last decoding row: a prefill starts only while fewer than R sequences decode (at
+  most R sequences run or prefill: the scheduler admits at most `max_sequences`, and `begin`
+  refuses more), so R-1 is idle then; a decode step whose bucket covers it writes only its
+  scratch slot. When the prompt is done its first token exists and it joins as row n: if n is
+  R-1 its KV is already there, else it is copied into row n (one device copy of its positions).
+  While R-1 decodes no prefill starts; any leave frees it again (the last row fills the hole).
 - Prefix cache: a hit copies the cached prefix KV into the staging row and prefill starts after
   it. Misses store their prefix once their prefill is done.
 - `kv_cache: offloaded`: the GPU pool has `gpu_rows` decoding rows and up to `max_sequences`
   sequences are admitted. A prefill finishing with no free row preempts the sequence in the last
   decoding row: its KV goes to pinned host memory; it comes back (FIFO) when a row frees.
   A parked sequence keeps its last token and length, so it resumes with the same tokens.
+  Offloaded keeps a staging row of its own (R + 1 rows): its prefills start while every GPU row
+  decodes, and the preempted sequence keeps decoding until the prefill is done; a shared row
+  would park it for the whole prefill and bar resumes from row R-1 while one is in flight.
 - Nothing is compiled or captured in a measured window when `prepare()` saw the trial's shapes;
   any shape met later is captured on the spot and counted in `counters()["shape_misses"]`.
 """
@@ -45,14 +54,11 @@ import torch
 from runners.contract import InfeasibleConfig
 from runners.glm.engines.base import CAPABILITIES, PrefixLenFn, PromptFn, TrialPlan
 from runners.glm.engines.kv_pool import (
-    MIN_LENGTH_BUCKET,
-    KvPool,
-    bucket,
     chunk_shapes,
+    decode_batches,
     pool_rows,
 )
 from runners.glm.engines.slot_steps import SlotSteps
-from runners.glm.fast_model import row_bias
 from runners.glm.prefix_cache import TieredPrefixCache, engine_prefix_cache, prefix_counts
 from runners.measure.monitor import StepTimer
 from runners.scheduler import Clock
@@ -132,7 +138,7 @@ class SlotEngine(SlotSteps):
         self._preparing = True
         try:
             length = self.pool_length(max_len)
-            rows = pool_rows(gpu_rows)
+            rows = pool_rows(gpu_rows, self.shared_staging)
             if self.pool is None or (self.pool.rows, self.pool.length) != (rows, length):
                 self._new_pool(rows, length)
             self.gpu_rows = gpu_rows
@@ -141,7 +147,7 @@ class SlotEngine(SlotSteps):
             self.max_sequences = max(gpu_rows, int(max_sequences or gpu_rows))
             if self.kv_cache != "offloaded":
                 self.max_sequences = gpu_rows
-            for size in [1 << i for i in range(bucket(gpu_rows).bit_length())]:
+            for size in decode_batches(gpu_rows, rows, self._min_decode_rows()):
                 for attend in self._attend_lengths():
                     self._decode_for(size, attend)
             for shape in sorted(self.prefill_shapes(max_prompt, prefix_lens)):
@@ -173,8 +179,9 @@ class SlotEngine(SlotSteps):
     def pool_info(self) -> dict[str, Any] | None:
         if self.pool is None:
             return None
-        return {"gpu_rows": self.gpu_rows, "max_sequences": self.max_sequences, "positions": self.pool.length,
-                "bytes": self.pool.nbytes()}
+        # gpu_rows decode; rows are allocated (one more when offloaded: its staging row).
+        return {"gpu_rows": self.gpu_rows, "rows": self.pool.rows, "max_sequences": self.max_sequences,
+                "positions": self.pool.length, "bytes": self.pool.nbytes()}
 
     # --- IterationEngine ----------------------------------------------------------------------
     def join(self, requests: Sequence[Request]) -> None:
@@ -187,6 +194,11 @@ class SlotEngine(SlotSteps):
     def begin(self, requests: Sequence[Request]) -> None:
         """Queue `requests` for prefill; `advance` then runs one chunk at a time."""
         self._need_pool()
+        admitted = len(self.rows) + len(self._parked) + len(self._queue) + len(requests)
+        if admitted > self.max_sequences:
+            raise RuntimeError(f"slot pool over-admitted: {len(self.rows) + len(self._parked)} running + "
+                               f"{len(self._queue)} in prefill + {len(requests)} joining > max_sequences="
+                               f"{self.max_sequences} (the scheduler admits at most max_sequences)")
         for req in requests:
             prompt = self.prompt_fn(req)
             if len(prompt) + req.output_tokens >= self.pool.length:  # type: ignore[union-attr]
@@ -210,6 +222,8 @@ class SlotEngine(SlotSteps):
         assert self.pool is not None
         p = self._queue[0]
         if not p.chunks:
+            if self.shared_staging and len(self.rows) >= self.pool.rows:
+                raise RuntimeError(f"a prefill would overwrite decoding row {self.staging_row}")
             start = self._reuse_prefix(p) if self.prefix_cache is not None else 0
             p.chunks = chunk_shapes(len(p.prompt), start, self.prefill_chunk_tokens, self.pool.length)
         offset, width, padded, attend = p.chunks.pop(0)
@@ -230,7 +244,8 @@ class SlotEngine(SlotSteps):
             self._store_prefix(p)
         self.work.counts["tokens"] += 1
         row = self._free_row()
-        self.pool.move(self.pool.rows - 1, row, len(p.prompt))
+        if row != self.staging_row:  # a join into the staging row itself: its KV is already there
+            self.pool.move(self.staging_row, row, len(p.prompt))
         self.tok[row].copy_(self.prefill_logits[0].argmax(-1, keepdim=True))
         self.pos[row].fill_(len(p.prompt))
         self.rows.append(p.request.rid)
@@ -333,7 +348,7 @@ class SlotEngine(SlotSteps):
         hit = self.prefix_cache.lookup(tuple(p.prompt[:p.prefix_len]))
         if hit is None:
             return 0
-        self.pool.write(self.pool.rows - 1, hit)
+        self.pool.write(self.staging_row, hit)
         p.reused = min(p.prefix_len, len(p.prompt) - 1)
         self.prefix_cache.stats.tokens_reused += p.reused
         return p.reused
@@ -343,15 +358,16 @@ class SlotEngine(SlotSteps):
         key = tuple(p.prompt[:p.prefix_len])
         if p.prefix_len <= 0 or p.reused or key in self.prefix_cache.l1:
             return
-        kv = self.pool.read(self.pool.rows - 1, p.prefix_len)
+        kv = self.pool.read(self.staging_row, p.prefix_len)
         self.prefix_cache.insert(key, kv, sum(t.numel() * t.element_size() for t in kv))
 
     # --- static batching on the same pool (scheduler: dynamic) --------------------------------
     def run_batch(self, requests: Sequence[Request], clock: Clock) -> list[float]:
         """`Engine.run_batch`: the whole batch joins, decodes to its longest output, leaves.
         One sync per batch (per-step events), as FastEngine."""
-        if len(requests) > self.gpu_rows:
-            raise RuntimeError(f"batch of {len(requests)} exceeds the slot pool ({self.gpu_rows} rows)")
+        if len(self.rows) + len(requests) > self.gpu_rows:
+            raise RuntimeError(f"batch of {len(requests)} exceeds the slot pool ({self.gpu_rows} rows, "
+                               f"{len(self.rows)} busy)")
         timer = StepTimer(self.device, clock).start()
         self.begin(requests)
         while self._queue:
@@ -363,30 +379,3 @@ class SlotEngine(SlotSteps):
         times = timer.times()
         self.leave([r.rid for r in requests])
         return times
-
-    # --- quality through this cache ------------------------------------------------------------
-    @torch.inference_mode()
-    def teacher_forced_log_probs(self, ids: torch.Tensor, prefill_tokens: int) -> torch.Tensor:
-        """Log-probs [N, T, V] (float32) through this KV policy (eager, on a pool of its own so
-        the serving pool and graphs are untouched): the first `prefill_tokens` prefilled, then one
-        token at a time through per-row decode steps."""
-        rows, total = ids.shape
-        pool = KvPool(self.model, rows, bucket(total, MIN_LENGTH_BUCKET), self.kv_cache == "quantized")
-        length = pool.length
-        ks, vs = pool.views(0, rows)
-        pos = torch.arange(prefill_tokens, device=ids.device)
-        bias = row_bias(pos, length, self.model.dtype).expand(rows, -1, -1, -1, -1)
-        h = self.model.run_layers(ids[:, :prefill_tokens], pos[None].expand(rows, -1), pos, bias, ks, vs, length,
-                                  self._eager_layer_fn)
-        outputs = [self._all_logits(h)]
-        for t in range(prefill_tokens, total):
-            slot = torch.full((rows, 1), t, dtype=torch.long, device=ids.device)
-            h = self.model.run_layers(ids[:, t:t + 1], slot, slot, row_bias(slot, length, self.model.dtype), ks, vs,
-                                      length, self._eager_layer_fn)
-            outputs.append(self._all_logits(h))
-        return torch.log_softmax(torch.cat(outputs, dim=1), dim=-1)
-
-    def _all_logits(self, h: torch.Tensor) -> torch.Tensor:
-        from runners.glm.fast_model import rms_norm
-
-        return self.model.lm_head(rms_norm(h, self.model.final_norm, self.model.dims.eps)).float()
