@@ -102,10 +102,11 @@ def run_one(config_path: Path, result_path: Path) -> None:
     config = TrialConfig.from_dict(json.loads(config_path.read_text()))
     runner = load_runner(config.runner)
     _apply_memory_limit(config)
+    refusal: InfeasibleConfig | None = None
     try:
         result = runner.run(config)
     except InfeasibleConfig as exc:
-        result = TrialResult("infeasible", reason=str(exc))
+        result, refusal = TrialResult("infeasible", reason=str(exc)), exc
     except Exception as exc:
         if not _is_oom(exc):
             raise
@@ -113,11 +114,21 @@ def run_one(config_path: Path, result_path: Path) -> None:
         _release_cuda_memory()
     if result.status == "infeasible":
         # A failure after CUDA was touched (OOM, failed graph capture) can leave the context
-        # unusable; a warm launcher restarts this process then, and only then.
-        result.info["cuda_touched"] = _cuda_initialized()
+        # unusable; a warm launcher restarts this process then, and only then. A refusal raised
+        # by a check (a knob pairing, a ratio: no exception behind it) is a decision and leaves
+        # the process clean, so the warm models stay. (On a GPU every trial after the first has
+        # touched CUDA, so each refusal restarted the process: on the H200 a refusal after one
+        # took 12-14 s, a fresh interpreter and model, against 0.5 s for the first.)
+        result.info["cuda_touched"] = _cuda_initialized() and (refusal is None or _wraps_failure(refusal))
     tmp = result_path.with_suffix(".tmp")
     tmp.write_text(result.to_json())
     tmp.replace(result_path)  # atomic: the tuner never reads half a result
+
+
+def _wraps_failure(exc: BaseException) -> bool:
+    """Was this refusal raised while handling another exception (`raise ... from exc`, or inside
+    an `except`, even `from None`)? Then something failed and may have left state behind."""
+    return exc.__cause__ is not None or exc.__context__ is not None
 
 
 def _cuda_initialized() -> bool:

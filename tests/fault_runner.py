@@ -1,6 +1,7 @@
 """A runner that misbehaves on request, to test how the tuner classifies outcomes.
 
-Knob `mode`: ok | crash | hang | oom | infeasible. Loaded by the child as
+Knob `mode`: ok | crash | hang | oom | infeasible | failed_capture (a refusal wrapping the
+error of a step that failed, as the engines raise after a failed CUDA-graph capture). Loaded by the child as
 `tests.fault_runner:FaultRunner`.
 """
 
@@ -14,7 +15,7 @@ from runners.contract import InfeasibleConfig, TrialConfig, TrialResult
 from runners.knobs import Knob
 
 FAULT_RUNNER = "tests.fault_runner:FaultRunner"
-FAULT_KNOBS = {"mode": Knob("mode", "ok", str, ("ok", "crash", "hang", "oom", "infeasible")),
+FAULT_KNOBS = {"mode": Knob("mode", "ok", str, ("ok", "crash", "hang", "oom", "infeasible", "failed_capture")),
                "x": Knob("x", 1.0, (int, float)),
                "sleep_s": Knob("sleep_s", 0.0, (int, float))}
 
@@ -33,6 +34,11 @@ class FaultRunner(Runner):
             raise MemoryError("simulated allocation failure")
         if mode == "infeasible":
             raise InfeasibleConfig("mode=infeasible cannot run here")
+        if mode == "failed_capture":
+            try:
+                raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+            except RuntimeError as exc:
+                raise InfeasibleConfig(f"step cannot capture: {exc}") from exc
         time.sleep(float(config.knobs.get("sleep_s", 0.0)))
         x = float(config.knobs.get("x", 1.0))
         return TrialResult("ok", {"throughput_tok_s": 100.0 * x, "latency_p99_ms": 10.0 / x,

@@ -3,13 +3,14 @@ crash or hang -> FAIL with the reason and stderr tail; the study always goes on.
 
 from __future__ import annotations
 
+import json
 import math
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 
-from runners.contract import TrialConfig
+from runners.contract import TrialConfig, TrialResult
 from runners.knobs import RUNNER_KNOBS
 from tests.fault_runner import FAULT_KNOBS, FAULT_RUNNER
 from tuner.launcher import ProcessLauncher, WarmLauncher
@@ -113,6 +114,20 @@ def test_warm_runner_survives_clean_refusals_and_restarts_after_oom(tmp_path):
         assert launcher._proc.pid != pid
     finally:
         launcher.close()
+
+
+@pytest.mark.parametrize(("mode", "restart"), [("infeasible", False), ("failed_capture", True)])
+def test_after_cuda_only_a_refusal_that_wraps_a_failure_marks_the_process(tmp_path, monkeypatch, mode, restart):
+    # On a GPU every trial after the first finds CUDA initialised; a plain refusal must still
+    # keep the warm process (and its models), a refusal raised from a failed step must not.
+    from runners import child
+
+    monkeypatch.setattr(child, "_cuda_initialized", lambda: True)
+    config_path, result_path = tmp_path / "config.json", tmp_path / "result.json"
+    config_path.write_text(fault_config(mode).to_json())
+    child.run_one(config_path, result_path)
+    result = TrialResult.from_dict(json.loads(result_path.read_text()))
+    assert result.status == "infeasible" and result.info["cuda_touched"] is restart
 
 
 @pytest.mark.parametrize("trials", [2, 5])
