@@ -23,8 +23,8 @@ from runners.knobs import RUNNER_KNOBS
 from tuner import record
 from tuner.errors import UsageError
 from tuner.space import SpaceError, read_yaml
-from tuner.space import _get as space_get  # the space files' validators, shared (one validator)
-from tuner.space import _no_unknown as space_no_unknown
+from tuner.space import no_unknown_keys as space_no_unknown  # the space files' validators, shared (one validator)
+from tuner.space import typed_key as space_get
 
 DEFAULT_TOLERANCE = 0.05
 TAIL_TOLERANCE = 0.10  # p90/p99 latencies move more night to night than medians and rates

@@ -21,9 +21,9 @@ from tuner.space.checks import (
     MAX_VALUES,
     NULLABLE_KEYS,
     SpaceError,
-    _get,
-    _no_unknown,
     check_plain,
+    no_unknown_keys,
+    typed_key,
 )
 from tuner.space.files import _UniqueKeyLoader, apply_overrides, bundled_dir, read_yaml, resolve_space_path
 from tuner.space.goals import SLO_METRICS, Constraint, Objective
@@ -39,7 +39,7 @@ __all__ = [
     "ABSURD", "ARRIVALS", "CI_METRICS", "DISTS", "DTYPES", "MAX_DEPTH", "MAX_FILE_BYTES", "MAX_STRING",
     "MAX_VALUES", "MODEL_KEYS", "PARAM_KEYS", "REPLAY_MODEL_KEYS", "SAMPLERS", "SEARCH_KEYS", "SEARCH_MAX",
     "SEED_MAX", "SLO_METRICS", "STUDY_NAME_MAX", "TOP_KEYS", "WORKLOAD_KEYS", "WORKLOAD_MODES", "NULLABLE_KEYS",
-    "_get", "_no_unknown",
+    "no_unknown_keys", "typed_key",
     "Constraint", "Objective", "ParamSpec", "PlateauStop", "SearchSpec", "Space", "SpaceError", "WarmStart",
     "_UniqueKeyLoader", "apply_overrides", "bundled_dir", "check_plain", "grid_values", "load_space",
     "model_positions", "read_yaml", "resolve_space_path", "study_name_problem", "to_distribution", "validate",

@@ -94,15 +94,18 @@ def _null_ok(path: tuple[str, ...]) -> bool:
             or tuple(path) in NULLABLE_KEYS)
 
 
-def _no_unknown(data: dict[str, Any], allowed: set[str], source: str, prefix: str) -> None:
+def no_unknown_keys(data: dict[str, Any], allowed: set[str], source: str, prefix: str) -> None:
+    """A SpaceError naming the first key of `data` not in `allowed` (at `prefix.key`)."""
     for key in data:
         if key not in allowed:
             where = f"{prefix}.{key}" if prefix else str(key)
             raise SpaceError(source, where, f"unknown key (allowed: {', '.join(sorted(allowed))})")
 
 
-def _get(data: dict[str, Any], key: str, kind: type | tuple[type, ...], source: str,
-         prefix: str, default: Any) -> Any:
+def typed_key(data: dict[str, Any], key: str, kind: type | tuple[type, ...], source: str,
+              prefix: str, default: Any) -> Any:
+    """`data[key]` checked to be a `kind` (a SpaceError naming `prefix.key` otherwise), or
+    `default` when absent or null. The one typed read of every space (and baseline) file."""
     where = f"{prefix}.{key}" if prefix else key
     if key not in data or data[key] is None:
         return default
@@ -125,7 +128,7 @@ def _name(kind: type | tuple[type, ...]) -> str:
 
 def _positive(data: dict[str, Any], key: str, kind: type, source: str, prefix: str,
               default: Any, allow_zero: bool = False) -> Any:
-    value = _get(data, key, kind, source, prefix, default)
+    value = typed_key(data, key, kind, source, prefix, default)
     if value is not None and (value < 0 or (value == 0 and not allow_zero)):
         raise SpaceError(source, f"{prefix}.{key}", f"must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
     return value

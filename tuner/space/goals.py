@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from runners.contract import METRICS
-from tuner.space.checks import SpaceError, _get, _no_unknown, _positive
+from tuner.space.checks import SpaceError, _positive, no_unknown_keys, typed_key
 
 SLO_METRICS = {"ttft_ms", "tpot_ms", "latency_ms"}
 
@@ -43,7 +43,7 @@ def _objectives(raw: Any, source: str) -> list[Objective]:
         where = f"objectives[{i}]"
         if not isinstance(item, dict):
             raise SpaceError(source, where, "must be a mapping {metric, direction}")
-        _no_unknown(item, {"metric", "direction"}, source, where)
+        no_unknown_keys(item, {"metric", "direction"}, source, where)
         metric = _metric(item.get("metric"), source, f"{where}.metric")
         direction = item.get("direction", METRICS[metric][1])
         if direction not in ("maximize", "minimize"):
@@ -66,10 +66,10 @@ def _constraints(raw: list[Any], source: str) -> list[Constraint]:
         where = f"constraints[{i}]"
         if not isinstance(item, dict):
             raise SpaceError(source, where, "must be a mapping {metric, max|min}")
-        _no_unknown(item, {"metric", "max", "min"}, source, where)
+        no_unknown_keys(item, {"metric", "max", "min"}, source, where)
         metric = _metric(item.get("metric"), source, f"{where}.metric")
-        bound_max = _get(item, "max", float, source, where, None)
-        bound_min = _get(item, "min", float, source, where, None)
+        bound_max = typed_key(item, "max", float, source, where, None)
+        bound_min = typed_key(item, "min", float, source, where, None)
         if bound_max is None and bound_min is None:
             raise SpaceError(source, where, "needs a `max` or `min` bound")
         if bound_max is not None and bound_min is not None and bound_min > bound_max:
@@ -79,7 +79,7 @@ def _constraints(raw: list[Any], source: str) -> list[Constraint]:
 
 
 def _slo(raw: dict[str, Any], source: str) -> dict[str, float]:
-    _no_unknown(raw, SLO_METRICS, source, "slo")
+    no_unknown_keys(raw, SLO_METRICS, source, "slo")
     out = {k: float(_positive(raw, k, float, source, "slo", None)) for k in raw}
     for key, value in out.items():
         if value > 86_400_000:

@@ -9,7 +9,7 @@ from typing import Any
 
 from runners.knobs import DTYPES
 from runners.registry import SEED_MAX
-from tuner.space.checks import MAX_FILE_BYTES, SpaceError, _get, _no_unknown
+from tuner.space.checks import MAX_FILE_BYTES, SpaceError, no_unknown_keys, typed_key
 
 MODEL_KEYS = {"preset", "path", "dtype", "seed", "num_layers", "arch"}
 REPLAY_MODEL_KEYS = {"table"}  # runner: replay
@@ -24,24 +24,24 @@ def _check_device(device: str, source: str) -> None:
 
 
 def _model(model: dict[str, Any], source: str) -> dict[str, Any]:
-    _no_unknown(model, MODEL_KEYS, source, "model")
+    no_unknown_keys(model, MODEL_KEYS, source, "model")
     if "preset" in model and "path" in model:
         raise SpaceError(source, "model.preset", "give either `model.preset` or `model.path`, not both")
     out = dict(model)
     if "path" in model:
-        _get(model, "path", str, source, "model", "")
+        typed_key(model, "path", str, source, "model", "")
     else:
         from runners.presets import PRESETS  # torch-free table of preset shapes
 
-        preset = _get(model, "preset", str, source, "model", "glm-tiny")
+        preset = typed_key(model, "preset", str, source, "model", "glm-tiny")
         if preset not in PRESETS:
             raise SpaceError(source, "model.preset", f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
         out["preset"] = preset
-    dtype = _get(model, "dtype", str, source, "model", None)
+    dtype = typed_key(model, "dtype", str, source, "model", None)
     if dtype is not None and dtype not in DTYPES:
         raise SpaceError(source, "model.dtype", f"must be one of {list(DTYPES)}, got {dtype!r}")
     for key, low, high in (("seed", 0, SEED_MAX), ("num_layers", 1, 1000)):
-        value = _get(model, key, int, source, "model", None)
+        value = typed_key(model, key, int, source, "model", None)
         if value is not None and not low <= value <= high:
             raise SpaceError(source, f"model.{key}", f"must be in [{low}, {high}], got {value}")
     return out
@@ -69,8 +69,8 @@ def _replay_model(model: dict[str, Any], source: str) -> dict[str, Any]:
     """`model: {table: FILE}`; a relative FILE is found beside the space file, else from here."""
     from runners.replay import TableError, load_table
 
-    _no_unknown(model, REPLAY_MODEL_KEYS, source, "model")
-    table = _get(model, "table", str, source, "model", None)
+    no_unknown_keys(model, REPLAY_MODEL_KEYS, source, "model")
+    table = typed_key(model, "table", str, source, "model", None)
     if not table:
         raise SpaceError(source, "model.table", "runner replay needs the recorded table: model: {table: FILE.csv}")
     path = Path(table)

@@ -9,7 +9,7 @@ from typing import Any
 
 import optuna
 
-from tuner.space.checks import SpaceError, _get, _no_unknown
+from tuner.space.checks import SpaceError, no_unknown_keys, typed_key
 
 PARAM_KEYS = {"type", "low", "high", "step", "log", "choices"}
 
@@ -33,7 +33,7 @@ def _params(params: dict[str, Any], source: str, runner: str, knobs: dict[str, A
             raise SpaceError(source, where, f"unknown knob for runner {runner} (known: {', '.join(knobs)})")
         if not isinstance(spec, dict):
             raise SpaceError(source, where, "must be a mapping like {type: int, low: 1, high: 8}")
-        _no_unknown(spec, PARAM_KEYS, source, where)
+        no_unknown_keys(spec, PARAM_KEYS, source, where)
         ptype = spec.get("type")
         if ptype not in ("int", "float", "categorical"):
             raise SpaceError(source, f"{where}.type", f"must be int, float or categorical, got {ptype!r}")
@@ -42,7 +42,7 @@ def _params(params: dict[str, Any], source: str, runner: str, knobs: dict[str, A
 
 
 def _categorical(spec: dict[str, Any], source: str, where: str, knob: Any, name: str) -> ParamSpec:
-    _no_unknown(spec, {"type", "choices"}, source, where)
+    no_unknown_keys(spec, {"type", "choices"}, source, where)
     choices = spec.get("choices")
     if not isinstance(choices, list):
         raise SpaceError(source, f"{where}.choices", "must be a list")
@@ -65,10 +65,10 @@ def _numeric(spec: dict[str, Any], source: str, where: str, knob: Any, name: str
     for key in ("low", "high"):
         if key not in spec:
             raise SpaceError(source, f"{where}.{key}", "required")
-    low = _get(spec, "low", kind, source, where, None)
-    high = _get(spec, "high", kind, source, where, None)
-    step = _get(spec, "step", kind, source, where, None)
-    log = _get(spec, "log", bool, source, where, False)
+    low = typed_key(spec, "low", kind, source, where, None)
+    high = typed_key(spec, "high", kind, source, where, None)
+    step = typed_key(spec, "step", kind, source, where, None)
+    log = typed_key(spec, "log", bool, source, where, False)
     if low > high:
         raise SpaceError(source, f"{where}.low", f"must be <= high (got {low} > {high})")
     if log and low <= 0:

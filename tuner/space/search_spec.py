@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from runners.registry import SEED_MAX
-from tuner.space.checks import SpaceError, _get, _no_unknown
+from tuner.space.checks import SpaceError, no_unknown_keys, typed_key
 
 SAMPLERS = ("auto", "tpe", "nsga2", "gp", "random", "grid")
 SEARCH_KEYS = {"sampler", "trials", "timeout_min", "seed", "trial_timeout_s", "baseline",
@@ -49,20 +49,20 @@ class PlateauStop:
 
 
 def _search(raw: dict[str, Any], source: str) -> SearchSpec:
-    _no_unknown(raw, SEARCH_KEYS, source, "search")
+    no_unknown_keys(raw, SEARCH_KEYS, source, "search")
     spec = SearchSpec()
-    spec.sampler = _get(raw, "sampler", str, source, "search", spec.sampler)
-    spec.trials = _get(raw, "trials", int, source, "search", spec.trials)
-    spec.timeout_min = _get(raw, "timeout_min", float, source, "search", None)
-    spec.seed = _get(raw, "seed", int, source, "search", spec.seed)
-    spec.trial_timeout_s = _get(raw, "trial_timeout_s", float, source, "search", spec.trial_timeout_s)
-    spec.baseline = _get(raw, "baseline", bool, source, "search", spec.baseline)
-    spec.n_startup_trials = _get(raw, "n_startup_trials", int, source, "search", None)
-    spec.drift_every = _get(raw, "drift_every", int, source, "search", None)
+    spec.sampler = typed_key(raw, "sampler", str, source, "search", spec.sampler)
+    spec.trials = typed_key(raw, "trials", int, source, "search", spec.trials)
+    spec.timeout_min = typed_key(raw, "timeout_min", float, source, "search", None)
+    spec.seed = typed_key(raw, "seed", int, source, "search", spec.seed)
+    spec.trial_timeout_s = typed_key(raw, "trial_timeout_s", float, source, "search", spec.trial_timeout_s)
+    spec.baseline = typed_key(raw, "baseline", bool, source, "search", spec.baseline)
+    spec.n_startup_trials = typed_key(raw, "n_startup_trials", int, source, "search", None)
+    spec.drift_every = typed_key(raw, "drift_every", int, source, "search", None)
     if spec.drift_every is not None and spec.drift_every < 1:
         raise SpaceError(source, "search.drift_every", f"must be >= 1, got {spec.drift_every}")
-    spec.warm_start = _warm_start(_get(raw, "warm_start", dict, source, "search", None), source)
-    spec.stop = _plateau_stop(_get(raw, "stop", dict, source, "search", None), source)
+    spec.warm_start = _warm_start(typed_key(raw, "warm_start", dict, source, "search", None), source)
+    spec.stop = _plateau_stop(typed_key(raw, "stop", dict, source, "search", None), source)
     _check_search(spec, source)
     return spec
 
@@ -89,21 +89,21 @@ def _check_search(spec: SearchSpec, source: str) -> None:
 def _warm_start(raw: dict[str, Any] | None, source: str) -> WarmStart | None:
     if raw is None:
         return None
-    _no_unknown(raw, {"study", "storage"}, source, "search.warm_start")
-    study = _get(raw, "study", str, source, "search.warm_start", None)
+    no_unknown_keys(raw, {"study", "storage"}, source, "search.warm_start")
+    study = typed_key(raw, "study", str, source, "search.warm_start", None)
     if not study:
         raise SpaceError(source, "search.warm_start.study", "required: the name of the earlier study")
-    return WarmStart(study, _get(raw, "storage", str, source, "search.warm_start", None))
+    return WarmStart(study, typed_key(raw, "storage", str, source, "search.warm_start", None))
 
 
 def _plateau_stop(raw: dict[str, Any] | None, source: str) -> PlateauStop | None:
     if raw is None:
         return None
-    _no_unknown(raw, {"patience", "min_improvement"}, source, "search.stop")
-    patience = _get(raw, "patience", int, source, "search.stop", None)
+    no_unknown_keys(raw, {"patience", "min_improvement"}, source, "search.stop")
+    patience = typed_key(raw, "patience", int, source, "search.stop", None)
     if patience is None or patience < 1:
         raise SpaceError(source, "search.stop.patience", f"required, a whole number of trials >= 1, got {patience!r}")
-    gain = _get(raw, "min_improvement", float, source, "search.stop", 0.0)
+    gain = typed_key(raw, "min_improvement", float, source, "search.stop", 0.0)
     if not math.isfinite(gain) or gain < 0:
         raise SpaceError(source, "search.stop.min_improvement", f"must be a finite fraction >= 0, got {gain!r}")
     return PlateauStop(patience, float(gain))

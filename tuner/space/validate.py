@@ -10,7 +10,7 @@ from typing import Any
 import optuna
 
 from runners.registry import RunnerSpec, known_runners, runner_spec
-from tuner.space.checks import SpaceError, _get, _no_unknown, check_plain
+from tuner.space.checks import SpaceError, check_plain, no_unknown_keys, typed_key
 from tuner.space.files import apply_overrides, read_yaml, resolve_space_path
 from tuner.space.goals import Constraint, Objective, _constraints, _objectives, _slo
 from tuner.space.model import _check_device, _model, _replay_model, model_positions
@@ -67,37 +67,37 @@ def validate(data: dict[str, Any], source: str, default_study: str) -> Space:
 
 def _validate(data: dict[str, Any], source: str, default_study: str) -> Space:
     check_plain(data, source)
-    _no_unknown(data, TOP_KEYS, source, "")
-    runner = _get(data, "runner", str, source, "", "glm-infer")
+    no_unknown_keys(data, TOP_KEYS, source, "")
+    runner = typed_key(data, "runner", str, source, "", "glm-infer")
     if runner not in known_runners():
         raise SpaceError(source, "runner", f"must be one of {known_runners()}, got {runner!r}")
     spec = runner_spec(runner)
-    study = _get(data, "study", str, source, "", default_study)
+    study = typed_key(data, "study", str, source, "", default_study)
     problem = study_name_problem(study)
     if problem:
         hint = "" if "study" in data else " (the file's stem; set `study:` or pass --study)"
         raise SpaceError(source, "study", problem + hint)
-    device = _get(data, "device", str, source, "", "auto")
+    device = typed_key(data, "device", str, source, "", "auto")
     _check_device(device, source)
     model = _runner_model(spec, data, source)
     knobs = spec.knobs_for(model)
-    workload = _workload(_get(data, "workload", dict, source, "", {}) or {}, source, spec,
+    workload = _workload(typed_key(data, "workload", dict, source, "", {}) or {}, source, spec,
                          model_positions(model))
     _text_files(workload, model, source, spec)
-    params = _params(_get(data, "params", dict, source, "", {}) or {}, source, runner, knobs)
-    fixed = _fixed(_get(data, "fixed", dict, source, "", {}) or {}, source, runner, params, knobs)
+    params = _params(typed_key(data, "params", dict, source, "", {}) or {}, source, runner, knobs)
+    fixed = _fixed(typed_key(data, "fixed", dict, source, "", {}) or {}, source, runner, params, knobs)
     objectives = _objectives(data.get("objectives"), source)
-    constraints = _constraints(_get(data, "constraints", list, source, "", []) or [], source)
-    search = _search(_get(data, "search", dict, source, "", {}) or {}, source)
+    constraints = _constraints(typed_key(data, "constraints", list, source, "", []) or [], source)
+    search = _search(typed_key(data, "search", dict, source, "", {}) or {}, source)
     _check_window(workload, search, source, spec)
-    slo = _slo(_get(data, "slo", dict, source, "", {}) or {}, source)
+    slo = _slo(typed_key(data, "slo", dict, source, "", {}) or {}, source)
     if workload.get("mode") == "capacity" and not {"ttft_ms", "tpot_ms"} & set(slo):
         raise SpaceError(source, "slo", "workload mode: capacity needs ttft_ms and/or tpot_ms (the p99 bounds)")
     if search.sampler == "grid":
         for name, p in params.items():
             if p.type == "float" and p.step is None:
                 raise SpaceError(source, f"params.{name}", "the grid sampler needs a `step` on floats")
-    description = _get(data, "description", str, source, "", "")
+    description = typed_key(data, "description", str, source, "", "")
     return Space(source, study, runner, model, device, workload, params, fixed, objectives,
                  constraints, search, slo, description, raw=data)
 
@@ -105,8 +105,8 @@ def _validate(data: dict[str, Any], source: str, default_study: str) -> Space:
 def _runner_model(spec: RunnerSpec, data: dict[str, Any], source: str) -> dict[str, Any]:
     """`model:` as the runner declares it: a replay table, or a GLM preset / checkpoint."""
     if spec.model == "table":
-        return _replay_model(_get(data, "model", dict, source, "", {}), source)
-    return _model(_get(data, "model", dict, source, "", {"preset": "glm-tiny"}), source)
+        return _replay_model(typed_key(data, "model", dict, source, "", {}), source)
+    return _model(typed_key(data, "model", dict, source, "", {"preset": "glm-tiny"}), source)
 
 
 def load_space(name_or_path: str, overrides: dict[str, Any] | None = None) -> Space:

@@ -11,7 +11,7 @@ from typing import Any
 
 from runners.contract import DEFAULT_MAX_DURATION_S
 from runners.registry import RunnerSpec, WorkloadKey
-from tuner.space.checks import SpaceError, _get, _no_unknown, _positive, _short
+from tuner.space.checks import SpaceError, _positive, _short, no_unknown_keys, typed_key
 from tuner.space.search_spec import SearchSpec
 
 DISTS = {"uniform": ("low", "high"), "lognormal": ("mean", "sigma"), "normal": ("mean", "std")}
@@ -20,7 +20,7 @@ DISTS = {"uniform": ("low", "high"), "lognormal": ("mean", "sigma"), "normal": (
 def _workload(w: dict[str, Any], source: str, spec: RunnerSpec, positions: int | None = None) -> dict[str, Any]:
     """Each key by its declaration (runners/registry.py), then the rules between keys."""
     keys = spec.workload_keys
-    _no_unknown(w, set(keys), source, "workload")
+    no_unknown_keys(w, set(keys), source, "workload")
     out = dict(w)
     for key in keys.values():
         if key.name in w:
@@ -47,7 +47,7 @@ def _declared_value(w: dict[str, Any], key: WorkloadKey, source: str) -> Any:
     if key.floor is not None:
         value = _positive(w, key.name, kind, source, "workload", None, allow_zero=key.floor == ">= 0")
     else:
-        value = _get(w, key.name, kind, source, "workload", None)
+        value = typed_key(w, key.name, kind, source, "workload", None)
     if key.choices is not None and value not in key.choices:
         raise SpaceError(source, where, f"must be one of {list(key.choices)}, got {value!r}")
     if key.maximum is not None and value is not None and value > key.maximum:
@@ -61,7 +61,7 @@ def _text_files(workload: dict[str, Any], model: dict[str, Any], source: str, sp
     """Text keys (`eval_text`, `calibration_text`): a non-empty text file, tokenized with the
     checkpoint's tokenizer (so `model.path` must have one); stored as an absolute path."""
     for key in (k.name for k in spec.workload if k.kind == "text"):
-        file = _get(workload, key, str, source, "workload", None)
+        file = typed_key(workload, key, str, source, "workload", None)
         if file is None:
             continue
         path = Path(file).expanduser()
@@ -145,12 +145,12 @@ def _length_dist(value: Any, source: str, where: str) -> Any:
     if not isinstance(dist, str) or dist not in DISTS:
         raise SpaceError(source, f"{where}.dist", f"must be one of {list(DISTS)}, got {_short(dist)}")
     allowed = {"dist", "min", "max", *DISTS[dist]}
-    _no_unknown(value, allowed, source, where)
+    no_unknown_keys(value, allowed, source, where)
     for key in DISTS[dist]:
         if key not in value:
             raise SpaceError(source, f"{where}.{key}", f"required for dist {dist}")
     for key in (*DISTS[dist], "min", "max"):
-        number = _get(value, key, float, source, where, None)
+        number = typed_key(value, key, float, source, where, None)
         floor = 0 if key in ("sigma", "std") else 1  # a length of zero or less means nothing
         if number is not None and number < floor:
             raise SpaceError(source, f"{where}.{key}", f"must be >= {floor}, got {number}")
