@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import optuna
 import pytest
-from optuna.distributions import CategoricalDistribution, IntDistribution
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
 from reports.frames import pareto_frame, trials_frame
@@ -119,8 +119,8 @@ def test_values_sharing_an_infeasible_reason_share_a_line():
 
 def test_a_shared_line_names_at_most_six_values():
     study = optuna.create_study(directions=["minimize"])
-    dist = {"batch_size": IntDistribution(1, 64)}
-    study.add_trials([create_trial(value=1.0, params={"batch_size": 64}, distributions=dist, constraints={"runnable": 0.0},
+    dist = {"batch_size": IntDistribution(1, 16)}
+    study.add_trials([create_trial(value=1.0, params={"batch_size": 16}, distributions=dist, constraints={"runnable": 0.0},
                                    user_attrs={"outcome": "ok", "metrics": {}})]
                      + [create_trial(value=INF, params={"batch_size": b}, distributions=dist, constraints={"runnable": 1.0},
                                      user_attrs={"outcome": "infeasible", "infeasible_reason": "out of memory"})
@@ -132,7 +132,7 @@ def test_a_shared_line_names_at_most_six_values():
 def test_a_margin_inside_the_dominated_trials_ci_says_so():
     study = optuna.create_study(directions=["minimize", "minimize"])
     study.set_metric_names(["ttft_p99_ms", "latency_p99_ms"])
-    dist = {"batch_size": IntDistribution(1, 64)}
+    dist = {"batch_size": CategoricalDistribution([4, 8, 16])}
 
     def trial(batch: int, ttft: float, lat: float, cis: dict[str, float]) -> optuna.trial.FrozenTrial:
         return create_trial(values=[ttft, lat], params={"batch_size": batch}, distributions=dist,
@@ -151,6 +151,19 @@ def test_a_margin_inside_the_dominated_trials_ci_says_so():
     assert lines[0] == ("batch_size 8 (1 feasible trial) not on the front: its #1 (ttft_p99_ms 105, latency_p99_ms 208) "
                         "is dominated by #0 (ttft_p99_ms 100 (-4.8 %, within its CI), latency_p99_ms 200 (-3.8 %))")
     assert lines[1].endswith("latency_p99_ms 200 (-2.0 %, within its CI)); every margin is within the measurement's CI")
+
+
+def test_continuous_knobs_and_wide_ranges_get_no_value_lines():
+    # Each sampled value of a continuous range (or of a 64-value int range) runs about once: a
+    # line per value would list every trial. Stepped ranges of few values are read value by value.
+    study = optuna.create_study(directions=["minimize"])
+    dists = {"timeout_ms": FloatDistribution(1.0, 20.0, log=True), "batch_size": IntDistribution(1, 64),
+             "bits": IntDistribution(4, 16, step=4), "ratio": FloatDistribution(0.0, 0.9, step=0.3)}
+    for i, loss in enumerate([1.0, 2.0, 3.0]):
+        study.add_trial(create_trial(value=loss, params={"timeout_ms": 1.0 + i, "batch_size": 1 + i, "bits": 4 * (i + 1),
+                                                        "ratio": 0.3 * i}, distributions=dists,
+                                     constraints={"runnable": 0.0}, user_attrs={"outcome": "ok", "metrics": {}}))
+    assert [g.param for g in front_gaps(study)] == ["bits", "bits", "ratio", "ratio"]
 
 
 def test_end_of_study_lines_are_capped_and_point_to_the_report(study):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import optuna
-from optuna.distributions import CategoricalDistribution
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
@@ -23,6 +23,9 @@ from tuner.notes import change_pct, fmt_param, fmt_value, trial_notes
 
 # The end-of-study summary prints at most this many lines of them; the report shows them all.
 MAX_GAP_LINES = 4
+# A numeric knob is read value by value only when its range has at most this many values: a
+# continuous range samples each value about once, so "value 1.727 is not on the front" says nothing.
+MAX_DISCRETE_VALUES = 16
 
 
 @dataclass(frozen=True)
@@ -152,11 +155,24 @@ def _order(param: str, trials: Sequence[FrozenTrial]) -> Callable[[Any], tuple[i
     return key
 
 
+def discrete(dist: BaseDistribution | None) -> bool:
+    """A knob whose values recur across trials: categorical, or a numeric range of at most
+    MAX_DISCRETE_VALUES values (a stepped int or float range)."""
+    if isinstance(dist, CategoricalDistribution):
+        return True
+    if isinstance(dist, IntDistribution) and not dist.log:
+        return (dist.high - dist.low) // dist.step + 1 <= MAX_DISCRETE_VALUES
+    if isinstance(dist, FloatDistribution) and dist.step is not None:
+        return round((dist.high - dist.low) / dist.step) + 1 <= MAX_DISCRETE_VALUES
+    return False
+
+
 def _params(trials: Sequence[FrozenTrial], params: Iterable[str] | None) -> list[str]:
-    """The searched knobs: the space's `params` when known, else every trial's, in first-seen order."""
-    if params is not None:
-        return list(params)
-    return list(dict.fromkeys(name for t in trials for name in t.params))
+    """The searched discrete knobs (`discrete`): the space's `params` when known, else every
+    trial's, in first-seen order."""
+    names = list(params) if params is not None else list(dict.fromkeys(name for t in trials for name in t.params))
+    dists = {name: t.distributions[name] for t in trials for name in t.distributions}
+    return [name for name in names if discrete(dists.get(name))]
 
 
 def front_gaps(study: optuna.Study, params: Iterable[str] | None = None) -> list[ValueGap]:
