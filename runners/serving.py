@@ -302,12 +302,20 @@ def roofline(work: dict[str, float], window_s: float, ceilings: Any | None, reas
 def load_check(timings: Sequence[RequestTiming], metrics: dict[str, float], closed: bool) -> dict[str, Any]:
     """Open loop: the offered rate and whether the stack kept up. An overloaded open-loop window
     has a queue that grows with time, so its latency percentiles describe the window's length
-    rather than the configuration; the flag lets a reader (or a constraint) see that."""
+    rather than the configuration; the flag lets a reader (or a constraint) see that.
+
+    Kept up is judged on the departure rate (requests over the span of their finishes) against
+    the arrival rate (over the span of their arrivals): a stack that keeps up finishes requests as
+    fast as they arrive, one latency later. `request_throughput_rps` divides by the whole window,
+    drain included, so a 10 s window of 1.5 s requests read ~0.87 of the offered rate even when
+    nothing queued (H200 capacity probes, BENCHMARKS.md)."""
     if closed or len(timings) < 2:
         return {}
     arrivals = sorted(t.arrival_s for t in timings)
-    span = arrivals[-1] - arrivals[0]
+    finishes = sorted(t.finish_s for t in timings)
+    span, finish_span = arrivals[-1] - arrivals[0], finishes[-1] - finishes[0]
     if span <= 0:
         return {}
     offered = (len(arrivals) - 1) / span
-    return {"offered_rps": offered, "overloaded": metrics["request_throughput_rps"] < 0.9 * offered}
+    served = (len(finishes) - 1) / finish_span if finish_span > 0 else math.inf
+    return {"offered_rps": offered, "served_rps": served, "overloaded": served < 0.9 * offered}

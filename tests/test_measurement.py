@@ -412,6 +412,25 @@ def test_open_loop_overload_is_flagged():
     assert slow.info["overloaded"] is True
 
 
+def test_a_long_request_that_keeps_up_is_not_overloaded():
+    # 40 req/s for 1 s of arrivals, each finishing 0.8 s after it arrives (no queue): the window
+    # lasts ~1.8 s, so requests / window is ~0.55 of the offered rate, but departures keep pace.
+    from runners.scheduler import RequestTiming
+    from runners.serving import load_check
+
+    def timing(i: int, latency: float) -> RequestTiming:
+        return RequestTiming(i, i / 40, i / 40, i / 40 + 0.05, i / 40 + latency, 8, 16, i, 1)
+
+    kept = [timing(i, 0.8) for i in range(41)]
+    check = load_check(kept, {"request_throughput_rps": 41 / 1.8}, closed=False)
+    assert check["offered_rps"] == pytest.approx(40.0) and check["served_rps"] == pytest.approx(40.0)
+    assert check["overloaded"] is False
+    # Served one at a time, 0.05 s each (20 req/s): finishes spread over 2 s, half the offered rate.
+    queued = [RequestTiming(i, i / 40, 0.05 * i, 0.05 * i + 0.01, 0.05 * (i + 1), 8, 16, i, 1) for i in range(41)]
+    check = load_check(queued, {"request_throughput_rps": 20.0}, closed=False)
+    assert check["served_rps"] == pytest.approx(20.0) and check["overloaded"] is True
+
+
 def test_step_timer_durations_count_from_start():
     from runners.measure.monitor import StepTimer
     from tests.test_scheduler import FakeClock

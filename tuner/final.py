@@ -18,6 +18,7 @@ from tuner.notes import (
     fmt_param,
     fmt_value,
     overload_note,
+    served_rps,
     stopped_early_note,
     trial_notes,
 )
@@ -59,7 +60,7 @@ def _hint(metric: str, space: Any, measured: Sequence[FrozenTrial] = ()) -> str:
     loosen = f"relax the bound (constraints: {metric})"
     if metric.startswith(("ttft", "tpot", "latency", "e2e")) or metric.endswith("_ms"):
         served = [float(v) for t in measured if overload_note(t.user_attrs)
-                  and (v := record.metrics(t).get("request_throughput_rps")) is not None]
+                  and (v := served_rps(t.user_attrs)) is not None]
         keeps_up = (f"; the stack served at most {max(served):.3g} req/s here, so try rate_rps "
                     f"<= {0.8 * max(served):.2g}") if served else ""
         lower = f"lower workload.rate_rps (now {rate:g}{keeps_up}) so the stack keeps up, " if rate else ""

@@ -40,12 +40,19 @@ def broken_constraints(metrics: dict[str, Any], constraints: Sequence[dict[str, 
     return broken
 
 
+def served_rps(attrs: dict[str, Any]) -> float | None:
+    """The rate the open-loop stack finished requests at: the departure rate the overload flag
+    is judged on (records before it: the window's request rate, drain included)."""
+    serving = (record.INFO.get(attrs) or {}).get("serving") or {}
+    return serving.get("served_rps", record.metrics(attrs).get("request_throughput_rps"))
+
+
 def overload_note(attrs: dict[str, Any]) -> str:
     """`overloaded (offered X rps, served Y)` when the open-loop stack fell behind its load."""
     serving = (record.INFO.get(attrs) or {}).get("serving") or {}
     if not serving.get("overloaded"):
         return ""
-    served = record.metrics(attrs).get("request_throughput_rps")
+    served = served_rps(attrs)
     offered = serving.get("offered_rps")
     served_text = f", served {served:.3g}" if served is not None else ""
     offered_text = f"offered {offered:.3g} rps" if offered is not None else "offered load not kept up"
