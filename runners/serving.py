@@ -317,5 +317,7 @@ def load_check(timings: Sequence[RequestTiming], metrics: dict[str, float], clos
     if span <= 0:
         return {}
     offered = (len(arrivals) - 1) / span
-    served = (len(finishes) - 1) / finish_span if finish_span > 0 else math.inf
+    if finish_span <= 0:  # every request finished at one instant (one batch): nothing fell behind
+        return {"offered_rps": offered, "served_rps": None, "overloaded": False}
+    served = (len(finishes) - 1) / finish_span
     return {"offered_rps": offered, "served_rps": served, "overloaded": served < 0.9 * offered}

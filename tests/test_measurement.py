@@ -429,6 +429,10 @@ def test_a_long_request_that_keeps_up_is_not_overloaded():
     queued = [RequestTiming(i, i / 40, 0.05 * i, 0.05 * i + 0.01, 0.05 * (i + 1), 8, 16, i, 1) for i in range(41)]
     check = load_check(queued, {"request_throughput_rps": 20.0}, closed=False)
     assert check["served_rps"] == pytest.approx(20.0) and check["overloaded"] is True
+    # One batch: every request finishes at one instant; no departure rate, nothing fell behind.
+    batch = [RequestTiming(i, i / 40, 1.0, 1.1, 2.0, 8, 16, 0, 41) for i in range(41)]
+    assert load_check(batch, {"request_throughput_rps": 20.5}, closed=False) == {
+        "offered_rps": pytest.approx(40.0), "served_rps": None, "overloaded": False}
 
 
 def test_step_timer_durations_count_from_start():

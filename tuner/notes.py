@@ -44,7 +44,9 @@ def served_rps(attrs: dict[str, Any]) -> float | None:
     """The rate the open-loop stack finished requests at: the departure rate the overload flag
     is judged on (records before it: the window's request rate, drain included)."""
     serving = (record.INFO.get(attrs) or {}).get("serving") or {}
-    return serving.get("served_rps", record.metrics(attrs).get("request_throughput_rps"))
+    if "served_rps" in serving:
+        return serving["served_rps"]
+    return record.metrics(attrs).get("request_throughput_rps")
 
 
 def overload_note(attrs: dict[str, Any]) -> str:
