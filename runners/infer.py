@@ -20,7 +20,13 @@ from runners.capacity import serve_workload
 from runners.compile_watch import measure_clean
 from runners.contract import METRICS, TrialConfig, TrialResult
 from runners.glm import woq
-from runners.glm.compress import CALIBRATION_SEQUENCES, CALIBRATION_TOKENS, apply_quantization, apply_sparsity
+from runners.glm.compress import (
+    CALIBRATION_SEQUENCES,
+    CALIBRATION_TOKENS,
+    apply_quantization,
+    apply_sparsity,
+    refuse_sparsity_knobs,
+)
 from runners.glm.engines.base import TrialEngine, TrialPlan, select_engine
 from runners.glm.engines.build import build_fast_engine, trial_engine
 from runners.glm.engines.fast import FastEngine
@@ -239,6 +245,7 @@ class GlmInferRunner(Runner):
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.model, knobs, device)
         kind = select_engine(knobs, device)
+        refuse_sparsity_knobs(knobs, device)  # before any model is built or derived
         eval_ids = eval_set(config, workload, device)
         key = model_key(config.model, str(dtype), device, config.seed, knobs, kind)
         built = MODELS.get(key)

@@ -174,6 +174,19 @@ def test_known_infeasible_combinations_name_the_reason(knobs, reason):
     assert isinstance(outcome, InfeasibleConfig) and reason in str(outcome)
 
 
+@pytest.mark.parametrize("knobs", [{"sparsity": 0.9, "sparsity_kind": "2:4"},
+                                   {"sparsity": 0.5, "sparsity_kind": "2:4"}])  # CPU: no 2:4 kernels
+def test_a_sparsity_refusal_that_needs_no_model_builds_none(knobs, monkeypatch):
+    import runners.infer
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("a model was built for a trial its knobs alone refuse")
+
+    monkeypatch.setattr(runners.infer, "base_model", no_build)
+    outcome = _trial(knobs)
+    assert isinstance(outcome, InfeasibleConfig) and "2:4" in str(outcome)
+
+
 def test_static_kv_trial_uses_fast_engine_and_reports_kl_through_it():
     result = _trial({"kv_cache": "static", "batch_size": 2})
     assert result.info["engine"] == "fast"

@@ -153,7 +153,7 @@ def apply_sparsity(model: nn.Module, knobs: dict[str, Any], device: str,
     ratio = float(knobs.get("sparsity", 0.0))
     kind = knobs.get("sparsity_kind", "unstructured")
     if ratio and kind != "unstructured":
-        _check_2_4(linear_layers(model, include_lm_head=False), ratio, device, knobs)
+        _check_2_4(linear_layers(model, include_lm_head=False), device, knobs)
     info = prune_weights(model, knobs, device, calibration)
     if ratio and kind != "unstructured" and not _fp8_follows(knobs):
         _to_semi_structured(linear_layers(model, include_lm_head=False))
@@ -219,7 +219,13 @@ def _fp8_follows(knobs: dict[str, Any]) -> bool:
     return int(knobs.get("quant_bits", 16)) == 8 and knobs.get("quant_scheme") == "fp8"
 
 
-def _check_2_4(layers: list[tuple[str, nn.Linear]], ratio: float, device: str, knobs: dict[str, Any]) -> None:
+def refuse_sparsity_knobs(knobs: dict[str, Any], device: str) -> None:
+    """The sparsity refusals that need no model, so a trial can be refused before it builds one:
+    2:4 at a ratio other than 0.5, on a device without its kernels, or with a quantisation that
+    has no 2:4 kernel path."""
+    ratio = float(knobs.get("sparsity", 0.0))
+    if not ratio or knobs.get("sparsity_kind", "unstructured") == "unstructured":
+        return
     if abs(ratio - 0.5) > 1e-9:
         raise InfeasibleConfig(f"sparsity_kind=2:4 prunes exactly 50% of weights; set sparsity 0.5, not {ratio}")
     if not device.startswith("cuda"):
@@ -228,6 +234,10 @@ def _check_2_4(layers: list[tuple[str, nn.Linear]], ratio: float, device: str, k
         raise InfeasibleConfig("2:4 sparsity combines only with fp8 here (torchao's CUTLASS fp8 2:4 kernel, SM90); "
                                f"no kernel path for quant_bits={knobs.get('quant_bits')} "
                                f"{knobs.get('quant_scheme')} + 2:4")
+
+
+def _check_2_4(layers: list[tuple[str, nn.Linear]], device: str, knobs: dict[str, Any]) -> None:
+    refuse_sparsity_knobs(knobs, device)
     for name, layer in layers:
         if layer.in_features % 64 or layer.out_features % 64:
             raise InfeasibleConfig(f"2:4 kernels need dims that are multiples of 64; {name} is "
