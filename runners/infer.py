@@ -19,14 +19,8 @@ from runners.base import Runner, resolve_device
 from runners.capacity import serve_workload
 from runners.compile_watch import measure_clean
 from runners.contract import METRICS, TrialConfig, TrialResult
-from runners.glm import woq
-from runners.glm.compress import (
-    CALIBRATION_SEQUENCES,
-    CALIBRATION_TOKENS,
-    apply_quantization,
-    apply_sparsity,
-    refuse_sparsity_knobs,
-)
+from runners.glm import compress, woq
+from runners.glm.compress import CALIBRATION_SEQUENCES, CALIBRATION_TOKENS, apply_quantization, apply_sparsity
 from runners.glm.engines.base import TrialEngine, TrialPlan, select_engine
 from runners.glm.engines.build import build_fast_engine, trial_engine
 from runners.glm.engines.fast import FastEngine
@@ -245,7 +239,7 @@ class GlmInferRunner(Runner):
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.model, knobs, device)
         kind = select_engine(knobs, device)
-        refuse_sparsity_knobs(knobs, device)  # before any model is built or derived
+        compress.refuse_sparsity_knobs(knobs, device)  # before any model is built or derived
         eval_ids = eval_set(config, workload, device)
         key = model_key(config.model, str(dtype), device, config.seed, knobs, kind)
         built = MODELS.get(key)
