@@ -307,8 +307,8 @@ def load_check(timings: Sequence[RequestTiming], metrics: dict[str, float], clos
     Kept up is judged on the departure rate (requests over the span of their finishes) against
     the arrival rate (over the span of their arrivals): a stack that keeps up finishes requests as
     fast as they arrive, one latency later. `request_throughput_rps` divides by the whole window,
-    drain included, so a 10 s window of 1.5 s requests read ~0.87 of the offered rate even when
-    nothing queued (H200 capacity probes, BENCHMARKS.md)."""
+    drain included: 10 s of arrivals of 1.5 s requests that never queue give 10 / 11.5 = 0.87 of
+    the offered rate, under the old 0.9 rule "overloaded"."""
     if closed or len(timings) < 2:
         return {}
     arrivals = sorted(t.arrival_s for t in timings)

@@ -176,8 +176,8 @@ def prune_weights(model: nn.Module, knobs: dict[str, Any], device: str,
         raise InfeasibleConfig(f"sparsity must be in [0, 1), got {ratio}")
     if ratio == 0.0:
         return {"sparsity_measured": 0.0}
-    if kind != "unstructured" and abs(ratio - 0.5) > 1e-9:
-        raise InfeasibleConfig(f"sparsity_kind=2:4 prunes exactly 50% of weights; set sparsity 0.5, not {ratio}")
+    if kind != "unstructured":
+        _refuse_2_4_ratio(ratio)
     layers = linear_layers(model, include_lm_head=False)
     info: dict[str, Any] = {"sparsity_method": method}
     if method == "wanda":
@@ -226,14 +226,18 @@ def refuse_sparsity_knobs(knobs: dict[str, Any], device: str) -> None:
     ratio = float(knobs.get("sparsity", 0.0))
     if not ratio or knobs.get("sparsity_kind", "unstructured") == "unstructured":
         return
-    if abs(ratio - 0.5) > 1e-9:
-        raise InfeasibleConfig(f"sparsity_kind=2:4 prunes exactly 50% of weights; set sparsity 0.5, not {ratio}")
+    _refuse_2_4_ratio(ratio)
     if not device.startswith("cuda"):
         raise InfeasibleConfig("sparsity_kind=2:4 needs CUDA semi-structured kernels (cuSPARSELt/CUTLASS); not on CPU")
     if int(knobs.get("quant_bits", 16)) != 16 and not _fp8_follows(knobs):
         raise InfeasibleConfig("2:4 sparsity combines only with fp8 here (torchao's CUTLASS fp8 2:4 kernel, SM90); "
                                f"no kernel path for quant_bits={knobs.get('quant_bits')} "
                                f"{knobs.get('quant_scheme')} + 2:4")
+
+
+def _refuse_2_4_ratio(ratio: float) -> None:
+    if abs(ratio - 0.5) > 1e-9:
+        raise InfeasibleConfig(f"sparsity_kind=2:4 prunes exactly 50% of weights; set sparsity 0.5, not {ratio}")
 
 
 def _check_2_4(layers: list[tuple[str, nn.Linear]], device: str, knobs: dict[str, Any]) -> None:
