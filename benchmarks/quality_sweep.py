@@ -33,7 +33,15 @@ from runners.glm.compress import (
     prune_weights,
 )
 from runners.glm.model import build_model, resolve_dtype
-from runners.glm.quality import calibration_set, fidelity, log_probs, text_source, text_windows, token_nll
+from runners.glm.quality import (
+    calibration_set,
+    fidelity,
+    log_probs,
+    text_source,
+    text_windows,
+    token_nll,
+    window_kl,
+)
 
 SPARSITIES = (0.3, 0.5, 0.7, 0.9)
 
@@ -100,20 +108,23 @@ def measure(dense: torch.nn.Module, knobs: dict[str, Any], device: str, calibrat
         candidate = chunked_log_probs(model, ids)
         quality = fidelity(reference, candidate, ids)
         window_nll = token_nll(candidate, ids).double().mean(1).tolist()  # [S]: each window's mean
+        window_kls = window_kl(reference, candidate).tolist()  # [S]: each window's mean KL to dense
     except InfeasibleConfig as exc:
         return {"note": f"infeasible: {exc}"}
     finally:
         del model
     return {"sparsity": info["sparsity_measured"], "perplexity": quality.perplexity,
             "reference_perplexity": quality.reference_perplexity, "kl": quality.kl_divergence,
-            "top1": quality.top1_agreement, "note": note, "window_nll": window_nll}
+            "top1": quality.top1_agreement, "note": note, "window_nll": window_nll,
+            "window_kl": window_kls}
 
 
 def step_interval(lower: list[float], higher: list[float], reps: int = 2000, seed: int = 0
                   ) -> tuple[float, float, float]:
-    """The change in log-perplexity from one config to the next (`higher` minus `lower`, per
-    window mean NLL of the same windows) and its 95 % paired-bootstrap interval over windows.
-    Windows are of equal length, so log-perplexity is the mean of the window means."""
+    """The mean change of a per-window quantity from one config to another (`higher` minus
+    `lower`, values of the same windows: mean NLL, or mean KL to dense) and its 95 %
+    paired-bootstrap interval over windows. Windows are of equal length, so the mean of the
+    window means is the mean over every token (for NLL: the log-perplexity)."""
     diff = torch.tensor(higher, dtype=torch.float64) - torch.tensor(lower, dtype=torch.float64)  # [S]
     gen = torch.Generator().manual_seed(seed)
     picks = torch.randint(len(diff), (reps, len(diff)), generator=gen)  # [reps, S]
@@ -138,11 +149,19 @@ def monotone_verdict(rows: list[dict[str, Any]]) -> str:
         " in log-perplexity, each interval containing 0)"
 
 
-def better_verdict(candidate: dict[str, Any], other: dict[str, Any]) -> str:
-    """Is `candidate`'s perplexity below `other`'s on the same windows? 'yes' / 'no' when the
-    95 % paired-bootstrap interval of the difference excludes 0, else 'within noise'."""
-    mean, low, high = step_interval(other["window_nll"], candidate["window_nll"])
+def better_verdict(candidate: dict[str, Any], other: dict[str, Any], metric: str = "perplexity") -> str:
+    """Is `candidate`'s perplexity (metric="perplexity") or KL to the dense model (metric="kl")
+    below `other`'s on the same windows? 'yes' / 'no' when the 95 % paired-bootstrap interval
+    of the difference excludes 0, else 'within noise'; 'not measured' when a row lacks the
+    per-window values (rows of JSON written before they were recorded)."""
+    windows = {"perplexity": "window_nll", "kl": "window_kl"}[metric]
+    if windows not in candidate or windows not in other:
+        return "not measured"
+    mean, low, high = step_interval(other[windows], candidate[windows])
     verdict = "yes" if high < 0 else "no" if low > 0 else "within noise"
+    if metric == "kl":
+        return (f"{verdict} ({candidate['kl']:.4f} vs {other['kl']:.4f} nats: {mean:+.4f} "
+                f"[95 %: {low:+.4f}, {high:+.4f}])")
     return (f"{verdict} ({candidate['perplexity']:.3f} vs {other['perplexity']:.3f}: {100 * mean:+.2f} % "
             f"[95 %: {100 * low:+.2f}, {100 * high:+.2f}] in log-perplexity)")
 
@@ -159,8 +178,8 @@ def checks(result: dict[str, Any]) -> list[str]:
         lines.append(f"{method}: perplexity monotone in sparsity (0, {', '.join(f'{s:g}' for s in SPARSITIES)}): "
                      f"{verdict}")
     wanda, magnitude = by_config["wanda unstructured 0.5"], by_config["magnitude unstructured 0.5"]
-    lines.append("wanda better than magnitude at 0.5: " + (
-        "not measured" if "window_nll" not in wanda or "window_nll" not in magnitude else better_verdict(wanda, magnitude)))
+    lines.append("wanda better than magnitude at 0.5: " + better_verdict(wanda, magnitude))
+    lines.append("wanda better than magnitude at 0.5 in KL to dense: " + better_verdict(wanda, magnitude, "kl"))
     int8 = ppl["int8 weight-only"]
     lines.append("int8 weight-only within 1 % of dense perplexity: " + (
         "not measured" if int8 is None else f"{'yes' if abs(int8 / dense - 1) <= 0.01 else 'no'} "

@@ -204,6 +204,13 @@ def test_quality_sweep_scores_every_row_on_the_same_heldout_tokens(reference):
     assert len(dense["window_nll"]) == 2
     assert math.exp(sum(dense["window_nll"]) / 2) == pytest.approx(dense["perplexity"], rel=1e-9)
     assert "perplexity monotone in sparsity" in table
+    # ... and their window KLs to the dense model average to the row's KL (the same KL code path).
+    measured = [row for row in rows.values() if "perplexity" in row]
+    assert all(len(row["window_kl"]) == 2 for row in measured)
+    for row in measured:
+        assert sum(row["window_kl"]) / 2 == pytest.approx(row["kl"], rel=1e-5, abs=1e-7)
+    assert rows["magnitude unstructured 0.9"]["window_kl"] != rows["magnitude unstructured 0.3"]["window_kl"]
+    assert "wanda better than magnitude at 0.5 in KL to dense: " in table
 
 
 def test_monotone_verdict_tells_a_resolved_fall_from_noise():
@@ -234,6 +241,45 @@ def test_better_verdict_needs_the_windows_to_resolve_the_difference():
     assert better_verdict(row([v + 0.02 for v in base]), row(base)).startswith("no (")
     noisy = [v + d for v, d in zip(base, [-0.3, 0.29, -0.3, 0.29, -0.3, 0.29, -0.3, 0.29], strict=True)]
     assert better_verdict(row(noisy), row(base)).startswith("within noise (")
+
+
+def test_kl_verdict_needs_the_windows_to_resolve_the_difference():
+    from benchmarks.quality_sweep import better_verdict
+
+    base = [0.048, 0.051, 0.045, 0.050, 0.047, 0.052, 0.046, 0.049]
+
+    def row(windows):
+        return {"window_kl": list(windows), "kl": sum(windows) / len(windows)}
+
+    lower = [v - 0.004 for v in base]  # every window 0.004 nats closer to dense
+    clear = better_verdict(row(lower), row(base), "kl")
+    assert clear.startswith("yes (0.0445 vs 0.0485 nats: -0.0040 [95 %: -0.0040, -0.0040])")
+    assert better_verdict(row(base), row(lower), "kl").startswith("no (0.0485 vs 0.0445 nats: +0.0040 [")
+    noise = [0.003, -0.003, 0.002, -0.002, 0.003, -0.003, 0.002, -0.002]  # sums to 0: same mean KL
+    verdict = better_verdict(row([v + d for v, d in zip(base, noise, strict=True)]), row(base), "kl")
+    assert verdict.startswith("within noise (0.0485 vs 0.0485 nats: ") and "[95 %: -0.00" in verdict
+
+
+def test_rows_without_window_kl_give_not_measured_and_keep_the_perplexity_verdict():
+    from benchmarks.quality_sweep import checks, configs
+
+    base = [3.0, 3.2, 2.8, 3.1, 2.9, 3.3, 3.0, 2.7]
+    rows = []
+    for i, (label, _) in enumerate(configs()):
+        windows = [v + 0.01 * i for v in base]
+        rows.append({"config": label, "perplexity": math.exp(sum(windows) / 8), "kl": 0.01 * i,
+                     "window_nll": windows, "window_kl": [0.01 * i] * 8})
+    by_config = {row["config"]: row for row in rows}
+    lines = checks({"rows": rows})
+    # Wanda rows come after the magnitude rows here: higher NLL and KL in every window.
+    assert "wanda better than magnitude at 0.5: no (" in lines[2]
+    assert lines[3].startswith("wanda better than magnitude at 0.5 in KL to dense: no (")
+    old = [{key: value for key, value in row.items() if key != "window_kl"} for row in rows]  # JSON before KL windows
+    lines = checks({"rows": old})
+    assert lines[3] == "wanda better than magnitude at 0.5 in KL to dense: not measured"
+    assert lines[2].startswith("wanda better than magnitude at 0.5: no (")
+    del by_config["wanda unstructured 0.5"]["window_kl"]  # one row missing is enough
+    assert checks({"rows": rows})[3].endswith(": not measured")
 
 
 # --- wanda ---------------------------------------------------------------------------------------

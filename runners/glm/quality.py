@@ -62,10 +62,19 @@ def perplexity(logp: torch.Tensor, ids: torch.Tensor) -> float:
     return math.exp(float(token_nll(logp, ids).double().mean()))
 
 
+def window_kl(reference: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
+    """Each window's mean over positions of KL(reference || candidate), float64 [sequences]:
+    reference and candidate are log-probabilities [sequences, tokens, vocab]. Per window so a
+    comparison of two candidates can be paired over windows; windows are of equal length, so
+    the mean of these is the mean over every position."""
+    kl = (reference.exp() * (reference - candidate)).sum(-1)  # [sequences, tokens]
+    return kl.double().mean(1)
+
+
 def fidelity(reference: torch.Tensor, candidate: torch.Tensor, ids: torch.Tensor | None = None) -> Fidelity:
     """Mean over positions of KL(reference || candidate) and argmax agreement; with the token
     ids of real text, the perplexity of both on those same tokens."""
-    kl = (reference.exp() * (reference - candidate)).sum(-1)  # [sequences, tokens]
+    kl = window_kl(reference, candidate)  # [sequences]
     agree = (reference.argmax(-1) == candidate.argmax(-1)).float()
     ppl = ref_ppl = None
     if ids is not None:
