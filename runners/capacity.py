@@ -113,7 +113,7 @@ def judge(rate: float, outcome: ServeOutcome, bounds: Sequence[Bound]) -> Probe:
     common = {"p99_ms": p99, "measured_requests": int(outcome.metrics.get("measured_requests", 0)),
               "window_s": float(outcome.info.get("window_s", 0.0))}
     stopped = outcome.info.get("stopped_early")
-    if stopped and not _kept_up(stopped):
+    if stopped and not _kept_up(stopped, bounds):
         return Probe(rate, False, stopped["rule"], evidence=stopped["evidence"], **common)
     if "decided" in outcome.info:
         return Probe(rate, True, "met", evidence=outcome.info["decided"]["evidence"], **common)
@@ -125,12 +125,20 @@ def judge(rate: float, outcome: ServeOutcome, bounds: Sequence[Bound]) -> Probe:
     return Probe(rate, not over, "estimate", evidence=evidence, **common)
 
 
-def _kept_up(stopped: dict[str, Any]) -> bool:
-    """A probe at a low rate whose window ran out of time while the engine kept up (nearly all
-    arrived requests finished): too few requests arrived, not too slow a server."""
+def _kept_up(stopped: dict[str, Any], bounds: Sequence[Bound]) -> bool:
+    """A probe at a low rate whose window ran out of time while the engine kept up: too few
+    requests arrived, not too slow a server. Kept up: nearly all arrived requests finished, or
+    no request still waiting to start had waited past the TTFT bound (a pool of two long-context
+    rows leaves two of 16 requests unfinished at any cut, 0.875 of them measured)."""
     evidence = stopped["evidence"]
     arrived = evidence.get("arrived_requests")
-    return stopped["rule"] == "max_duration_s" and bool(arrived) and evidence["measured_requests"] >= 0.9 * arrived
+    if stopped["rule"] != "max_duration_s" or not arrived:
+        return False
+    if evidence["measured_requests"] >= 0.9 * arrived:
+        return True
+    oldest_s = evidence.get("oldest_wait_s")
+    ttft = [b.max for b in bounds if b.metric == "ttft_p99_ms" and b.max is not None]
+    return oldest_s is not None and bool(ttft) and 1000.0 * oldest_s <= ttft[0]
 
 
 def _max(bounds: Sequence[Bound], metric: str) -> float:

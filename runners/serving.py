@@ -71,6 +71,7 @@ class WindowRule:
     decision: Decision | None = None
     _next_check: int = 0
     _arrived: int | None = None  # requests arrived by the last `observe`
+    _oldest_wait_s: float | None = None  # longest wait of an arrived, unstarted request then
 
     @classmethod
     def from_workload(cls, workload: dict[str, Any], early: EarlyStop | None = None) -> WindowRule:
@@ -80,7 +81,9 @@ class WindowRule:
 
     def observe(self, state: QueueState) -> None:
         """The scheduler's queue, just before each `__call__` (early stop reads it)."""
-        self._arrived = state.finished + state.running + len(state.waiting_arrivals())
+        waiting = state.waiting_arrivals()
+        self._arrived = state.finished + state.running + len(waiting)
+        self._oldest_wait_s = state.now_s - min(waiting) if waiting else 0.0
         if self.early is not None:
             self.early.observe(state)
 
@@ -94,6 +97,7 @@ class WindowRule:
                 self._decided(Decision("max_duration_s", {"max_duration_s": self.max_duration_s,
                                                           "measured_requests": len(timings),
                                                           "arrived_requests": self._arrived,
+                                                          "oldest_wait_s": self._oldest_wait_s,
                                                           "requests": self.min_requests}))
             return True
         if self.early is not None:
@@ -304,20 +308,31 @@ def load_check(timings: Sequence[RequestTiming], metrics: dict[str, float], clos
     has a queue that grows with time, so its latency percentiles describe the window's length
     rather than the configuration; the flag lets a reader (or a constraint) see that.
 
-    Kept up is judged on the departure rate (requests over the span of their finishes) against
-    the arrival rate (over the span of their arrivals): a stack that keeps up finishes requests as
-    fast as they arrive, one latency later. `request_throughput_rps` divides by the whole window,
-    drain included: 10 s of arrivals of 1.5 s requests that never queue give 10 / 11.5 = 0.87 of
-    the offered rate, under the old 0.9 rule "overloaded"."""
+    Kept up is judged on the departure rate against the arrival rate, each over the interior of
+    its own times (`interior_rate`): a stack that keeps up finishes requests as fast as they
+    arrive, one latency later. Whole spans are biased at both ends: `request_throughput_rps`
+    divides by the window, drain included (10 s of arrivals of 1.5 s requests that never queue
+    give 10 / 11.5 = 0.87 of the offered rate), and the span of all finishes ends with the
+    longest request of the last few seconds (outputs of 16-256 tokens at 16 ms a token widen a
+    10 s span by 1-2 s, 0.86 of the offered rate with no queue at all)."""
     if closed or len(timings) < 2:
         return {}
-    arrivals = sorted(t.arrival_s for t in timings)
-    finishes = sorted(t.finish_s for t in timings)
-    span, finish_span = arrivals[-1] - arrivals[0], finishes[-1] - finishes[0]
-    if span <= 0:
+    offered = interior_rate([t.arrival_s for t in timings])
+    if offered is None:
         return {}
-    offered = (len(arrivals) - 1) / span
-    if finish_span <= 0:  # every request finished at one instant (one batch): nothing fell behind
+    served = interior_rate([t.finish_s for t in timings])
+    if served is None:  # every request finished at one instant (one batch): nothing fell behind
         return {"offered_rps": offered, "served_rps": None, "overloaded": False}
-    served = (len(finishes) - 1) / finish_span
     return {"offered_rps": offered, "served_rps": served, "overloaded": served < 0.9 * offered}
+
+
+def interior_rate(times: Sequence[float], trim: float = 0.1) -> float | None:
+    """Events per second between the `trim` and `1 - trim` quantiles of `times` (the whole span
+    below 20 events); None when that span is empty. The interior of the finishes is shifted
+    from the interior of the arrivals by about one latency, so the two rates agree when nothing
+    queues, however spread the latencies; a growing queue stretches the finishes."""
+    ordered = sorted(times)
+    low = int(trim * len(ordered)) if len(ordered) >= 20 else 0
+    high = len(ordered) - 1 - low
+    span = ordered[high] - ordered[low]
+    return (high - low) / span if span > 0 else None

@@ -121,6 +121,25 @@ def test_a_capacity_found_by_a_probe_that_ran_out_of_time_is_not_a_cut_short_tri
     assert outcome.info["capacity"]["best_window_end"]["rule"] == "max_duration_s"
 
 
+@pytest.mark.parametrize("oldest_wait_s, passed", [(0.4, True), (3.5, False), (None, False)])
+def test_a_cut_probe_with_requests_in_service_is_judged_by_how_long_the_waiting_ones_waited(oldest_wait_s, passed):
+    # The H200 long-context probe: 0.3 req/s on a pool of two rows, cut at 40 s with 16 arrived
+    # and 14 finished (0.875 < 0.9). The two unfinished ones were in service or had just arrived:
+    # no hidden TTFT beyond the 3 s bound, so the probe is judged on the 14. A request that had
+    # already waited 3.5 s to start would have broken the bound; an old record without the wait
+    # cannot tell, so it fails as before.
+    from runners.capacity import judge
+    from runners.serving import ServeOutcome
+
+    evidence = {"max_duration_s": 40.0, "measured_requests": 14, "arrived_requests": 16, "requests": 24}
+    if oldest_wait_s is not None:
+        evidence["oldest_wait_s"] = oldest_wait_s
+    outcome = ServeOutcome([], [], metrics={"ttft_p99_ms": 1475.0, "tpot_p99_ms": 9.9, "measured_requests": 14},
+                           info={"window_s": 44.8, "stopped_early": {"rule": "max_duration_s", "evidence": evidence}})
+    probe = judge(0.3, outcome, slo_bounds({"ttft_ms": 3000.0, "tpot_ms": 50.0}))
+    assert probe.passed is passed and probe.how == ("estimate" if passed else "max_duration_s")
+
+
 def test_space_keys_of_capacity_and_the_window():
     from tuner.space import SpaceError, validate
 

@@ -216,6 +216,7 @@ def test_hard_window_length_stops_a_window_that_cannot_finish():
     workload = {**_poisson(5.0, 3000), "warmup_requests": 0, "max_duration_s": 30.0, "early_stop": False}
     outcome = _serve(ServiceEngine(0.1), workload)
     assert outcome.info["stopped_early"]["rule"] == "max_duration_s"
+    assert 0.0 <= outcome.info["stopped_early"]["evidence"]["oldest_wait_s"] < 0.5  # 5 req/s, 0.1 s each: no queue
     assert 30.0 <= outcome.info["window_s"] < 30.5  # plus at most one batch
     default = {**_poisson(5.0, 3000), "warmup_requests": 0, "early_stop": False}  # 600 s of arrivals
     outcome = _serve(ServiceEngine(0.1), default)

@@ -244,15 +244,26 @@ def test_gpu_fused_decode_attention_runs_in_the_graph_and_decodes_like_the_torch
 
     model = _cuda_tiny()
     twin = copy.deepcopy(model)
-    prompts = [[5, 6, 7, 8, 9, 10, 11, 12]]
+    prompt = [5, 6, 7, 8, 9, 10, 11, 12]
+    plain = FastEngine(FastGlm(twin), "cuda:0", compile_step=True)
+    want = torch.cat(list(plain.decode([prompt], 24)), dim=1)  # [1, 24] greedy through the torch ops
+    ids = torch.cat([torch.tensor([prompt], device="cuda:0"), want[:, :-1]], dim=1)  # [1, 31]: both follow it
     fused = FastEngine(FastGlm(model), "cuda:0", compile_step=True, fused_attention=True)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        tokens = torch.cat(list(fused.decode(prompts, 24)), dim=1).cpu()
+        got = fused.teacher_forced_log_probs(ids, len(prompt))[0, len(prompt) - 1:]  # [24, V]: the captured step
     assert fused.compiled and not fused.compile_error
     assert any(event.name == "decode_attention" for event in prof.events())  # the kernel, not the fallback
-    want = torch.cat(list(FastEngine(FastGlm(twin), "cuda:0", compile_step=True).decode(prompts, 24)), dim=1).cpu()
-    # fp32 inside the kernel vs bf16 rounding after each torch op: a near-tie may flip late tokens
-    assert (tokens == want).float().mean().item() >= 0.75 and torch.equal(tokens[:, :4], want[:, :4])
+    ref = plain.teacher_forced_log_probs(ids, len(prompt))[0, len(prompt) - 1:]
+    # Random glm-tiny weights leave the top two logits within a bf16 ulp (0.004) at many steps,
+    # so greedy tokens flip on rounding alone (the H200 flipped at step 3). Compared step by step
+    # on one token path instead: the kernel rounds once in fp32 where the torch ops round per op
+    # (<= 0.006 in a CPU emulation); a mask one slot off moves log-probs by >= 0.04 and an
+    # unwritten cache slot by >= 0.5.
+    err = (got - ref).abs().amax(-1)  # [24]
+    assert err.max().item() < 0.02, err
+    top2 = ref.topk(2, -1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 0.04  # twice the tolerance: rounding cannot flip these
+    assert clear.any() and torch.equal(got.argmax(-1)[clear], ref.argmax(-1)[clear])
 
 
 @gpu

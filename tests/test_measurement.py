@@ -435,6 +435,34 @@ def test_a_long_request_that_keeps_up_is_not_overloaded():
         "offered_rps": pytest.approx(40.0), "served_rps": None, "overloaded": False}
 
 
+def test_spread_latencies_that_keep_up_are_not_overloaded():
+    # The H200 capacity probe's shape: 44 req/s for 10 s, no queue, each request 0.3 s of
+    # prefill plus 16 ms for each of 16-256 output tokens. The span of all finishes ends with the
+    # longest request of the last seconds (441 / ~11.5 s: 0.86 of the offered rate); the interior
+    # rates agree. Slowed to 36 req/s of service, the queue grows and the flag is raised.
+    import random
+
+    from runners.scheduler import RequestTiming
+    from runners.serving import load_check
+
+    rng = random.Random(0)
+    latencies = [0.3 + 0.016 * min(256, max(16, rng.lognormvariate(4.5, 0.6))) for _ in range(441)]
+    arrivals = [i / 44 for i in range(441)]
+    kept = [RequestTiming(i, a, a, a + 0.3, a + lat, 256, 96, i, 1) for i, (a, lat) in enumerate(zip(arrivals, latencies, strict=True))]
+    whole_span = (len(kept) - 1) / (max(t.finish_s for t in kept) - min(t.finish_s for t in kept))
+    assert whole_span < 0.9 * 44  # the old rule would have called this overloaded
+    check = load_check(kept, {}, closed=False)
+    assert check["offered_rps"] == pytest.approx(44.0)
+    assert check["served_rps"] == pytest.approx(44.0, rel=0.06) and check["overloaded"] is False
+    # One server draining at 36 req/s: request i starts when it arrives or when i - 1 ends.
+    ends: list[float] = []
+    for a in arrivals:
+        ends.append(max(a, ends[-1] if ends else 0.0) + 1 / 36)
+    queued = [RequestTiming(i, a, e - 1 / 36, e, e + 0.3, 256, 96, i, 1) for i, (a, e) in enumerate(zip(arrivals, ends, strict=True))]
+    check = load_check(queued, {}, closed=False)
+    assert check["served_rps"] == pytest.approx(36.0, rel=0.02) and check["overloaded"] is True
+
+
 def test_step_timer_durations_count_from_start():
     from runners.measure.monitor import StepTimer
     from tests.test_scheduler import FakeClock
