@@ -20,6 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tuner import record
 from tuner.notes import change_pct, fmt_param, fmt_value, trial_notes
+from tuner.search import losses
 
 # The end-of-study summary prints at most this many lines of them; the report shows them all.
 MAX_GAP_LINES = 4
@@ -57,7 +58,7 @@ class ValueGap:
 
 def _loss(t: FrozenTrial, directions: Sequence[StudyDirection]) -> list[float]:
     """The objective values as losses (maximized ones negated), as Optuna compares them."""
-    return [-v if d == StudyDirection.MAXIMIZE else v for v, d in zip(t.values, directions, strict=True)]
+    return losses([t.values], [d.name.lower() for d in directions])[0].tolist()
 
 
 def dominates(a: FrozenTrial, b: FrozenTrial, directions: Sequence[StudyDirection]) -> bool:

@@ -22,7 +22,7 @@ from runners.glm.engines.kv_pool import (
     decode_batch,
     length_buckets,
 )
-from runners.glm.fast_model import FastGlm, row_bias
+from runners.glm.fast_model import FastGlm, rms_norm, row_bias
 from runners.glm.model_cache import free_device_memory
 from runners.glm.work import WorkCounter
 
@@ -350,8 +350,6 @@ class SlotSteps:
         return torch.log_softmax(torch.cat(outputs, dim=1), dim=-1)
 
     def _all_logits(self, h: torch.Tensor) -> torch.Tensor:
-        from runners.glm.fast_model import rms_norm
-
         return self.model.lm_head(rms_norm(h, self.model.final_norm, self.model.dims.eps)).float()
 
     def _run(self, graph: Any, fn: Callable[[], None]) -> None:
