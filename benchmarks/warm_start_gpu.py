@@ -53,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
                                                  "storage": str(Path(args.source_storage).resolve())}}}
     warm = run(warm_raw, f"{raw['study']}_warm", args.warm, out)
     directions = study_directions(cold)
-    trials = {s.study_name: [t for t in s.get_trials() if not t.user_attrs.get("carried_over")]
+    # Finished trials only: the warm study's unused enqueued configs stay WAITING in it.
+    trials = {s.study_name: [t for t in s.get_trials() if t.state.is_finished()
+                             and not t.user_attrs.get("carried_over")]
               for s in (cold, warm)}
     points = [t.values for ts in trials.values() for t in ts if feasible(t)]
     ref = reference_point(points, directions)
