@@ -132,10 +132,11 @@ def throughput_ci(timings: Sequence[RequestTiming], confidence: float = 0.95
     The window is cut into K equal slices and the rate of each is its tokens (`slice_tokens`) over
     the slice length; their mean is exactly the window's `throughput_tok_s`, and the interval is
     mean ± t(K-1) · sd / sqrt(K), the lower end held at 0 (a rate). K = THROUGHPUT_SLICES, fewer
-    when the window holds fewer median request latencies or fewer requests than that: a slice
-    shorter than one request shares most of its tokens with its neighbours, and batch means need
-    batches that are nearly independent. Returns (None, why) when fewer than 2 slices (or fewer
-    than 2 slices with tokens) remain: one batch of requests cannot say how much its rate varies.
+    when the window holds fewer median service times (start to finish) or fewer requests than
+    that: a slice shorter than one request's service shares most of its requests with its
+    neighbours, and batch means need batches that are nearly independent. Returns (None, why)
+    when fewer than 2 slices (or fewer than 2 slices with tokens) remain: one batch of requests
+    cannot say how much its rate varies.
     """
     arrival = np.array([t.arrival_s for t in timings], dtype=float)
     finish = np.array([t.finish_s for t in timings], dtype=float)
@@ -143,12 +144,14 @@ def throughput_ci(timings: Sequence[RequestTiming], confidence: float = 0.95
     window_s = end - start
     if window_s <= 0:
         return None, "the window has no length"
-    latency_s = float(np.median(finish - arrival))
-    generations = int(window_s // latency_s) if latency_s > 0 else len(timings)
+    # Service time (start to finish), not end-to-end latency: time queued emits no tokens, so it
+    # does not tie one slice's tokens to the next.
+    service_s = float(np.median(finish - np.array([t.start_s for t in timings], dtype=float)))
+    generations = int(window_s // service_s) if service_s > 0 else len(timings)
     k = min(THROUGHPUT_SLICES, len(timings), generations)
     if k < 2:
-        return None, (f"the {window_s:.3g} s window holds {len(timings)} requests of median latency "
-                      f"{latency_s:.3g} s: fewer than 2 slices of one latency each; measure more requests")
+        return None, (f"the {window_s:.3g} s window holds {len(timings)} requests of median service time "
+                      f"{service_s:.3g} s: fewer than 2 slices of one service time each; measure more requests")
     rates = slice_tokens(timings, np.linspace(start, end, k + 1)) / (window_s / k)  # (K,) tok/s
     if np.count_nonzero(rates) < 2:
         return None, f"fewer than 2 of the window's {k} slices emitted tokens"

@@ -296,7 +296,8 @@ def noise_fronts(study: optuna.Study, params: Iterable[str] | None = None) -> li
     that objective holds the other's value, and F is better than T on at least one objective
     where neither CI holds the other's value (`noise_margins`). An objective with no CI recorded
     compares exactly, so a front trial that wins on it is never flagged. Front trials are only
-    compared with front trials. In knob and value order.
+    compared with front trials, and a front whose trials are all level within noise flags
+    nothing (none is better beyond noise). In knob and value order.
     """
     try:
         front = study.best_trials
