@@ -222,6 +222,15 @@ def test_a_value_on_the_front_by_a_margin_inside_a_ci_is_flagged():
                                       "(+23 % vs #0), throughput_tok_s 2366 (+0.0038 % vs #0, within #1's CI))")
 
 
+def test_the_rival_named_is_one_that_stands_not_the_nearest_beaten_one():
+    study = _noise_study(2366.35, _ci(2300.0, 2430.0), _ci(2290.0, 2440.0))
+    study.add_trial(_measured(0.5, 16, 25.0, 2366.30, **_ci(2295.0, 2435.0)))  # #3: between #0 and #1
+    assert {t.number for t in study.best_trials} == {0, 1, 3}
+    # #1 is nearer #3 (perplexity +10 %) than #0 (+23 %), but #3 is itself on only within noise.
+    rivals = {(f.param, f.value): [(w.trial.number, w.rival.number) for w in f.wins] for f in noise_fronts(study)}
+    assert rivals == {("sparsity", 0.5): [(3, 0)], ("sparsity", 0.7): [(1, 0)], ("quant_bits", 8): [(1, 0)]}
+
+
 def test_the_rivals_ci_holding_the_edge_also_makes_it_a_tie():
     # #1's own CI [2367, 2440] misses #0's 2366.26; #0's CI [2300, 2430] holds #1's 2366.35.
     study = _noise_study(2366.35, _ci(2300.0, 2430.0), _ci(2367.0, 2440.0))

@@ -275,16 +275,17 @@ def noise_margins(rival: FrozenTrial, trial: FrozenTrial, names: Sequence[str],
     return tuple(out) if real_edge else None
 
 
-def _noise_win(trial: FrozenTrial, front: Sequence[FrozenTrial], param: str, names: Sequence[str],
-               directions: Sequence[StudyDirection]) -> NoiseWin | None:
+def _noise_win(trial: FrozenTrial, front: Sequence[FrozenTrial], beaten: set[int], param: str,
+               names: Sequence[str], directions: Sequence[StudyDirection]) -> NoiseWin | None:
     """The front trial that dominates `trial` within noise: one with another value of `param`
-    first (it is what the value is only level with), then the nearest (`gap_pct`), then the earlier."""
-    ranked = [((_value_key(f.params.get(param)) == _value_key(trial.params.get(param))),
+    first (it is what the value is only level with), then one not itself beaten within noise
+    (`beaten`: it stands), then the nearest (`gap_pct`), then the earlier."""
+    ranked = [((_value_key(f.params.get(param)) == _value_key(trial.params.get(param))), f.number in beaten,
                gap_pct(f, trial), f.number, f, m) for f in front if f.number != trial.number
               if (m := noise_margins(f, trial, names, directions)) is not None]
     if not ranked:
         return None
-    *_, rival, margins_ = min(ranked, key=lambda r: r[:3])
+    *_, rival, margins_ = min(ranked, key=lambda r: r[:4])
     return NoiseWin(trial, rival, margins_)
 
 
@@ -307,6 +308,8 @@ def noise_fronts(study: optuna.Study, params: Iterable[str] | None = None) -> li
         return []
     names = study.metric_names or [f"objective_{i}" for i in range(len(study.directions))]
     finished = [t for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.FAIL)]
+    beaten = {t.number for t in front if any(noise_margins(f, t, names, study.directions) is not None
+                                             for f in front if f.number != t.number)}
     out: list[NoiseFront] = []
     for param in _params(finished, params):
         by_value: dict[tuple[str, Any], list[FrozenTrial]] = {}
@@ -315,7 +318,7 @@ def noise_fronts(study: optuna.Study, params: Iterable[str] | None = None) -> li
                 by_value.setdefault(_value_key(t.params[param]), []).append(t)
         order = _order(param, finished)
         for key in sorted(by_value, key=lambda k: order(k[1])):
-            wins = [_noise_win(t, front, param, names, study.directions) for t in by_value[key]]
+            wins = [_noise_win(t, front, beaten, param, names, study.directions) for t in by_value[key]]
             if all(w is not None for w in wins):
                 out.append(NoiseFront(param, key[1], tuple(w for w in wins if w is not None)))
     return out
