@@ -59,6 +59,9 @@ for _base in ("ttft", "tpot", "latency"):
     for _p in (50, 90, 99):
         for _side in ("low", "high"):
             METRICS[f"{_base}_p{_p}_ms_ci_{_side}"] = ("ms", "minimize")
+# Throughput carries a batch-means t-interval over the window's time slices (runners.stats).
+for _side in ("low", "high"):
+    METRICS[f"throughput_tok_s_ci_{_side}"] = ("tok/s", "maximize")
 
 # A measured window's hard length when the workload names no `max_duration_s` (seconds).
 DEFAULT_MAX_DURATION_S = 120.0

@@ -1,4 +1,5 @@
-"""Latency statistics: percentiles with distribution-free confidence intervals; torch-free."""
+"""Latency statistics: percentiles with distribution-free confidence intervals, and a batch-means
+interval for throughput; torch-free."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from scipy import stats as sps
 from runners.scheduler import RequestTiming
 
 PERCENTILES = (50, 90, 99)
+# Throughput's batch-means interval splits the window into at most this many equal time slices.
+THROUGHPUT_SLICES = 10
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,61 @@ def request_latencies_ms(timings: Sequence[RequestTiming]) -> dict[str, np.ndarr
     return {**each, "tpot": each["tpot"][~np.isnan(each["tpot"])]}
 
 
+def slice_tokens(timings: Sequence[RequestTiming], edges: np.ndarray) -> np.ndarray:
+    """Output tokens emitted in each time slice [edges[k], edges[k+1]] (K = len(edges) - 1).
+
+    Per-token times are not recorded, only first_token_s and finish_s: a request's first token
+    counts at first_token_s and its other tokens are spread at a uniform rate over
+    (first_token_s, finish_s], so a slice gets the share of that span it overlaps (fractional
+    counts). A request that emitted them all at once (finish == first) counts them at first_token_s.
+    """
+    first = np.array([t.first_token_s for t in timings], dtype=float)  # (R,)
+    finish = np.array([t.finish_s for t in timings], dtype=float)  # (R,)
+    rest = np.array([t.output_tokens for t in timings], dtype=float) - 1.0  # (R,) tokens after the first
+    span = finish - first
+    spread = span > 0
+    at_first = np.where(spread, 1.0, rest + 1.0)  # (R,) tokens counted at first_token_s
+    counts = np.histogram(first, bins=edges, weights=at_first)[0]  # (K,)
+    lo, hi = edges[:-1][None, :], edges[1:][None, :]  # (1, K)
+    overlap = np.clip(np.minimum(hi, finish[spread, None]) - np.maximum(lo, first[spread, None]), 0.0, None)  # (R', K)
+    return counts + (rest[spread, None] * overlap / span[spread, None]).sum(axis=0)
+
+
+def throughput_ci(timings: Sequence[RequestTiming], confidence: float = 0.95
+                  ) -> tuple[tuple[float, float] | None, str]:
+    """A t-interval of output tokens/s by batch means over the window [first arrival, last finish].
+
+    The window is cut into K equal slices and the rate of each is its tokens (`slice_tokens`) over
+    the slice length; their mean is exactly the window's `throughput_tok_s`, and the interval is
+    mean ± t(K-1) · sd / sqrt(K), the lower end held at 0 (a rate). K = THROUGHPUT_SLICES, fewer
+    when the window holds fewer median service times (start to finish) or fewer requests than
+    that: a slice shorter than one request's service shares most of its requests with its
+    neighbours, and batch means need batches that are nearly independent. Returns (None, why)
+    when fewer than 2 slices (or fewer than 2 slices with tokens) remain: one batch of requests
+    cannot say how much its rate varies.
+    """
+    arrival = np.array([t.arrival_s for t in timings], dtype=float)
+    finish = np.array([t.finish_s for t in timings], dtype=float)
+    start, end = float(arrival.min()), float(finish.max())
+    window_s = end - start
+    if window_s <= 0:
+        return None, "the window has no length"
+    # Service time (start to finish), not end-to-end latency: time queued emits no tokens, so it
+    # does not tie one slice's tokens to the next.
+    service_s = float(np.median(finish - np.array([t.start_s for t in timings], dtype=float)))
+    generations = int(window_s // service_s) if service_s > 0 else len(timings)
+    k = min(THROUGHPUT_SLICES, len(timings), generations)
+    if k < 2:
+        return None, (f"the {window_s:.3g} s window holds {len(timings)} requests of median service time "
+                      f"{service_s:.3g} s: fewer than 2 slices of one service time each; measure more requests")
+    rates = slice_tokens(timings, np.linspace(start, end, k + 1)) / (window_s / k)  # (K,) tok/s
+    if np.count_nonzero(rates) < 2:
+        return None, f"fewer than 2 of the window's {k} slices emitted tokens"
+    mean = float(rates.mean())
+    half = float(sps.t.ppf(0.5 + confidence / 2, k - 1) * rates.std(ddof=1) / np.sqrt(k))
+    return (max(0.0, mean - half), mean + half), ""
+
+
 def serving_metrics(timings: Sequence[RequestTiming], slo: dict[str, float] | None = None
                     ) -> tuple[dict[str, float], dict[str, str]]:
     """Contract metrics from per-request timings of the measured window."""
@@ -118,6 +176,11 @@ def serving_metrics(timings: Sequence[RequestTiming], slo: dict[str, float] | No
         "measured_requests": float(len(timings)),
     }
     unavailable: dict[str, str] = {}
+    ci, why = throughput_ci(timings)
+    if ci is None:
+        unavailable["throughput_tok_s_ci_low"] = unavailable["throughput_tok_s_ci_high"] = why
+    else:
+        metrics["throughput_tok_s_ci_low"], metrics["throughput_tok_s_ci_high"] = ci
     for name, samples in request_latencies_ms(timings).items():
         m, u = latency_metrics(name, samples)
         metrics.update(m)

@@ -1,6 +1,7 @@
 """tuner/front_gaps.py: each searched knob value absent from the feasible front names its best
 trial, the front trial dominating it and the margins; infeasible-only values name their reason;
-the end-of-study lines and report.html carry them."""
+values on the front only by margins inside a recorded CI are named; the end-of-study lines and
+report.html carry them."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from optuna.trial import TrialState, create_trial
 from reports.frames import pareto_frame, trials_frame
 from reports.html import write_report
 from tuner.final import final_lines
-from tuner.front_gaps import front_gaps, gap_lines, summary_lines
+from tuner.front_gaps import front_gaps, gap_lines, noise_fronts, noise_lines, summary_lines
 from tuner.space import Objective
 
 BOUND = {"metric": "perplexity", "max": 60.0}
@@ -191,3 +192,82 @@ def test_report_html_has_the_section(study, tmp_path):
     assert "<li>sparsity 0.3 (3 feasible trials) not on the front: best #2" in section
     assert f"<li>sparsity 0.5 ran only infeasibly (1 trial; most common reason, 1 of 1: {TWO_FOUR})</li>" in section
     assert "quant_bits" not in section.split("<h2>", 2)[1]
+
+
+# ---------------------------------------------------------------- on the front only within noise
+
+def _ci(low: float, high: float) -> dict[str, float]:
+    return {"throughput_tok_s_ci_low": low, "throughput_tok_s_ci_high": high}
+
+
+def _noise_study(sparse_tput: float, dense_ci: dict[str, float], sparse_ci: dict[str, float]) -> optuna.Study:
+    """Dense #0 with the lower (deterministic) perplexity; sparse #1 on the front by throughput."""
+    return _study([_measured(0.0, 16, 22.44, 2366.26, baseline=True, **dense_ci),
+                   _measured(0.7, 8, 27.53, sparse_tput, **sparse_ci),
+                   _measured(0.3, 16, 30.0, 2000.0)])  # #2: dominated by both, not on the front
+
+
+def test_a_value_on_the_front_by_a_margin_inside_a_ci_is_flagged():
+    study = _noise_study(2366.35, _ci(2300.0, 2430.0), _ci(2290.0, 2440.0))
+    assert {t.number for t in study.best_trials} == {0, 1}
+    fronts = noise_fronts(study)
+    # #1's throughput edge (0.09 tok/s) lies in its own CI; #0's perplexity edge has no CI: real.
+    assert [(f.param, f.value) for f in fronts] == [("sparsity", 0.7), ("quant_bits", 8)]
+    win = fronts[0].wins[0]
+    assert (win.trial.number, win.rival.number) == (1, 0)
+    by_metric = {m.metric: m for m in win.margins}
+    assert by_metric["perplexity"].ci_of is None and by_metric["throughput_tok_s"].ci_of == 1
+    assert by_metric["throughput_tok_s"].pct == pytest.approx(100 * 0.09 / 2366.26)
+    assert noise_lines(fronts)[0] == ("sparsity 0.7 on the front only within noise: #1 (perplexity 27.53 "
+                                      "(+23 % vs #0), throughput_tok_s 2366 (+0.0038 % vs #0, within #1's CI))")
+
+
+def test_the_rival_named_is_one_that_stands_not_the_nearest_beaten_one():
+    study = _noise_study(2366.35, _ci(2300.0, 2430.0), _ci(2290.0, 2440.0))
+    study.add_trial(_measured(0.5, 16, 25.0, 2366.30, **_ci(2295.0, 2435.0)))  # #3: between #0 and #1
+    assert {t.number for t in study.best_trials} == {0, 1, 3}
+    # #1 is nearer #3 (perplexity +10 %) than #0 (+23 %), but #3 is itself on only within noise.
+    rivals = {(f.param, f.value): [(w.trial.number, w.rival.number) for w in f.wins] for f in noise_fronts(study)}
+    assert rivals == {("sparsity", 0.5): [(3, 0)], ("sparsity", 0.7): [(1, 0)], ("quant_bits", 8): [(1, 0)]}
+
+
+def test_the_rivals_ci_holding_the_edge_also_makes_it_a_tie():
+    # #1's own CI [2367, 2440] misses #0's 2366.26; #0's CI [2300, 2430] holds #1's 2366.35.
+    study = _noise_study(2366.35, _ci(2300.0, 2430.0), _ci(2367.0, 2440.0))
+    win = noise_fronts(study, params=["sparsity"])[0].wins[0]
+    assert {m.metric: m.ci_of for m in win.margins}["throughput_tok_s"] == 0
+
+
+def test_a_margin_beyond_both_cis_is_not_flagged():
+    study = _noise_study(2500.0, _ci(2300.0, 2430.0), _ci(2450.0, 2550.0))
+    assert {t.number for t in study.best_trials} == {0, 1}
+    assert noise_fronts(study) == []
+
+
+def test_a_value_on_the_front_without_a_recorded_ci_is_not_flagged():
+    # The 0.09 tok/s edge would be noise, but nothing recorded says so: it compares exactly.
+    study = _noise_study(2366.35, {}, {})
+    assert {t.number for t in study.best_trials} == {0, 1}
+    assert noise_fronts(study) == []
+
+
+def test_a_value_with_one_front_trial_beyond_noise_is_not_flagged():
+    study = _noise_study(2366.35, _ci(2300.0, 2430.0), _ci(2290.0, 2440.0))
+    study.add_trial(_measured(0.7, 8, 40.0, 2600.0, **_ci(2550.0, 2650.0)))  # #3: a real throughput win
+    assert {t.number for t in study.best_trials} == {0, 1, 3}
+    assert noise_fronts(study) == []
+
+
+def test_noise_lines_reach_the_end_of_study_block_and_the_report(tmp_path):
+    study = _noise_study(2366.35, _ci(2300.0, 2430.0), _ci(2290.0, 2440.0))
+    space = SimpleNamespace(study="gaps", params={"sparsity": None}, workload={},
+                            objectives=[Objective("perplexity", "minimize"), Objective("throughput_tok_s", "maximize")])
+    lines = final_lines(study, space, "mem")
+    heading = next(i for i, line in enumerate(lines) if line.startswith("knob values on the feasible front only within"))
+    assert lines[heading + 1] == f"  {noise_lines(noise_fronts(study, ['sparsity']))[0]}"
+    assert summary_lines(study, params=["sparsity"])[0] == "why these knob values are not on the feasible front:"
+    path = tmp_path / "report.html"
+    write_report(study, trials_frame(study), pareto_frame(study), path)
+    section = path.read_text().split("<h2>Knob values not on the front</h2>", 1)[1].split("<h2>", 1)[0]
+    assert "On the front only within measurement noise" in section
+    assert "<li>sparsity 0.7 on the front only within noise: #1 (perplexity 27.53" in section

@@ -1,4 +1,5 @@
-"""Order-statistic confidence intervals: coverage at the stated rate, and the contract keys."""
+"""Order-statistic confidence intervals and throughput's batch-means interval: coverage at the
+stated rate, and the contract keys."""
 
 from __future__ import annotations
 
@@ -8,7 +9,15 @@ from scipy import stats as sps
 
 from runners.contract import METRICS
 from runners.scheduler import RequestTiming
-from runners.stats import ci_relative_width, latency_metrics, min_samples_for_ci, quantile_ci, serving_metrics
+from runners.stats import (
+    ci_relative_width,
+    latency_metrics,
+    min_samples_for_ci,
+    quantile_ci,
+    serving_metrics,
+    slice_tokens,
+    throughput_ci,
+)
 
 
 @pytest.mark.parametrize("q, n", [(0.5, 200), (0.9, 300), (0.99, 1000)])
@@ -68,3 +77,54 @@ def test_serving_metrics_goodput_counts_requests_within_slo():
     assert metrics["goodput_rps"] == pytest.approx(2 / window)
     assert metrics["tpot_p50_ms"] == pytest.approx(100.0)
     assert metrics["throughput_tok_s"] == pytest.approx(44 / window)
+
+
+def _stream(gaps_s, latency_s=0.5, tokens=20, ttft_s=0.05) -> list[RequestTiming]:
+    """Requests arriving `gaps_s` apart, each served at once in `latency_s` with `tokens` tokens."""
+    arrivals = np.concatenate([[0.0], np.cumsum(gaps_s)[:-1]])
+    return [RequestTiming(i, a, a, a + ttft_s, a + latency_s, 8, tokens, 0, 1) for i, a in enumerate(arrivals)]
+
+
+def test_slice_tokens_counts_the_first_token_then_spreads_the_rest():
+    # 11 tokens: the first at 1.0 s, the other 10 evenly over (1.0, 2.0]; 4 tokens at once at 2.5 s.
+    timings = [RequestTiming(0, 0.0, 0.0, 1.0, 2.0, 8, 11, 0, 1), RequestTiming(1, 2.0, 2.0, 2.5, 2.5, 8, 4, 0, 1)]
+    assert slice_tokens(timings, np.array([0.0, 1.5, 3.0])) == pytest.approx([1 + 5, 5 + 4])
+
+
+def test_steady_stream_gives_a_narrow_throughput_ci_around_its_rate():
+    # 10 req/s x 20 tokens = 200 tok/s; only the first slice (the 0.5 s ramp-up) is short of it.
+    metrics, unavailable = serving_metrics(_stream([0.1] * 200))
+    low, high, rate = metrics["throughput_tok_s_ci_low"], metrics["throughput_tok_s_ci_high"], metrics["throughput_tok_s"]
+    assert low <= 200.0 <= high and low < rate < high
+    assert (low + high) / 2 == pytest.approx(rate)  # the mean slice rate is the window's rate
+    assert (high - low) / rate < 0.08
+    assert "throughput_tok_s_ci_low" not in unavailable
+    assert set(metrics) <= set(METRICS)
+
+
+def test_a_rate_that_halves_midway_gives_a_wide_throughput_ci():
+    # 200 tok/s for 10 s, then 100 tok/s for 10 s: slice rates of 200 and 100, sd ~53 over 10 slices.
+    metrics, _ = serving_metrics(_stream([0.1] * 100 + [0.2] * 50))
+    low, high, rate = metrics["throughput_tok_s_ci_low"], metrics["throughput_tok_s_ci_high"], metrics["throughput_tok_s"]
+    assert low < 150.0 < high
+    assert (high - low) / rate > 0.4
+
+
+def test_poisson_throughput_ci_covers_the_offered_rate_at_about_95_percent():
+    # 64 Poisson requests at 40 req/s, 64 tokens each, 47 ms each: the H200 quality_tradeoff load.
+    covered = 0
+    for seed in range(100):
+        gaps = np.random.default_rng(seed).exponential(1 / 40, size=64)
+        ci, _ = throughput_ci(_stream(gaps, latency_s=0.047, tokens=64, ttft_s=0.005))
+        assert ci is not None
+        covered += ci[0] <= 40 * 64 <= ci[1]
+    assert covered >= 88, f"coverage {covered}/100 at 95 %"
+
+
+def test_a_window_of_one_request_generation_has_no_throughput_ci():
+    # Three requests served side by side: the window is one latency long, a single batch.
+    metrics, unavailable = serving_metrics(_stream([0.0, 0.0, 0.0]))
+    assert "throughput_tok_s" in metrics
+    assert "throughput_tok_s_ci_low" not in metrics and "throughput_tok_s_ci_high" not in metrics
+    assert "fewer than 2 slices" in unavailable["throughput_tok_s_ci_low"]
+    assert unavailable["throughput_tok_s_ci_high"] == unavailable["throughput_tok_s_ci_low"]
