@@ -81,6 +81,29 @@ def test_buckets_are_powers_of_two_and_reused(tiny):
     assert engine.buckets() == [(4, 256)]
 
 
+def test_a_trial_frees_the_buckets_and_slot_pool_that_earlier_trials_left_and_it_does_not_use(tiny):
+    # Peak memory is read from the whole process: in a warm process a batch-8 trial's buckets or
+    # a continuous trial's slot pool must not count in the next trial's peak.
+    from runners.glm.engines.base import TrialPlan
+    from runners.glm.engines.build import trial_engine
+    from runners.infer import PromptBank, prefix_length
+    from runners.registry import resolve_knobs
+
+    engine = _fast(tiny)
+    plan = dict(requests=8, max_prompt=16, max_output=8, eval_rows=2, eval_tokens=16)
+    engine.prepare_trial(TrialPlan(batch_size=8, **plan))
+    assert sorted(engine.buckets()) == [(1, 256), (2, 256), (4, 256), (8, 256)]
+    pool = engine.slot_engine("static", 8, 0)
+    engine.prepare_trial(TrialPlan(batch_size=2, **plan))  # the eval bucket (2, 256) is among them
+    assert sorted(engine.buckets()) == [(1, 256), (2, 256)]
+    assert engine.slot_engine("static", 8, 0) is not pool  # the old pool was freed, a new one built
+    knobs = resolve_knobs("glm-infer", {"scheduler": "continuous", "kv_cache": "static"})
+    served = trial_engine(engine.model, engine, knobs, "cpu", PromptBank(tiny.config.vocab_size, 0, 0), prefix_length(0))
+    assert served is engine.slot_engine("static", 8, 0) and engine.buckets() == []
+    tokens = [t.tolist() for t in engine.decode([[5, 6, 7]] * 2, 4)]  # a freed bucket comes back on use
+    assert len(tokens) == 4 and engine.buckets() == [(2, 256)]
+
+
 # --- sizes ---------------------------------------------------------------------------------------
 def test_model_info_counts_real_stored_bytes(tiny):
     fp32 = model_info(tiny)
@@ -274,6 +297,30 @@ def test_gpu_quantised_fast_path_runs(knobs):
     engine = FastEngine(model, "cuda:0", compile_step=True)
     tokens = torch.cat(list(engine.decode([[5, 6, 7, 8]], 6)), dim=1)
     assert tokens.shape == (1, 6)
+
+
+@gpu
+def test_gpu_a_warm_process_reads_each_trials_own_peak_memory():
+    # In one process (as `--warm` runs trials), a static-batch trial after a continuous one with a
+    # 256-row slot pool must read the peak it reads as the process's first trial, not the pool's.
+    # Not yet run on a GPU in this form: its first form (batch_size 4, so a 4-row pool) failed on
+    # the H200 on 2026-12-01 before the pool could be seen, and no device time was left.
+    MODELS.clear()
+    runner, small = GlmInferRunner(), {"preset": "glm-small"}
+
+    def peak(knobs: dict) -> float:
+        result = runner.run(TrialConfig("glm-infer", small, "cuda", WORKLOAD, {"compile": False, **knobs}))
+        assert result.status == "ok", result.reason
+        return result.metrics["peak_memory_mib"]
+
+    first = peak({"batch_size": 1})
+    # The pool's rows are min(kv_slots, batch_size): 256 rows x 256 positions x 12 KiB (bf16).
+    pooled = peak({"scheduler": "continuous", "batch_size": 256, "kv_slots": 256})
+    again = peak({"batch_size": 1})
+    assert pooled > first + 400, (first, pooled)  # the ~768 MiB pool is large enough to see
+    # Slack for what a process keeps once it has run any GEMM shape (cuBLAS workspaces).
+    assert again <= first + 64, (first, pooled, again)
+    MODELS.clear()
 
 
 @gpu

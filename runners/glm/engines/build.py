@@ -54,6 +54,7 @@ def trial_engine(model: torch.nn.Module, fast: FastEngine | None, knobs: dict[st
         return HFEngine(model, device, knobs["kv_cache"], int(knobs["kv_bits"]), prompts)
     engine: Any = fast
     if knobs.get("scheduler", "dynamic") == "continuous" or knobs["kv_cache"] != "static":
+        fast.release_buckets()  # earlier trials' static buckets would count in this trial's peak memory
         engine = fast.slot_engine(knobs["kv_cache"], int(knobs["kv_bits"]), int(knobs.get("prefill_chunk_tokens", 0)),
                                   int(knobs.get("decode_length_step", 0)))
     engine.begin_trial(prompts, prefix_len_fn, knobs["prefix_cache"], float(knobs["prefix_cache_mib"]))

@@ -185,8 +185,42 @@ class FastEngine(StaticBatchEngine):
     def prepare_trial(self, plan: TrialPlan) -> None:
         # The spec's bounds, not only this draw's: a later window (another rate, more requests)
         # draws other lengths from the same spec and must not meet a new bucket.
-        self.prepare(min(plan.batch_size, plan.requests), plan.max_prompt + plan.max_output)
+        max_batch, max_len = min(plan.batch_size, plan.requests), plan.max_prompt + plan.max_output
+        self.release_unused(self._plan_buckets(max_batch, max_len, plan))
+        self.prepare(max_batch, max_len)
         self.prepare(plan.eval_rows, plan.eval_tokens, batches=[plan.eval_rows])
+
+    @staticmethod
+    def _plan_buckets(max_batch: int, max_len: int, plan: TrialPlan) -> set[tuple[int, int]]:
+        """The (batch, length) buckets `prepare_trial` captures for `plan`."""
+        length = bucket(max_len, MIN_LENGTH_BUCKET)
+        keys = {(1 << i, length) for i in range(bucket(max_batch).bit_length())}
+        return keys | {(bucket(plan.eval_rows), bucket(plan.eval_tokens, MIN_LENGTH_BUCKET))}
+
+    def release_unused(self, keep: set[tuple[int, int]]) -> None:
+        """Free what earlier trials of this warm process left and this trial (served by this
+        engine's own buckets) does not use: the slot pool and every bucket not in `keep`.
+
+        A trial's peak memory is read from the whole process (NVML), so without this it depended
+        on trial order: on the H200 a batch-16 trial read 20,904 MiB after a batch-32 trial and a
+        continuous-batching one had run in the same process, and 19,824 MiB as a process's first.
+        A later trial that needs a freed bucket captures it again in its own `prepare_trial`.
+        """
+        pool = self._slot_engine is not None
+        self._slot_engine = None
+        if self._drop_buckets(keep) or pool:
+            free_device_memory()
+
+    def release_buckets(self) -> None:
+        """Free every bucket (KV buffers and graphs): the slot pool serves this trial."""
+        if self._drop_buckets(set()):
+            free_device_memory()
+
+    def _drop_buckets(self, keep: set[tuple[int, int]]) -> bool:
+        stale = [key for key in self._slots if key not in keep]
+        for key in stale:
+            del self._slots[key]
+        return bool(stale)
 
     def compile_seconds(self) -> float:
         return self.compile_s
