@@ -303,8 +303,9 @@ def test_gpu_quantised_fast_path_runs(knobs):
 def test_gpu_a_warm_process_reads_each_trials_own_peak_memory():
     # In one process (as `--warm` runs trials), a static-batch trial after a continuous one with a
     # 256-row slot pool must read the peak it reads as the process's first trial, not the pool's.
-    # Not yet run on a GPU in this form: its first form (batch_size 4, so a 4-row pool) failed on
-    # the H200 on 2026-12-01 before the pool could be seen, and no device time was left.
+    # Not yet run on a GPU in this form. Its first form failed on the H200 on 2026-12-01 (the
+    # message was not kept): batch_size 4 there made a 4-row pool, too small for the first
+    # assertion. No device time was left to run this one.
     MODELS.clear()
     runner, small = GlmInferRunner(), {"preset": "glm-small"}
 
