@@ -148,3 +148,29 @@ def test_a_repeat_is_answered_from_the_record_without_launching_and_a_knob_that_
     assert not record.SAME_AS.recorded(trials[4]) and not record.SAME_AS.recorded(trials[5])
     assert trials[5].values == trials[4].values  # the runner ignores pad, but it was declared to matter: it ran
     assert summary.counted == 4 and len(trials) == 6  # the repeat uses budget (no device time); FAILs do not
+
+
+def test_the_exhaustive_gp_treats_a_tried_configs_twin_as_tried(monkeypatch):
+    from runners.knobs import RUNNER_KNOBS
+    from tuner.gp_search import ExhaustiveGPSampler, grid_points
+
+    monkeypatch.setitem(RUNNER_KNOBS, UX_RUNNER, PAD_KNOBS)
+    raw = _pad_space(4)
+    raw["params"] = {"x": {"type": "categorical", "choices": [1.0, 2.0, 3.0]},
+                     "pad": {"type": "categorical", "choices": ["a", "b"]}}
+    raw["search"]["sampler"] = "auto"
+    space = validate(raw, "pad.yaml", "pad")
+    points = grid_points(space)
+    assert len(points) == 6  # 5 configs: at x=1 pad has no effect
+    for seed in (0, 1):
+        study = optuna.create_study(directions=["maximize", "minimize"],
+                                    sampler=ExhaustiveGPSampler(space, points, seed=seed, n_startup_trials=2))
+        seen = []
+        for _ in range(5):
+            trial = study.ask(space.distributions())
+            x, pad = trial.params["x"], trial.params["pad"]
+            seen.append((x, pad if x > 1.0 else "-"))
+            # x=1 dominates: its twin (the other pad) is where the GP would look next, were it untried
+            # (with exact-params matching it asked it in 10 of 10 seeds).
+            study.tell(trial, [300.0, 10.0] if x == 1.0 else [100.0 * x + (pad == "b"), 20.0])
+        assert len(set(seen)) == 5, seen  # each of the 5 configs once: x=1 with the other pad never asked

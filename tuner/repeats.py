@@ -65,6 +65,13 @@ def find_repeat(study: optuna.Study, space: Space, config: TrialConfig) -> Repea
     return None
 
 
+def params_key(table: dict[str, Any], fixed: dict[str, Any], params: dict[str, Any]) -> tuple[Any, ...]:
+    """`params` reduced to the knobs that matter given the others and `fixed` (the space's fixed
+    knobs): two points of a space with the same key measure the same stack (the sampler's view)."""
+    inert = inert_knobs(table, {**fixed, **params})
+    return tuple(sorted((k, round(v, 9) if isinstance(v, float) else v) for k, v in params.items() if k not in inert))
+
+
 def _plain(config: dict[str, Any]) -> dict[str, Any]:
     """As stored (JSON: tuples become lists), so a live config and a stored one compare alike."""
     return json.loads(json.dumps(config, default=str))
