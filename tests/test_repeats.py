@@ -174,3 +174,12 @@ def test_the_exhaustive_gp_treats_a_tried_configs_twin_as_tried(monkeypatch):
             # (with exact-params matching it asked it in 10 of 10 seeds).
             study.tell(trial, [300.0, 10.0] if x == 1.0 else [100.0 * x + (pad == "b"), 20.0])
         assert len(set(seen)) == 5, seen  # each of the 5 configs once: x=1 with the other pad never asked
+
+
+def test_the_front_lists_each_measured_config_once():
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for values, attrs in (([100.0, 5.0], {}), ([100.0, 5.0], record.SAME_AS.entry({"trial": 0, "why": "w"})),
+                          ([50.0, 2.0], {}), ([40.0, 9.0], {})):
+        study.add_trial(optuna.trial.create_trial(values=values, user_attrs=attrs))
+    assert sorted(t.number for t in study.best_trials) == [0, 1, 2]
+    assert sorted(t.number for t in record.front(study)) == [0, 2]

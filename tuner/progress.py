@@ -223,7 +223,7 @@ class Progress:
     @staticmethod
     def best_line(study: optuna.Study, metric_names: list[str]) -> str:
         try:
-            pareto = study.best_trials
+            pareto = record.front(study)
         except ValueError:
             pareto = []
         if not pareto:

@@ -133,6 +133,13 @@ def feasible(trial: FrozenTrial) -> bool:
     return trial.state == TrialState.COMPLETE and all(v <= 0 for v in trial.constraints.values())
 
 
+def front(study: Any) -> list[FrozenTrial]:
+    """The feasible Pareto set, `study.best_trials`, each measured config once: a trial answered
+    from an earlier one's record (`same_as`) ties with it exactly, so it adds nothing but a copy.
+    Raises what `best_trials` raises (ValueError: a single-objective study with no result)."""
+    return [t for t in study.best_trials if not SAME_AS.recorded(t)]
+
+
 def measured(trial: FrozenTrial) -> bool:
     """COMPLETE with the runner's `ok`: numbers were measured (feasible or not)."""
     return trial.state == TrialState.COMPLETE and OUTCOME.get(trial) == "ok"

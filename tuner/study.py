@@ -298,7 +298,7 @@ def claim_trial(study: optuna.Study, storage: optuna.storages.BaseStorage, space
 
 def _pareto_size(study: optuna.Study) -> int:
     try:
-        return len(study.best_trials)
+        return len(record.front(study))
     except ValueError:
         return 0
 
