@@ -109,9 +109,10 @@ def trial_row(trial: FrozenTrial, pareto_numbers: frozenset[int] = frozenset(),
 
 
 def pareto_numbers(study: optuna.Study) -> frozenset[int]:
-    """Trial numbers of the feasible Pareto set over all objectives (`study.best_trials`)."""
+    """Trial numbers of the feasible Pareto set over all objectives (`record.front`: `study.best_trials`
+    without same-as copies)."""
     try:
-        return frozenset(t.number for t in study.best_trials)
+        return frozenset(t.number for t in record.front(study))
     except (ValueError, RuntimeError):  # single-objective study without a completed trial
         return frozenset()
 

@@ -5,12 +5,42 @@ tuner validates space files against it, so a typo in a knob name is a usage erro
 before any study exists. A runner resolves a trial's knobs with `registry.resolve_knobs`.
 `rebuilds=True` marks a knob whose value changes the built model: the model cache keys by
 those (runners/glm/model_cache.py), so a new one cannot silently reuse a stale model.
+`applies_when` says when a knob matters at all: outside those conditions the runner ignores its
+value (cited per knob below), so two configs that differ only there measure the same stack; the
+tuner answers such a repeat from the earlier trial (tuner/repeats.py) and the model cache shares
+its build.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+_OPS = ("==", "!=", ">", "<")
+
+
+@dataclass(frozen=True)
+class When:
+    """A condition on another knob's value, `knob op value` (op: == != > <), as plain data."""
+
+    knob: str
+    op: str
+    value: Any
+
+    def __post_init__(self) -> None:
+        if self.op not in _OPS:
+            raise ValueError(f"When.op must be one of {_OPS}, got {self.op!r}")
+
+    def holds(self, values: Mapping[str, Any]) -> bool:
+        got = values.get(self.knob)
+        if self.op == "==":
+            return bool(got == self.value)
+        if self.op == "!=":
+            return bool(got != self.value)
+        if got is None:
+            return False
+        return float(got) > self.value if self.op == ">" else float(got) < self.value
 
 
 @dataclass(frozen=True)
@@ -23,6 +53,8 @@ class Knob:
     rebuilds: bool = False  # changes the built model (weights, kernels, compiled graphs)
     bounds: tuple[float, float] | None = None  # allowed numbers [low, high], `high_open`: [low, high)
     high_open: bool = False
+    # Conditions (all must hold) on the other knobs under which this one has any effect; empty: always.
+    applies_when: tuple[When, ...] = ()
 
     def check(self, value: Any) -> str | None:
         """Return why `value` is not acceptable, or None."""
@@ -73,23 +105,36 @@ INFER_KNOBS: dict[str, Knob] = {
             ("weight_only", "dynamic_activation", "fp8"),
             help="8-bit: int8 weight-only or int8 dynamic activation; fp8 dyn act + weight",
             rebuilds=True,
+            # compress.quant_config returns None at 16 bits before reading it; engines/build.py and
+            # compress._fp8_follows read it only with quant_bits == 8.
+            applies_when=(When("quant_bits", "!=", 16),),
         ),
-        Knob("quant_group_size", 128, int, (32, 64, 128, 256), help="int4 group size", rebuilds=True),
-        Knob("quantize_lm_head", False, bool, help="also quantise the output projection", rebuilds=True),
+        # Read by Int4WeightOnlyConfig and woq.quantize_int4 only (compress.quant_config, woq.PackedLinear).
+        Knob("quant_group_size", 128, int, (32, 64, 128, 256), help="int4 group size", rebuilds=True,
+             applies_when=(When("quant_bits", "==", 4),)),
+        # compress.apply_quantization reads it only once a quantisation config (quant_bits != 16) exists.
+        Knob("quantize_lm_head", False, bool, help="also quantise the output projection", rebuilds=True,
+             applies_when=(When("quant_bits", "!=", 16),)),
         Knob("quant_kernel", "torchao", str, ("torchao", "triton", "cuda"),
              help="int8/int4 weight-only kernels: torchao's; our Triton GEMV/matmul; or `cuda`, our "
                   "hand-written CUDA GEMV for one row (NVRTC-compiled) and the Triton matmul for more (GPU)",
-             rebuilds=True),
+             # compress.apply_quantization packs only with quant_bits != 16; engines/build.py's
+             # inductor_options reads it only with quant_bits == 8.
+             rebuilds=True, applies_when=(When("quant_bits", "!=", 16),)),
         Knob("decode_attention", "torch", str, ("torch", "cuda"),
              help="static-KV decode steps of one sequence (batch bucket 1; larger buckets keep the torch ops): "
                   "torch ops (bias, rope, cache write, QK, softmax, PV), or `cuda`, one hand-written "
                   "NVRTC-compiled kernel for all of them (GPU)", rebuilds=True),
         Knob("sparsity", 0.0, _NUMBER, help="fraction of linear weights set to zero", rebuilds=True,
              bounds=(0, 1), high_open=True),
-        Knob("sparsity_kind", "unstructured", str, ("unstructured", "2:4"), rebuilds=True),
+        # compress.apply_sparsity / prune_weights / refuse_sparsity_knobs / _fp8_config return or
+        # skip before reading these two at sparsity 0.
+        Knob("sparsity_kind", "unstructured", str, ("unstructured", "2:4"), rebuilds=True,
+             applies_when=(When("sparsity", ">", 0),)),
         Knob("sparsity_method", "magnitude", str, ("magnitude", "wanda"),
              help="which weights sparsity removes: smallest |W| per layer (magnitude), or smallest "
-                  "|W| * ||x|| per output row with input norms from calibration text (wanda)", rebuilds=True),
+                  "|W| * ||x|| per output row with input norms from calibration text (wanda)", rebuilds=True,
+             applies_when=(When("sparsity", ">", 0),)),
         Knob("engine", "auto", str, ("auto", "fast", "hf"),
              help="fast: our static-KV engine (CUDA-graph decode; slot pool for scheduler=continuous); hf: "
                   "transformers' own loop (the untuned baseline); auto: fast wherever the other knobs allow",
@@ -98,7 +143,10 @@ INFER_KNOBS: dict[str, Knob] = {
              help="fast engine: static (model-dtype slots), quantized (int8 + per-token scales, kv_bits=8), "
                   "offloaded (preempted sequences park in pinned host memory; continuous, CUDA); "
                   "dynamic: transformers' DynamicCache (engine hf)"),
-        Knob("kv_bits", 4, int, (2, 4, 8), help="quantized KV: 8 on the fast engine, 2/4 (quanto) on hf"),
+        # Read only with kv_cache == quantized: engines/base.py refusals, hf.make_cache,
+        # slot_steps.SlotSteps, fast.slot_engine's key, infer's quality key.
+        Knob("kv_bits", 4, int, (2, 4, 8), help="quantized KV: 8 on the fast engine, 2/4 (quanto) on hf",
+             applies_when=(When("kv_cache", "==", "quantized"),)),
         Knob("kv_slots", 0, int, help="fast engine, continuous: sequences whose KV fits the GPU pool; "
                                       "0 = batch_size. With kv_cache=offloaded, admitted sequences beyond it "
                                       "wait preempted in host memory"),
@@ -113,13 +161,33 @@ INFER_KNOBS: dict[str, Knob] = {
         Knob("prefill_chunk_tokens", 0, int, help="fast engine, continuous: prefill prompts in chunks of this "
                                                   "many tokens, interleaved with decode steps; 0 = whole prompt"),
         Knob("prefix_cache", "off", str, ("off", "lru", "lfu")),
-        Knob("prefix_cache_mib", 256, _NUMBER, bounds=(0, 1e9)),
+        # prefix_cache.engine_prefix_cache returns None for policy off before reading the budget.
+        Knob("prefix_cache_mib", 256, _NUMBER, bounds=(0, 1e9), applies_when=(When("prefix_cache", "!=", "off"),)),
         Knob("dtype", None, (str, type(None)), (None, *DTYPES), rebuilds=True),
         Knob("compile", False, bool, rebuilds=True),
         Knob("attn_implementation", "sdpa", str, ("sdpa", "eager", "flash_attention_2"), rebuilds=True),
         Knob("memory_limit_mib", 0, _NUMBER, help="cap the runner's memory; 0 = no cap", bounds=(0, 1e9)),
     ]
 }
+
+def inert_knobs(table: Mapping[str, Knob], values: Mapping[str, Any]) -> dict[str, str]:
+    """The knobs of `table` that have no effect given `values` (a trial's resolved knobs; a knob
+    left out reads as its default), each with why, e.g. "quant_scheme has no effect at quant_bits=16"."""
+    resolved = {**{k: v.default for k, v in table.items()}, **values}
+    out = {}
+    for name, knob in table.items():
+        failed = [w for w in knob.applies_when if not w.holds(resolved)]
+        if failed:
+            at = ", ".join(f"{w.knob}={resolved.get(w.knob)}" for w in failed)
+            out[name] = f"{name} has no effect at {at}"
+    return out
+
+
+def effective_knobs(table: Mapping[str, Knob], values: Mapping[str, Any]) -> dict[str, Any]:
+    """`values` without the knobs that have no effect given the others: what the runner measures."""
+    inert = inert_knobs(table, values)
+    return {k: v for k, v in values.items() if k not in inert}
+
 
 TRAIN_KNOBS: dict[str, Knob] = {
     k.name: k

@@ -41,7 +41,7 @@ def _fmt_change(value: float, base: float | None) -> str:
 def recommended(study: optuna.Study, metric_names: list[str]) -> list[tuple[str, FrozenTrial]]:
     """The feasible Pareto trial best at each objective (deduplicated), labelled by what it wins."""
     try:
-        pareto = study.best_trials
+        pareto = record.front(study)
     except ValueError:
         return []
     picks: dict[int, tuple[list[str], FrozenTrial]] = {}

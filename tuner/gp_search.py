@@ -25,7 +25,9 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from runners.knobs import runner_knobs
 from tuner import record
+from tuner.repeats import params_key
 from tuner.search import space_size
 from tuner.space import Space, grid_values
 
@@ -56,7 +58,7 @@ class ExhaustiveGPSampler(optuna.samplers.GPSampler):
     """Optuna's GP for the finite spaces `auto` searches. What differs from `GPSampler`:
 
     1. The acquisition is maximised over every untried point of the space (no finished or
-       running trial's config), not by Optuna's local search from random starts: in a space of
+       running trial's config, nor one differing from it only in knobs without effect), not by Optuna's local search from random starts: in a space of
        a few hundred categorical points that search often returned a measured config.
     2. A trial that ran but broke a bound (KL over its limit) is read at its measured values
        (user attr `metrics`), not the worst values the study was told (`_as_measured`).
@@ -96,6 +98,12 @@ class ExhaustiveGPSampler(optuna.samplers.GPSampler):
         # The start-up design: each knob's values in a shuffled order, the same for every worker
         # of a study (`design_seed`: the space's seed, unsalted), so concurrent start-up trials
         # take different rows.
+        # Two points whose knobs differ only in one without effect given the others (quant_scheme
+        # at quant_bits=16: `applies_when` in runners/knobs.py) are one config: a tried one's
+        # twin counts as tried (the tuner would answer it from the record, tuner/repeats.py).
+        table = runner_knobs(space.runner, space.model)
+        singles = {n: grid_values(p)[0] for n, p in space.params.items() if self._distributions[n].single()}
+        self._key = functools.partial(params_key, table, {**space.fixed, **singles})
         shuffle = np.random.RandomState(design_seed if design_seed is not None else seed)
         self._design = {n: [values[i] for i in shuffle.permutation(len(values))]
                         for n, values in ((n, grid_values(p)) for n, p in space.params.items())}
@@ -110,9 +118,17 @@ class ExhaustiveGPSampler(optuna.samplers.GPSampler):
                  if t.number != trial.number]
         k = len(taken)
         row = {n: self._design[n][k % len(self._design[n])] for n in search_space if n in self._design}
-        if len(row) != len(search_space) or any(all(t.params.get(n) == v for n, v in row.items()) for t in taken):
+        if len(row) != len(search_space) or self._key(row) in self._keys(taken, list(row)):
             return {}
         return row
+
+    def _keys(self, trials: list[FrozenTrial], names: list[str]) -> set[tuple[Any, ...]]:
+        """The configs `trials` measure or run, each as `params_key` of its `names` params."""
+        return {self._key({n: t.params[n] for n in names}) for t in trials if set(names) <= set(t.params)}
+
+    @functools.cached_property
+    def _point_keys(self) -> list[tuple[Any, ...]]:
+        return [self._key(p) for p in self._points]
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
         # The space is known up front (Optuna's GP infers it from finished trials, so its first
@@ -144,11 +160,10 @@ class ExhaustiveGPSampler(optuna.samplers.GPSampler):
             return super()._optimize_acqf(acqf, best_params)
         encode = acqf.search_space.get_normalized_params
         candidates = encode([None] * len(self._points), [{n: p[n] for n in names} for p in self._points])
-        taken = [t.params for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
-                 if t.number != trial.number and set(names) <= set(t.params)]
+        taken = self._keys([t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+                            if t.number != trial.number], names)
         if taken:
-            tried = encode([None] * len(taken), [{n: p[n] for n in names} for p in taken])
-            same = np.isclose(candidates[:, None, :], tried[None, :, :], rtol=0, atol=1e-9).all(axis=2).any(axis=1)
+            same = np.array([key in taken for key in self._point_keys])  # [points]: tried, or a tried one's twin
             candidates = candidates[~same]  # [untried points, dims]
         if len(candidates) == 0:
             return super()._optimize_acqf(acqf, best_params)

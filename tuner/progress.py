@@ -187,8 +187,11 @@ class Progress:
 
     def trial_done(self, study: optuna.Study, trial: FrozenTrial, done: int, outcome: str, detail: str,
                    metric_names: list[str], wall_s: float,
-                   constraints: Sequence[dict[str, Any]] | None = None) -> None:
-        self.estimator.add(wall_s, phase_durations(self._current_records, self._ended or time.time()))
+                   constraints: Sequence[dict[str, Any]] | None = None, same_as: str = "") -> None:
+        """One finished trial; `same_as` ("#10 (why)"): answered from that trial's record, not run
+        (and kept out of the ETA, which estimates trials that run)."""
+        if not same_as:
+            self.estimator.add(wall_s, phase_durations(self._current_records, self._ended or time.time()))
         self._current_records = []
         if self.quiet:
             return
@@ -202,7 +205,8 @@ class Progress:
             verdict = "feasible" + (f" ({'; '.join(notes)})" if notes else "")
         else:
             verdict = "INFEASIBLE: " + "; ".join(notes or [detail or "constraint violated"])
-        self.say(f"{head} ({params}) in {_fmt_duration(wall_s)}: {verdict}")
+        how = f"same as {same_as}" if same_as else f"in {_fmt_duration(wall_s)}"
+        self.say(f"{head} ({params}) {how}: {verdict}")
         metrics = record.metrics(trial)
         if record.OUTCOME.get(trial) == "ok" and metrics:
             self.say("        " + " ".join(f"{n}={fmt_value(float(metrics[n]))}" for n in metric_names
@@ -219,7 +223,7 @@ class Progress:
     @staticmethod
     def best_line(study: optuna.Study, metric_names: list[str]) -> str:
         try:
-            pareto = study.best_trials
+            pareto = record.front(study)
         except ValueError:
             pareto = []
         if not pareto:

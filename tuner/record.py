@@ -74,6 +74,8 @@ CONFIG = _attr("config", dict, "the resolved runners.contract.TrialConfig, as a 
 ARTIFACT_DIR = _attr("artifact_dir", str, "the folder of the trial's files")
 INTERRUPTED = _attr("interrupted", bool, "stopped from outside (Ctrl-C, a dead worker, unwritable files)")
 CARRIED_OVER = _attr("carried_over", bool, "copied by a warm start from an earlier study (uses no budget)")
+SAME_AS = _attr("same_as", dict, "{trial, why}: the earlier trial with the same effective config whose "
+                "record answered this one (no runner launched; tuner.repeats)")
 WARM_START_FROM = _attr("warm_start_from", dict, "{study, trial[, extended: true]}: the earlier trial a warm "
                         "start copied or queued (extended: queued one value past the earlier range's edge)")
 
@@ -84,7 +86,7 @@ RESULT_SECTIONS = (METRICS, UNAVAILABLE, ENVIRONMENT, ARTIFACTS, INFO)
 
 TRIAL_ATTRS: dict[str, Attr] = {a.key: a for a in (
     OUTCOME, WALL_S, FAIL_REASON, STDERR_TAIL, *RESULT_SECTIONS, INFEASIBLE_REASON, STOPPED_EARLY,
-    *WINDOW_FLAGS, OWNER, RETRY_OF, BASELINE, CONFIG, ARTIFACT_DIR, INTERRUPTED, CARRIED_OVER, WARM_START_FROM)}
+    *WINDOW_FLAGS, OWNER, RETRY_OF, BASELINE, CONFIG, ARTIFACT_DIR, INTERRUPTED, CARRIED_OVER, WARM_START_FROM, SAME_AS)}
 
 # ---------------------------------------------------------------- per study
 
@@ -129,6 +131,13 @@ def feasible(trial: FrozenTrial) -> bool:
     """COMPLETE and no constraint violated: the one feasibility rule (Optuna's own, on the
     named constraints `trial.set_constraint` writes and the plain list older studies stored)."""
     return trial.state == TrialState.COMPLETE and all(v <= 0 for v in trial.constraints.values())
+
+
+def front(study: Any) -> list[FrozenTrial]:
+    """The feasible Pareto set, `study.best_trials`, each measured config once: a trial answered
+    from an earlier one's record (`same_as`) ties with it exactly, so it adds nothing but a copy.
+    Raises what `best_trials` raises (ValueError: a single-objective study with no result)."""
+    return [t for t in study.best_trials if not SAME_AS.recorded(t)]
 
 
 def measured(trial: FrozenTrial) -> bool:

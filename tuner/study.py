@@ -20,7 +20,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from tuner import record, warm_start
+from tuner import record, repeats, warm_start
 from tuner import search as search_policy
 from tuner.drift import measure_drift
 from tuner.errors import UsageError
@@ -298,19 +298,35 @@ def claim_trial(study: optuna.Study, storage: optuna.storages.BaseStorage, space
 
 def _pareto_size(study: optuna.Study) -> int:
     try:
-        return len(study.best_trials)
+        return len(record.front(study))
     except ValueError:
         return 0
 
 
+def _answer_repeat(study: optuna.Study, trial: optuna.Trial, space: Space, config: Any, progress: Progress) -> bool:
+    """Answer the trial from an earlier one with the same effective config (`tuner.repeats`), if any."""
+    started = time.monotonic()
+    repeat = repeats.find_repeat(study, space, config)
+    if repeat is None:
+        return False
+    repeats.tell_repeat(study, trial, repeat, time.monotonic() - started)
+    frozen = study.trials[trial.number]
+    progress.trial_done(study, frozen, counted_trials(study), record.OUTCOME.get(frozen, ""), "",
+                        [o.metric for o in space.objectives], record.WALL_S.get(frozen, 0.0),
+                        same_as=f"#{repeat.source.number} ({repeat.why})")
+    return True
+
+
 def _one_trial(study: optuna.Study, storage: optuna.storages.BaseStorage, trial: optuna.Trial, space: Space,
                options: RunOptions, launcher: Any, progress: Progress, budget: int) -> tuple[str, str]:
-    """Run and record one trial; returns its launch state (ok | infeasible | fail | stale) and,
+    """Run and record one trial; returns its launch state (ok | infeasible | fail | stale | repeat) and,
     when the study must stop (its files could not be written), the reason, else ""."""
     artifact_dir = inside(options.out_dir, f"trial_{trial.number:05d}")
     config = trial_config(space, trial.params, trial.number, artifact_dir)
     record.CONFIG.put(trial, dataclasses.asdict(config))
     record.ARTIFACT_DIR.put(trial, config.artifact_dir)
+    if _answer_repeat(study, trial, space, config, progress):
+        return "repeat", ""
     try:
         with Heartbeat(trial_handle(study, trial)), progress.running(trial.number, artifact_dir):
             outcome = launcher.run(config, artifact_dir)

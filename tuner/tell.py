@@ -87,6 +87,12 @@ def tell_outcome(study: optuna.Study, trial: optuna.Trial, space: Space, outcome
         values = [_worst(o.direction) for o in space.objectives]
     if not runnable:
         record.INFEASIBLE_REASON.put(trial, reason)
+    tell_values(study, trial, values)
+    return reason
+
+
+def tell_values(study: optuna.Study, trial: optuna.Trial, values: list[float]) -> None:
+    """`study.tell(trial, values)`, also when a grid sampler objects after storing them."""
     try:
         study.tell(trial, values)
     except (RuntimeError, KeyError):
@@ -95,7 +101,6 @@ def tell_outcome(study: optuna.Study, trial: optuna.Trial, space: Space, outcome
         # baseline) do not have. Optuna stores the trial's state and values even when it raises.
         if not isinstance(study.sampler, optuna.samplers.GridSampler):
             raise
-    return reason
 
 
 def store_constraint_list(study: optuna.Study, trial: optuna.Trial, violations: list[float]) -> None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from runners.knobs import inert_knobs
 from runners.registry import runner_spec
 
 # Knobs that change the built model: those declared `rebuilds=True` (runners/knobs.py). The
@@ -33,19 +34,16 @@ from runners.registry import runner_spec
 # weights (quality is cached per KV policy in the built model). The `dtype` knob is keyed by its
 # resolved value (the `dtype` argument), so `dtype: null` and the model's own dtype share a build.
 MODEL_KNOBS = tuple(k for k in runner_spec("glm-infer").rebuilding_knobs() if k != "dtype")
+_INFER_KNOBS = runner_spec("glm-infer").knobs
 
 
 def model_key(model_spec: dict[str, Any], dtype: str, device: str, seed: int, knobs: dict[str, Any],
               engine_kind: str) -> str:
     """What determines the built model: spec, dtype, device, seed, compression, engine, compile."""
     relevant = {k: knobs.get(k) for k in MODEL_KNOBS}
-    # Knobs that do nothing at 16 bits / zero sparsity must not split the cache.
-    if int(relevant["quant_bits"] or 16) == 16:
-        relevant.update(quant_scheme=None, quant_group_size=None, quantize_lm_head=None, quant_kernel=None)
-    elif int(relevant["quant_bits"]) != 4:
-        relevant["quant_group_size"] = None
-    if not float(relevant["sparsity"] or 0.0):
-        relevant.update(sparsity_kind=None, sparsity_method=None)
+    # Knobs that do nothing given the others (at 16 bits, at zero sparsity: their `applies_when`
+    # in runners/knobs.py) must not split the cache.
+    relevant.update(dict.fromkeys(inert_knobs(_INFER_KNOBS, knobs).keys() & relevant.keys()))
     return json.dumps({"model": model_spec, "dtype": dtype, "device": device, "seed": seed,
                        "engine_kind": engine_kind, **relevant}, sort_keys=True, default=str)
 
