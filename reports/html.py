@@ -31,7 +31,8 @@ from reports.frames import (
     study_summary,
 )
 from tuner.final import no_feasible_lines, recommended
-from tuner.front_gaps import front_gaps, gap_lines, noise_fronts, noise_lines
+from tuner.front_gaps import front_gaps, gap_lines
+from tuner.front_noise import noise_fronts, noise_lines
 from tuner.notes import change_pct
 from tuner.space import Objective
 
@@ -170,7 +171,7 @@ def _front_gaps_section(study: optuna.Study, pareto: pd.DataFrame) -> str:
     noise = noise_lines(noise_fronts(study, params))
     section = ("<p>Every value of every searched knob that ran has a trial on the front.</p>" if not lines else
                "<ul class='gaps'>" + "".join(f"<li>{html.escape(line)}</li>" for line in lines) + "</ul>")
-    if noise:  # on the front, but only by margins a recorded 95 % CI holds (tuner.front_gaps.noise_fronts)
+    if noise:  # on the front, but only by margins a recorded 95 % CI holds (tuner.front_noise.noise_fronts)
         section += ("<p>On the front only within measurement noise (each win lies inside a 95 % CI; "
                     "another front trial is better beyond it):</p><ul class='gaps'>"
                     + "".join(f"<li>{html.escape(line)}</li>" for line in noise) + "</ul>")

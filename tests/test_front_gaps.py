@@ -15,7 +15,9 @@ from optuna.trial import TrialState, create_trial
 from reports.frames import pareto_frame, trials_frame
 from reports.html import write_report
 from tuner.final import final_lines
-from tuner.front_gaps import front_gaps, gap_lines, noise_fronts, noise_lines, summary_lines
+from tuner.front_gaps import front_gaps, gap_lines
+from tuner.front_noise import noise_fronts, noise_lines
+from tuner.front_summary import summary_lines
 from tuner.space import Objective
 
 BOUND = {"metric": "perplexity", "max": 60.0}

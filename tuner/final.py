@@ -11,7 +11,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner import record
-from tuner.front_gaps import summary_lines as front_gap_lines
+from tuner.front_summary import summary_lines as front_gap_lines
 from tuner.notes import (
     broken_constraints,
     change_pct,
