@@ -194,6 +194,46 @@ def test_warm_start_extends_the_front_past_the_edge_of_the_earlier_range(tmp_pat
     assert all(t.user_attrs.get("warm_start_from") is None for t in study.trials[5:])
 
 
+def source_study(points: list[tuple[float, float]], metric_names: list[str] | None) -> optuna.Study:
+    """An in-memory earlier study: trial n measured `points[n]` (throughput, p99 latency) at batch n + 1."""
+    study = optuna.create_study(study_name="earlier", directions=["maximize", "minimize"])
+    if metric_names:
+        study.set_metric_names(metric_names)
+    batch = optuna.distributions.IntDistribution(1, 12)
+    study.add_trials([optuna.trial.create_trial(
+        values=list(v), params={"batch_size": n + 1}, distributions={"batch_size": batch},
+        user_attrs={"metrics": {"throughput_tok_s": v[0], "latency_p99_ms": v[1]}}) for n, v in enumerate(points)])
+    return study
+
+
+@pytest.mark.parametrize("metric_names", [["throughput_tok_s", "latency_p99_ms"], None])
+def test_overlapping_warm_start_enqueues_the_largest_hypervolume_contribution_first(tmp_path, metric_names):
+    from tuner.warm_start import warm_start
+
+    # Front (tok/s, ms): #0 (100, 10), #1 (300, 30), #2 (400, 80); #3 (90, 50) is dominated.
+    # Reference over the feasible values: (90 - 0.1 * 310, 80 + 0.1 * 70) = (59, 87). Exclusive
+    # boxes: #1 200 tok/s x 50 ms = 10000, #0 41 x 20 = 820, #2 100 x 7 = 700.
+    source = source_study([(100.0, 10.0), (300.0, 30.0), (400.0, 80.0), (90.0, 50.0)], metric_names)
+    space = validate(raw(saturating_table(tmp_path / "t.csv"), "later"), "s.yaml", "s")
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    result = warm_start(study, space, source)
+    assert result.mode == "overlapping" and result.carried == [1, 0, 2]
+    asked = [study.ask(space.distributions()).params["batch_size"] for _ in range(3)]
+    assert asked == [2, 1, 3]  # the queue runs in that order
+    assert "largest exclusive hypervolume contribution in the earlier study first" in result.detail
+
+
+def test_equal_hypervolume_contributions_keep_the_source_trial_order(tmp_path):
+    from tuner.warm_start import warm_start
+
+    # Reference (80, 32): #1 (100, 10) holds 20 x 10 = 200 alone, #0 (300, 30) 100 x 2 = 200, and
+    # #2 (200, 20) 100 x 10 = 1000: #2 first, then the tie in trial order (#0 before #1).
+    source = source_study([(300.0, 30.0), (100.0, 10.0), (200.0, 20.0)], ["throughput_tok_s", "latency_p99_ms"])
+    space = validate(raw(saturating_table(tmp_path / "t.csv"), "later"), "s.yaml", "s")
+    result = warm_start(optuna.create_study(directions=["maximize", "minimize"]), space, source)
+    assert result.carried == [2, 0, 1]
+
+
 def test_extensions_need_an_ordered_knob_whose_range_grew():
     from tuner.warm_start import _ordered_values
 
