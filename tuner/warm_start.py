@@ -38,7 +38,8 @@ def warm_start(study: optuna.Study, space: Space, source: optuna.Study,
     Identical spaces: every finished trial is copied with `add_trials` (values, constraints and
     user attributes as measured), marked `carried_over`, and does not use this study's budget.
     Overlapping spaces (another model size, GPU, range): the source's feasible Pareto set is
-    enqueued first, largest exclusive hypervolume contribution first, each config cut to this space's params and dropped where a value falls
+    enqueued first, largest exclusive hypervolume contribution first (each followed by its
+    extensions past a cut edge, see `_extensions`), each config cut to this space's params and dropped where a value falls
     outside this space's ranges; those trials run here and count, after whatever
     `before_enqueue` queues (the study's baseline, so it stays the first trial).
     """
@@ -75,33 +76,39 @@ def _enqueue_front(study: optuna.Study, space: Space, source: optuna.Study) -> W
         front = _by_contribution([t for t in source.best_trials if feasible(t)], lambda t: t.values,
                                  directions, [t.values for t in ok])
     distributions = space.distributions()
-    carried, dropped = [], 0
+    cut = {t.number: {k: v for k, v in t.params.items() if k in distributions} for t in front}
+    inside = {n for n, params in cut.items()
+              if params and all(_contains(distributions[k], v) for k, v in params.items())}
+    pareto_keys = {repr(sorted(cut[n].items())) for n in inside}
+    # Each extension right after its parent, not after the whole front: a 12-config front would
+    # otherwise fill a 10-trial budget before any probe past the cut edge runs, and the region the
+    # earlier range cut off is the part of the front the earlier study could not see (replayed GPU
+    # grid, 10 seeds: median HV after 10 trials 93.8 % with this order, 79.6 % with extensions last).
+    extensions: dict[int, list[dict[str, Any]]] = {}
+    for t, params in _extensions(front, source, distributions):
+        extensions.setdefault(t.number, []).append(params)
+    carried, extended = [], 0
     seen: set[str] = set()
     for t in front:
-        params = {k: v for k, v in t.params.items() if k in distributions}
-        if not params or not all(_contains(distributions[k], v) for k, v in params.items()):
-            dropped += 1
-            continue
-        key = repr(sorted(params.items()))
-        if key in seen:
-            continue
-        seen.add(key)
-        study.enqueue_trial(params, user_attrs={record.WARM_START_FROM.key: {"study": source.study_name,
-                                                                    "trial": t.number}})
-        carried.append(t.number)
-    extended = 0
-    for t, params in _extensions(front, source, distributions):
-        key = repr(sorted(params.items()))
-        if key in seen:
-            continue
-        seen.add(key)
-        study.enqueue_trial(params, user_attrs={record.WARM_START_FROM.key: {"study": source.study_name,
-                                                                    "trial": t.number, "extended": True}})
-        extended += 1
+        key = repr(sorted(cut[t.number].items()))
+        if t.number in inside and key not in seen:
+            seen.add(key)
+            study.enqueue_trial(cut[t.number], user_attrs={record.WARM_START_FROM.key: {
+                "study": source.study_name, "trial": t.number}})
+            carried.append(t.number)
+        for params in extensions.get(t.number, []):
+            key = repr(sorted(params.items()))
+            if key in seen or key in pareto_keys:  # a Pareto config keeps its own place
+                continue
+            seen.add(key)
+            study.enqueue_trial(params, user_attrs={record.WARM_START_FROM.key: {
+                "study": source.study_name, "trial": t.number, "extended": True}})
+            extended += 1
+    dropped = len(front) - len(inside)
     detail = (f"enqueued {len(carried)} Pareto config(s) of the overlapping space, largest exclusive "
               "hypervolume contribution in the earlier study first")
     if extended:
-        detail += f" and {extended} that extend(s) them into this space's wider range"
+        detail += f", each followed by its extension(s) into this space's wider range ({extended} in all)"
     if dropped:
         detail += f"; {dropped} fell outside this space's ranges"
     return WarmStartResult(source.study_name, "overlapping", carried, detail)
