@@ -387,6 +387,30 @@ def test_the_benchmark_replays_recorded_grids_and_names_a_missing_one(tmp_path):
     assert grid_tables([str(table)]) == [table]
 
 
+def test_the_benchmark_counts_enqueued_warm_start_configs_as_the_warm_studys_trials(tmp_path):
+    verbosity = optuna.logging.get_verbosity()
+    try:
+        from benchmarks.search_efficiency import load_grid, run_search
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    table = write_table(tmp_path / "mine.csv", [[b, 16, 100.0 * b, 10.0 * b, ""] for b in range(1, 5)])
+    (tmp_path / "mine_space.yaml").write_text(yaml.safe_dump({
+        "study": "mine", "params": {"batch_size": {"type": "int", "low": 1, "high": 4}},
+        "objectives": [{"metric": "throughput_tok_s"}, {"metric": "latency_p99_ms"}]}))
+    grid = load_grid(table)
+    # An earlier front of batch 1 and batch 4 (equal contributions: batch 1, the earlier trial,
+    # first), enqueued into the warm study: its first two trials are those two, not extra ones.
+    source = optuna.create_study(directions=["maximize", "minimize"])
+    source.set_metric_names(["throughput_tok_s", "latency_p99_ms"])
+    batch = optuna.distributions.IntDistribution(1, 4)
+    source.add_trials([optuna.trial.create_trial(values=[100.0 * b, 10.0 * b], params={"batch_size": b},
+                                                 distributions={"batch_size": batch}) for b in (1, 4)])
+    curve = run_search(grid, "random", 0, 2, seeded=source)[0]
+    share = [hypervolume(points, grid.directions, grid.reference) / grid.full_hv
+             for points in ([[100.0, 10.0]], [[100.0, 10.0], [400.0, 40.0]])]
+    assert curve.tolist() == pytest.approx(share) and share[1] < 1.0
+
+
 # ---------------------------------------------------------------- the model behind `auto`
 
 

@@ -192,7 +192,9 @@ def _by_contribution(front: list[FrozenTrial], values_of: Callable[[FrozenTrial]
     the sampler gets a turn, so the head must be the configs that carried the earlier front: the
     hypervolume lost without a point (its exclusive contribution) says how much of the front it
     alone held; source trial order says nothing. The reference is the reports' rule over the
-    source's feasible values; a duplicate point contributes 0 (its twin holds the volume).
+    source's feasible values; a duplicate point contributes 0 (its twin holds the volume). The
+    contributions are the earlier study's: under another load they are a guess (the one real H200
+    case, concurrency 32 -> 16, ran a smaller share of the new front in its first 10 this way).
     """
     if len(front) < 2:
         return list(front)
