@@ -129,10 +129,12 @@ def run_search(grid: Grid, sampler: str, seed: int, trials: int, workers: int = 
         from tuner.warm_start import warm_start
 
         warm_start(study, space, seeded)
-    carried = len(study.trials)
-    while len(study.trials) - carried < trials:
+    # Copies (identical space) are COMPLETE and use no budget; enqueued configs (overlapping) are
+    # WAITING and run here as this study's first trials, so they count.
+    carried = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    while (done := _asked(study) - carried) < trials:
         batch = []
-        for sampler_of_worker in samplers[: trials - (len(study.trials) - carried)]:
+        for sampler_of_worker in samplers[: trials - done]:
             study.sampler = sampler_of_worker  # each simulated worker asks with its own sampler
             batch.append(study.ask(space.distributions()))
         for trial in batch:  # ... and all of them finish before the next round
@@ -140,12 +142,18 @@ def run_search(grid: Grid, sampler: str, seed: int, trials: int, workers: int = 
                 _tell_hidden(study, ledger, trial, space, grid.table)
             else:
                 _answer(study, trial, space, grid.table, trial.params)
-    ran = ledger.trials[carried:] if ledger is study else ledger.trials
+    ran = [t for t in ledger.trials[carried:] if t.state != optuna.trial.TrialState.WAITING] \
+        if ledger is study else ledger.trials  # enqueued configs the budget did not reach never ran
     start = [t for t in ledger.trials[:carried]]
     history = hypervolume_history(start + ran, directions, grid.reference)[len(start):]
     worst = hypervolume_history(start + ran, directions, grid.reference_worst)[len(start):]
     return np.array([[h / grid.full_hv for h in history], np.cumsum([not feasible(t) for t in ran]),
                      [h / grid.full_hv_worst for h in worst]])
+
+
+def _asked(study: optuna.Study) -> int:
+    """Trials asked so far (an enqueued config waits in `study.trials` until it is asked)."""
+    return sum(t.state != optuna.trial.TrialState.WAITING for t in study.trials)
 
 
 def _tell_hidden(study: optuna.Study, ledger: optuna.Study, trial: optuna.Trial, space: Any,

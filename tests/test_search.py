@@ -165,11 +165,13 @@ def test_warm_start_overlapping_space_enqueues_the_earlier_front(tmp_path):
                      "s.yaml", "s")
     summary, study = run(space, url, tmp_path)
     expected = {n: p for n, p in front.items() if p["batch_size"] != 1}
-    seeded = [t for t in study.trials if t.user_attrs.get("warm_start_from")
-              and not t.user_attrs["warm_start_from"].get("extended")]
+    queued = [t for t in study.trials if t.user_attrs.get("warm_start_from")]
+    seeded = [t for t in queued if not t.user_attrs["warm_start_from"].get("extended")]
     assert study.trials[0].user_attrs.get("baseline")  # the baseline stays first ...
-    assert [t.number for t in seeded] == list(range(1, 1 + len(expected)))  # ... then the carried configs
+    assert [t.number for t in queued] == list(range(1, 1 + len(queued)))  # ... then the carried configs
     assert {t.user_attrs["warm_start_from"]["trial"]: t.params for t in seeded} == expected
+    # The study records them in the order they were queued (each extension right after its parent).
+    assert [t.user_attrs["warm_start_from"]["trial"] for t in seeded] == study.user_attrs["warm_start"]["trials"]
     assert not any(t.user_attrs.get("carried_over") for t in study.trials)
     assert summary.counted == 6 and study.user_attrs["warm_start"]["mode"] == "overlapping"
 
@@ -188,10 +190,51 @@ def test_warm_start_extends_the_front_past_the_edge_of_the_earlier_range(tmp_pat
     _, study = run(space, url, tmp_path)
     queued = [(t.params["batch_size"], t.params["quant_bits"], bool(t.user_attrs["warm_start_from"].get("extended")))
               for t in study.trials[:5]]
-    assert queued[:2] == [(2, 8, False), (4, 8, False)] or queued[:2] == [(4, 8, False), (2, 8, False)]
-    # One value past each cut edge: batch 4 -> 8; int8 -> int4 (batch 1 -> 1 is outside this range).
-    assert sorted(queued[2:]) == [(2, 4, True), (4, 4, True), (8, 8, True)]
+    # Reference (60 tok/s, 43.5 ms) over the earlier 6 points: (4, 8) alone holds 250 x 23.5 = 5875,
+    # (2, 8) 125 x 10 = 1250, (1, 8) 65 x 5 = 325 (and falls outside this range). Each is followed
+    # by its configs one value past a cut edge: batch 4 -> 8, int8 -> int4 ((1, 4) is outside too).
+    assert queued == [(4, 8, False), (8, 8, True), (4, 4, True), (2, 8, False), (2, 4, True)]
     assert all(t.user_attrs.get("warm_start_from") is None for t in study.trials[5:])
+
+
+def source_study(points: list[tuple[float, float]], metric_names: list[str] | None) -> optuna.Study:
+    """An in-memory earlier study: trial n measured `points[n]` (throughput, p99 latency) at batch n + 1."""
+    study = optuna.create_study(study_name="earlier", directions=["maximize", "minimize"])
+    if metric_names:
+        study.set_metric_names(metric_names)
+    batch = optuna.distributions.IntDistribution(1, 12)
+    study.add_trials([optuna.trial.create_trial(
+        values=list(v), params={"batch_size": n + 1}, distributions={"batch_size": batch},
+        user_attrs={"metrics": {"throughput_tok_s": v[0], "latency_p99_ms": v[1]}}) for n, v in enumerate(points)])
+    return study
+
+
+@pytest.mark.parametrize("metric_names", [["throughput_tok_s", "latency_p99_ms"], None])
+def test_overlapping_warm_start_enqueues_the_largest_hypervolume_contribution_first(tmp_path, metric_names):
+    from tuner.warm_start import warm_start
+
+    # Front (tok/s, ms): #0 (100, 10), #1 (300, 30), #2 (400, 80); #3 (90, 50) is dominated.
+    # Reference over the feasible values: (90 - 0.1 * 310, 80 + 0.1 * 70) = (59, 87). Exclusive
+    # boxes: #1 200 tok/s x 50 ms = 10000, #0 41 x 20 = 820, #2 100 x 7 = 700.
+    source = source_study([(100.0, 10.0), (300.0, 30.0), (400.0, 80.0), (90.0, 50.0)], metric_names)
+    space = validate(raw(saturating_table(tmp_path / "t.csv"), "later"), "s.yaml", "s")
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    result = warm_start(study, space, source)
+    assert result.mode == "overlapping" and result.carried == [1, 0, 2]
+    asked = [study.ask(space.distributions()).params["batch_size"] for _ in range(3)]
+    assert asked == [2, 1, 3]  # the queue runs in that order
+    assert "largest exclusive hypervolume contribution in the earlier study first" in result.detail
+
+
+def test_equal_hypervolume_contributions_keep_the_source_trial_order(tmp_path):
+    from tuner.warm_start import warm_start
+
+    # Reference (80, 32): #1 (100, 10) holds 20 x 10 = 200 alone, #0 (300, 30) 100 x 2 = 200, and
+    # #2 (200, 20) 100 x 10 = 1000: #2 first, then the tie in trial order (#0 before #1).
+    source = source_study([(300.0, 30.0), (100.0, 10.0), (200.0, 20.0)], ["throughput_tok_s", "latency_p99_ms"])
+    space = validate(raw(saturating_table(tmp_path / "t.csv"), "later"), "s.yaml", "s")
+    result = warm_start(optuna.create_study(directions=["maximize", "minimize"]), space, source)
+    assert result.carried == [2, 0, 1]
 
 
 def test_extensions_need_an_ordered_knob_whose_range_grew():
@@ -342,6 +385,30 @@ def test_the_benchmark_replays_recorded_grids_and_names_a_missing_one(tmp_path):
         grid_tables([str(table)])
     (tmp_path / "mine_space.yaml").write_text("study: mine\n")
     assert grid_tables([str(table)]) == [table]
+
+
+def test_the_benchmark_counts_enqueued_warm_start_configs_as_the_warm_studys_trials(tmp_path):
+    verbosity = optuna.logging.get_verbosity()
+    try:
+        from benchmarks.search_efficiency import load_grid, run_search
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    table = write_table(tmp_path / "mine.csv", [[b, 16, 100.0 * b, 10.0 * b, ""] for b in range(1, 5)])
+    (tmp_path / "mine_space.yaml").write_text(yaml.safe_dump({
+        "study": "mine", "params": {"batch_size": {"type": "int", "low": 1, "high": 4}},
+        "objectives": [{"metric": "throughput_tok_s"}, {"metric": "latency_p99_ms"}]}))
+    grid = load_grid(table)
+    # An earlier front of batch 1 and batch 4 (equal contributions: batch 1, the earlier trial,
+    # first), enqueued into the warm study: its first two trials are those two, not extra ones.
+    source = optuna.create_study(directions=["maximize", "minimize"])
+    source.set_metric_names(["throughput_tok_s", "latency_p99_ms"])
+    batch = optuna.distributions.IntDistribution(1, 4)
+    source.add_trials([optuna.trial.create_trial(values=[100.0 * b, 10.0 * b], params={"batch_size": b},
+                                                 distributions={"batch_size": batch}) for b in (1, 4)])
+    curve = run_search(grid, "random", 0, 2, seeded=source)[0]
+    share = [hypervolume(points, grid.directions, grid.reference) / grid.full_hv
+             for points in ([[100.0, 10.0]], [[100.0, 10.0], [400.0, 40.0]])]
+    assert curve.tolist() == pytest.approx(share) and share[1] < 1.0
 
 
 # ---------------------------------------------------------------- the model behind `auto`

@@ -12,7 +12,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner import record
-from tuner.search import feasible, losses
+from tuner.search import feasible, hypervolume, losses, reference_point
 from tuner.space import Space, WarmStart
 
 
@@ -38,8 +38,9 @@ def warm_start(study: optuna.Study, space: Space, source: optuna.Study,
     Identical spaces: every finished trial is copied with `add_trials` (values, constraints and
     user attributes as measured), marked `carried_over`, and does not use this study's budget.
     Overlapping spaces (another model size, GPU, range): the source's feasible Pareto set is
-    enqueued first, each config cut to this space's params and dropped where a value falls
-    outside this space's ranges; those trials run here and count, after whatever
+    enqueued first, largest exclusive hypervolume contribution first (each followed by its
+    extensions past a cut edge, see `_extensions`), each config cut to this space's params and
+    dropped where a value falls outside this space's ranges; those trials run here and count, after whatever
     `before_enqueue` queues (the study's baseline, so it stays the first trial).
     """
     earlier = record.STUDY_SPACE.get(source) or {}
@@ -70,34 +71,44 @@ def _enqueue_front(study: optuna.Study, space: Space, source: optuna.Study) -> W
             (source.metric_names or []) != [o.metric for o in space.objectives]:
         front = _feasible_front_by_names(source, space)
     else:
-        front = [t for t in source.best_trials if feasible(t)]
+        directions = [d.name.lower() for d in source.directions]
+        ok = [t for t in source.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if feasible(t)]
+        front = _by_contribution([t for t in source.best_trials if feasible(t)], lambda t: t.values,
+                                 directions, [t.values for t in ok])
     distributions = space.distributions()
-    carried, dropped = [], 0
+    cut = {t.number: {k: v for k, v in t.params.items() if k in distributions} for t in front}
+    inside = {n for n, params in cut.items()
+              if params and all(_contains(distributions[k], v) for k, v in params.items())}
+    pareto_keys = {repr(sorted(cut[n].items())) for n in inside}
+    # Each extension right after its parent, not after the whole front: a 12-config front would
+    # otherwise fill a 10-trial budget before any probe past the cut edge runs, and the region the
+    # earlier range cut off is the part of the front the earlier study could not see (replayed GPU
+    # grid, 10 seeds: median HV after 10 trials 93.8 % with this order, 79.6 % with extensions last).
+    extensions: dict[int, list[dict[str, Any]]] = {}
+    for t, params in _extensions(front, source, distributions):
+        extensions.setdefault(t.number, []).append(params)
+    carried, extended = [], 0
     seen: set[str] = set()
     for t in front:
-        params = {k: v for k, v in t.params.items() if k in distributions}
-        if not params or not all(_contains(distributions[k], v) for k, v in params.items()):
-            dropped += 1
-            continue
-        key = repr(sorted(params.items()))
-        if key in seen:
-            continue
-        seen.add(key)
-        study.enqueue_trial(params, user_attrs={record.WARM_START_FROM.key: {"study": source.study_name,
-                                                                    "trial": t.number}})
-        carried.append(t.number)
-    extended = 0
-    for t, params in _extensions(front, source, distributions):
-        key = repr(sorted(params.items()))
-        if key in seen:
-            continue
-        seen.add(key)
-        study.enqueue_trial(params, user_attrs={record.WARM_START_FROM.key: {"study": source.study_name,
-                                                                    "trial": t.number, "extended": True}})
-        extended += 1
-    detail = f"enqueued {len(carried)} Pareto config(s) of the overlapping space"
+        key = repr(sorted(cut[t.number].items()))
+        if t.number in inside and key not in seen:
+            seen.add(key)
+            study.enqueue_trial(cut[t.number], user_attrs={record.WARM_START_FROM.key: {
+                "study": source.study_name, "trial": t.number}})
+            carried.append(t.number)
+        for params in extensions.get(t.number, []):
+            key = repr(sorted(params.items()))
+            if key in seen or key in pareto_keys:  # a Pareto config keeps its own place
+                continue
+            seen.add(key)
+            study.enqueue_trial(params, user_attrs={record.WARM_START_FROM.key: {
+                "study": source.study_name, "trial": t.number, "extended": True}})
+            extended += 1
+    dropped = len(front) - len(inside)
+    detail = (f"enqueued {len(carried)} Pareto config(s) of the overlapping space, largest exclusive "
+              "hypervolume contribution in the earlier study first")
     if extended:
-        detail += f" and {extended} that extend(s) them into this space's wider range"
+        detail += f", each followed by its extension(s) into this space's wider range ({extended} in all)"
     if dropped:
         detail += f"; {dropped} fell outside this space's ranges"
     return WarmStartResult(source.study_name, "overlapping", carried, detail)
@@ -167,7 +178,35 @@ def _feasible_front_by_names(source: optuna.Study, space: Space) -> list[FrozenT
     loss = losses([v for _, v in rows], directions)
     keep = [i for i in range(len(rows))
             if not any((loss[j] <= loss[i]).all() and (loss[j] < loss[i]).any() for j in range(len(rows)))]
-    return [rows[i][0] for i in keep]
+    values = {rows[i][0].number: rows[i][1] for i in keep}
+    return _by_contribution([rows[i][0] for i in keep], lambda t: values[t.number], directions,
+                            [v for _, v in rows])
+
+
+def _by_contribution(front: list[FrozenTrial], values_of: Callable[[FrozenTrial], list[float]],
+                     directions: list[str], feasible_values: list[list[float]]) -> list[FrozenTrial]:
+    """`front` ordered by each config's exclusive hypervolume contribution, largest first (ties:
+    source trial order).
+
+    A short warm study (10 trials after a 16-config front) runs only the head of the queue before
+    the sampler gets a turn, so the head must be the configs that carried the earlier front: the
+    hypervolume lost without a point (its exclusive contribution) says how much of the front it
+    alone held; source trial order says nothing. The reference is the reports' rule over the
+    source's feasible values; a duplicate point contributes 0 (its twin holds the volume). The
+    contributions are the earlier study's: under another load they are a guess (the one real H200
+    case, concurrency 32 -> 16, ran a smaller share of the new front in its first 10 this way).
+    """
+    if len(front) < 2:
+        return list(front)
+    points = [list(values_of(t)) for t in front]
+    reference = reference_point(feasible_values, directions)
+    total = hypervolume(points, directions, reference)
+    gain = [total - hypervolume(points[:i] + points[i + 1:], directions, reference) for i in range(len(points))]
+    # Shares of the total rounded to 1e-9: equal contributions (a symmetric front) differ only in
+    # float rounding, and must tie so trial order decides.
+    share = [round(g / total, 9) if total > 0 else 0.0 for g in gain]
+    order = sorted(range(len(front)), key=lambda i: (-share[i], front[i].number))
+    return [front[i] for i in order]
 
 
 def _contains(distribution: optuna.distributions.BaseDistribution, value: Any) -> bool:
