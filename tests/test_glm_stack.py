@@ -98,7 +98,8 @@ def test_a_trial_frees_the_buckets_and_slot_pool_that_earlier_trials_left_and_it
     assert sorted(engine.buckets()) == [(1, 256), (2, 256)]
     assert engine.slot_engine("static", 8, 0) is not pool  # the old pool was freed, a new one built
     knobs = resolve_knobs("glm-infer", {"scheduler": "continuous", "kv_cache": "static"})
-    served = trial_engine(engine.model, engine, knobs, "cpu", PromptBank(tiny.config.vocab_size, 0, 0), prefix_length(0))
+    prompts = PromptBank(tiny.config.vocab_size, 0, 0)
+    served = trial_engine(engine.model, engine, knobs, "cpu", prompts, prefix_length(0))
     assert served is engine.slot_engine("static", 8, 0) and engine.buckets() == []
     tokens = [t.tolist() for t in engine.decode([[5, 6, 7]] * 2, 4)]  # a freed bucket comes back on use
     assert len(tokens) == 4 and engine.buckets() == [(2, 256)]

@@ -58,8 +58,9 @@ class ExhaustiveGPSampler(optuna.samplers.GPSampler):
     """Optuna's GP for the finite spaces `auto` searches. What differs from `GPSampler`:
 
     1. The acquisition is maximised over every untried point of the space (no finished or
-       running trial's config, nor one differing from it only in knobs without effect), not by Optuna's local search from random starts: in a space of
-       a few hundred categorical points that search often returned a measured config.
+       running trial's config, nor one differing from it only in knobs without effect), not by
+       Optuna's local search from random starts: in a space of a few hundred categorical points
+       that search often returned a measured config.
     2. A trial that ran but broke a bound (KL over its limit) is read at its measured values
        (user attr `metrics`), not the worst values the study was told (`_as_measured`).
     3. Each GP is fitted only to the trials it can learn from (`fit_model`): the objective GPs

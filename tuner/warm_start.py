@@ -40,8 +40,8 @@ def warm_start(study: optuna.Study, space: Space, source: optuna.Study,
     Overlapping spaces (another model size, GPU, range): the source's feasible Pareto set is
     enqueued first, largest exclusive hypervolume contribution first (each followed by its
     extensions past a cut edge, see `_extensions`), each config cut to this space's params and
-    dropped where a value falls outside this space's ranges; those trials run here and count, after whatever
-    `before_enqueue` queues (the study's baseline, so it stays the first trial).
+    dropped where a value falls outside this space's ranges; those trials run here and count,
+    after whatever `before_enqueue` queues (the study's baseline, so it stays the first trial).
     """
     earlier = record.STUDY_SPACE.get(source) or {}
     if earlier and _space_signature(earlier) == _space_signature(space.raw):
