@@ -105,6 +105,23 @@ def test_a_trial_frees_the_buckets_and_slot_pool_that_earlier_trials_left_and_it
     assert len(tokens) == 4 and engine.buckets() == [(2, 256)]
 
 
+def test_the_graph_pool_handle_is_dropped_with_the_last_captured_graph(tiny):
+    # A CUDA graph memory pool dies with its last graph; capturing a new graph into the dead
+    # pool's handle trips the caching allocator's assert (seen on the H200). CPU runs no graphs,
+    # so stand-ins mark the buckets as captured.
+    from runners.glm.engines.base import TrialPlan
+
+    engine = _fast(tiny)
+    engine.prepare_trial(TrialPlan(batch_size=4, requests=4, max_prompt=16, max_output=8, eval_rows=1, eval_tokens=16))
+    for slot in engine._slots.values():
+        slot.graph = object()
+    engine._graph_pool = pool = object()
+    engine.release_unused({(1, 256)})
+    assert engine.buckets() == [(1, 256)] and engine._graph_pool is pool  # a graph still holds it
+    engine.release_buckets()
+    assert engine.buckets() == [] and engine._graph_pool is None
+
+
 # --- sizes ---------------------------------------------------------------------------------------
 def test_model_info_counts_real_stored_bytes(tiny):
     fp32 = model_info(tiny)
@@ -304,14 +321,14 @@ def test_gpu_quantised_fast_path_runs(knobs):
 def test_gpu_a_warm_process_reads_each_trials_own_peak_memory():
     # In one process (as `--warm` runs trials), a static-batch trial after a continuous one with a
     # 256-row slot pool must read the peak it reads as the process's first trial, not the pool's.
-    # Not yet run on a GPU in this form. Its first form failed on the H200 on 2026-12-01 (the
-    # message was not kept): batch_size 4 there made a 4-row pool, too small for the first
-    # assertion. No device time was left to run this one.
+    # Both trials run the fast engine (the one that keeps buckets and pools between trials): the
+    # default kv_cache=dynamic is transformers' cache, which no slot pool serves.
     MODELS.clear()
     runner, small = GlmInferRunner(), {"preset": "glm-small"}
 
     def peak(knobs: dict) -> float:
-        result = runner.run(TrialConfig("glm-infer", small, "cuda", WORKLOAD, {"compile": False, **knobs}))
+        result = runner.run(TrialConfig("glm-infer", small, "cuda", WORKLOAD,
+                                        {"compile": False, "engine": "fast", "kv_cache": "static", **knobs}))
         assert result.status == "ok", result.reason
         return result.metrics["peak_memory_mib"]
 

@@ -220,6 +220,11 @@ class FastEngine(StaticBatchEngine):
         stale = [key for key in self._slots if key not in keep]
         for key in stale:
             del self._slots[key]
+        if not any(slot.graph is not None for slot in self._slots.values()):
+            # The graphs' private memory pool dies with its last graph; capturing into its old
+            # handle then trips the caching allocator's `use_count > 0` assert (H200, 2026-12-01:
+            # a batch-1 trial after a continuous one that had freed every bucket).
+            self._graph_pool = None
         return bool(stale)
 
     def compile_seconds(self) -> float:
