@@ -197,18 +197,41 @@ def ran_mask(values: np.ndarray) -> np.ndarray:
     return np.isfinite(values).all(axis=1)
 
 
-def constraint_columns(names: list[str], violations: np.ndarray, ran: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray]]:
+def measured_bounds(names: list[str], trials: list[FrozenTrial], ran: np.ndarray) -> np.ndarray:
+    """[trials, constraints] Whether each trial's value of each constraint is a measurement.
+
+    A trial that ran measured every one. One that did not may still have measured a bound's
+    metric in its set-up (a KL over its limit stops the window before it is served: int4 on
+    glm-4-9b's random weights, KL 1.0 against 0.1); its other bounds are placeholders (1.0).
+    """
+    def metric(name: str) -> str:
+        return name.split("<=")[0].split(">=")[0]
+
+    out = np.repeat(ran[:, None], len(names), axis=1)
+    for i, t in enumerate(trials):
+        if not ran[i]:
+            got = record.metrics(t)
+            out[i] = [isinstance(got.get(metric(n)), (int, float)) and math.isfinite(got[metric(n)]) for n in names]
+    return out
+
+
+def constraint_columns(names: list[str], violations: np.ndarray, ran: np.ndarray,
+                       measured: np.ndarray | None = None) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """(GP name, rows it is fitted to, values) for each constraint GP; a value > 0 is infeasible.
 
-    "ran": every trial, -1 if it ran, +1 if not (its zero, the bound, midway between the two).
-    Each named constraint: the trials that ran; a pass/fail one (0/1, the tuner's
+    "ran": every trial, -1 if it ran or a measured bound explains why not (`measured`:
+    `measured_bounds`), +1 if not (its zero, the bound, midway between the two).
+    Each named constraint: the trials that measured it; a pass/fail one (0/1, the tuner's
     `stopped_early`) is moved to -0.5/+0.5 so that a pass is not read as sitting on the bound.
     A constraint no such trial has broken is left out: its GP would be flat, a constant factor
     of the acquisition. (The tuner's `runnable` is one: on trials that ran it is always 0.)
     """
+    if measured is None:
+        measured = np.repeat(ran[:, None], len(names), axis=1)
+    explained = ran | (measured & (violations > 0)).any(axis=1)
     every = np.ones(len(ran), dtype=bool)
-    columns = [("ran", every, np.where(ran, -1.0, 1.0))]
-    columns += [(f"constraint {n}", ran, violations[ran, j]) for j, n in enumerate(names)]
+    columns = [("ran", every, np.where(explained, -1.0, 1.0))]
+    columns += [(f"constraint {n}", measured[:, j], violations[measured[:, j], j]) for j, n in enumerate(names)]
     out = []
     for name, rows, values in columns:
         if len(values) == 0 or values.max() <= 0 and np.ptp(values) == 0:
@@ -258,7 +281,8 @@ def fit_model(sampler: ExhaustiveGPSampler, study: Any, completed: list[FrozenTr
         return cache[name]
 
     constraint_gps = []
-    for name, rows, c in constraint_columns(names, violations, ran):
+    measured = measured_bounds(names, completed, ran)
+    for name, rows, c in constraint_columns(names, violations, ran, measured):
         # The GPs maximise: feasible is -c >= 0. Scaled, not centred, so that the prior mean
         # (where nothing was measured) is the bound.
         constraint_gps.append(fit(name, rows, -c / max(1e-10, float(np.sqrt(np.mean(c ** 2))))))

@@ -62,6 +62,23 @@ CAPABILITIES: dict[str, Capabilities] = {
 }
 
 
+_WARMUP_STREAMS: dict[str, Any] = {}
+
+
+def warmup_stream(device: Any) -> Any:
+    """The one side stream per device that every engine warms its steps up on before capture.
+
+    One, not a new stream per capture: cuBLAS keeps a workspace (32 MiB on Hopper) for each
+    stream it has run on, for the life of the process, so a stream per captured shape grew a
+    warm process by ~400 MiB after one continuous trial's 256-row pool (H200, 2026-12-01), and
+    the next trials' peak memory read it.
+    """
+    key = str(torch.device(device))
+    if key not in _WARMUP_STREAMS:
+        _WARMUP_STREAMS[key] = torch.cuda.Stream(device)
+    return _WARMUP_STREAMS[key]
+
+
 def select_engine(knobs: dict[str, Any], device: str) -> str:
     """The one place that decides which engine runs a trial: `fast` or `hf` (the `engine` knob),
     or raises InfeasibleConfig naming why the pairing cannot run.

@@ -27,7 +27,15 @@ from typing import Any
 import torch
 
 from runners.contract import InfeasibleConfig
-from runners.glm.engines.base import CAPABILITIES, PrefixLenFn, PromptFn, StaticBatchEngine, TrialPlan, error_line
+from runners.glm.engines.base import (
+    CAPABILITIES,
+    PrefixLenFn,
+    PromptFn,
+    StaticBatchEngine,
+    TrialPlan,
+    error_line,
+    warmup_stream,
+)
 from runners.glm.engines.compiled import batch_dynamic, chunk_dynamic, configure_inductor, shape_generic_compile
 from runners.glm.engines.kv_pool import MIN_LENGTH_BUCKET, bucket
 from runners.glm.engines.slots import SlotEngine
@@ -288,7 +296,7 @@ class FastEngine(StaticBatchEngine):
     def _capture(self, s: DecodeSlot, capture: bool = True) -> None:
         # Warm up on a side stream first (compiles, autotunes, allocates), as CUDA graph
         # capture requires; the garbage written to the buffers is overwritten by each prefill.
-        stream = torch.cuda.Stream(self.device)
+        stream = warmup_stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         try:
             with torch.cuda.stream(stream):

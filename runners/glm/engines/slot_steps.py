@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from runners.contract import InfeasibleConfig
-from runners.glm.engines.base import error_line
+from runners.glm.engines.base import error_line, warmup_stream
 from runners.glm.engines.kv_pool import (
     MIN_LENGTH_BUCKET,
     KvPool,
@@ -225,7 +225,7 @@ class SlotSteps:
         The per-row state is saved and restored around it: a shape met inside a window must not
         disturb the running sequences (their KV beyond their length is garbage anyway)."""
         saved = (self.tok.clone(), self.pos.clone())
-        stream = torch.cuda.Stream(self.device)
+        stream = warmup_stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         try:
             while True:
