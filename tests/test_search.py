@@ -448,6 +448,28 @@ def test_constraint_columns_fit_each_bound_to_the_trials_that_ran():
     assert constraint_columns(names, np.array([[-0.05, 0.0, 0.0]] * 2), np.array([True, True])) == []
 
 
+def test_a_bound_measured_in_set_up_feeds_its_own_gp_and_not_the_ran_gp():
+    from tuner import record
+    from tuner.gp_search import constraint_columns, measured_bounds
+
+    names = ["kl_divergence<=0.1", "runnable", "tpot_p99_ms<=30"]
+    # Trial 0 ran. Trial 1 stopped before its window: its KL (1.0) was measured in set-up, its
+    # other values are placeholders. Trial 2 could not run at all (nothing measured).
+    trials = [optuna.trial.create_trial(values=[1.0], user_attrs={record.METRICS.key: m})
+              for m in ({"kl_divergence": 0.03, "tpot_p99_ms": 12.0}, {"kl_divergence": 1.0}, {})]
+    ran = np.array([True, False, False])
+    measured = measured_bounds(names, trials, ran)
+    assert measured.tolist() == [[True, True, True], [True, False, False], [False, False, False]]
+    violations = np.array([[-0.07, 0.0, -18.0], [0.9, 1.0, 1.0], [1.0, 1.0, 1.0]])
+    columns = {name: (rows, values) for name, rows, values in constraint_columns(names, violations, ran, measured)}
+    # The KL-stopped trial is explained by its bound: "ran" fails only the trial that could not run ...
+    assert list(columns["ran"][1]) == [-1.0, -1.0, 1.0]
+    # ... and the KL GP learns from it; the TPOT GP (nothing broke it where it was measured) drops out.
+    rows, values = columns["constraint kl_divergence<=0.1"]
+    assert list(rows) == [True, True, False] and list(values) == [-0.07, 0.9]
+    assert "constraint tpot_p99_ms<=30" not in columns
+
+
 def _gp_study(tmp_path, trials):
     """A study of `auto`'s GP over quant_bits {16, 8, 4} x batch_size {1, 2, 4, 8}, seeded with `trials`."""
     from tuner.gp_search import auto_gp
