@@ -458,7 +458,8 @@ def test_a_bound_measured_in_set_up_feeds_its_own_gp_and_not_the_ran_gp():
     trials = [optuna.trial.create_trial(values=[1.0], user_attrs={record.METRICS.key: m})
               for m in ({"kl_divergence": 0.03, "tpot_p99_ms": 12.0}, {"kl_divergence": 1.0}, {})]
     ran = np.array([True, False, False])
-    measured = measured_bounds(names, trials, ran)
+    measured = measured_bounds(names, trials, ran, {"kl_divergence<=0.1": "kl_divergence",
+                                                    "tpot_p99_ms<=30": "tpot_p99_ms"})
     assert measured.tolist() == [[True, True, True], [True, False, False], [False, False, False]]
     violations = np.array([[-0.07, 0.0, -18.0], [0.9, 1.0, 1.0], [1.0, 1.0, 1.0]])
     columns = {name: (rows, values) for name, rows, values in constraint_columns(names, violations, ran, measured)}

@@ -130,7 +130,6 @@ def noise_fronts(study: optuna.Study, params: Iterable[str] | None = None) -> li
     return out
 
 
-
 # ---------------------------------------------------------------- in words
 
 

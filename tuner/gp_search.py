@@ -101,6 +101,7 @@ class ExhaustiveGPSampler(optuna.samplers.GPSampler):
         super().__init__(seed=seed, n_startup_trials=n_startup_trials)
         self._points = points
         self._metrics = [o.metric for o in space.objectives]
+        self._bound_metrics = {c.name: c.metric for c in space.constraints}
         self._tie_break = np.random.RandomState(seed)
         self._asking: tuple[optuna.Study, FrozenTrial, dict[str, Any]] | None = None
         self._kernel_cache: dict[str, Any] = {}  # each GP's last fit: the start of its next one
@@ -206,21 +207,22 @@ def ran_mask(values: np.ndarray) -> np.ndarray:
     return np.isfinite(values).all(axis=1)
 
 
-def measured_bounds(names: list[str], trials: list[FrozenTrial], ran: np.ndarray) -> np.ndarray:
+def measured_bounds(names: list[str], trials: list[FrozenTrial], ran: np.ndarray,
+                    metric_of: dict[str, str]) -> np.ndarray:
     """[trials, constraints] Whether each trial's value of each constraint is a measurement.
 
     A trial that ran measured every one. One that did not may still have measured a bound's
     metric in its set-up (a KL over its limit stops the window before it is served: int4 on
     glm-4-9b's random weights, KL 1.0 against 0.1); its other bounds are placeholders (1.0).
+    `metric_of`: each bound's stored name (`Constraint.name`) -> its metric; the tuner's own
+    constraints (`runnable`, `stopped_early`) have none, so they count only where the trial ran.
     """
-    def metric(name: str) -> str:
-        return name.split("<=")[0].split(">=")[0]
-
     out = np.repeat(ran[:, None], len(names), axis=1)
     for i, t in enumerate(trials):
         if not ran[i]:
             got = record.metrics(t)
-            out[i] = [isinstance(got.get(metric(n)), (int, float)) and math.isfinite(got[metric(n)]) for n in names]
+            values = [got.get(metric_of.get(n, ""), math.nan) for n in names]
+            out[i] = [isinstance(v, (int, float)) and math.isfinite(v) for v in values]
     return out
 
 
@@ -290,7 +292,7 @@ def fit_model(sampler: ExhaustiveGPSampler, study: Any, completed: list[FrozenTr
         return cache[name]
 
     constraint_gps = []
-    measured = measured_bounds(names, completed, ran)
+    measured = measured_bounds(names, completed, ran, sampler._bound_metrics)
     for name, rows, c in constraint_columns(names, violations, ran, measured):
         # The GPs maximise: feasible is -c >= 0. Scaled, not centred, so that the prior mean
         # (where nothing was measured) is the bound.

@@ -69,8 +69,7 @@ def tell_outcome(study: optuna.Study, trial: optuna.Trial, space: Space, outcome
             reason = f"constraint metric {c.metric} not measured: {result.unavailable.get(c.metric, 'not reported')}"
         violation = c.violation(float(value)) if value is not None else 1.0
         violations.append(violation)
-        trial.set_constraint(f"{c.metric}{'<=' + str(c.max) if c.max is not None else ''}"
-                             f"{'>=' + str(c.min) if c.min is not None else ''}", violation)
+        trial.set_constraint(c.name, violation)
     stopped = result.info.get("stopped_early") if runnable else None
     # Every trial carries the same constraints (samplers refuse a study whose trials differ).
     trial.set_constraint("stopped_early", 1.0 if stopped else 0.0)

@@ -23,6 +23,12 @@ class Constraint:
     max: float | None = None
     min: float | None = None
 
+    @property
+    def name(self) -> str:
+        """The name its violation is stored under (`trial.set_constraint`), e.g. `kl_divergence<=0.1`."""
+        return (f"{self.metric}{'<=' + str(self.max) if self.max is not None else ''}"
+                f"{'>=' + str(self.min) if self.min is not None else ''}")
+
     def violation(self, value: float) -> float:
         """Optuna's convention: feasible iff every returned value is <= 0."""
         worst = 0.0
