@@ -160,6 +160,10 @@ INFER_KNOBS: dict[str, Knob] = {
                   "or L/4.. (>= 256), one graph per bucket"),
         Knob("prefill_chunk_tokens", 0, int, help="fast engine, continuous: prefill prompts in chunks of this "
                                                   "many tokens, interleaved with decode steps; 0 = whole prompt"),
+        Knob("prefill_group_tokens", 2048, int,
+             help="fast engine, slot pool: queued prompts of at most 256 tokens prefill together, one row each, "
+                  "in passes of at most this many padded tokens (and at most prefill_chunk_tokens when chunked); "
+                  "0 = one prompt per pass"),
         Knob("prefix_cache", "off", str, ("off", "lru", "lfu")),
         # prefix_cache.engine_prefix_cache returns None for policy off before reading the budget.
         Knob("prefix_cache_mib", 256, _NUMBER, bounds=(0, 1e9), applies_when=(When("prefix_cache", "!=", "off"),)),

@@ -257,13 +257,83 @@ def test_decode_buckets_are_powers_of_two_capped_at_the_pool_and_never_read_beyo
     views = []
     pool_views = engine.pool.views
     engine.pool.views = lambda first, count: views.append((first, count)) or pool_views(first, count)
-    engine.join(_requests([0.0] * len(SPECS))[:5])
+    engine.join(_requests([0.0] * len(SPECS))[:4])  # one prefill group: the pool's last 4 rows
+    engine.join(_requests([0.0] * len(SPECS))[4:5])  # alone: the staging row, 4
     for _ in range(8):
         engine.step()
-    assert set(views) == {(4, 1), (0, 5)}  # prefills in row 4, decode steps over the 5-row bucket
+    assert views == [(1, 4), (4, 1)] + [(0, 5)] * 8  # then decode steps over the 5-row bucket
     assert engine.counters()["shape_misses"] == 0
     for rid in range(5):
         assert engine.generated[rid][:SPECS[rid][1]] == alone[rid], rid
+
+
+# --- prefill groups -----------------------------------------------------------------------------
+def test_a_prefill_group_gives_each_request_its_own_greedy_tokens_and_leaves_decoding_rows_intact(
+        fast, prompts, alone):
+    """Three prompts prefill as one group in the 4-row bucket of a 6-row pool (rows 2-5, row 2
+    idle), then copy down to rows 0-2. The next three join while rows 0-2 decode: their group
+    again runs rows 2-5, where row 2 now decodes; it writes only row 2's scratch slot, and the
+    members are already in rows 3-5 (no copy). Every request keeps its greedy tokens."""
+    engine = _slots(fast, prompts, rows=6)
+    r = _requests([0.0] * len(SPECS))
+    views, moves = [], _count_moves(engine)
+    pool_views = engine.pool.views
+    engine.pool.views = lambda first, count: views.append((first, count)) or pool_views(first, count)
+    engine.join(r[:3])
+    assert views == [(2, 4)] and moves == [(3, 0, 5), (4, 1, 19), (5, 2, 3)]
+    for _ in range(2):
+        engine.step()
+    before = [part[:, :3].clone() for part in engine.pool.parts]
+    engine.join(r[3:])
+    assert views[-1] == (2, 4) and len(moves) == 3 and engine.rows == [0, 1, 2, 3, 4, 5]
+    for old, new in zip(before, engine.pool.parts, strict=True):
+        assert torch.equal(old[:, :, :, :engine.scratch], new[:, :3, :, :engine.scratch])
+    for _ in range(8):
+        engine.step()
+    for rid, tokens in alone.items():
+        assert engine.generated[rid][:len(tokens)] == tokens, rid
+    assert engine.counters()["shape_misses"] == 0
+
+
+def test_prefill_groups_take_one_piece_prompts_within_the_free_rows_and_the_chunk_budget(fast, prompts, alone):
+    """Chunks of 32 tokens: a pass holds at most 32 padded tokens, so two 16-wide prompts group;
+    a 40-token prompt (two chunks) prefills alone in the staging row, chunk by chunk; a 19-token
+    prompt (one 32-wide piece) fills a pass by itself."""
+    engine = _slots(fast, prompts, chunk=32, rows=6)
+    r = _requests([0.0] * len(SPECS))
+    engine.begin([r[0], r[2], r[3], r[1]])  # prompts of 5, 3, 40 and 19 tokens
+    assert [engine.advance() for _ in range(4)] == [[0, 2], [], [3], [1]]
+    assert not engine.prefilling
+    free = _slots(fast, prompts, rows=4)  # no chunks: a pass of up to 2048 tokens, so rows decide
+    free.join([r[0]])
+    free.begin(r[1:4])
+    assert free.advance() == [1, 2, 3]  # every free row: the 4-row bucket, row 0 (decoding) idle
+    for engine_ in (engine, free):
+        for _ in range(7):
+            engine_.step()
+        for rid in engine_.rows:
+            assert engine_.generated[rid][:SPECS[rid][1]] == alone[rid], rid
+
+
+def test_prefill_group_tokens_zero_prefills_one_prompt_per_pass_and_the_knob_reaches_the_runner(tmp_path):
+    """`prefill_group_tokens: 0` is the one-at-a-time prefill: four prompts arriving together take
+    four passes and no group shape is captured; by default they take one pass (its 4-row bucket),
+    and every request gets the same tokens either way."""
+    knobs = {"engine": "fast", "scheduler": "continuous", "kv_cache": "static", "batch_size": 4}
+    workload = {"arrival": "closed", "concurrency": 4, "requests": 4, "warmup_requests": 0, "prompt_tokens": 12,
+                "output_tokens": 3, "eval_sequences": 1, "eval_tokens": 8}
+    info = {}
+    for tokens in (0, 2048):
+        config = TrialConfig("glm-infer", TINY, "cpu", workload, {**knobs, "prefill_group_tokens": tokens}, seed=0)
+        result = GlmInferRunner().run(config)
+        info[tokens] = result.info
+    assert {rows for rows, _, _ in info[0]["prefill_buckets"]} == {1}
+    assert (4, 16, 256) in info[2048]["prefill_buckets"]
+    steps = {t: i["serving"]["engine_work"]["decode_steps"] for t, i in info.items()}
+    assert steps[0] - steps[2048] == 3  # 4 prefill passes against 1; the decode steps are the same
+    with pytest.raises(InfeasibleConfig, match="prefill_group_tokens"):
+        GlmInferRunner().run(TrialConfig("glm-infer", TINY, "cpu", workload, {**knobs, "prefill_group_tokens": -1},
+                                         seed=0))
 
 
 # --- chunked prefill ----------------------------------------------------------------------------
@@ -665,21 +735,35 @@ def _compiled_slot_engine(prompts, rows: int, max_len: int, max_prompt: int) -> 
 def test_multi_row_compile_is_one_graph_for_every_batch_bucket_and_one_for_every_prefill_width(prompts):
     """The slot pool's multi-row decode compiles once (batch dimension dynamic, weights static):
     buckets 5 (a five-row pool's top bucket, no power of two), 4 and 2 all run the same layer
-    graph (the head runs eagerly), and no bucket is batch 1. Prefill chunks of widths 16, 32 and
-    64 all run one more graph (width dynamic), and every request still gets its own greedy tokens."""
+    graph (the head runs eagerly), and no bucket is batch 1. Prefill pieces of widths 16, 32 and
+    64 run one more graph (width dynamic) alone, and prefill groups of 2 and 4 rows (rows
+    dynamic too) one more; compiled, a group spans at most 4 of the 5 rows (a view of the whole
+    pool would be one more graph). Every request still gets its own greedy tokens."""
     from torch._dynamo.utils import counters
 
     engine, model = _compiled_slot_engine(prompts, 5, 64, 48)
     assert engine.decode_buckets() == [(2, 256), (4, 256), (5, 256)] and engine.pool.rows == 5
-    requests = [Request(rid, 0.0, length, 8) for rid, length in enumerate((6, 20, 40, 9, 33))]
+    requests = [Request(rid, 0.0, length, 8) for rid, length in enumerate((6, 20, 40, 9, 33, 12, 7, 25))]
     assert {prefill_width(r.prompt_tokens) for r in requests} == {16, 32, 64}
     alone = {r.rid: torch.cat(list(FastEngine(model, "cpu", False).decode([prompts(r)], 8)), 1)[0].tolist()
              for r in requests}
-    engine.join(requests)
+    for rid in (0, 1, 2):  # alone in the staging row: widths 16, 32, 64
+        engine.join([requests[rid]])
+    engine.leave([0, 1, 2])
+    engine.join(requests[3:5])  # a group of 2 rows
+    engine.join(requests[5:8])  # 3 of the 3 free rows: the 4-row bucket
+    engine.leave([3, 4, 5, 6, 7])
+    assert engine.group_rows == 4
+    engine.generated.clear()
+    views = []
+    pool_views = engine.pool.views
+    engine.pool.views = lambda first, count: views.append((first, count)) or pool_views(first, count)
+    engine.join(requests[:5])  # 5 prompts into an empty pool: a group of 4 rows, then one alone
+    assert views == [(1, 4), (4, 1)]
     for leaving in ([], [0, 1], [2], [3]):  # 5 rows (bucket 5), 3 (4), 2 (2), 1 (2)
         engine.leave(leaving)
         engine.step()
-    assert counters["stats"]["unique_graphs"] == 2
+    assert counters["stats"]["unique_graphs"] == 3
     assert engine.generated[4][:5] == alone[4][:5]
     assert engine.generated[3][:4] == alone[3][:4]
     torch._dynamo.reset()

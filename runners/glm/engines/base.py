@@ -136,8 +136,8 @@ def _fast_refusal(knobs: dict[str, Any], device: str) -> str:
     if knobs["compile"] and not device.startswith("cuda"):
         return ("compile=true captures the decode step in CUDA graphs; this device has none "
                 "(on CPU the static-cache engine runs eager with compile=false)")
-    if chunk < 0 or int(knobs.get("kv_slots", 0)) < 0:
-        return "prefill_chunk_tokens and kv_slots must be >= 0"
+    if chunk < 0 or int(knobs.get("kv_slots", 0)) < 0 or int(knobs.get("prefill_group_tokens", 0)) < 0:
+        return "prefill_chunk_tokens, prefill_group_tokens and kv_slots must be >= 0"
     if int(knobs.get("kv_slots", 0)) and scheduler != "continuous":
         return "kv_slots sizes the slot pool of scheduler=continuous; scheduler=dynamic holds each whole batch"
     if float(knobs.get("kv_memory_mib", 0)) < 0:

@@ -11,6 +11,7 @@ import torch
 from runners.glm.engines.base import PrefixLenFn, PromptFn, TrialEngine
 from runners.glm.engines.fast import FastEngine
 from runners.glm.engines.hf import HFEngine
+from runners.glm.engines.kv_pool import PREFILL_GROUP_TOKENS
 
 
 def graph_min_batch(knobs: dict[str, Any]) -> int:
@@ -56,6 +57,7 @@ def trial_engine(model: torch.nn.Module, fast: FastEngine | None, knobs: dict[st
     if knobs.get("scheduler", "dynamic") == "continuous" or knobs["kv_cache"] != "static":
         fast.release_buckets()  # earlier trials' static buckets would count in this trial's peak memory
         engine = fast.slot_engine(knobs["kv_cache"], int(knobs["kv_bits"]), int(knobs.get("prefill_chunk_tokens", 0)),
-                                  int(knobs.get("decode_length_step", 0)))
+                                  int(knobs.get("decode_length_step", 0)),
+                                  int(knobs.get("prefill_group_tokens", PREFILL_GROUP_TOKENS)))
     engine.begin_trial(prompts, prefix_len_fn, knobs["prefix_cache"], float(knobs["prefix_cache_mib"]))
     return engine

@@ -71,20 +71,30 @@ def batch_dynamic(fn: Callable[..., torch.Tensor], batched: Sequence[int]) -> Ca
 
 def chunk_dynamic(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     """`fn` (a compiled `layer_forward`) with a prefill chunk's width and attend length marked
-    dynamic before each call: h/cos/sin [1, W, ...] on dimension 1, slots [W] on 0, the bias
-    [1, 1, 1, W, A] on 3 and 4 (the attention reads A off the bias, not off the int argument,
-    which Dynamo would specialise). One graph then serves every (width, attend) bucket instead of
-    one compile each; an attend length equal to the pool's length recompiles once (the narrowed
-    cache is then contiguous, a guard of the matmul's decomposition)."""
+    dynamic before each call: h/cos/sin [R, W, ...] on dimension 1, slots ([W], or [R, W] per
+    row) on their last, the bias [R, 1, 1, W, A] on 3 and 4 (the attention reads A off the bias,
+    not off the int argument, which Dynamo would specialise). One graph then serves every
+    (width, attend) bucket instead of one compile each; an attend length equal to the pool's
+    length recompiles once (the narrowed cache is then contiguous, a guard of the matmul's
+    decomposition). A prefill group (R >= 2 rows, `engines/slots.py`) also has its rows marked,
+    on dimension 0 of those tensors and of the caches: one more graph for every row bucket."""
     import torch._dynamo
 
+    def rows(arg: Any) -> None:
+        for t in arg if isinstance(arg, tuple) else (arg,):
+            if isinstance(t, torch.Tensor):
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+
     def call(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor, bias: torch.Tensor | None,
-             *rest: Any, **kwargs: Any) -> torch.Tensor:
+             k_cache: Any, v_cache: Any, *rest: Any, **kwargs: Any) -> torch.Tensor:
         for t in (h, cos, sin):
             torch._dynamo.maybe_mark_dynamic(t, 1)
-        torch._dynamo.maybe_mark_dynamic(slots, 0)
+        torch._dynamo.maybe_mark_dynamic(slots, slots.dim() - 1)
         if bias is not None:
             torch._dynamo.maybe_mark_dynamic(bias, 3)
             torch._dynamo.maybe_mark_dynamic(bias, 4)
-        return fn(h, cos, sin, slots, bias, *rest, **kwargs)
+        if h.shape[0] > 1:  # a size-1 dimension is specialised: single-row chunks keep their graph
+            for arg in (h, cos, sin, slots, bias, k_cache, v_cache):
+                rows(arg)
+        return fn(h, cos, sin, slots, bias, k_cache, v_cache, *rest, **kwargs)
     return call

@@ -37,7 +37,7 @@ from runners.glm.engines.base import (
     warmup_stream,
 )
 from runners.glm.engines.compiled import batch_dynamic, chunk_dynamic, configure_inductor, shape_generic_compile
-from runners.glm.engines.kv_pool import MIN_LENGTH_BUCKET, bucket
+from runners.glm.engines.kv_pool import MIN_LENGTH_BUCKET, PREFILL_GROUP_TOKENS, bucket
 from runners.glm.engines.slots import SlotEngine
 from runners.glm.fast_model import FastGlm, LayerFn, attention_bias, head_forward, layer_forward, rms_norm
 from runners.glm.model_cache import free_device_memory
@@ -135,12 +135,13 @@ class FastEngine(StaticBatchEngine):
             self._preparing = False
         return time.perf_counter() - start
 
-    def slot_engine(self, kv_cache: str, kv_bits: int, prefill_chunk_tokens: int, decode_length_step: int = 0) -> Any:
+    def slot_engine(self, kv_cache: str, kv_bits: int, prefill_chunk_tokens: int, decode_length_step: int = 0,
+                    prefill_group_tokens: int = PREFILL_GROUP_TOKENS) -> Any:
         """The continuous-batching engine (`runners.glm.engines.slots.SlotEngine`) over this model,
         sharing its compiled layer and head and its CUDA graph memory pool. One is kept: a new
         KV policy or chunk size replaces it (and frees its pool)."""
         key = (kv_cache, int(kv_bits) if kv_cache == "quantized" else 0, int(prefill_chunk_tokens),
-               int(decode_length_step))
+               int(decode_length_step), int(prefill_group_tokens))
         if self._slot_engine is None or self._slot_engine_key != key:
             if self._slot_engine is not None:
                 # Free the old pool and graphs now, so the next trial's peak memory is its own.
@@ -150,7 +151,8 @@ class FastEngine(StaticBatchEngine):
                                            self._eager_layer_fn, head_forward, kv_cache, kv_bits,
                                            prefill_chunk_tokens, self.graph_min_batch, self._graph_pool,
                                            self._compile_failed, decode_length_step, self.batched_fns(),
-                                           fused_batch1=self.fused_attention, prefill_fn=self.prefill_fn())
+                                           fused_batch1=self.fused_attention, prefill_fn=self.prefill_fn(),
+                                           prefill_group_tokens=prefill_group_tokens)
             self._slot_engine_key = key
         return self._slot_engine
 

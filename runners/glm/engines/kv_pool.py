@@ -72,6 +72,36 @@ def chunk_shapes(prompt_len: int, start: int, chunk: int, pool_len: int) -> list
     return out
 
 
+# Prefill groups (`engines/slots.py`): queued requests whose whole remaining prompt is one piece
+# of at most GROUP_MAX_WIDTH tokens prefill together, one row each, in one pass of at most
+# `prefill_group_tokens` padded tokens (default PREFILL_GROUP_TOKENS; chunked prefill: at most
+# the chunk size too, so the running batch still waits at most one chunk's worth of prefill).
+# Why only short pieces: a pass of a few dozen tokens reads all the weights for little arithmetic
+# (glm-4-9b on an H200: ~10 ms at 16 tokens, ~15 at 256, eager), so prefilled one by one, most of
+# a short prompt's prefill is that fixed cost, while at a few hundred tokens the matmuls dominate
+# and every member is padded to the widest. The cap also bounds the captured shapes (row buckets x
+# these widths x attend lengths) and the padding a group carries.
+GROUP_MAX_WIDTH = 256
+PREFILL_GROUP_TOKENS = 2048
+
+
+def group_budget(chunk: int, group_tokens: int = PREFILL_GROUP_TOKENS) -> int:
+    """Padded tokens one prefill pass may hold: `group_tokens`, and at most the chunk when chunked
+    (under 32 no group forms: two rows of the narrowest piece, 16 tokens, do not fit)."""
+    return min(group_tokens, chunk) if chunk > 0 else group_tokens
+
+
+def group_shapes(pieces: set[tuple[int, int]], rows: int, budget: int) -> set[tuple[int, int, int]]:
+    """(rows, padded width, attend length) of every prefill group a pool of `rows` rows can run,
+    given the single-row pieces `pieces` ((padded width, attend length) of every chunk a prompt
+    reaches): each row bucket of 2 or more (`decode_batch`) x each groupable width x each attend
+    length (a group pads to its widest piece and attends its longest), within `budget` tokens."""
+    widths = {w for w, _ in pieces if w <= GROUP_MAX_WIDTH}
+    attends = {a for w, a in pieces if w <= GROUP_MAX_WIDTH}
+    sizes = {decode_batch(n, rows, 2) for n in range(2, rows + 1)}
+    return {(k, w, a) for k in sizes for w in widths for a in attends if k * w <= budget}
+
+
 def pool_rows(gpu_rows: int, shared_staging: bool = True) -> int:
     """Rows a pool of `gpu_rows` decoding rows allocates: exactly those when prefill stages in the
     last decoding row (`shared_staging`), one more (a staging row no sequence decodes in) when not

@@ -16,10 +16,13 @@ from runners.contract import InfeasibleConfig
 from runners.glm.engines.base import error_line, warmup_stream
 from runners.glm.engines.kv_pool import (
     MIN_LENGTH_BUCKET,
+    PREFILL_GROUP_TOKENS,
     KvPool,
     bucket,
     chunk_shapes,
     decode_batch,
+    group_budget,
+    group_shapes,
     length_buckets,
 )
 from runners.glm.fast_model import FastGlm, rms_norm, row_bias
@@ -31,13 +34,15 @@ POLICIES = ("static", "quantized", "offloaded")
 
 @dataclass
 class _PrefillShape:
-    """Static inputs of one prefill chunk bucket (padded width, attend length) and its graph."""
+    """Static inputs of one prefill bucket (rows, padded width, attend length) and its graph: one
+    chunk in the staging row (rows 1), or a group of pieces in the pool's last `rows` rows."""
 
+    rows: int
     width: int
     attend: int
-    ids: torch.Tensor  # [1, W]
-    pos: torch.Tensor  # [1, W] absolute positions (pads parked at the scratch slot)
-    last: torch.Tensor  # [1] index of the chunk's last real token
+    ids: torch.Tensor  # [rows, W]
+    pos: torch.Tensor  # [rows, W] absolute positions (pads, and idle rows, parked at the scratch slot)
+    last: torch.Tensor  # [rows] index of each row's last real token
     graph: Any = None
 
 
@@ -57,7 +62,8 @@ class SlotSteps:
                  prefill_chunk_tokens: int = 0, graph_min_batch: int = 1, graph_pool: Any = None,
                  compile_failed: Callable[[BaseException], None] | None = None, decode_length_step: int = 0,
                  batched_fns: tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]] | None = None,
-                 fused_batch1: bool = False, prefill_fn: Callable[..., torch.Tensor] | None = None) -> None:
+                 fused_batch1: bool = False, prefill_fn: Callable[..., torch.Tensor] | None = None,
+                 prefill_group_tokens: int = PREFILL_GROUP_TOKENS) -> None:
         if kv_cache not in POLICIES:
             raise InfeasibleConfig(f"the slot engine keeps kv_cache in {list(POLICIES)}, not {kv_cache!r}")
         if kv_cache == "quantized" and kv_bits != 8:
@@ -71,6 +77,7 @@ class SlotSteps:
         self.shared_staging = kv_cache != "offloaded"
         self.prefill_chunk_tokens = int(prefill_chunk_tokens)
         self.chunked = self.prefill_chunk_tokens > 0
+        self.prefill_group_tokens = int(prefill_group_tokens)  # 0: one prompt per prefill pass
         self.decode_length_step = int(decode_length_step)
         self.use_graphs = device.startswith("cuda")
         self.graph_min_batch = graph_min_batch
@@ -95,8 +102,9 @@ class SlotSteps:
         self.pool: KvPool | None = None
         self.gpu_rows = 0  # decoding rows of the pool (offloaded: plus its staging row)
         self.max_sequences = 0  # admitted sequences: gpu_rows, or more when offloaded
+        self.group_rows = 1  # rows a prefill group may span (`max_group_rows`, set by `prepare`)
         self._decode: dict[tuple[int, int], _Decode] = {}
-        self._prefill_shapes: dict[tuple[int, int], _PrefillShape] = {}
+        self._prefill_shapes: dict[tuple[int, int, int], _PrefillShape] = {}
         self.compile_s = 0.0
         self.shape_misses = 0
         self._preparing = False
@@ -134,6 +142,24 @@ class SlotSteps:
                 shapes |= {(w, a) for _, _, w, a in chunk_shapes(n, s, self.prefill_chunk_tokens, self.pool.length)}
         return shapes
 
+    @property
+    def group_tokens(self) -> int:
+        """Padded tokens one prefill pass may hold (`kv_pool.group_budget`)."""
+        return group_budget(self.prefill_chunk_tokens, self.prefill_group_tokens)
+
+    def prefill_group_shapes(self, max_prompt: int, prefix_lens: Sequence[int] = ()) -> set[tuple[int, int, int]]:
+        """(rows, padded width, attend length) of every prefill group these prompts can form."""
+        assert self.pool is not None
+        return group_shapes(self.prefill_shapes(max_prompt, prefix_lens), self.group_rows, self.group_tokens)
+
+    def max_group_rows(self) -> int:
+        """Rows a prefill group may span: the pool's, or one fewer with the prefill compiled. Why:
+        a group over the whole pool views layer 0's KV at storage offset 0, a value Dynamo
+        specialises (every other view starts further in), so it would cost one more compile of
+        the layer (~20 s of set-up for glm-4-9b) for a pass only full-pool joins reach."""
+        assert self.pool is not None
+        return self.pool.rows - (1 if self._prefill_fn is not None else 0)
+
     @torch.inference_mode(False)
     def _new_pool(self, rows: int, length: int) -> None:
         self.pool = None
@@ -150,7 +176,7 @@ class SlotSteps:
         self.tok = torch.zeros(rows, 1, dtype=torch.long, device=dev)  # next input token per row
         self.pos = torch.full((rows,), self.scratch, dtype=torch.long, device=dev)  # next write slot per row
         self.logits = torch.zeros(rows, vocab, dtype=self.model.dtype, device=dev)  # last step's logits
-        self.prefill_logits = torch.zeros(1, vocab, dtype=self.model.dtype, device=dev)
+        self.prefill_logits = torch.zeros(rows, vocab, dtype=self.model.dtype, device=dev)  # row i of a pass
         self._rope_max = int(self.model.cos_table.shape[0]) - 1
 
     @property
@@ -164,7 +190,8 @@ class SlotSteps:
     def decode_buckets(self) -> list[tuple[int, int]]:
         return sorted(self._decode)
 
-    def prefill_buckets(self) -> list[tuple[int, int]]:
+    def prefill_buckets(self) -> list[tuple[int, int, int]]:
+        """(rows, padded width, attend length) prefill buckets captured so far."""
         return sorted(self._prefill_shapes)
 
     def _miss(self) -> None:
@@ -203,19 +230,20 @@ class SlotSteps:
         return entry
 
     @torch.inference_mode(False)
-    def _prefill_for(self, width: int, attend: int) -> _PrefillShape:
-        shape = self._prefill_shapes.get((width, attend))
+    def _prefill_for(self, rows: int, width: int, attend: int) -> _PrefillShape:
+        shape = self._prefill_shapes.get((rows, width, attend))
         if shape is None:
             self._miss()
             t0 = time.perf_counter()
             dev = self.model.device
-            shape = _PrefillShape(width, attend, torch.full((1, width), self.pad_id, dtype=torch.long, device=dev),
-                                  torch.full((1, width), self.scratch, dtype=torch.long, device=dev),
-                                  torch.zeros(1, dtype=torch.long, device=dev))
+            shape = _PrefillShape(rows, width, attend,
+                                  torch.full((rows, width), self.pad_id, dtype=torch.long, device=dev),
+                                  torch.full((rows, width), self.scratch, dtype=torch.long, device=dev),
+                                  torch.zeros(rows, dtype=torch.long, device=dev))
             if self.use_graphs:
-                shape.graph = self._capture(lambda: self._prefill_step(shape), width >= self.graph_min_batch,
+                shape.graph = self._capture(lambda: self._prefill_step(shape), rows * width >= self.graph_min_batch,
                                             self._prefill_compile_fallback)
-            self._prefill_shapes[(width, attend)] = shape
+            self._prefill_shapes[(rows, width, attend)] = shape
             self.compile_s += time.perf_counter() - t0
         return shape
 
@@ -308,24 +336,26 @@ class SlotSteps:
 
     @torch.inference_mode()
     def _prefill_step(self, s: _PrefillShape) -> None:
-        """One prefill chunk into the staging row; the logits of its last real token. A decode
+        """One prefill pass into the pool's last `s.rows` rows (rows 1: a chunk in the staging
+        row); the logits of each row's last real token into `prefill_logits[:s.rows]`. A decode
         step between chunks may cover the staging row (its bucket reaches the pool's last row) but
-        writes only its scratch slot, where its position is parked while no sequence decodes there.
+        writes only its scratch slot, where its position is parked while no sequence decodes there;
+        likewise a group's idle rows (a row bucket wider than the group) are parked there.
 
-        The layers run through the prefill compile (one graph for every width bucket, see
-        `FastEngine.prefill_fn`) or, not compiled, eagerly; on GPU either is captured in the
-        chunk bucket's CUDA graph. The head (one position, one GEMV) runs eagerly: compiled it
-        would be a batch-1 compile of its own.
+        The layers run through the prefill compile (one graph for every width bucket, and one
+        more for every group's row bucket, see `FastEngine.prefill_fn`) or, not compiled, eagerly;
+        on GPU either is captured in the bucket's CUDA graph. The head (one position per row, a
+        GEMV or a small GEMM) runs eagerly: compiled it would be a compile of its own.
         """
         assert self.pool is not None
-        bias = row_bias(s.pos, s.attend, self.model.dtype)  # [1, 1, 1, W, A]
-        ks, vs = self.pool.views(self.staging_row, 1)
-        rope = s.pos.clamp(max=self._rope_max)
-        h = self.model.run_layers(s.ids, rope, s.pos[0], bias, ks, vs, s.attend,
-                                  self._prefill_fn or self._eager_layer_fn)
-        last = h.index_select(1, s.last)  # [1, 1, H]
+        bias = row_bias(s.pos, s.attend, self.model.dtype)  # [rows, 1, 1, W, A]
+        ks, vs = self.pool.views(self.pool.rows - s.rows, s.rows)
+        rope = s.pos.clamp(max=self._rope_max)  # [rows, W]
+        slots = s.pos[0] if s.rows == 1 else s.pos  # [W], or [rows, W]: each row writes its own
+        h = self.model.run_layers(s.ids, rope, slots, bias, ks, vs, s.attend, self._prefill_fn or self._eager_layer_fn)
+        last = h.gather(1, s.last.view(-1, 1, 1).expand(-1, 1, h.shape[-1]))  # [rows, 1, H]
         logits = self._eager_head_fn(last, self.model.final_norm, self.model.lm_head.weight, self.model.dims.eps)
-        self.prefill_logits.copy_(logits)
+        self.prefill_logits[:s.rows].copy_(logits)
 
     # --- quality through this cache ------------------------------------------------------------
     @torch.inference_mode()
