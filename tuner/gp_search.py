@@ -75,7 +75,7 @@ class ExhaustiveGPSampler(optuna.samplers.GPSampler):
        (`_design_row`), not independent random draws.
     7. A bound measured in a trial's set-up (a KL over its limit stops the window before any
        objective is measured) goes into that bound's GP, and the trial is not counted as one
-       that could not run (`measured_bounds`). Kept on the re-recorded GPU grid alone (the CPU
+       that could not run (`measured_bounds`). Kept on the second GPU grid alone (the CPU
        grid has no such trial, and its curves are identical): median HV after 11 of 108 trials,
        seeds 0-19 / 20-39 / 40-59, 38.2 / 58.4 / 59.5 % before, 56.1 / 58.5 / 58.7 % after
        (means 43.4 / 55.3 / 57.1 -> 58.6 / 59.4 / 62.2 %).
@@ -90,7 +90,7 @@ class ExhaustiveGPSampler(optuna.samplers.GPSampler):
     surface is not smooth in them); with 3 alone: refitting the kernels from scratch each time
     95.3 % (no gain), EHVI's reference point at the front's nadir + 10 % instead of Optuna's
     95.3 % (no gain at 18 trials), and with it 2 or 4 random start-up trials instead of 3, 92.6
-    and 92.0 %. On the re-recorded GPU grid, median HV after 11 trials: numeric categorical
+    and 92.0 %. On the second GPU grid, median HV after 11 trials: numeric categorical
     knobs on a log scale 43.8 % against 38.2 % (before 7, seeds 0-19), but 92.3 % against 99.4 %
     after 18 on the CPU grid; with 7, raw objective values 53.8 % against 56.1 % (seeds 0-19),
     and 5 or 7 start-up trials 56.0 / 51.3 % against 57.2 % with 3 (seeds 0-39).
