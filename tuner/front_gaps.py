@@ -58,14 +58,14 @@ class ValueGap:
     reason_count: int  # how many of them share it
 
 
-def _loss(t: FrozenTrial, directions: Sequence[StudyDirection]) -> list[float]:
+def trial_loss(t: FrozenTrial, directions: Sequence[StudyDirection]) -> list[float]:
     """The objective values as losses (maximized ones negated), as Optuna compares them."""
     return losses([t.values], [d.name.lower() for d in directions])[0].tolist()
 
 
 def dominates(a: FrozenTrial, b: FrozenTrial, directions: Sequence[StudyDirection]) -> bool:
     """`a` is no worse than `b` on every objective and better on one (Optuna's definition)."""
-    la, lb = _loss(a, directions), _loss(b, directions)
+    la, lb = trial_loss(a, directions), trial_loss(b, directions)
     return all(x <= y for x, y in zip(la, lb, strict=True)) and any(x < y for x, y in zip(la, lb, strict=True))
 
 
@@ -82,7 +82,7 @@ def gap_pct(dominator: FrozenTrial, dominated: FrozenTrial) -> float:
     return max(_advantage_pct(f, t) for f, t in zip(dominator.values, dominated.values, strict=True))
 
 
-def _within_ci(trial: FrozenTrial, metric: str, value: float) -> bool:
+def within_ci(trial: FrozenTrial, metric: str, value: float) -> bool:
     """`value` inside the trial's recorded CI of `metric` (both bounds needed to say so)."""
     metrics = record.metrics(trial)
     low, high = metrics.get(f"{metric}_ci_low"), metrics.get(f"{metric}_ci_high")
@@ -90,7 +90,7 @@ def _within_ci(trial: FrozenTrial, metric: str, value: float) -> bool:
 
 
 def margins(dominator: FrozenTrial, dominated: FrozenTrial, names: Sequence[str]) -> tuple[Margin, ...]:
-    return tuple(Margin(n, t, f, change_pct(f, t), _within_ci(dominated, n, f))
+    return tuple(Margin(n, t, f, change_pct(f, t), within_ci(dominated, n, f))
                  for n, f, t in zip(names, dominator.values, dominated.values, strict=True))
 
 
@@ -142,18 +142,18 @@ def most_common_reason(trials: Sequence[FrozenTrial], constraints: Sequence[dict
     return next(n for n in notes if _reason_key(n) == key), count
 
 
-def _value_key(value: Any) -> tuple[str, Any]:
+def value_key(value: Any) -> tuple[str, Any]:
     """Type and value: a categorical 1 and True (or 0 and False) are different choices."""
     return type(value).__name__, value
 
 
-def _order(param: str, trials: Sequence[FrozenTrial]) -> Callable[[Any], tuple[int, Any]]:
+def value_order(param: str, trials: Sequence[FrozenTrial]) -> Callable[[Any], tuple[int, Any]]:
     """Values in the distribution's order: choices as listed, numbers ascending."""
     dist = next((t.distributions[param] for t in trials if param in t.distributions), None)
 
     def key(value: Any) -> tuple[int, Any]:
         if isinstance(dist, CategoricalDistribution):
-            return 0, next((i for i, c in enumerate(dist.choices) if _value_key(c) == _value_key(value)), 0)
+            return 0, next((i for i, c in enumerate(dist.choices) if value_key(c) == value_key(value)), 0)
         return (0, value) if isinstance(value, (int, float)) else (1, str(value))
     return key
 
@@ -170,7 +170,7 @@ def discrete(dist: BaseDistribution | None) -> bool:
     return False
 
 
-def _params(trials: Sequence[FrozenTrial], params: Iterable[str] | None) -> list[str]:
+def discrete_params(trials: Sequence[FrozenTrial], params: Iterable[str] | None) -> list[str]:
     """The searched discrete knobs (`discrete`): the space's `params` when known, else every
     trial's, in first-seen order."""
     names = list(params) if params is not None else list(dict.fromkeys(name for t in trials for name in t.params))
@@ -192,13 +192,13 @@ def front_gaps(study: optuna.Study, params: Iterable[str] | None = None) -> list
                 and not record.SAME_AS.recorded(t)]
     constraints = record.constraints(study)
     gaps: list[ValueGap] = []
-    for param in _params(finished, params):
-        on_front = {_value_key(t.params[param]) for t in front if param in t.params}
+    for param in discrete_params(finished, params):
+        on_front = {value_key(t.params[param]) for t in front if param in t.params}
         by_value: dict[tuple[str, Any], list[FrozenTrial]] = {}
         for t in finished:
-            if param in t.params and _value_key(t.params[param]) not in on_front:
-                by_value.setdefault(_value_key(t.params[param]), []).append(t)
-        order = _order(param, finished)
+            if param in t.params and value_key(t.params[param]) not in on_front:
+                by_value.setdefault(value_key(t.params[param]), []).append(t)
+        order = value_order(param, finished)
         for key in sorted(by_value, key=lambda k: order(k[1])):
             ran, value = by_value[key], key[1]
             feasible = [t for t in ran if record.feasible(t)]
@@ -215,7 +215,7 @@ def front_gaps(study: optuna.Study, params: Iterable[str] | None = None) -> list
 # ---------------------------------------------------------------- in words
 
 
-def _fmt_pct(pct: float | None) -> str:
+def fmt_gap_pct(pct: float | None) -> str:
     if pct is None:
         return "vs 0"
     if pct == 0:
@@ -223,7 +223,7 @@ def _fmt_pct(pct: float | None) -> str:
     return f"{pct:+.2g} %" if abs(pct) < 0.1 else f"{pct:+.1f} %" if abs(pct) < 10 else f"{pct:+.0f} %"
 
 
-def _trial_name(t: FrozenTrial) -> str:
+def trial_name(t: FrozenTrial) -> str:
     return f"#{t.number}" + (" (baseline)" if record.is_baseline(t) else "")
 
 
@@ -231,13 +231,13 @@ def _dominated_line(gap: ValueGap) -> str:
     assert gap.best is not None and gap.dominator is not None
     plural = "s" if gap.feasible > 1 else ""
     own = ", ".join(f"{m.metric} {fmt_value(m.dominated)}" for m in gap.margins)
-    theirs = ", ".join(f"{m.metric} {fmt_value(m.dominator)} ({_fmt_pct(m.pct)}"
+    theirs = ", ".join(f"{m.metric} {fmt_value(m.dominator)} ({fmt_gap_pct(m.pct)}"
                        + (", within its CI" if m.within_ci else "") + ")" for m in gap.margins)
     more = gap.dominators - 1
     others = f" and {more} other front trial{'s' if more > 1 else ''}" if more else ""
     line = (f"{gap.param} {fmt_param(gap.value)} ({gap.feasible} feasible trial{plural}) not on the front: "
-            f"{'best' if gap.feasible > 1 else 'its'} {_trial_name(gap.best)} ({own}) is dominated by "
-            f"{_trial_name(gap.dominator)} ({theirs}){others}")
+            f"{'best' if gap.feasible > 1 else 'its'} {trial_name(gap.best)} ({own}) is dominated by "
+            f"{trial_name(gap.dominator)} ({theirs}){others}")
     differs = [m for m in gap.margins if m.pct != 0]
     if differs and all(m.within_ci for m in differs):
         line += "; every margin is within the measurement's CI"

@@ -14,7 +14,16 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner import record
-from tuner.front_gaps import _fmt_pct, _loss, _order, _params, _trial_name, _value_key, _within_ci, gap_pct
+from tuner.front_gaps import (
+    discrete_params,
+    fmt_gap_pct,
+    gap_pct,
+    trial_loss,
+    trial_name,
+    value_key,
+    value_order,
+    within_ci,
+)
 from tuner.notes import change_pct, fmt_param, fmt_value
 
 
@@ -51,9 +60,9 @@ class NoiseFront:
 def _ci_holder(a: FrozenTrial, b: FrozenTrial, metric: str, value_a: float, value_b: float) -> int | None:
     """The trial (a first) whose recorded CI of `metric` holds the other's value; None when
     neither has both bounds or neither CI holds it (then the two values compare exactly)."""
-    if _within_ci(a, metric, value_b):
+    if within_ci(a, metric, value_b):
         return a.number
-    if _within_ci(b, metric, value_a):
+    if within_ci(b, metric, value_a):
         return b.number
     return None
 
@@ -68,7 +77,7 @@ def noise_margins(rival: FrozenTrial, trial: FrozenTrial, names: Sequence[str],
     when `trial` beats it only on ties, and `rival` beats `trial` on at least one objective that
     is not a tie. Equal values are neither a win nor a tie.
     """
-    lr, lt = _loss(rival, directions), _loss(trial, directions)
+    lr, lt = trial_loss(rival, directions), trial_loss(trial, directions)
     out: list[NoiseMargin] = []
     real_edge = False
     for name, r, t, loss_r, loss_t in zip(names, rival.values, trial.values, lr, lt, strict=True):
@@ -85,7 +94,7 @@ def _noise_win(trial: FrozenTrial, front: Sequence[FrozenTrial], beaten: set[int
     """The front trial that dominates `trial` within noise: one with another value of `param`
     first (it is what the value is only level with), then one not itself beaten within noise
     (`beaten`: it stands), then the nearest (`gap_pct`), then the earlier."""
-    ranked = [((_value_key(f.params.get(param)) == _value_key(trial.params.get(param))), f.number in beaten,
+    ranked = [((value_key(f.params.get(param)) == value_key(trial.params.get(param))), f.number in beaten,
                gap_pct(f, trial), f.number, f, m) for f in front if f.number != trial.number
               if (m := noise_margins(f, trial, names, directions)) is not None]
     if not ranked:
@@ -117,12 +126,12 @@ def noise_fronts(study: optuna.Study, params: Iterable[str] | None = None) -> li
     beaten = {t.number for t in front if any(noise_margins(f, t, names, study.directions) is not None
                                              for f in front if f.number != t.number)}
     out: list[NoiseFront] = []
-    for param in _params(finished, params):
+    for param in discrete_params(finished, params):
         by_value: dict[tuple[str, Any], list[FrozenTrial]] = {}
         for t in front:
             if param in t.params:
-                by_value.setdefault(_value_key(t.params[param]), []).append(t)
-        order = _order(param, finished)
+                by_value.setdefault(value_key(t.params[param]), []).append(t)
+        order = value_order(param, finished)
         for key in sorted(by_value, key=lambda k: order(k[1])):
             wins = [_noise_win(t, front, beaten, param, names, study.directions) for t in by_value[key]]
             if all(w is not None for w in wins):
@@ -134,7 +143,7 @@ def noise_fronts(study: optuna.Study, params: Iterable[str] | None = None) -> li
 
 
 def _noise_margin_text(m: NoiseMargin, rival: int) -> str:
-    pct = "same" if m.pct == 0 else f"{_fmt_pct(m.pct)} vs #{rival}"
+    pct = "same" if m.pct == 0 else f"{fmt_gap_pct(m.pct)} vs #{rival}"
     return f"{m.metric} {fmt_value(m.value)} ({pct}" + ("" if m.ci_of is None else f", within #{m.ci_of}'s CI") + ")"
 
 
@@ -142,5 +151,5 @@ def noise_lines(fronts: Sequence[NoiseFront]) -> list[str]:
     """One line per value on the front only within noise: each of its front trials, its values
     and their change vs the rival that beats it beyond noise, ties marked with whose CI."""
     return [f"{nf.param} {fmt_param(nf.value)} on the front only within noise: " + "; ".join(
-        f"{_trial_name(w.trial)} ({', '.join(_noise_margin_text(m, w.rival.number) for m in w.margins)})"
+        f"{trial_name(w.trial)} ({', '.join(_noise_margin_text(m, w.rival.number) for m in w.margins)})"
         for w in nf.wins) for nf in fronts]

@@ -37,8 +37,9 @@ drives it through `join`/`begin`+`advance`/`step`/`leave`):
   decode. The members then join oldest first as rows n, n+1, ...: each copy goes to a row at or
   below its own and above the rows of the members still waiting. A long prompt, or one that
   has started its chunks, prefills alone in the staging row as above.
-- Prefix cache: a hit copies the cached prefix KV into the staging row and prefill starts after
-  it. Misses store their prefix once their prefill is done.
+- Prefix cache: a hit copies the cached prefix KV into the row its prefill writes (the staging
+  row, or its row in a group) and prefill starts after it. Misses store their prefix once their
+  prefill is done; two misses of one prefix in the same group both prefill it.
 - `kv_cache: offloaded`: the GPU pool has `gpu_rows` decoding rows and up to `max_sequences`
   sequences are admitted. A prefill finishing with no free row preempts the sequence in the last
   decoding row: its KV goes to pinned host memory; it comes back (FIFO) when a row frees.
