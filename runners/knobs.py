@@ -163,7 +163,8 @@ INFER_KNOBS: dict[str, Knob] = {
         Knob("prefill_group_tokens", 2048, int,
              help="fast engine, slot pool: queued prompts of at most 256 tokens prefill together, one row each, "
                   "in passes of at most this many padded tokens (and at most prefill_chunk_tokens when chunked); "
-                  "0 = one prompt per pass"),
+                  "0 = one prompt per pass",
+             bounds=(0, 1 << 20)),
         Knob("prefix_cache", "off", str, ("off", "lru", "lfu")),
         # prefix_cache.engine_prefix_cache returns None for policy off before reading the budget.
         Knob("prefix_cache_mib", 256, _NUMBER, bounds=(0, 1e9), applies_when=(When("prefix_cache", "!=", "off"),)),

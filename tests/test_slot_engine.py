@@ -527,6 +527,18 @@ def _reason(knobs: dict) -> str:
     return str(info.value)
 
 
+def test_prefill_group_tokens_off_its_default_is_refused_where_no_slot_pool_reads_it():
+    """Static batches (dynamic scheduler, static KV) and transformers' loop ignore the knob, so a
+    non-default value would measure a twin of the default config: refused up front, as kv_slots."""
+    assert "prefill_group_tokens sizes the slot pool" in _reason(
+        {"engine": "fast", "scheduler": "dynamic", "kv_cache": "static", "prefill_group_tokens": 0})
+    assert "use engine=fast" in _reason({"engine": "hf", "kv_cache": "dynamic", "prefill_group_tokens": 512})
+    for knobs in ({"scheduler": "continuous", "kv_cache": "static"},
+                  {"scheduler": "dynamic", "kv_cache": "quantized", "kv_bits": 8},
+                  {"scheduler": "dynamic", "kv_cache": "static", "prefill_group_tokens": 2048}):
+        select_engine(resolve_knobs("glm-infer", {"engine": "fast", "prefill_group_tokens": 0, **knobs}), "cpu")
+
+
 WORKLOAD = {"arrival": "poisson", "rate_rps": 200.0, "requests": 6, "warmup_requests": 1,
             "prompt_tokens": {"dist": "uniform", "low": 4, "high": 40, "max": 40},
             "output_tokens": {"dist": "uniform", "low": 1, "high": 6, "max": 6}, "eval_sequences": 2,

@@ -18,6 +18,7 @@ import torch
 from runners.contract import InfeasibleConfig
 from runners.glm.work import WorkCounter
 from runners.measure.monitor import StepTimer
+from runners.registry import runner_spec
 from runners.scheduler import Clock, Engine
 from runners.workload import Request
 
@@ -119,6 +120,13 @@ def refusal(engine: str, knobs: dict[str, Any], device: str) -> str:
     return _fast_refusal(knobs, device) if engine == "fast" else _hf_refusal(knobs, device)
 
 
+def _groups_asked(knobs: dict[str, Any]) -> bool:
+    """A `prefill_group_tokens` other than its default: only the slot pool reads it, so elsewhere
+    it would measure a twin of the default config (refused instead, as `kv_slots`)."""
+    default = runner_spec("glm-infer").knobs["prefill_group_tokens"].default
+    return int(knobs.get("prefill_group_tokens", default)) != default
+
+
 def _fast_refusal(knobs: dict[str, Any], device: str) -> str:
     caps = CAPABILITIES["fast"]
     kv, scheduler = knobs["kv_cache"], knobs.get("scheduler", "dynamic")
@@ -150,6 +158,9 @@ def _fast_refusal(knobs: dict[str, Any], device: str) -> str:
     if chunk and scheduler != "continuous":
         return ("prefill_chunk_tokens interleaves prefill chunks with decode steps of scheduler=continuous; "
                 "scheduler=dynamic prefills each batch whole")
+    if _groups_asked(knobs) and scheduler != "continuous" and kv == "static":
+        return ("prefill_group_tokens sizes the slot pool's prefill passes (scheduler=continuous, or a non-static "
+                "kv_cache); scheduler=dynamic with kv_cache=static prefills each static batch in one pass")
     if knobs["decode_attention"] == "cuda":
         if kv == "quantized":
             return "decode_attention=cuda reads model-dtype K/V; kv_cache=quantized stores int8 codes"
@@ -170,6 +181,8 @@ def _hf_refusal(knobs: dict[str, Any], device: str) -> str:
         return f"prefix_cache reuses KV in the static-KV fast engine; kv_cache={kv} has none (use kv_cache=static)"
     if int(knobs.get("prefill_chunk_tokens", 0)) and not caps.chunked_prefill:
         return "prefill_chunk_tokens is the fast engine's chunked prefill (use engine=fast, scheduler=continuous)"
+    if _groups_asked(knobs) and not caps.slot_pool:
+        return "prefill_group_tokens sizes the fast engine's slot-pool prefill passes (use engine=fast)"
     pool_knobs = (int(knobs.get("kv_slots", 0)) or int(knobs.get("decode_length_step", 0))
                   or float(knobs.get("kv_memory_mib", 0)))
     if pool_knobs and not caps.slot_pool:
