@@ -1,14 +1,17 @@
 """Decode steps and prefills of the slot engine (continuous batching) beside FastEngine's step.
 
     python -m benchmarks.slot_step [--preset glm-4-9b] [--batches 1,8,32] [--kv static,quantized]
-                                   [--prompt 256] [--prefill 64,256,1024] [--json OUT]
+                                   [--prompt 256] [--prefill 64,256,1024] [--group 8] [--json OUT]
 
 Builds one model (random weights, bf16, compiled layer), then per batch size:
 - `fast_ms`: FastEngine's captured static-batch step (as benchmarks/decode_roofline.py times it);
 - `slot_graph_ms`: the slot engine's captured decode graph alone, same rows and prompt length;
 - `slot_step_ms`: `SlotEngine.step()` as the scheduler calls it: host bookkeeping, the replay and
   one device sync (the one sync per iteration that the scheduler needs for token times).
-Per prompt width: `prefill_ms` of one request's join (prefill graph + copy into its row + sync).
+Per prompt width: `prefill_ms` of one request's join (prefill graph + copy into its row + sync),
+and `group_prefill_ms` of `--group` such requests joining together (one grouped prefill pass,
+`engines/slots.py`, where the width and the `prefill_group_tokens` budget allow one), with
+`per_request_ms` beside the single join's.
 Also prints the KV bytes per token of each policy. Steps are timed with CUDA events (median).
 """
 
@@ -26,6 +29,7 @@ import torch
 
 from runners.glm import ops
 from runners.glm.engines.fast import FastEngine
+from runners.glm.engines.kv_pool import GROUP_MAX_WIDTH, prefill_width
 from runners.glm.fast_model import FastGlm
 from runners.glm.model import build_model
 from runners.measure.cuda_timer import cuda_seconds
@@ -61,12 +65,12 @@ def fast_step_ms(engine: FastEngine, batch: int, prompt: int) -> float:
 
 
 def slot_rows(fast: FastEngine, kv: str, batches: list[int], prompt: int, prefill: list[int],
-              length_step: int = 0) -> list[dict[str, Any]]:
+              length_step: int = 0, group: int = 8) -> list[dict[str, Any]]:
     engine = fast.slot_engine(kv, 8, 0, length_step)
     bank = {}
     engine.begin_trial(lambda r: bank[r.rid], None, "off", 0)
     longest = max([prompt, *prefill])
-    engine.prepare(max(batches), longest + NEW_TOKENS + 3 * STEPS, longest)
+    engine.prepare(max(batches + [group]), longest + NEW_TOKENS + 3 * STEPS, longest)
     rows = []
     rid = 0
     for batch in batches:
@@ -94,7 +98,26 @@ def slot_rows(fast: FastEngine, kv: str, batches: list[int], prompt: int, prefil
         def join_leave(req: Request = request) -> None:
             engine.join([req])
             engine.leave([req.rid])
-        rows.append({"kv": kv, "prefill_tokens": width, "prefill_ms": _wall_ms(join_leave, steps=8)})
+        single_ms = _wall_ms(join_leave, steps=8)
+        rows.append({"kv": kv, "prefill_tokens": width, "prefill_ms": single_ms})
+        if group < 2 or group * prefill_width(width) > engine.group_tokens or width > GROUP_MAX_WIDTH:
+            continue
+        members = []
+        for prompt_ids in _prompts(group, width):
+            bank[rid] = prompt_ids
+            members.append(Request(rid, 0.0, width, 2))
+            rid += 1
+
+        def group_join_leave(reqs: list[Request] = members) -> None:
+            engine.join(reqs)
+            engine.leave([r.rid for r in reqs])
+        passes = engine.work.counts["decode_steps"]
+        group_join_leave()
+        passes = engine.work.counts["decode_steps"] - passes  # prefill passes of one join: 1 when grouped
+        group_ms = _wall_ms(group_join_leave, steps=8)
+        rows.append({"kv": kv, "prefill_tokens": width, "group": group, "passes": passes,
+                     "group_prefill_ms": group_ms, "per_request_ms": group_ms / group,
+                     "single_request_ms": single_ms})
     rows.append({"kv": kv, "shape_misses": engine.shape_misses, "compile_s": engine.compile_s})
     return rows
 
@@ -106,6 +129,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--kv", default="static,quantized")
     parser.add_argument("--prompt", type=int, default=256)
     parser.add_argument("--prefill", default="64,256,1024")
+    parser.add_argument("--group", type=int, default=8, help="requests joining together per grouped prefill")
     parser.add_argument("--json", default="")
     parser.add_argument("--device", default="cuda:0", help="cpu: a smoke run (eager, wall-clock times)")
     parser.add_argument("--int8-attention", default="reduction", choices=["reduction", "matmul"],
@@ -124,7 +148,7 @@ def main(argv: list[str]) -> int:
         rows.append({"engine": "FastEngine", "batch": batch, "fast_ms": fast_step_ms(fast, batch, args.prompt)})
         print(rows[-1], flush=True)
     for kv in args.kv.split(","):
-        for row in slot_rows(fast, kv, batches, args.prompt, prefill, args.length_step):
+        for row in slot_rows(fast, kv, batches, args.prompt, prefill, args.length_step, args.group):
             rows.append(row)
             print(row, flush=True)
     if fast.compile_error:
