@@ -17,8 +17,8 @@ import torch
 
 from runners.contract import InfeasibleConfig
 from runners.glm.work import WorkCounter
+from runners.knobs import INFER_KNOBS
 from runners.measure.monitor import StepTimer
-from runners.registry import runner_spec
 from runners.scheduler import Clock, Engine
 from runners.workload import Request
 
@@ -123,7 +123,7 @@ def refusal(engine: str, knobs: dict[str, Any], device: str) -> str:
 def _groups_asked(knobs: dict[str, Any]) -> bool:
     """A `prefill_group_tokens` other than its default: only the slot pool reads it, so elsewhere
     it would measure a twin of the default config (refused instead, as `kv_slots`)."""
-    default = runner_spec("glm-infer").knobs["prefill_group_tokens"].default
+    default = INFER_KNOBS["prefill_group_tokens"].default
     return int(knobs.get("prefill_group_tokens", default)) != default
 
 

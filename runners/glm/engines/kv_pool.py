@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from runners.glm.fast_model import FastGlm
+from runners.knobs import INFER_KNOBS
 
 MIN_LENGTH_BUCKET = 256  # shortest attended length of a decode step (both fast engines)
 MIN_PREFILL_WIDTH = 16  # narrowest padded prefill piece
@@ -82,7 +83,7 @@ def chunk_shapes(prompt_len: int, start: int, chunk: int, pool_len: int) -> list
 # and every member is padded to the widest. The cap also bounds the captured shapes (row buckets x
 # these widths x attend lengths) and the padding a group carries.
 GROUP_MAX_WIDTH = 256
-PREFILL_GROUP_TOKENS = 2048
+PREFILL_GROUP_TOKENS: int = INFER_KNOBS["prefill_group_tokens"].default  # declared once, with the knob
 
 
 def group_budget(chunk: int, group_tokens: int = PREFILL_GROUP_TOKENS) -> int:

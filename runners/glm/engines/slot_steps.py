@@ -102,7 +102,9 @@ class SlotSteps:
         self.pool: KvPool | None = None
         self.gpu_rows = 0  # decoding rows of the pool (offloaded: plus its staging row)
         self.max_sequences = 0  # admitted sequences: gpu_rows, or more when offloaded
-        self.group_rows = 1  # rows a prefill group may span (`max_group_rows`, set by `prepare`)
+        # Rows a prefill group may span (`max_group_rows`), fixed by `prepare` with the shapes it
+        # captures: a prefill compile that falls back to eager later must not ask for new ones.
+        self.group_rows = 1
         self._decode: dict[tuple[int, int], _Decode] = {}
         self._prefill_shapes: dict[tuple[int, int, int], _PrefillShape] = {}
         self.compile_s = 0.0

@@ -84,7 +84,6 @@ class _Prefill:
     prompt: list[int]
     prefix_len: int
     chunks: list[tuple[int, int, int, int]] = field(default_factory=list)  # the pieces still to run
-    planned: bool = False  # chunks laid out (after the prefix-cache lookup)
     started: bool = False  # a piece has run (in the staging row: it stays there)
     hit: tuple[torch.Tensor, ...] | None = None  # cached prefix KV, written to its row at its first piece
     reused: int = 0  # prompt positions taken from the prefix cache
@@ -311,10 +310,9 @@ class SlotEngine(SlotSteps):
         """Lay out `p`'s pieces once, after its prefix-cache lookup (the hit's KV is written to
         its row when its first piece runs)."""
         assert self.pool is not None
-        if not p.planned:
+        if not p.chunks:  # not laid out yet: a queued prompt always has a piece left
             start = self._reuse_prefix(p) if self.prefix_cache is not None else 0
             p.chunks = chunk_shapes(len(p.prompt), start, self.prefill_chunk_tokens, self.pool.length)
-            p.planned = True
         return p
 
     def _join_prefilled(self, p: _Prefill, home: int, logits_row: int) -> int:
