@@ -411,6 +411,25 @@ def test_the_benchmark_counts_enqueued_warm_start_configs_as_the_warm_studys_tri
     assert curve.tolist() == pytest.approx(share) and share[1] < 1.0
 
 
+def test_the_oracle_counts_the_fewest_points_that_reach_a_share_of_the_hypervolume():
+    verbosity = optuna.logging.get_verbosity()
+    try:
+        from benchmarks.search_efficiency import oracle_points
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    directions, reference = ["maximize", "minimize"], [0.0, 10.0]
+    # Boxes up to (0, 10): A 9 x 1 = 9, B 1 x 9 = 9, C 5 x 5 = 25; the union is 25 + 4 + 4 = 33.
+    # D (4, 6) is dominated by C and adds nothing.
+    points = [[9.0, 9.0], [1.0, 1.0], [5.0, 5.0], [4.0, 6.0]]
+    full = hypervolume(points, directions, reference)
+    assert full == pytest.approx(33.0)
+    assert oracle_points(points, directions, reference, full, target=0.75) == 1  # C: 25 / 33
+    assert oracle_points(points, directions, reference, full, target=0.85) == 2  # C + A or B: 29 / 33
+    assert oracle_points(points, directions, reference, full, target=0.95) == 3
+    assert oracle_points(points, directions, reference, full, target=0.95, max_subsets=0) == 3  # greedy alone
+    assert oracle_points([], directions, reference, 0.0) is None
+
+
 # ---------------------------------------------------------------- the model behind `auto`
 
 
