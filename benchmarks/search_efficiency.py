@@ -67,7 +67,8 @@ class Grid:
     feasible_points: int
     reference_worst: list[float]  # the reports' rule: every feasible point's worst value + 10 % span
     full_hv_worst: float
-    oracle_points: int | None  # `oracle_points`: the fewest trials any sampler could reach 95 % in
+    oracle_points: int | None  # `oracle_points`: points that reach 95 % of full_hv
+    oracle_exact: bool  # ... and no fewer do (the fewest trials any sampler could reach 95 % in)
 
 
 def replay_raw(csv_path: Path) -> dict[str, Any]:
@@ -104,18 +105,18 @@ def load_grid(csv_path: Path) -> Grid:
     worst = reference_point(ok, directions)
     full = hypervolume(ok, directions, ref)
     return Grid(csv_path.stem, raw, table, len(points), directions, ref, full, len(ok),
-                worst, hypervolume(ok, directions, worst), oracle_points(ok, directions, ref, full))
+                worst, hypervolume(ok, directions, worst), *oracle_points(ok, directions, ref, full))
 
 
 def oracle_points(values: list[list[float]], directions: list[str], reference: list[float], full_hv: float,
-                  target: float = 0.95, max_subsets: int = 200_000) -> int | None:
-    """The fewest of `values` whose hypervolume reaches `target` of `full_hv`: the fewest trials in
-    which any sampler could. A grid whose front concentrates in a few points leaves a sampler
+                  target: float = 0.95, max_subsets: int = 200_000) -> tuple[int | None, bool]:
+    """(k, exact): k of `values` whose hypervolume reaches `target` of `full_hv`, and whether no
+    fewer do (then k is the fewest trials in which any sampler could). A grid whose front concentrates in a few points leaves a sampler
     little slack within 10 % of its points. Only Pareto points need trying (a dominated point adds
     no more than the point dominating it). Greedy (each step adds the point that raises the
     hypervolume most) gives a size k; every smaller subset of the front is then tried, unless
-    that is more than `max_subsets` subsets, in which case greedy's k is returned (it can only
-    overstate the fewest). None when nothing is feasible."""
+    that is more than `max_subsets` subsets: then greedy's k, not exact (it can only overstate
+    the fewest). (None, False) when nothing is feasible."""
     front = [v for v in values if not any(_dominates(o, v, directions) for o in values)]
     need = target * full_hv - 1e-12
     chosen: list[list[float]] = []
@@ -124,14 +125,13 @@ def oracle_points(values: list[list[float]], directions: list[str], reference: l
         best = max(range(len(left)), key=lambda i: hypervolume(chosen + [left[i]], directions, reference))
         chosen.append(left.pop(best))
     if not chosen or hypervolume(chosen, directions, reference) < need:
-        return None
-    fewest = len(chosen)
-    for k in range(1, fewest):
+        return None, False
+    for k in range(1, len(chosen)):
         if math.comb(len(front), k) > max_subsets:
-            break
+            return len(chosen), False
         if any(hypervolume(list(subset), directions, reference) >= need for subset in itertools.combinations(front, k)):
-            return k
-    return fewest
+            return k, True
+    return len(chosen), True
 
 
 def _dominates(a: list[float], b: list[float], directions: list[str]) -> bool:
@@ -362,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
         auto = auto_sampler(space_for(grid.raw, "auto", 0, budget(grid, 0.10)))
         res: dict[str, Any] = {"seeds": args.seeds, "trials": trials, "grid": {
             "points": grid.points, "feasible_points": grid.feasible_points, "full_hv": grid.full_hv,
-            "reference": grid.reference, "oracle_points_to_95": grid.oracle_points, "objectives": [f"{o['metric']} ({o.get('direction', '')})"
+            "reference": grid.reference, "oracle_points_to_95": grid.oracle_points,
+            "oracle_exact": grid.oracle_exact, "objectives": [f"{o['metric']} ({o.get('direction', '')})"
                                                          for o in grid.raw["objectives"]],
             "space_size": space_size(space_for(grid.raw, "random", 0, 1))},
             "auto_choice": {"sampler": auto.sampler, "why": auto.why}}

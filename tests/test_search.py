@@ -423,11 +423,11 @@ def test_the_oracle_counts_the_fewest_points_that_reach_a_share_of_the_hypervolu
     points = [[9.0, 9.0], [1.0, 1.0], [5.0, 5.0], [4.0, 6.0]]
     full = hypervolume(points, directions, reference)
     assert full == pytest.approx(33.0)
-    assert oracle_points(points, directions, reference, full, target=0.75) == 1  # C: 25 / 33
-    assert oracle_points(points, directions, reference, full, target=0.85) == 2  # C + A or B: 29 / 33
-    assert oracle_points(points, directions, reference, full, target=0.95) == 3
-    assert oracle_points(points, directions, reference, full, target=0.95, max_subsets=0) == 3  # greedy alone
-    assert oracle_points([], directions, reference, 0.0) is None
+    assert oracle_points(points, directions, reference, full, target=0.75) == (1, True)  # C: 25 / 33
+    assert oracle_points(points, directions, reference, full, target=0.85) == (2, True)  # C + A or B: 29 / 33
+    assert oracle_points(points, directions, reference, full, target=0.95) == (3, True)
+    assert oracle_points(points, directions, reference, full, target=0.95, max_subsets=0) == (3, False)  # greedy alone
+    assert oracle_points([], directions, reference, 0.0) == (None, False)
 
 
 # ---------------------------------------------------------------- the model behind `auto`
