@@ -42,7 +42,15 @@ import optuna  # noqa: E402
 from benchmarks.search_efficiency_report import BUDGET_SHARES, figure, markdown
 from runners.replay import ReplayTable, load_table, replay  # noqa: E402
 from tuner.launcher import LaunchOutcome  # noqa: E402
-from tuner.search import auto_sampler, feasible, hypervolume, hypervolume_history, reference_point, space_size  # noqa: E402
+from tuner.search import (  # noqa: E402
+    auto_sampler,
+    feasible,
+    hypervolume,
+    hypervolume_history,
+    losses,
+    reference_point,
+    space_size,
+)
 from tuner.space import grid_values, read_yaml, validate  # noqa: E402
 from tuner.study import make_sampler, tell_outcome, trial_config  # noqa: E402
 
@@ -111,13 +119,15 @@ def load_grid(csv_path: Path) -> Grid:
 def oracle_points(values: list[list[float]], directions: list[str], reference: list[float], full_hv: float,
                   target: float = 0.95, max_subsets: int = 200_000) -> tuple[int | None, bool]:
     """(k, exact): k of `values` whose hypervolume reaches `target` of `full_hv`, and whether no
-    fewer do (then k is the fewest trials in which any sampler could). A grid whose front concentrates in a few points leaves a sampler
-    little slack within 10 % of its points. Only Pareto points need trying (a dominated point adds
-    no more than the point dominating it). Greedy (each step adds the point that raises the
-    hypervolume most) gives a size k; every smaller subset of the front is then tried, unless
-    that is more than `max_subsets` subsets: then greedy's k, not exact (it can only overstate
-    the fewest). (None, False) when nothing is feasible."""
-    front = [v for v in values if not any(_dominates(o, v, directions) for o in values)]
+    fewer do (then k is the fewest trials in which any sampler could). A front concentrated in a
+    few points leaves a sampler little slack within 10 % of the grid.
+    Only Pareto points are tried (a dominated point adds no more than the one dominating it).
+    Greedy (each step adds the point that raises the hypervolume most) gives a size k; then every
+    smaller subset of the front is tried, unless that is over `max_subsets` subsets: then greedy's
+    k, not exact (it can only overstate the fewest). (None, False) when nothing is feasible."""
+    loss = losses(values, directions) if values else np.empty((0, len(directions)))  # [points, objectives]
+    front = [values[i] for i in range(len(values))
+             if not ((loss <= loss[i]).all(axis=1) & (loss < loss[i]).any(axis=1)).any()]
     need = target * full_hv - 1e-12
     chosen: list[list[float]] = []
     left = list(front)
@@ -132,13 +142,6 @@ def oracle_points(values: list[list[float]], directions: list[str], reference: l
         if any(hypervolume(list(subset), directions, reference) >= need for subset in itertools.combinations(front, k)):
             return k, True
     return len(chosen), True
-
-
-def _dominates(a: list[float], b: list[float], directions: list[str]) -> bool:
-    """Whether `a` is at least as good as `b` in every objective and better in one."""
-    signs = [1.0 if d == "maximize" else -1.0 for d in directions]
-    better = [s * (x - y) for s, x, y in zip(signs, a, b, strict=True)]
-    return all(d >= 0 for d in better) and any(d > 0 for d in better)
 
 
 def _answer(study: optuna.Study, trial: optuna.Trial, space: Any, table: ReplayTable, params: dict[str, Any]) -> None:
