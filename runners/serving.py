@@ -68,6 +68,7 @@ class WindowRule:
     reason: str = ""
     abandon: bool = False
     stopped_early: dict[str, Any] | None = None
+    measured_at_stop: int | None = None  # requests finished when it ended the window (the rest drained)
     decision: Decision | None = None
     _next_check: int = 0
     _arrived: int | None = None  # requests arrived by the last `observe`
@@ -89,6 +90,12 @@ class WindowRule:
 
     def __call__(self, timings: Sequence[RequestTiming]) -> bool:
         report_requests(len(timings), self.min_requests)  # asked after every batch: live progress
+        ends = self._ends(timings)
+        if ends and self.measured_at_stop is None:
+            self.measured_at_stop = len(timings)
+        return ends
+
+    def _ends(self, timings: Sequence[RequestTiming]) -> bool:
         elapsed = self.clock() - self.started_at
         if elapsed >= self.max_duration_s:
             self.reason = "max_duration_s reached"
@@ -180,8 +187,10 @@ def serve(engine: Engine, device: str, workload: dict[str, Any], knobs: dict[str
     efficiency, efficiency_unavailable = roofline(work, window_s, ceilings, ceilings_reason)
     metrics.update(efficiency)
     unavailable.update(efficiency_unavailable)
-    info = {"window_s": window_s, "scheduler": run.name, "window_end": rule.reason or "all requests served",
+    info = {"window_s": window_s, "scheduler": run.name, "window_end": _window_end(rule, timings),
             "issued_requests": count, "engine_work": work, **sampler.info}
+    if rule.measured_at_stop is not None:
+        info["requests_at_window_end"] = rule.measured_at_stop
     if rule.stopped_early is not None:
         # Metrics of a stopped window describe the requests that finished before the stop only.
         info.update(stopped_early=rule.stopped_early, partial=True, abandoned_requests=count - len(timings))
@@ -283,6 +292,22 @@ def _delta(before: dict[str, float] | None, after: dict[str, float] | None) -> d
     if before is None or after is None:
         return {}
     return {k: after[k] - before.get(k, 0.0) for k in after}
+
+
+def _window_end(rule: WindowRule, timings: Sequence[RequestTiming]) -> str:
+    """Why the window ended. A window ended by its p99 CI serves the requests already issued
+    after the check (LoadGen's rule), and those drain with fewer co-runners and a partial last
+    batch, often slower than the window's p99: then it also says how wide the CI of every
+    measured request is, the width the metrics report."""
+    reason = rule.reason or "all requests served"
+    if rule.target_ci_ratio is None or not reason.startswith(f"{rule.metric} p99 CI within"):
+        return reason
+    drained = len(timings) - (rule.measured_at_stop or len(timings))
+    width = ci_relative_width(request_latencies_ms(timings)[rule.metric], 0.99)
+    if drained <= 0 or width <= rule.target_ci_ratio:
+        return reason
+    return (f"{reason} at {rule.measured_at_stop} requests; {width:.2g} with the {drained} requests "
+            f"issued before that and served after")
 
 
 def roofline(work: dict[str, float], window_s: float, ceilings: Any | None, reason: str
