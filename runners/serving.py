@@ -295,10 +295,10 @@ def _delta(before: dict[str, float] | None, after: dict[str, float] | None) -> d
 
 
 def _window_end(rule: WindowRule, timings: Sequence[RequestTiming]) -> str:
-    """Why the window ended. A window ended by its p99 CI serves the requests already issued
-    after the check (LoadGen's rule), and those drain with fewer co-runners and a partial last
-    batch, often slower than the window's p99: then it also says how wide the CI of every
-    measured request is, the width the metrics report."""
+    """Why the window ended. A window ended by its p99 CI still serves the requests issued before
+    the check (LoadGen's rule). They drain with fewer co-runners and a partial last batch, often
+    slower than the window's p99; when they widen the CI past the target, this also gives the CI
+    width over every measured request, the width the metrics report."""
     reason = rule.reason or "all requests served"
     if rule.target_ci_ratio is None or not reason.startswith(f"{rule.metric} p99 CI within"):
         return reason
