@@ -42,15 +42,7 @@ import optuna  # noqa: E402
 from benchmarks.search_efficiency_report import BUDGET_SHARES, figure, markdown
 from runners.replay import ReplayTable, load_table, replay  # noqa: E402
 from tuner.launcher import LaunchOutcome  # noqa: E402
-from tuner.search import (  # noqa: E402
-    auto_sampler,
-    feasible,
-    hypervolume,
-    hypervolume_history,
-    losses,
-    reference_point,
-    space_size,
-)
+from tuner.search import auto_sampler, feasible, hypervolume, hypervolume_history, reference_point, space_size  # noqa: E402
 from tuner.space import grid_values, read_yaml, validate  # noqa: E402
 from tuner.study import make_sampler, tell_outcome, trial_config  # noqa: E402
 
@@ -109,25 +101,24 @@ def load_grid(csv_path: Path) -> Grid:
     # The reference is the grid's feasible front's nadir pushed 10 % of the front's span out:
     # a point counts once it is near the front, so a worst-case outlier (one 46 ms TPOT hiccup
     # of the CPU grid) cannot make every early trial look 60 % good.
-    ref = reference_point([t.values for t in study.best_trials], directions)
+    front = [t.values for t in study.best_trials]  # Optuna's: the feasible Pareto set
+    ref = reference_point(front, directions)
     worst = reference_point(ok, directions)
     full = hypervolume(ok, directions, ref)
     return Grid(csv_path.stem, raw, table, len(points), directions, ref, full, len(ok),
-                worst, hypervolume(ok, directions, worst), *oracle_points(ok, directions, ref, full))
+                worst, hypervolume(ok, directions, worst), *oracle_points(front, directions, ref, full))
 
 
-def oracle_points(values: list[list[float]], directions: list[str], reference: list[float], full_hv: float,
+def oracle_points(front: list[list[float]], directions: list[str], reference: list[float], full_hv: float,
                   target: float = 0.95, max_subsets: int = 200_000) -> tuple[int | None, bool]:
-    """(k, exact): k of `values` whose hypervolume reaches `target` of `full_hv`, and whether no
-    fewer do (then k is the fewest trials in which any sampler could). A front concentrated in a
-    few points leaves a sampler little slack within 10 % of the grid.
-    Only Pareto points are tried (a dominated point adds no more than the one dominating it).
-    Greedy (each step adds the point that raises the hypervolume most) gives a size k; then every
-    smaller subset of the front is tried, unless that is over `max_subsets` subsets: then greedy's
-    k, not exact (it can only overstate the fewest). (None, False) when nothing is feasible."""
-    loss = losses(values, directions) if values else np.empty((0, len(directions)))  # [points, objectives]
-    front = [values[i] for i in range(len(values))
-             if not ((loss <= loss[i]).all(axis=1) & (loss < loss[i]).any(axis=1)).any()]
+    """(k, exact): k points of `front` whose hypervolume reaches `target` of `full_hv`, and
+    whether no fewer do (then k is the fewest trials in which any sampler could). A front
+    concentrated in a few points leaves a sampler little slack within 10 % of the grid.
+    `front`: the grid's Pareto points (a dominated point adds no more than the one dominating
+    it, so the fewest are among them). Greedy (each step adds the point that raises the
+    hypervolume most) gives a size k; then every smaller subset is tried, unless that is over
+    `max_subsets` subsets: then greedy's k, not exact (it can only overstate the fewest).
+    (None, False) when nothing is feasible."""
     need = target * full_hv - 1e-12
     chosen: list[list[float]] = []
     left = list(front)

@@ -419,7 +419,7 @@ def test_the_oracle_counts_the_fewest_points_that_reach_a_share_of_the_hypervolu
         optuna.logging.set_verbosity(verbosity)
     directions, reference = ["maximize", "minimize"], [0.0, 10.0]
     # Boxes up to (0, 10): A 9 x 1 = 9, B 1 x 9 = 9, C 5 x 5 = 25; the union is 25 + 4 + 4 = 33.
-    # D (4, 6) is dominated by C and adds nothing.
+    # D (4, 6) is dominated by C: passed in anyway, it changes no count.
     points = [[9.0, 9.0], [1.0, 1.0], [5.0, 5.0], [4.0, 6.0]]
     full = hypervolume(points, directions, reference)
     assert full == pytest.approx(33.0)
