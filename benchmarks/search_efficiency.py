@@ -75,7 +75,11 @@ def replay_raw(csv_path: Path) -> dict[str, Any]:
     """The recording space with runner replay and this table; the search is set per run."""
     recording = read_yaml(csv_path.with_name(csv_path.stem + "_space.yaml"))
     raw = {k: v for k, v in recording.items() if k not in ("workload", "device", "search", "slo")}
-    raw.update(study=f"replay_{csv_path.stem}", runner="replay", model={"table": str(csv_path)}, device="cpu")
+    # recorded_with: the replayed study knows what the recorded runner declares (twins, quality
+    # keys, combinations refused up front), as the recorded study did (a space's default runner
+    # is glm-infer).
+    raw.update(study=f"replay_{csv_path.stem}", runner="replay", device="cpu",
+               model={"table": str(csv_path), "recorded_with": recording.get("runner", "glm-infer")})
     return raw
 
 

@@ -54,6 +54,9 @@ METRICS: dict[str, tuple[str, str]] = {
     "train_mfu": ("ratio", "maximize"),
     "train_loss": ("nats", "minimize"),
 }
+# The metrics of the quality pass: one score per built model and KV policy, measured in set-up
+# before any request is served (`runners.knobs.quality_knobs` says which knobs decide them).
+QUALITY_METRICS = ("kl_divergence", "top1_agreement", "perplexity")
 # Every latency percentile carries an order-statistic confidence interval.
 for _base in ("ttft", "tpot", "latency"):
     for _p in (50, 90, 99):

@@ -18,7 +18,7 @@ from runners import progress_report
 from runners.base import Runner, resolve_device
 from runners.capacity import serve_workload
 from runners.compile_watch import measure_clean
-from runners.contract import METRICS, TrialConfig, TrialResult
+from runners.contract import METRICS, QUALITY_METRICS, TrialConfig, TrialResult
 from runners.glm import compress, woq
 from runners.glm.compress import CALIBRATION_SEQUENCES, CALIBRATION_TOKENS, apply_quantization, apply_sparsity
 from runners.glm.engines.base import TrialEngine, TrialPlan, select_engine
@@ -38,13 +38,12 @@ from runners.glm.model_cache import (
     store_reference,
 )
 from runners.glm.quality import Fidelity, calibration_set, eval_batch, fidelity, log_probs, text_source, text_windows
+from runners.knobs import INFER_KNOBS, quality_knobs
 from runners.measure.artifacts import request_rows, write_rows
 from runners.measure.environment import describe
 from runners.registry import resolve_knobs, resolve_workload
 from runners.serving import ServeOutcome
 from runners.workload import Request, make_requests
-
-QUALITY_METRICS = ("kl_divergence", "top1_agreement", "perplexity")
 
 
 def quality_decided(constraints: Any, quality: Fidelity) -> dict[str, Any] | None:
@@ -358,7 +357,9 @@ class GlmInferRunner(Runner):
     def _quality(built: BuiltModel, engine: TrialEngine, knobs: dict[str, Any], config: TrialConfig,
                  dtype: Any, eval_ids: Any) -> Fidelity:
         """KL / top-1 of this stack (weights and KV path) vs the unoptimised reference."""
-        kv_key = f"{knobs['kv_cache']}:{knobs['kv_bits'] if knobs['kv_cache'] == 'quantized' else ''}"
+        # The built model fixes the rebuilding knobs; the rest of `quality_knobs` (the KV policy) keys
+        # the score, the same key the sampler reads (tuner/gp_search.py).
+        kv_key = repr([(n, v) for n, v in quality_knobs(INFER_KNOBS, knobs) or () if not INFER_KNOBS[n].rebuilds])
         if kv_key not in built.quality:
             device = str(eval_ids.device)
             # Evicted from memory and absent on disk: the model is already compressed, so take a

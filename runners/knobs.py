@@ -9,6 +9,13 @@ those (runners/glm/model_cache.py), so a new one cannot silently reuse a stale m
 value (cited per knob below), so two configs that differ only there measure the same stack; the
 tuner answers such a repeat from the earlier trial (tuner/repeats.py) and the model cache shares
 its build.
+`quality=True` (implied by `rebuilds=True`) marks a knob that changes what the quality pass
+measures (KL, top-1, perplexity against the reference): the runner scores quality once per built
+model and KV policy, so configs with the same `quality_knobs` measure the same quality, and the
+sampler need not try a second config of a stack whose quality broke a bound (tuner/gp_search.py).
+`Together` rules name values a runner refuses together on any device (kv_cache=offloaded with
+scheduler=dynamic on the fast engine): the engine refuses with them, and the tuner knows them
+before the first trial (tuner/device_fit.py).
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ class Knob:
     high_open: bool = False
     # Conditions (all must hold) on the other knobs under which this one has any effect; empty: always.
     applies_when: tuple[When, ...] = ()
+    quality: bool = False  # changes the measured quality without a rebuild (the KV policy); rebuilds imply it
 
     def check(self, value: Any) -> str | None:
         """Return why `value` is not acceptable, or None."""
@@ -139,14 +147,15 @@ INFER_KNOBS: dict[str, Knob] = {
              help="fast: our static-KV engine (CUDA-graph decode; slot pool for scheduler=continuous); hf: "
                   "transformers' own loop (the untuned baseline); auto: fast wherever the other knobs allow",
              rebuilds=True),
+        # The quality pass runs with the trial's KV policy (infer.py keys its scores by quality_knobs).
         Knob("kv_cache", "dynamic", str, ("dynamic", "static", "offloaded", "quantized"),
              help="fast engine: static (model-dtype slots), quantized (int8 + per-token scales, kv_bits=8), "
                   "offloaded (preempted sequences park in pinned host memory; continuous, CUDA); "
-                  "dynamic: transformers' DynamicCache (engine hf)"),
+                  "dynamic: transformers' DynamicCache (engine hf)", quality=True),
         # Read only with kv_cache == quantized: engines/base.py refusals, hf.make_cache,
         # slot_steps.SlotSteps, fast.slot_engine's key, infer's quality key.
         Knob("kv_bits", 4, int, (2, 4, 8), help="quantized KV: 8 on the fast engine, 2/4 (quanto) on hf",
-             applies_when=(When("kv_cache", "==", "quantized"),)),
+             applies_when=(When("kv_cache", "==", "quantized"),), quality=True),
         Knob("kv_slots", 0, int, help="fast engine, continuous: sequences whose KV fits the GPU pool; "
                                       "0 = batch_size. With kv_cache=offloaded, admitted sequences beyond it "
                                       "wait preempted in host memory"),
@@ -174,6 +183,68 @@ INFER_KNOBS: dict[str, Knob] = {
         Knob("memory_limit_mib", 0, _NUMBER, help="cap the runner's memory; 0 = no cap", bounds=(0, 1e9)),
     ]
 }
+
+@dataclass(frozen=True)
+class Together:
+    """Values a runner refuses together on any device: `reason` when every condition holds."""
+
+    when: tuple[When, ...]
+    reason: str
+
+    def holds(self, values: Mapping[str, Any]) -> bool:
+        return all(w.holds(values) for w in self.when)
+
+
+_CONTINUOUS_ONLY = When("scheduler", "!=", "continuous")
+# What the fast engine refuses together, whatever the device (runners/glm/engines/base.py reads
+# these in its refusal, after the single-value and device checks); the runner-level rules below
+# add the engine=fast condition. Knob values are resolved (defaults filled in) before a check.
+FAST_ENGINE_TOGETHER: tuple[Together, ...] = (
+    Together((When("kv_cache", "==", "offloaded"), _CONTINUOUS_ONLY),
+             "kv_cache=offloaded preempts sequences of the continuous scheduler to host memory; "
+             "scheduler=dynamic runs each batch to completion in the GPU pool (use scheduler=continuous)"),
+    Together((When("kv_slots", ">", 0), _CONTINUOUS_ONLY),
+             "kv_slots sizes the slot pool of scheduler=continuous; scheduler=dynamic holds each whole batch"),
+    Together((When("kv_memory_mib", ">", 0), _CONTINUOUS_ONLY),
+             "kv_memory_mib sizes the slot pool of scheduler=continuous; scheduler=dynamic holds each whole batch"),
+    Together((When("decode_length_step", ">", 0), _CONTINUOUS_ONLY, When("kv_cache", "==", "static")),
+             "decode_length_step shapes the slot pool's decode graphs; scheduler=dynamic with kv_cache=static "
+             "runs static batches (FastEngine)"),
+    Together((When("prefill_chunk_tokens", ">", 0), _CONTINUOUS_ONLY),
+             "prefill_chunk_tokens interleaves prefill chunks with decode steps of scheduler=continuous; "
+             "scheduler=dynamic prefills each batch whole"),
+    # Off its default only: only the slot pool reads it, so elsewhere it would measure a twin of
+    # the default config (refused instead, as kv_slots is).
+    Together((When("prefill_group_tokens", "!=", INFER_KNOBS["prefill_group_tokens"].default), _CONTINUOUS_ONLY,
+              When("kv_cache", "==", "static")),
+             "prefill_group_tokens sizes the slot pool's prefill passes (scheduler=continuous, or a non-static "
+             "kv_cache); scheduler=dynamic with kv_cache=static prefills each static batch in one pass"),
+    Together((When("decode_attention", "==", "cuda"), When("kv_cache", "==", "quantized")),
+             "decode_attention=cuda reads model-dtype K/V; kv_cache=quantized stores int8 codes"),
+)
+# glm-infer refuses these before any build: with engine=auto a config the fast engine refuses may
+# still run on engine=hf, so only engine=fast is known up front.
+INFER_TOGETHER: tuple[Together, ...] = tuple(
+    Together((When("engine", "==", "fast"), *rule.when), f"engine=fast: {rule.reason}") for rule in FAST_ENGINE_TOGETHER)
+
+
+def refused_together(rules: tuple[Together, ...], table: Mapping[str, Knob], values: Mapping[str, Any]) -> str:
+    """The first rule's reason that refuses `values` (a knob left out reads as its default), or ''."""
+    resolved = {**{k: v.default for k, v in table.items()}, **values}
+    return next((rule.reason for rule in rules if rule.holds(resolved)), "")
+
+
+def quality_knobs(table: Mapping[str, Knob], values: Mapping[str, Any]) -> tuple[tuple[str, Any], ...] | None:
+    """What decides a config's measured quality: the effective values (a knob left out reads as its
+    default) of the knobs that rebuild the model or change its quality (`Knob.quality`), sorted.
+    None when `table` declares no such knob (nothing can be said about quality)."""
+    names = [n for n, k in table.items() if k.rebuilds or k.quality]
+    if not names:
+        return None
+    resolved = {**{k: v.default for k, v in table.items()}, **values}
+    inert = inert_knobs(table, resolved)
+    return tuple(sorted((n, resolved[n]) for n in names if n not in inert))
+
 
 def inert_knobs(table: Mapping[str, Knob], values: Mapping[str, Any]) -> dict[str, str]:
     """The knobs of `table` that have no effect given `values` (a trial's resolved knobs; a knob

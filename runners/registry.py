@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from runners.knobs import INFER_KNOBS, TRAIN_KNOBS, Knob
+from runners.knobs import INFER_KNOBS, INFER_TOGETHER, TRAIN_KNOBS, Knob, Together, refused_together
 
 ARRIVALS = ("poisson", "constant", "closed", "gamma", "trace")
 CI_METRICS = ("ttft", "tpot", "latency")  # the latency whose p99 CI a window's `target_p99_ci_ratio` bounds
@@ -111,6 +111,7 @@ class RunnerSpec:
     workload: tuple[WorkloadKey, ...]
     model: str = "glm"
     help: str = ""
+    together: tuple[Together, ...] = ()  # values refused together on any device, known before a trial
     workload_keys: Mapping[str, WorkloadKey] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -137,7 +138,7 @@ BUILTIN: dict[str, RunnerSpec] = {
     spec.name: spec
     for spec in (
         RunnerSpec("glm-infer", "runners.infer:GlmInferRunner", INFER_KNOBS, SERVING_WORKLOAD + QUALITY_WORKLOAD,
-                   help="GLM inference: compression x serving knobs under a request load"),
+                   help="GLM inference: compression x serving knobs under a request load", together=INFER_TOGETHER),
         RunnerSpec("glm-train", "runners.train:GlmTrainRunner", TRAIN_KNOBS, TRAIN_WORKLOAD,
                    help="GLM training steps: memory and speed knobs"),
         # Answers from a recorded table (torch-free); spaces derived from glm-infer ones keep their workload.
@@ -194,6 +195,20 @@ RUNNER_KNOBS: MutableMapping[str, Mapping[str, Knob]] = _KnobTables()
 def runner_knobs(runner: str, model: Mapping[str, Any] | None = None) -> dict[str, Knob]:
     """The knobs a space for `runner` may set; the replay runner's are its table's knob columns."""
     return runner_spec(runner).knobs_for(model)
+
+
+def recorded_with(spec: RunnerSpec, model: Mapping[str, Any] | None) -> RunnerSpec | None:
+    """The runner a replay table was recorded with (`model: {recorded_with: NAME}`), else None."""
+    name = (model or {}).get("recorded_with") if spec.model == "table" else None
+    return runner_spec(name) if name else None
+
+
+def refused_up_front(runner: str, model: Mapping[str, Any] | None, values: Mapping[str, Any]) -> str:
+    """Why `runner` refuses these knob values together on any device, or '' (`RunnerSpec.together`)."""
+    spec = runner_spec(runner)
+    # A replay table's absent knobs read as the recording runner's defaults (it never varied them).
+    declaring = recorded_with(spec, model) or spec
+    return refused_together(declaring.together, declaring.knobs, values) if declaring.together else ""
 
 
 def resolve_knobs(runner: str, given: Mapping[str, Any]) -> dict[str, Any]:

@@ -191,8 +191,17 @@ def replay(table: ReplayTable, knobs: dict[str, Any]) -> TrialResult:
 
 
 def table_knobs(model: dict[str, Any]) -> dict[str, Knob]:
-    """The knobs of a replay space: its table's knob columns (for the space validator)."""
-    return load_table(model["table"]).knobs()
+    """The knobs of a replay space: its table's knob columns (for the space validator). With
+    `recorded_with: RUNNER`, a column that is one of that runner's knobs takes its declaration
+    (default, choices, `applies_when`, `rebuilds`, `quality`), so the tuner reads the replayed
+    study as it read the recorded one (twins, quality keys, refusals)."""
+    columns = load_table(model["table"]).knobs()
+    if not model.get("recorded_with"):
+        return columns
+    from runners.registry import runner_knobs
+
+    declared = runner_knobs(model["recorded_with"])
+    return {name: declared.get(name, knob) for name, knob in columns.items()}
 
 
 class ReplayRunner(Runner):

@@ -129,3 +129,22 @@ def test_every_builtin_runner_names_a_loadable_class_path():
     for name, spec in BUILTIN.items():
         module, _, cls = spec.target.partition(":")
         assert module.startswith("runners.") and cls, name
+
+
+def test_quality_knobs_are_the_built_model_and_the_kv_policy():
+    from runners.knobs import quality_knobs
+
+    base = {"batch_size": 8, "scheduler": "dynamic", "quant_bits": 4, "kv_cache": "static", "kv_bits": 8}
+    key = quality_knobs(INFER_KNOBS, base)
+    # batch size, scheduler and batch timeout do not change what the quality pass measures
+    assert key == quality_knobs(INFER_KNOBS, {**base, "batch_size": 1, "scheduler": "continuous",
+                                              "batch_timeout_ms": 1.0})
+    assert key != quality_knobs(INFER_KNOBS, {**base, "kv_cache": "quantized"})
+    assert key != quality_knobs(INFER_KNOBS, {**base, "quant_bits": 8})
+    # kv_bits matters only to quantized KV (its applies_when)
+    assert key == quality_knobs(INFER_KNOBS, {**base, "kv_bits": 4})
+    quantized = {**base, "kv_cache": "quantized"}
+    assert quality_knobs(INFER_KNOBS, quantized) != quality_knobs(INFER_KNOBS, {**quantized, "kv_bits": 4})
+    assert ("kv_cache", "static") in key and not any(name == "batch_size" for name, _ in key)
+    # a table that declares no rebuilding or quality knob says nothing about quality
+    assert quality_knobs({"x": Knob("x", 1, int)}, {"x": 2}) is None

@@ -152,7 +152,8 @@ def test_a_repeat_is_answered_from_the_record_without_launching_and_a_knob_that_
 
 def test_the_exhaustive_gp_treats_a_tried_configs_twin_as_tried(monkeypatch):
     from runners.knobs import RUNNER_KNOBS
-    from tuner.gp_search import ExhaustiveGPSampler, grid_points
+    from tuner.gp_search import ExhaustiveGPSampler
+    from tuner.search import grid_points
 
     monkeypatch.setitem(RUNNER_KNOBS, UX_RUNNER, PAD_KNOBS)
     raw = _pad_space(4)

@@ -227,3 +227,109 @@ def test_export_replays_a_window_stopped_early_as_infeasible(tmp_path):
     ran, stopped = replay(table, {"batch_size": 1}), replay(table, {"batch_size": 2})
     assert (ran.status, ran.metrics["throughput_tok_s"]) == ("ok", 50.0)
     assert (stopped.status, stopped.reason) == ("infeasible", reason)
+
+
+# ---------------------------------------------------------------- what the recorded runner declares
+
+# batch {1, 2} x bits {16, 4} x KV {static, offloaded} x scheduler {dynamic, continuous}, engine fast:
+# offloaded + dynamic is refused by the fast engine on any device (4 points); int4 reads KL 1.0
+# in set-up, so its window is never served (no objective measured).
+DECLARED_HEADER = ["batch_size", "quant_bits", "kv_cache", "scheduler", "engine", "throughput_tok_s",
+                   "tpot_p50_ms", "kl_divergence", "infeasible_reason"]
+
+
+def declared_rows():
+    rows = []
+    for bs in (1, 2):
+        for bits in (16, 4):
+            for kv in ("static", "offloaded"):
+                for scheduler in ("dynamic", "continuous"):
+                    if kv == "offloaded" and scheduler == "dynamic":
+                        rows.append([bs, bits, kv, scheduler, "fast", "", "", "", "refused by the engine"])
+                    elif bits == 4:
+                        rows.append([bs, bits, kv, scheduler, "fast", "", "", 1.0, ""])
+                    else:
+                        rows.append([bs, bits, kv, scheduler, "fast", 100.0 * bs + (kv == "static"),
+                                     5.0 + bs + (scheduler == "continuous"), 0.0, ""])
+    return rows
+
+
+def declared_raw(path, recorded_with="glm-infer", sampler="auto", trials=6):
+    model = {"table": str(path), **({"recorded_with": recorded_with} if recorded_with else {})}
+    return {"study": "declared", "runner": "replay", "model": model, "device": "cpu",
+            "params": {"batch_size": {"type": "categorical", "choices": [1, 2]},
+                       "quant_bits": {"type": "categorical", "choices": [16, 4]},
+                       "kv_cache": {"type": "categorical", "choices": ["static", "offloaded"]},
+                       "scheduler": {"type": "categorical", "choices": ["dynamic", "continuous"]}},
+            "fixed": {"engine": "fast"},
+            "objectives": [{"metric": "throughput_tok_s"}, {"metric": "tpot_p50_ms", "direction": "minimize"}],
+            "constraints": [{"metric": "kl_divergence", "max": 0.1}],
+            "search": {"sampler": sampler, "trials": trials, "seed": 0, "baseline": False}}
+
+
+def test_recorded_with_takes_the_runners_knob_declarations(tmp_path):
+    from runners.knobs import INFER_KNOBS
+    from runners.registry import runner_knobs
+
+    path = write_table(tmp_path / "d.csv", DECLARED_HEADER, declared_rows())
+    space = validate(declared_raw(path), "r.yaml", "r")
+    table = runner_knobs(space.runner, space.model)
+    assert table["kv_cache"] is INFER_KNOBS["kv_cache"] and table["quant_bits"].rebuilds
+    plain = validate(declared_raw(path, recorded_with=None), "r.yaml", "r")
+    assert not runner_knobs(plain.runner, plain.model)["quant_bits"].rebuilds  # a bare column
+    for bad in ("replay", "nope"):
+        with pytest.raises(SpaceError, match="model.recorded_with"):
+            validate(declared_raw(path, recorded_with=bad), "r.yaml", "r")
+
+
+def test_refused_combinations_are_told_without_a_child_and_announced(tmp_path):
+    from tuner.device_fit import announce_refused
+
+    path = write_table(tmp_path / "d.csv", DECLARED_HEADER, declared_rows())
+    space = validate(declared_raw(path, sampler="random", trials=16), "r.yaml", "r")
+    said = []
+    announce_refused(space, said.append)
+    assert len(said) == 1 and said[0].startswith("4 of 16 configurations are refused by runner replay on any device")
+    assert "kv_cache=offloaded preempts sequences" in said[0]
+    url = str(tmp_path / "j.journal")
+    run_study(space, open_storage(url), RunOptions(url, tmp_path / "out", quiet=True))
+    study = optuna.load_study(study_name="declared", storage=open_storage(url))
+    refused = [t for t in study.trials if t.params["kv_cache"] == "offloaded" and t.params["scheduler"] == "dynamic"]
+    assert refused  # random draws reach them: each is answered by the rule, not by the table's row
+    for t in refused:
+        assert t.user_attrs["infeasible_reason"].startswith("engine=fast: kv_cache=offloaded")
+        assert t.user_attrs["info"]["refused_up_front"] is True and "replay_row" not in t.user_attrs["info"]
+    others = [t for t in study.trials if t not in refused]
+    assert all("replay_row" in t.user_attrs["info"] for t in others)
+
+
+def test_a_space_whose_every_point_is_refused_is_a_usage_error(tmp_path):
+    from tuner.device_fit import announce_refused
+    from tuner.errors import UsageError
+
+    path = write_table(tmp_path / "d.csv", DECLARED_HEADER, declared_rows())
+    raw = declared_raw(path)
+    raw["params"] = {"batch_size": {"type": "categorical", "choices": [1, 2]}}
+    raw["fixed"] = {"engine": "fast", "kv_cache": "offloaded", "scheduler": "dynamic", "quant_bits": 16}
+    with pytest.raises(UsageError, match="every one of the 2 configurations is refused"):
+        announce_refused(validate(raw, "r.yaml", "r"), lambda _: None)
+
+
+def test_auto_never_proposes_refused_points_or_a_second_config_of_a_broken_stack(tmp_path):
+    # 12 runnable points: 6 at 16 bits; 6 at int4, which share 2 quality keys (KV static or
+    # offloaded: quality is scored once per built model and KV policy, whatever the batch size
+    # or scheduler). In 7 trials auto may try each key once, and never a refused point.
+    path = write_table(tmp_path / "d.csv", DECLARED_HEADER, declared_rows())
+    space = validate(declared_raw(path, trials=7), "r.yaml", "r")
+    url = str(tmp_path / "j.journal")
+    run_study(space, open_storage(url), RunOptions(url, tmp_path / "out", quiet=True))
+    trials = optuna.load_study(study_name="declared", storage=open_storage(url)).trials
+    assert len(trials) == 7
+    assert not [t for t in trials if t.params["kv_cache"] == "offloaded" and t.params["scheduler"] == "dynamic"]
+    int4 = [t.params["kv_cache"] for t in trials if t.params["quant_bits"] == 4]
+    assert int4 and len(int4) == len(set(int4))
+    assert {(t.params["batch_size"], t.params["kv_cache"], t.params["scheduler"])
+            for t in trials if t.params["quant_bits"] == 16} <= {(b, kv, s) for b in (1, 2)
+                                                              for kv, s in (("static", "dynamic"),
+                                                                            ("static", "continuous"),
+                                                                            ("offloaded", "continuous"))}

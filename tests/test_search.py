@@ -301,7 +301,7 @@ def test_no_repeat_sampler_explores_instead_of_repeating_a_tried_or_running_conf
 
 
 def test_auto_scores_every_point_of_a_finite_space_and_wraps_larger_ones(tmp_path, monkeypatch):
-    import tuner.gp_search
+    import tuner.search
     from tuner.gp_search import ExhaustiveGPSampler
     from tuner.search import NoRepeatSampler
     from tuner.study import make_sampler
@@ -309,7 +309,7 @@ def test_auto_scores_every_point_of_a_finite_space_and_wraps_larger_ones(tmp_pat
     table = saturating_table(tmp_path / "t.csv")
     finite = validate(raw(table, sampler="auto", trials=6), "s.yaml", "s")
     assert isinstance(make_sampler(finite), ExhaustiveGPSampler)
-    monkeypatch.setattr(tuner.gp_search, "EXHAUSTIVE_MAX_POINTS", 11)  # 12 points: too many to enumerate
+    monkeypatch.setattr(tuner.search, "EXHAUSTIVE_MAX_POINTS", 11)  # 12 points: too many to enumerate
     sampler = make_sampler(finite)
     assert isinstance(sampler, NoRepeatSampler) and type(sampler._inner) is optuna.samplers.GPSampler
     table2 = tmp_path / "f.csv"
@@ -321,7 +321,8 @@ def test_auto_scores_every_point_of_a_finite_space_and_wraps_larger_ones(tmp_pat
 
 
 def test_exhaustive_gp_never_repeats_a_tried_or_running_config(tmp_path):
-    from tuner.gp_search import ExhaustiveGPSampler, grid_points
+    from tuner.gp_search import ExhaustiveGPSampler
+    from tuner.search import grid_points
 
     space = validate(raw(saturating_table(tmp_path / "t.csv"), sampler="auto", trials=6), "s.yaml", "s")
     points = grid_points(space)

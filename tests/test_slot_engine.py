@@ -794,3 +794,38 @@ def test_prefill_compile_is_one_graph_for_every_attend_length(prompts):
     alone = torch.cat(list(FastEngine(model, "cpu", False).decode([prompts(Request(1, 0.0, 300, 2))], 2)), 1)
     assert engine.generated[1][:1] == alone[0].tolist()[:1]
     torch._dynamo.reset()
+
+
+def _satisfying(rule) -> dict:
+    """Knob values under which every condition of a `Together` rule holds."""
+    from runners.knobs import INFER_KNOBS
+
+    values = {}
+    for w in rule.when:
+        if w.op == "==":
+            values[w.knob] = w.value
+        elif w.op == "!=":
+            choices = INFER_KNOBS[w.knob].choices
+            values[w.knob] = next(c for c in choices if c != w.value) if choices else w.value // 2
+        else:
+            values[w.knob] = w.value + 1 if w.op == ">" else w.value - 1
+    return values
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda:0"])
+def test_the_tuner_knows_each_refused_combination_the_engine_refuses(device):
+    from runners.knobs import FAST_ENGINE_TOGETHER
+    from runners.registry import refused_up_front
+
+    for rule in FAST_ENGINE_TOGETHER:
+        # on a KV policy the fast engine runs (its own single-value refusals come first)
+        knobs = resolve_knobs("glm-infer", {"engine": "fast", "kv_cache": "static", "kv_bits": 8, **_satisfying(rule)})
+        with pytest.raises(InfeasibleConfig) as refused:
+            select_engine(knobs, device)
+        # one declaration: the engine's refusal (on any device) is the one the tuner reads up front
+        assert str(refused.value) == f"engine=fast: {rule.reason}" == refused_up_front("glm-infer", {}, knobs)
+    runs = resolve_knobs("glm-infer", {"engine": "fast", "kv_cache": "static", "scheduler": "continuous"})
+    assert refused_up_front("glm-infer", {}, runs) == ""
+    # engine=auto may hand a config the fast engine refuses to engine=hf: not known up front
+    auto = resolve_knobs("glm-infer", {"engine": "auto", "kv_cache": "offloaded", "scheduler": "dynamic"})
+    assert refused_up_front("glm-infer", {}, auto) == ""

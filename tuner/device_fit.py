@@ -11,10 +11,12 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 from runners.capabilities import cpu_facts, from_json, impossible_values
+from runners.registry import refused_up_front
 from tuner.errors import UsageError
 from tuner.space import Space, validate
 
@@ -97,7 +99,33 @@ def fit_space(space: Space, table: dict[str, dict[Any, str]], say: Callable[[str
 def fit_to_device(space: Space, keep_infeasible: bool, say: Callable[[str], None],
                   table: Callable[[str, str], tuple[str, dict[str, dict[Any, str]]]] = device_table) -> Space:
     """The space to search on its device (unchanged with `keep_infeasible` or when it fits any)."""
-    if keep_infeasible or not might_not_fit(space):
+    if keep_infeasible:
         return space
-    device, impossible = table(space.runner, space.device)
-    return fit_space(space, impossible, say, device)
+    if might_not_fit(space):
+        device, impossible = table(space.runner, space.device)
+        space = fit_space(space, impossible, say, device)
+    announce_refused(space, say)
+    return space
+
+
+def refused_points(space: Space, points: list[dict[str, Any]]) -> list[str]:
+    """For each point (params), why its runner refuses it together with `fixed` on any device ('' if not)."""
+    return [refused_up_front(space.runner, space.model, {**space.fixed, **point}) for point in points]
+
+
+def announce_refused(space: Space, say: Callable[[str], None]) -> None:
+    """One line per reason for the points of a finite space its runner refuses up front;
+    UsageError when every point is refused (nothing could run)."""
+    from tuner.search import grid_points  # finite spaces only (a product of at most 20k points)
+
+    points = grid_points(space)
+    if not points:
+        return
+    reasons = [r for r in refused_points(space, points) if r]
+    if len(reasons) == len(points):
+        raise UsageError(f"{space.source}: every one of the {len(points)} configurations is refused by runner "
+                         f"{space.runner}: {reasons[0]} (--keep-infeasible runs them anyway)")
+    for reason, count in Counter(reasons).items():
+        say(f"{count} of {len(points)} configurations are refused by runner {space.runner} on any device "
+            f"(sampler auto never asks for one; another sampler's trial that does is told infeasible without "
+            f"running): {reason}")

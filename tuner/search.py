@@ -7,6 +7,7 @@ grids replayed through `runner: replay` (BENCHMARKS.md, "Search efficiency").
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import optuna
 from optuna._hypervolume import compute_hypervolume  # what plot_hypervolume_history uses
 from optuna.trial import FrozenTrial, TrialState
 
-from tuner.space import PlateauStop, Space
+from tuner.space import PlateauStop, Space, grid_values
 
 # ---------------------------------------------------------------- the `auto` sampler
 
@@ -32,6 +33,20 @@ class AutoChoice:
 # Above this budget the GP's per-suggestion cost (a cubic fit per objective and constraint)
 # grows to seconds, while TPE stays at milliseconds.
 GP_MAX_TRIALS = 200
+
+
+# Above this many points a finite space's acquisition is optimised by Optuna's own local search
+# (evaluating the GP on every point costs ~1 ms per 100 points and suggestion).
+EXHAUSTIVE_MAX_POINTS = 20_000
+
+
+def grid_points(space: Space) -> list[dict[str, Any]] | None:
+    """Every config of a finite space (None when it is continuous or too large to enumerate)."""
+    if space_size(space) > EXHAUSTIVE_MAX_POINTS:
+        return None
+    names = list(space.params)
+    return [dict(zip(names, values, strict=True))
+            for values in itertools.product(*(grid_values(space.params[n]) for n in names))]
 
 
 def space_size(space: Space) -> float:

@@ -20,12 +20,14 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from runners.contract import TrialResult
+from runners.registry import refused_up_front
 from tuner import record, repeats, warm_start
 from tuner import search as search_policy
 from tuner.drift import measure_drift
 from tuner.errors import UsageError
 from tuner.final import final_lines
-from tuner.launcher import ProcessLauncher, WarmLauncher
+from tuner.launcher import LaunchOutcome, ProcessLauncher, WarmLauncher
 from tuner.paths import inside
 from tuner.progress import Progress
 from tuner.recovery import (
@@ -327,6 +329,14 @@ def _one_trial(study: optuna.Study, storage: optuna.storages.BaseStorage, trial:
     record.ARTIFACT_DIR.put(trial, config.artifact_dir)
     if _answer_repeat(study, trial, space, config, progress):
         return "repeat", ""
+    if refused := refused_up_front(space.runner, space.model, config.knobs):
+        # Refused on any device (`RunnerSpec.together`): the child would say the same after its start-up.
+        outcome = LaunchOutcome("infeasible", TrialResult("infeasible", reason=refused, info={"refused_up_front": True}),
+                                refused)
+        detail = tell_outcome(study, trial, space, outcome)
+        progress.trial_done(study, study.trials[trial.number], counted_trials(study), outcome.state, detail,
+                            [o.metric for o in space.objectives], 0.0)
+        return outcome.state, ""
     try:
         with Heartbeat(trial_handle(study, trial)), progress.running(trial.number, artifact_dir):
             outcome = launcher.run(config, artifact_dir)

@@ -12,7 +12,7 @@ from runners.registry import SEED_MAX
 from tuner.space.checks import MAX_FILE_BYTES, SpaceError, no_unknown_keys, typed_key
 
 MODEL_KEYS = {"preset", "path", "dtype", "seed", "num_layers", "arch"}
-REPLAY_MODEL_KEYS = {"table"}  # runner: replay
+REPLAY_MODEL_KEYS = {"table", "recorded_with"}  # runner: replay
 
 
 def _check_device(device: str, source: str) -> None:
@@ -81,4 +81,14 @@ def _replay_model(model: dict[str, Any], source: str) -> dict[str, Any]:
         load_table(path)
     except TableError as exc:
         raise SpaceError(source, "model.table", str(exc)) from None
-    return {"table": str(path.resolve())}
+    out = {"table": str(path.resolve())}
+    recorded = typed_key(model, "recorded_with", str, source, "model", None)
+    if recorded:
+        from runners.registry import known_runners, runner_spec
+
+        if recorded not in known_runners() or runner_spec(recorded).model == "table":
+            runners = [r for r in known_runners() if runner_spec(r).model != "table"]
+            raise SpaceError(source, "model.recorded_with",
+                             f"{recorded!r} is not a runner a table can be recorded with ({', '.join(runners)})")
+        out["recorded_with"] = recorded
+    return out

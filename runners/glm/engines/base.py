@@ -17,7 +17,7 @@ import torch
 
 from runners.contract import InfeasibleConfig
 from runners.glm.work import WorkCounter
-from runners.knobs import INFER_KNOBS
+from runners.knobs import FAST_ENGINE_TOGETHER, INFER_KNOBS, refused_together
 from runners.measure.monitor import StepTimer
 from runners.scheduler import Clock, Engine
 from runners.workload import Request
@@ -120,52 +120,37 @@ def refusal(engine: str, knobs: dict[str, Any], device: str) -> str:
     return _fast_refusal(knobs, device) if engine == "fast" else _hf_refusal(knobs, device)
 
 
-def _groups_asked(knobs: dict[str, Any]) -> bool:
-    """A `prefill_group_tokens` other than its default: only the slot pool reads it, so elsewhere
-    it would measure a twin of the default config (refused instead, as `kv_slots`)."""
-    default = INFER_KNOBS["prefill_group_tokens"].default
-    return int(knobs.get("prefill_group_tokens", default)) != default
-
-
 def _fast_refusal(knobs: dict[str, Any], device: str) -> str:
     caps = CAPABILITIES["fast"]
-    kv, scheduler = knobs["kv_cache"], knobs.get("scheduler", "dynamic")
-    chunk = int(knobs.get("prefill_chunk_tokens", 0))
+    kv = knobs["kv_cache"]
     if kv not in caps.kv_policies:
         return f"kv_cache={kv} is transformers' growing DynamicCache, which only engine=hf runs"
     if kv == "quantized" and int(knobs["kv_bits"]) not in caps.kv_bits:
         return (f"kv_cache=quantized on the fast engine stores int8 codes with per-(token, head) scales: "
                 f"kv_bits=8 only, not {knobs['kv_bits']} (engine=hf has quanto's 2/4-bit cache)")
-    if kv == "offloaded" and scheduler != "continuous":
-        return ("kv_cache=offloaded preempts sequences of the continuous scheduler to host memory; "
-                "scheduler=dynamic runs each batch to completion in the GPU pool (use scheduler=continuous)")
+    if int(knobs.get("prefill_chunk_tokens", 0)) < 0 or int(knobs.get("kv_slots", 0)) < 0 \
+            or int(knobs.get("prefill_group_tokens", 0)) < 0:
+        return "prefill_chunk_tokens, prefill_group_tokens and kv_slots must be >= 0"
+    if float(knobs.get("kv_memory_mib", 0)) < 0:
+        return "kv_memory_mib must be >= 0"
+    # The combinations refused on any device are declared once, where the tuner reads them too.
+    together = refused_together(FAST_ENGINE_TOGETHER, INFER_KNOBS, knobs)
+    if together:
+        return together
     if kv == "offloaded" and not device.startswith("cuda"):
         return "kv_cache=offloaded parks preempted sequences in pinned host memory: needs a CUDA device"
     if knobs["compile"] and not device.startswith("cuda"):
         return ("compile=true captures the decode step in CUDA graphs; this device has none "
                 "(on CPU the static-cache engine runs eager with compile=false)")
-    if chunk < 0 or int(knobs.get("kv_slots", 0)) < 0 or int(knobs.get("prefill_group_tokens", 0)) < 0:
-        return "prefill_chunk_tokens, prefill_group_tokens and kv_slots must be >= 0"
-    if int(knobs.get("kv_slots", 0)) and scheduler != "continuous":
-        return "kv_slots sizes the slot pool of scheduler=continuous; scheduler=dynamic holds each whole batch"
-    if float(knobs.get("kv_memory_mib", 0)) < 0:
-        return "kv_memory_mib must be >= 0"
-    if float(knobs.get("kv_memory_mib", 0)) and scheduler != "continuous":
-        return "kv_memory_mib sizes the slot pool of scheduler=continuous; scheduler=dynamic holds each whole batch"
-    if int(knobs.get("decode_length_step", 0)) and scheduler != "continuous" and kv == "static":
-        return ("decode_length_step shapes the slot pool's decode graphs; scheduler=dynamic with kv_cache=static "
-                "runs static batches (FastEngine)")
-    if chunk and scheduler != "continuous":
-        return ("prefill_chunk_tokens interleaves prefill chunks with decode steps of scheduler=continuous; "
-                "scheduler=dynamic prefills each batch whole")
-    if _groups_asked(knobs) and scheduler != "continuous" and kv == "static":
-        return ("prefill_group_tokens sizes the slot pool's prefill passes (scheduler=continuous, or a non-static "
-                "kv_cache); scheduler=dynamic with kv_cache=static prefills each static batch in one pass")
     if knobs["decode_attention"] == "cuda":
-        if kv == "quantized":
-            return "decode_attention=cuda reads model-dtype K/V; kv_cache=quantized stores int8 codes"
         return decode_attention_refusal(device)
     return ""
+
+
+def _groups_asked(knobs: dict[str, Any]) -> bool:
+    """A `prefill_group_tokens` other than its default: only the slot pool reads it."""
+    default = INFER_KNOBS["prefill_group_tokens"].default
+    return int(knobs.get("prefill_group_tokens", default)) != default
 
 
 def _hf_refusal(knobs: dict[str, Any], device: str) -> str:

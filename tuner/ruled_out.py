@@ -1,0 +1,59 @@
+"""Configs of a finite space that the `auto` GP sampler knows not to propose, without a trial.
+
+Two kinds, both read from what the runner declares (runners/knobs.py), not learnt:
+- refused up front: values the runner refuses together on any device (`RunnerSpec.together`:
+  kv_cache=offloaded with scheduler=dynamic on the fast engine);
+- a stack whose quality broke a bound: the runner scores quality (KL, top-1, perplexity) once per
+  built model and KV policy, so every config with the same `quality_knobs` as a finished trial that
+  broke a quality bound would measure the same value (int4 on random weights: KL 1.0 against 0.1).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from runners.contract import QUALITY_METRICS
+from runners.knobs import quality_knobs, runner_knobs
+from tuner import record
+from tuner.device_fit import refused_points
+from tuner.space import Space
+
+
+def plain_key(params: dict[str, Any]) -> tuple[Any, ...]:
+    """A point's params as a hashable key (every knob: a refusal may read any of them)."""
+    return tuple(sorted(params.items()))
+
+
+class RuledOut:
+    """Which points of `points` the sampler skips: refused ones always, broken-quality ones once seen."""
+
+    def __init__(self, space: Space, points: list[dict[str, Any]], given: dict[str, Any]) -> None:
+        # given: the knobs every point shares (the space's fixed knobs and single-valued params)
+        self.refused = {plain_key(p) for p, why in zip(points, refused_points(space, points), strict=True) if why}
+        self._bounds = [c for c in space.constraints if c.metric in QUALITY_METRICS]
+        table = runner_knobs(space.runner, space.model)
+        self._quality = lambda params: quality_knobs(table, {**given, **params})
+
+    def runnable(self, points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [p for p in points if plain_key(p) not in self.refused]
+
+    def broken_quality(self, study: optuna.Study) -> set[Any]:
+        """The `quality_knobs` of the finished trials whose measured quality broke a bound."""
+        out = set()
+        if not self._bounds:
+            return out
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            measured = record.metrics(t)
+            if any(isinstance(v := measured.get(c.metric), (int, float)) and c.violation(float(v)) > 0
+                   for c in self._bounds):
+                key = self._quality(t.params)
+                if key is not None:
+                    out.add(key)
+        return out
+
+    def excludes(self, params: dict[str, Any], broken: set[Any]) -> bool:
+        """Whether the runner refuses `params` up front, or their quality is among `broken`."""
+        return plain_key(params) in self.refused or (bool(broken) and self._quality(params) in broken)
