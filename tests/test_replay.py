@@ -311,7 +311,7 @@ def test_a_space_whose_every_point_is_refused_is_a_usage_error(tmp_path):
     raw = declared_raw(path)
     raw["params"] = {"batch_size": {"type": "categorical", "choices": [1, 2]}}
     raw["fixed"] = {"engine": "fast", "kv_cache": "offloaded", "scheduler": "dynamic", "quant_bits": 16}
-    with pytest.raises(UsageError, match="every one of the 2 configurations is refused"):
+    with pytest.raises(UsageError, match="every one of the 2 configurations is refused by runner replay on any device, so nothing could run"):
         announce_refused(validate(raw, "r.yaml", "r"), lambda _: None)
 
 

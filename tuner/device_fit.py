@@ -124,7 +124,7 @@ def announce_refused(space: Space, say: Callable[[str], None]) -> None:
     reasons = [r for r in refused_points(space, points) if r]
     if len(reasons) == len(points):
         raise UsageError(f"{space.source}: every one of the {len(points)} configurations is refused by runner "
-                         f"{space.runner}: {reasons[0]} (--keep-infeasible runs them anyway)")
+                         f"{space.runner} on any device, so nothing could run: {reasons[0]}")
     for reason, count in Counter(reasons).items():
         say(f"{count} of {len(points)} configurations are refused by runner {space.runner} on any device "
             f"(sampler auto never asks for one; another sampler's trial that does is told infeasible without "

@@ -6,6 +6,9 @@ Two kinds, both read from what the runner declares (runners/knobs.py), not learn
 - a stack whose quality broke a bound: the runner scores quality (KL, top-1, perplexity) once per
   built model and KV policy, so every config with the same `quality_knobs` as a finished trial that
   broke a quality bound would measure the same value (int4 on random weights: KL 1.0 against 0.1).
+  With `engine: auto` the runner picks the engine per config, so two such configs may run on
+  different engines, whose scores differ by kernel numerics only: a bound one broke is taken as
+  broken by both (a config within that noise of its bound is skipped with it).
 """
 
 from __future__ import annotations
