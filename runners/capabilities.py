@@ -5,8 +5,9 @@ so it is free of torch and the tuner may call it in its own process. Only a CUDA
 device needs torch to be described: `python -m runners.capabilities DEVICE` prints the facts
 and the impossible values as JSON, in a child process, so the tuner still never imports torch.
 
-A value listed here fails on the device whatever the other knobs are; combinations that fail
-together (2:4 with int8, compile with a dynamic cache) are left to the runner's own
+A value listed here fails on the device whatever the other knobs are. Combinations refused on
+any device are declared as `Together` rules in runners/knobs.py (the tuner reads those too);
+the rest (2:4 with int8, compile with a dynamic cache) are left to the runner's own
 `InfeasibleConfig` per trial. Each reason says the same as the runner's refusal.
 """
 

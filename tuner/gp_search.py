@@ -72,8 +72,9 @@ class ExhaustiveGPSampler(optuna.samplers.GPSampler):
        and KV policy, so they would measure the same KL). The start-up design skips to its next
        row past such points. On the third GPU grid (offloaded + dynamic refused, int4 over the KL
        bound), median HV after 5 / 7 / 11 / 16 / 22 trials, seeds 0-19: 26.4 / 40.7 / 70.4 / 82.6 /
-       87.2 % before, 40.5 / 46.1 / 74.8 / 87.9 / 95.2 % after (BENCHMARKS.md has the other seeds;
-       the CPU grid is unchanged).
+       87.2 % before, 40.5 / 46.1 / 74.8 / 87.9 / 95.2 % after; over seeds 0-99, 77.4 -> 75.8 % after
+       11 trials (no change beyond noise) and 91.3 -> 94.7 % after 22 (BENCHMARKS.md). The CPU
+       grid is unchanged.
     Measured on the replayed CPU grid (BENCHMARKS.md), median feasible hypervolume after 18 of
     180 trials, seeds 0-19 / held-out 20-39 / all 40 (mean of 40): with 1 + 2 only 87.9 / 97.0 /
     93.1 % (81.3 %); with 1-5 99.4 / 93.9 / 97.9 % (91.9 %); over seeds 0-59 (mean) 1-5 93.9 %
