@@ -10,6 +10,7 @@ import pytest
 
 from runners.replay import NOT_IN_TABLE, ReplayTable, load_table, replay, same_value
 from tests.fault_runner import FAULT_KNOBS, FAULT_RUNNER
+from tuner import record
 from tuner.cli import main as cli_main
 from tuner.export import export_table
 from tuner.space import SpaceError, validate
@@ -299,8 +300,8 @@ def test_refused_combinations_are_told_without_a_child_and_announced(tmp_path):
     for t in refused:
         assert t.user_attrs["infeasible_reason"].startswith("engine=fast: kv_cache=offloaded")
         assert t.user_attrs["info"]["refused_up_front"] is True and "replay_row" not in t.user_attrs["info"]
-    others = [t for t in study.trials if t not in refused]
-    assert all("replay_row" in t.user_attrs["info"] for t in others)
+    others = [t for t in study.trials if t not in refused]  # looked up, or an int4 stack's quality known
+    assert all("replay_row" in t.user_attrs["info"] or "same_quality_as" in t.user_attrs["info"] for t in others)
 
 
 def test_a_space_whose_every_point_is_refused_is_a_usage_error(tmp_path):
@@ -333,3 +334,25 @@ def test_auto_never_proposes_refused_points_or_a_second_config_of_a_broken_stack
                                                               for kv, s in (("static", "dynamic"),
                                                                             ("static", "continuous"),
                                                                             ("offloaded", "continuous"))}
+
+
+def test_any_sampler_gets_a_stack_whose_quality_broke_a_bound_answered_without_running(tmp_path):
+    path = write_table(tmp_path / "d.csv", DECLARED_HEADER, declared_rows())
+    space = validate(declared_raw(path, sampler="random", trials=4), "r.yaml", "r")
+    url = str(tmp_path / "j.journal")
+    study = optuna.create_study(study_name="declared", storage=open_storage(url),
+                                directions=["maximize", "minimize"])
+    for bs, bits, kv, scheduler in ((1, 4, "static", "dynamic"), (2, 4, "static", "continuous"),
+                                    (1, 4, "offloaded", "continuous"), (2, 16, "static", "dynamic")):
+        study.enqueue_trial({"batch_size": bs, "quant_bits": bits, "kv_cache": kv, "scheduler": scheduler})
+    run_study(space, open_storage(url), RunOptions(url, tmp_path / "out", quiet=True))
+    first, same_stack, other_kv, bf16 = optuna.load_study(study_name="declared", storage=open_storage(url)).trials
+    assert "replay_row" in first.user_attrs["info"] and first.user_attrs["metrics"]["kl_divergence"] == 1.0
+    # another batch size and scheduler, the same built model and KV policy: the same quality
+    assert same_stack.user_attrs["info"] == {"same_quality_as": first.number}
+    assert same_stack.user_attrs["metrics"]["kl_divergence"] == 1.0
+    assert "as trial #0 with the same quality knobs measured" in same_stack.user_attrs["infeasible_reason"]
+    assert same_stack.constraints["kl_divergence<=0.1"] > 0 and same_stack.values == first.values
+    # another KV policy is another quality: measured (from the table), as is a 16-bit stack
+    assert "replay_row" in other_kv.user_attrs["info"] and "replay_row" in bf16.user_attrs["info"]
+    assert record.feasible(bf16)

@@ -187,10 +187,12 @@ class Progress:
 
     def trial_done(self, study: optuna.Study, trial: FrozenTrial, done: int, outcome: str, detail: str,
                    metric_names: list[str], wall_s: float,
-                   constraints: Sequence[dict[str, Any]] | None = None, same_as: str = "") -> None:
-        """One finished trial; `same_as` ("#10 (why)"): answered from that trial's record, not run
-        (and kept out of the ETA, which estimates trials that run)."""
-        if not same_as:
+                   constraints: Sequence[dict[str, Any]] | None = None, same_as: str = "",
+                   not_run: str = "") -> None:
+        """One finished trial; `same_as` ("#10 (why)"): answered from that trial's record, not run;
+        `not_run` ("refused up front"): told without running, for that reason. Both are kept out
+        of the ETA, which estimates trials that run."""
+        if not same_as and not not_run:
             self.estimator.add(wall_s, phase_durations(self._current_records, self._ended or time.time()))
         self._current_records = []
         if self.quiet:
@@ -205,7 +207,7 @@ class Progress:
             verdict = "feasible" + (f" ({'; '.join(notes)})" if notes else "")
         else:
             verdict = "INFEASIBLE: " + "; ".join(notes or [detail or "constraint violated"])
-        how = f"same as {same_as}" if same_as else f"in {_fmt_duration(wall_s)}"
+        how = f"same as {same_as}" if same_as else (not_run or f"in {_fmt_duration(wall_s)}")
         self.say(f"{head} ({params}) {how}: {verdict}")
         metrics = record.metrics(trial)
         if record.OUTCOME.get(trial) == "ok" and metrics:

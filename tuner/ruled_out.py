@@ -18,7 +18,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from runners.contract import QUALITY_METRICS
+from runners.contract import QUALITY_METRICS, TrialResult
 from runners.knobs import quality_knobs, runner_knobs
 from tuner import record
 from tuner.device_fit import refused_points
@@ -60,3 +60,29 @@ class RuledOut:
     def excludes(self, params: dict[str, Any], broken: set[Any]) -> bool:
         """Whether the runner refuses `params` up front, or their quality is among `broken`."""
         return plain_key(params) in self.refused or (bool(broken) and self._quality(params) in broken)
+
+
+def broken_quality_source(study: optuna.Study, space: Space, knobs: dict[str, Any]) -> TrialResult | None:
+    """The answer to a trial whose stack is known to break a quality bound, for any sampler: the
+    earliest finished trial of this study (measured here, not carried over by a warm start) with
+    the same `quality_knobs` whose measured quality broke a bound gives its quality metrics; the
+    objectives are not measured (the runner would stop the window in set-up). None otherwise."""
+    bounds = [c for c in space.constraints if c.metric in QUALITY_METRICS]
+    table = runner_knobs(space.runner, space.model)
+    key = quality_knobs(table, knobs)
+    if not bounds or key is None:
+        return None
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        stored = record.CONFIG.get(t)
+        if not stored or record.CARRIED_OVER.get(t) or quality_knobs(table, stored.get("knobs") or {}) != key:
+            continue
+        measured = record.metrics(t)
+        quality = {m: float(v) for m in QUALITY_METRICS if isinstance(v := measured.get(m), (int, float))}
+        broken = [c for c in bounds if c.metric in quality and c.violation(quality[c.metric]) > 0]
+        if broken:
+            c = broken[0]
+            why = (f"not measured: {c.metric} = {quality[c.metric]:.4g} breaks {c.name}, as trial "
+                   f"#{t.number} with the same quality knobs measured")
+            return TrialResult("ok", quality, unavailable={o.metric: why for o in space.objectives},
+                               info={"same_quality_as": t.number})
+    return None

@@ -42,6 +42,7 @@ from tuner.recovery import (
     repeated_crash,
     requeue,
 )
+from tuner.ruled_out import broken_quality_source
 from tuner.samplers import make_sampler
 from tuner.space import Space, apply_overrides, validate
 from tuner.storage import heartbeat_interval, journal_path, sqlite_path, storage_kind, trial_handle
@@ -319,6 +320,19 @@ def _answer_repeat(study: optuna.Study, trial: optuna.Trial, space: Space, confi
     return True
 
 
+def _known_without_running(study: optuna.Study, space: Space, config: Any) -> tuple[LaunchOutcome, str] | None:
+    """The outcome of a trial known to be infeasible before it runs, and how it was known, or None:
+    a combination its runner refuses on any device (the child would say the same after its
+    start-up), or a stack whose quality an earlier trial measured over a bound (tuner/ruled_out.py:
+    the runner scores quality once per built model and KV policy)."""
+    if refused := refused_up_front(space.runner, space.model, config.knobs):
+        result = TrialResult("infeasible", reason=refused, info={"refused_up_front": True})
+        return LaunchOutcome("infeasible", result, refused), "refused up front"
+    if (known := broken_quality_source(study, space, config.knobs)) is not None:
+        return LaunchOutcome("ok", known), f"quality as #{known.info['same_quality_as']}, not run"
+    return None
+
+
 def _one_trial(study: optuna.Study, storage: optuna.storages.BaseStorage, trial: optuna.Trial, space: Space,
                options: RunOptions, launcher: Any, progress: Progress, budget: int) -> tuple[str, str]:
     """Run and record one trial; returns its launch state (ok | infeasible | fail | stale | repeat) and,
@@ -329,14 +343,12 @@ def _one_trial(study: optuna.Study, storage: optuna.storages.BaseStorage, trial:
     record.ARTIFACT_DIR.put(trial, config.artifact_dir)
     if _answer_repeat(study, trial, space, config, progress):
         return "repeat", ""
-    if refused := refused_up_front(space.runner, space.model, config.knobs):
-        # Refused on any device (`RunnerSpec.together`): the child would say the same after its start-up.
-        outcome = LaunchOutcome("infeasible", TrialResult("infeasible", reason=refused, info={"refused_up_front": True}),
-                                refused)
+    if known := _known_without_running(study, space, config):
+        outcome, how = known
         detail = tell_outcome(study, trial, space, outcome)
         progress.trial_done(study, study.trials[trial.number], counted_trials(study), outcome.state, detail,
-                            [o.metric for o in space.objectives], 0.0)
-        return outcome.state, ""
+                            [o.metric for o in space.objectives], 0.0, not_run=how)
+        return "infeasible", ""
     try:
         with Heartbeat(trial_handle(study, trial)), progress.running(trial.number, artifact_dir):
             outcome = launcher.run(config, artifact_dir)
