@@ -81,7 +81,7 @@ def broken_quality_source(study: optuna.Study, space: Space, knobs: dict[str, An
         broken = [c for c in bounds if c.metric in quality and c.violation(quality[c.metric]) > 0]
         if broken:
             c = broken[0]
-            why = (f"not measured: {c.metric} = {quality[c.metric]:.4g} breaks {c.name}, as trial "
+            why = (f"{c.metric} = {quality[c.metric]:.4g} breaks {c.name}, as trial "
                    f"#{t.number} with the same quality knobs measured")
             return TrialResult("ok", quality, unavailable={o.metric: why for o in space.objectives},
                                info={"same_quality_as": t.number})
