@@ -18,6 +18,7 @@ from typing import Any
 from runners.capabilities import cpu_facts, from_json, impossible_values
 from runners.registry import refused_up_front
 from tuner.errors import UsageError
+from tuner.search import grid_points
 from tuner.space import Space, validate
 
 # Seconds a device description may take (a CUDA context start is the slow part).
@@ -116,9 +117,7 @@ def refused_points(space: Space, points: list[dict[str, Any]]) -> list[str]:
 def announce_refused(space: Space, say: Callable[[str], None]) -> None:
     """One line per reason for the points of a finite space its runner refuses up front;
     UsageError when every point is refused (nothing could run)."""
-    from tuner.search import grid_points  # finite spaces only (a product of at most 20k points)
-
-    points = grid_points(space)
+    points = grid_points(space)  # finite spaces only (a product of at most 20k points)
     if not points:
         return
     reasons = [r for r in refused_points(space, points) if r]

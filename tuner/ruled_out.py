@@ -22,7 +22,7 @@ from runners.contract import QUALITY_METRICS, TrialResult
 from runners.knobs import quality_knobs, runner_knobs
 from tuner import record
 from tuner.device_fit import refused_points
-from tuner.space import Space
+from tuner.space import Constraint, Space
 
 
 def plain_key(params: dict[str, Any]) -> tuple[Any, ...]:
@@ -49,12 +49,8 @@ class RuledOut:
         if not self._bounds:
             return out
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            measured = record.metrics(t)
-            if any(isinstance(v := measured.get(c.metric), (int, float)) and c.violation(float(v)) > 0
-                   for c in self._bounds):
-                key = self._quality(t.params)
-                if key is not None:
-                    out.add(key)
+            if broken_bound(t, self._bounds) is not None and (key := self._quality(t.params)) is not None:
+                out.add(key)
         return out
 
     def excludes(self, params: dict[str, Any], broken: set[Any]) -> bool:
@@ -76,13 +72,22 @@ def broken_quality_source(study: optuna.Study, space: Space, knobs: dict[str, An
         stored = record.CONFIG.get(t)
         if not stored or record.CARRIED_OVER.get(t) or quality_knobs(table, stored.get("knobs") or {}) != key:
             continue
-        measured = record.metrics(t)
-        quality = {m: float(v) for m in QUALITY_METRICS if isinstance(v := measured.get(m), (int, float))}
-        broken = [c for c in bounds if c.metric in quality and c.violation(quality[c.metric]) > 0]
-        if broken:
-            c = broken[0]
+        if (c := broken_bound(t, bounds)) is not None:
+            quality = measured_quality(t)
             why = (f"{c.metric} = {quality[c.metric]:.4g} breaks {c.name}, as trial "
                    f"#{t.number} with the same quality knobs measured")
             return TrialResult("ok", quality, unavailable={o.metric: why for o in space.objectives},
                                info={"same_quality_as": t.number})
     return None
+
+
+def measured_quality(trial: optuna.trial.FrozenTrial) -> dict[str, float]:
+    """The quality metrics `trial` measured (its set-up measures them even when no request ran)."""
+    measured = record.metrics(trial)
+    return {m: float(v) for m in QUALITY_METRICS if isinstance(v := measured.get(m), (int, float))}
+
+
+def broken_bound(trial: optuna.trial.FrozenTrial, bounds: list[Constraint]) -> Constraint | None:
+    """The first quality bound of `bounds` that `trial`'s measured quality breaks, or None."""
+    quality = measured_quality(trial)
+    return next((c for c in bounds if c.metric in quality and c.violation(quality[c.metric]) > 0), None)
